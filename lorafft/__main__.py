@@ -1,0 +1,5 @@
+import sys
+
+from lorafft.cli import main
+
+sys.exit(main())

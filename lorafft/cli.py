@@ -1,0 +1,114 @@
+"""The ``lorafft`` command: a thin layer over :func:`lorafft.scan`.
+
+Exit status: 0 on success, 2 on bad input (one line on stderr naming the file and the problem; no report file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+
+from lorafft.errors import InputError
+
+DESCRIPTION = """\
+Find intruder dimensions (Shuttleworth et al., arXiv 2410.21228): for every weight matrix W0 of a base model and
+its fine-tuned Wt, the top-k singular vectors y_j of Wt, max_i |<y_j, x_i>| over ALL singular vectors x_i of W0,
+and how many y_j stay below each threshold eps (intruders). LoRA tends to grow them; full fine-tuning does not.
+
+commands:
+  lorafft scan BASE TUNED --out report.json   compare a base with a fine-tune or a PEFT LoRA adapter
+  lorafft demo                                write a small synthetic base, full fine-tune and LoRA adapter,
+                                              and scan both (nothing is downloaded)
+Run 'lorafft scan --help' for the options.
+"""
+
+SCAN_EPILOG = """\
+BASE and TUNED: a Hugging Face checkpoint directory (model.safetensors, sharded with
+model.safetensors.index.json, pytorch_model.bin or its sharded index), a single .safetensors/.bin file;
+TUNED may also be a PEFT adapter directory (adapter_config.json + adapter_model.safetensors/.bin).
+
+examples:
+  lorafft scan meta-llama/base ./my-finetune --out report.json
+  lorafft scan ./base ./lora-adapter --eps 0.5 0.6 0.7 0.8 0.9 --side both --out report.csv
+  lorafft scan ./base ./tuned --include 'layers\\.(0|1)\\.' --exclude 'mlp' --k 20
+"""
+
+
+def _scan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--k", type=int, default=10, help="tuned singular vectors per matrix (default: 10, as the paper)")
+    parser.add_argument("--eps", type=float, nargs="+", default=[0.5], metavar="EPS",
+                        help="thresholds: a vector is an intruder when its max |cos| < EPS (default: 0.5; "
+                             "the paper's sweep: 0.5 0.6 0.7 0.8 0.9)")
+    parser.add_argument("--side", choices=["left", "right", "both"], default="left",
+                        help="singular vectors to compare: left = output space of a [out, in] weight (default, "
+                             "the paper's choice), right = input space, or both")
+    parser.add_argument("--include", nargs="+", default=[], metavar="REGEX", help="only tensors whose name matches one")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="REGEX", help="skip tensors whose name matches one")
+    parser.add_argument("--embeddings", action="store_true", help="also analyse embeddings and lm_head (left out by default)")
+    parser.add_argument("--strict", action="store_true", help="a paired name with another shape is an error, not a warning")
+    parser.add_argument("--tol", type=float, default=1e-5, help="error bound to certify per max |cos| (default: 1e-5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random start blocks (default: 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafft", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    scan = commands.add_parser("scan", help="compare a base checkpoint with a fine-tune or a LoRA adapter",
+                               description="Intruder-dimension scan of every weight matrix BASE and TUNED share.",
+                               epilog=SCAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    scan.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
+    scan.add_argument("tuned", metavar="TUNED", help="fine-tuned checkpoint or PEFT adapter directory")
+    scan.add_argument("--out", metavar="FILE", help="write the full report here: .json (schema in the README) or .csv")
+    _scan_arguments(scan)
+
+    demo = commands.add_parser("demo", help="scan a synthetic base, full fine-tune and LoRA adapter (no download)",
+                               description="Write a small Llama-shaped base, a full fine-tune and a rank-1 LoRA adapter "
+                                           "(PEFT layout) with lorafft.synthetic, then scan both against the base.")
+    demo.add_argument("--dir", metavar="DIR", help="write the checkpoints here and keep them (default: a temporary directory)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _run_scan(args) -> int:
+    from lorafft.scan import scan
+
+    report = scan(args.base, args.tuned, k=args.k, eps=args.eps, side=args.side, include=args.include,
+                  exclude=args.exclude, embeddings=args.embeddings, strict=args.strict, tol=args.tol,
+                  seed=args.seed, progress=not args.quiet)
+    if args.out:
+        report.save(args.out)
+    print(report.summary())
+    if args.out:
+        print(f"full report: {args.out}")
+    return 0
+
+
+def _run_demo(args) -> int:
+    from lorafft.scan import scan
+    from lorafft.synthetic import write_trio
+
+    with tempfile.TemporaryDirectory(prefix="lorafft-demo-") as temporary:
+        trio = write_trio(args.dir or temporary)
+        print(f"synthetic checkpoints in {trio.base.parent}" + ("" if args.dir else " (temporary)"))
+        for label, tuned in (("full fine-tune", trio.full), ("LoRA adapter (rank 1)", trio.lora)):
+            print(f"\n== {label}: lorafft scan {trio.base} {tuned}")
+            print(scan(trio.base, tuned, eps=(0.5, 0.6, 0.7, 0.8, 0.9), progress=not args.quiet).summary())
+    print("\nLoRA grows intruder dimensions (max |cos| < eps against every base singular vector); "
+          "the full fine-tune has few or none.")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_, **__: print(f"lorafft: warning: {message}", file=sys.stderr)
+        try:
+            return _run_scan(args) if args.command == "scan" else _run_demo(args)
+        except InputError as error:
+            print(f"lorafft: error: {error}", file=sys.stderr)
+            return 2

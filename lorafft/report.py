@@ -1,0 +1,212 @@
+"""The report: one row per matrix and side, totals per ε, and how it was made (JSON schema 1, CSV, DataFrame).
+
+JSON schema (``schema_version`` 1; documented in the README):
+
+``{"schema_version": 1, "lorafft_version", "created", "inputs": {"base", "tuned", "tuned_kind"},
+"options": {...}, "versions": {library: version}, "matrices": [row, ...], "totals": {ε: count},
+"totals_by_side": {side: {ε: count}}, "skipped": [{"name", "reason"}]}``, where a row is
+``{"name", "tuned_name", "layer", "module", "shape", "side", "k", "singular_values", "max_cos", "argmax",
+"error_bound", "near_threshold", "counts": {ε: count}, "random_floor", "iterations"}``. ε keys are strings
+(``"0.5"``); ``argmax`` is the 0-based rank of the best-matching base singular vector; ``error_bound`` is null
+where the tuned singular value is not separated from its neighbours (that vector is not determined by the matrix).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+SCHEMA_VERSION = 1
+
+
+def eps_key(eps: float) -> str:
+    """The string form of a threshold used as a key: 0.5 -> "0.5"."""
+    return f"{float(eps):g}"
+
+
+def _finite_or_none(values):
+    return [v if math.isfinite(v) else None for v in values]
+
+
+@dataclass
+class MatrixRow:
+    """One matrix, one side. Lists have length k (tuned singular vectors by descending singular value)."""
+
+    name: str
+    tuned_name: str
+    layer: int | None
+    module: str
+    shape: tuple[int, int]
+    side: str
+    k: int
+    singular_values: list[float]
+    max_cos: list[float]
+    argmax: list[int]
+    error_bound: list[float]
+    near_threshold: list[bool]
+    counts: dict[str, int]
+    random_floor: float
+    iterations: int
+
+    def to_dict(self) -> dict:
+        row = dict(self.__dict__)
+        row["shape"] = list(self.shape)
+        row["error_bound"] = _finite_or_none(self.error_bound)
+        return row
+
+
+@dataclass
+class Report:
+    """Everything a scan found. ``rows`` in scan order; ``eps`` the thresholds swept."""
+
+    eps: tuple[float, ...]
+    rows: list[MatrixRow]
+    inputs: dict
+    options: dict
+    versions: dict
+    skipped: list[dict] = field(default_factory=list)
+    created: str = ""
+
+    def totals(self, side: str | None = None) -> dict[str, int]:
+        """Intruder count per ε summed over rows (of one side, or all rows)."""
+        rows = [r for r in self.rows if side is None or r.side == side]
+        return {eps_key(e): sum(r.counts[eps_key(e)] for r in rows) for e in self.eps}
+
+    def to_dict(self) -> dict:
+        sides = sorted({r.side for r in self.rows})
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "lorafft_version": self.versions.get("lorafft"),
+            "created": self.created,
+            "inputs": self.inputs,
+            "options": self.options,
+            "versions": self.versions,
+            "matrices": [r.to_dict() for r in self.rows],
+            "totals": self.totals(),
+            "totals_by_side": {side: self.totals(side) for side in sides},
+            "skipped": self.skipped,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Report:
+        """Read back a report written by :meth:`to_json` (schema 1)."""
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"unsupported report schema_version {data.get('schema_version')!r}")
+        rows = []
+        for row in data["matrices"]:
+            row = dict(row)
+            row["shape"] = tuple(row["shape"])
+            row["error_bound"] = [math.inf if v is None else v for v in row["error_bound"]]
+            rows.append(MatrixRow(**row))
+        return cls(
+            eps=tuple(float(e) for e in data["options"]["eps"]),
+            rows=rows,
+            inputs=data["inputs"],
+            options=data["options"],
+            versions=data["versions"],
+            skipped=data.get("skipped", []),
+            created=data.get("created", ""),
+        )
+
+    def flat_rows(self) -> list[dict]:
+        """One flat dict per row (for CSV and pandas): per-ε counts as ``intruders@ε`` columns, per-vector lists
+        joined by spaces."""
+        flat = []
+        for r in self.rows:
+            entry = {
+                "name": r.name,
+                "layer": r.layer,
+                "module": r.module,
+                "rows": r.shape[0],
+                "cols": r.shape[1],
+                "side": r.side,
+                "k": r.k,
+                **{f"intruders@{key}": count for key, count in r.counts.items()},
+                "min_max_cos": min(r.max_cos) if r.max_cos else math.nan,
+                "random_floor": r.random_floor,
+                "max_error_bound": max(r.error_bound) if r.error_bound else math.nan,
+                "near_threshold": sum(r.near_threshold),
+                "max_cos": " ".join(f"{v:.6g}" for v in r.max_cos),
+                "argmax": " ".join(str(v) for v in r.argmax),
+                "singular_values": " ".join(f"{v:.6g}" for v in r.singular_values),
+            }
+            flat.append(entry)
+        return flat
+
+    def to_json(self, path=None, *, indent: int = 1) -> str:
+        """The JSON text; also written atomically to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n"
+        if path is not None:
+            write_atomic(path, text)
+        return text
+
+    def to_csv(self, path=None) -> str:
+        """CSV of :meth:`flat_rows`; also written atomically to ``path`` when given."""
+        buffer = io.StringIO()
+        rows = self.flat_rows()
+        fields = list(rows[0]) if rows else ["name"]
+        writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        if path is not None:
+            write_atomic(path, buffer.getvalue())
+        return buffer.getvalue()
+
+    def to_pandas(self):
+        """A ``pandas.DataFrame`` of :meth:`flat_rows` (pandas is an optional extra: ``pip install lorafft[pandas]``)."""
+        try:
+            import pandas
+        except ImportError as e:
+            raise ImportError("Report.to_pandas needs pandas: pip install 'lorafft[pandas]'") from e
+        return pandas.DataFrame(self.flat_rows())
+
+    def save(self, path) -> None:
+        """Write atomically as CSV when ``path`` ends in ``.csv``, else JSON."""
+        (self.to_csv if str(path).endswith(".csv") else self.to_json)(path)
+
+    def summary(self, worst: int = 5) -> str:
+        """A short text table: totals per ε (with the random floor range) and the rows with most intruders."""
+        lines = []
+        keys = [eps_key(e) for e in self.eps]
+        sides = sorted({r.side for r in self.rows})
+        matrices = len({r.name for r in self.rows})
+        lines.append(f"{matrices} matrices, k={self.options.get('k')}, side {'+'.join(sides)}")
+        floors = sorted({round(r.random_floor, 4) for r in self.rows})
+        if floors:
+            lines.append(f"random-direction floor 1/sqrt(d): {floors[0]:g}" + (f" .. {floors[-1]:g}" if len(floors) > 1 else ""))
+        lines.append("intruders (max|cos| < ε):  " + "  ".join(f"ε={key}: {count}" for key, count in self.totals().items()))
+        flagged = sum(sum(r.near_threshold) for r in self.rows)
+        if flagged:
+            lines.append(f"{flagged} vectors lie within 1e-3 (or their error bound) of a threshold: see near_threshold")
+        ranked = sorted(self.rows, key=lambda r: (-r.counts[keys[0]], min(r.max_cos) if r.max_cos else 1.0))
+        ranked = [r for r in ranked if r.counts[keys[0]] > 0][:worst]
+        if ranked:
+            lines.append(f"most intruders at ε={keys[0]}:")
+            width = max(len(r.name) for r in ranked)
+            for r in ranked:
+                lines.append(f"  {r.name:<{width}}  {r.side:<5}  {r.counts[keys[0]]:>3}/{r.k}  min max|cos| {min(r.max_cos):.3f}")
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} skipped (see 'skipped' in the report)")
+        return "\n".join(lines)
+
+
+def write_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory, fsync and rename: readers see the
+    old file or the new one, never a partial one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".lorafft-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise

@@ -1,0 +1,216 @@
+"""``scan``: checkpoints in, the paper's intruder dimensions out.
+
+Data flow (DESIGN.md): io (one tensor at a time) -> pairing (base name <-> tuned name or adapter module, scope,
+groups of one shape) -> analysis (batched linalg per group) -> report (one row per matrix and side).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from lorafft import adapters, analysis, io, pairing
+from lorafft.errors import InputError
+from lorafft.report import MatrixRow, Report, eps_key
+
+DEFAULT_MAX_BATCH_BYTES = 1 << 30  # fp32 weights (base + tuned) held at once per batch; the basis adds ~4x
+
+
+@dataclass
+class Pair:
+    """One matrix to analyse: the base tensor name, where the tuned matrix comes from, and its analysed shape
+    ``[out, in]`` (PEFT ``fan_in_fan_out`` weights are stored ``[in, out]`` and transposed)."""
+
+    name: str
+    tuned_name: str
+    shape: tuple[int, int]
+    module: adapters.LoraModule | None = None
+
+    @property
+    def transposed(self) -> bool:
+        return self.module is not None and self.module.fan_in_fan_out
+
+
+def _describe(source) -> str:
+    return io.STATE_DICT if isinstance(source, dict) else os.fspath(source)
+
+
+def find_pairs(base: io.Checkpoint, tuned, scope: pairing.Scope, *, strict: bool = False):
+    """Pairs in scope and the skipped names with reasons. ``tuned`` is a Checkpoint or an io.Adapter.
+
+    Raises InputError when nothing pairs, or (``strict``) when a paired name has a different shape.
+    """
+    base_index = pairing.NameIndex(base.names())
+    pairs, skipped = [], []
+    if isinstance(tuned, io.Adapter):
+        for module in adapters.lora_modules(tuned, base_index, base.shape):
+            if scope.admits(module.base_name):
+                shape = tuple(base.shape(module.base_name))
+                pairs.append(Pair(module.base_name, module.base_name, shape[::-1] if module.fan_in_fan_out else shape, module))
+    else:
+        tuned_index = pairing.NameIndex(tuned.names())
+        for name in base.names():
+            tuned_name = tuned_index.resolve(name)
+            if tuned_name is None or len(base.shape(name)) != 2 or not scope.admits(name):
+                continue
+            if tuple(base.shape(name)) != tuple(tuned.shape(tuned_name)):
+                problem = f"tensor '{tuned_name}' has shape {list(tuned.shape(tuned_name))} but base '{name}' has {list(base.shape(name))}"
+                if strict:
+                    raise InputError(tuned.file_of(tuned_name), problem)
+                warnings.warn(f"{tuned.file_of(tuned_name)}: {problem}; skipped", stacklevel=2)
+                skipped.append({"name": name, "reason": problem})
+                continue
+            pairs.append(Pair(name, tuned_name, tuple(base.shape(name))))
+    if not pairs:
+        raise InputError(tuned.path, f"no 2-D weight matrices in scope in common with the base checkpoint {base.path}")
+    return pairs, skipped
+
+
+def _batches(pairs: list[Pair], max_batch_bytes: int):
+    """Same-shape groups cut so that the fp32 base + tuned stacks of a batch fit ``max_batch_bytes``."""
+    for shape, group in pairing.group_by_shape(pairs, lambda p: p.shape).items():
+        per_matrix = 2 * 4 * shape[0] * shape[1]
+        size = max(1, max_batch_bytes // per_matrix)
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
+
+
+def _load(base: io.Checkpoint, tuned, pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W0, Wt)`` fp32 in the analysed orientation ``[out, in]``."""
+    W0 = base.get(pair.name).float()
+    Wt = adapters.merged_weight(pair.module, W0) if pair.module is not None else tuned.get(pair.tuned_name).float()
+    if pair.transposed:
+        W0, Wt = W0.T, Wt.T
+    return W0.contiguous(), Wt.contiguous()
+
+
+def _adapter_start(batch: list[Pair]) -> torch.Tensor | None:
+    """LoRA B columns ``[L, out, r]`` as extra start vectors for the tuned SVD, when every module in the batch is a
+    non-embedding adapter module of one rank (B spans the output space, where intruders appear)."""
+    modules = [p.module for p in batch]
+    if any(m is None or m.embedding for m in modules) or len({m.lora_B.shape for m in modules}) != 1:
+        return None
+    return torch.stack([m.lora_B.float() for m in modules])
+
+
+def _versions() -> dict:
+    import numpy
+    import safetensors
+
+    from lorafft import __version__
+
+    return {
+        "lorafft": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def scan(
+    base,
+    tuned,
+    *,
+    k: int = 10,
+    eps=analysis.DEFAULT_EPS,
+    side: str = "left",
+    include=(),
+    exclude=(),
+    embeddings: bool = False,
+    strict: bool = False,
+    tol: float = 1e-5,
+    seed: int = 0,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    progress: bool = False,
+) -> Report:
+    """Intruder analysis of every weight matrix a base and a fine-tuned checkpoint share.
+
+    Args:
+        base: Hugging Face checkpoint directory, ``.safetensors``/``.bin`` file, shard index, or ``{name: tensor}``.
+        tuned: the same kinds, or a PEFT LoRA adapter directory (merged the way PEFT merges it).
+        k: tuned singular vectors per matrix (the paper: 10).
+        eps: thresholds ε; a vector is an intruder at ε when its max |cos| < ε (the paper: 0.5; 0.5..0.9 sweeps).
+        side: "left" (output space, the paper's choice), "right" or "both".
+        include, exclude: regexes searched in base tensor names; embeddings: also embeddings and ``lm_head``.
+        strict: a paired name with a different shape is an error instead of a warning.
+        tol: target error bound of each max|cos| (the truncated SVD iterates until it certifies this).
+        seed: seeds the random start blocks (results are reproducible).
+        max_batch_bytes: cap on the fp32 base + tuned weights analysed together.
+        progress: show a progress bar (tqdm) on stderr.
+
+    Returns a :class:`~lorafft.report.Report`. Raises :class:`~lorafft.errors.InputError` on bad input.
+    """
+    sides = ("left", "right") if side == "both" else (side,)
+    if any(s not in ("left", "right") for s in sides):
+        raise ValueError(f"side must be 'left', 'right' or 'both', got {side!r}")
+    eps = tuple(sorted({float(e) for e in eps}))
+    base_checkpoint = _open(base, role="base")
+    tuned_source = io.open_adapter(tuned) if not isinstance(tuned, dict) and io.is_adapter(tuned) else _open(tuned, role="tuned")
+    scope = pairing.Scope(tuple(include), tuple(exclude), embeddings)
+    tuned_checkpoint = tuned_source.tensors if isinstance(tuned_source, io.Adapter) else tuned_source
+    with base_checkpoint, tuned_checkpoint:
+        pairs, skipped = find_pairs(base_checkpoint, tuned_source, scope, strict=strict)
+        rows = []
+        generator = torch.Generator().manual_seed(seed)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(pairs), unit="matrix", disable=not progress, desc="lorafft scan") as bar:
+            for batch in _batches(pairs, max_batch_bytes):
+                loaded = [_load(base_checkpoint, tuned_source, pair) for pair in batch]
+                W0 = torch.stack([w0 for w0, _ in loaded])
+                Wt = torch.stack([wt for _, wt in loaded])
+                del loaded
+                results = analysis.analyze(
+                    W0, Wt, k=k, eps=eps, sides=sides, start=_adapter_start(batch), tol=tol, generator=generator
+                )
+                rows.extend(_rows(batch, results))
+                bar.update(len(batch))
+    return Report(
+        eps=eps,
+        rows=rows,
+        inputs={"base": _describe(base), "tuned": _describe(tuned), "tuned_kind": "lora" if isinstance(tuned_source, io.Adapter) else "full"},
+        options={"k": k, "eps": list(eps), "side": side, "include": list(include), "exclude": list(exclude),
+                 "embeddings": embeddings, "strict": strict, "tol": tol, "seed": seed},
+        versions=_versions(),
+        skipped=skipped,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def _open(source, role: str) -> io.Checkpoint:
+    if not isinstance(source, dict) and io.is_adapter(source) and role == "base":
+        raise InputError(source, "the base must be a model checkpoint, not a PEFT adapter")
+    return io.open_checkpoint(source)
+
+
+def _rows(batch: list[Pair], results: dict[str, analysis.SideAnalysis]) -> list[MatrixRow]:
+    rows = []
+    for index, pair in enumerate(batch):
+        layer, module = pairing.layer_and_module(pair.name)
+        for side, result in results.items():
+            rows.append(
+                MatrixRow(
+                    name=pair.name,
+                    tuned_name=pair.tuned_name,
+                    layer=layer,
+                    module=module,
+                    shape=pair.shape,
+                    side=side,
+                    k=result.max_cos.shape[-1],
+                    singular_values=result.singular_values[index].tolist(),
+                    max_cos=result.max_cos[index].tolist(),
+                    argmax=result.argmax[index].tolist(),
+                    error_bound=result.error_bound[index].tolist(),
+                    near_threshold=result.near_threshold[index].tolist(),
+                    counts={eps_key(e): int(c) for e, c in zip(result.eps, result.counts[index].tolist())},
+                    random_floor=result.random_floor,
+                    iterations=result.iterations,
+                )
+            )
+    return rows

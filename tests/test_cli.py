@@ -1,0 +1,163 @@
+"""The lorafft command: summaries, report files, and bad input (exit 2, one line naming the file, no report)."""
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorafft.cli import main
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_scan_writes_report_and_prints_summary(trio, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code, stdout, _ = _run(capsys, "scan", trio.base, trio.lora, "--eps", "0.5", "0.9", "--out", out, "--quiet")
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert "intruders" in stdout and "ε=0.5" in stdout
+    assert str(report["totals"]["0.5"]) in stdout
+    assert len(report["matrices"]) == 14
+
+
+def test_help_is_readable(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["scan", "--help"])
+    assert exit_info.value.code == 0
+    assert "PEFT adapter" in capsys.readouterr().out
+
+
+def _small_checkpoint(directory, **overrides):
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"layers.0.q.weight": torch.randn(24, 16, generator=generator), "layers.0.k.weight": torch.randn(24, 16, generator=generator)}
+    tensors.update(overrides)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, directory / "model.safetensors")
+    return directory
+
+
+def _break_truncated(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:-100])
+    return path / "model.safetensors"
+
+
+def _break_header_offsets(path):
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    name = next(n for n in header if n != "__metadata__")
+    header[name]["data_offsets"] = [header[name]["data_offsets"][0], header[name]["data_offsets"][1] + 10**9]
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length :])
+    return file
+
+
+def _break_header_json(path):
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    file.write_bytes(data[:8] + b"{" * length + data[8 + length :])
+    return file
+
+
+def _break_absurd_header(path):
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(struct.pack("<Q", 2**62) + data[8:])
+    return file
+
+
+def _break_missing_shard(path):
+    index = {"metadata": {}, "weight_map": {"layers.0.q.weight": "model-00001-of-00002.safetensors"}}
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path / "model.safetensors.index.json"
+
+
+def _break_tensor_missing_from_shard(path):
+    shutil.move(path / "model.safetensors", path / "model-00001-of-00001.safetensors")
+    weight_map = {"layers.0.q.weight": "model-00001-of-00001.safetensors", "layers.0.v.weight": "model-00001-of-00001.safetensors"}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path / "model-00001-of-00001.safetensors"
+
+
+def _nan_weight(path):
+    bad = torch.randn(24, 16)
+    bad[3, 4] = float("nan")
+    _small_checkpoint(path, **{"layers.0.q.weight": bad})
+    return path / "model.safetensors"
+
+
+BROKEN_TUNED = {
+    "truncated safetensors": (_break_truncated, "truncated"),
+    "offsets outside the file": (_break_header_offsets, ""),
+    "bad header JSON": (_break_header_json, ""),
+    "absurd header length": (_break_absurd_header, ""),
+    "index names a missing shard": (_break_missing_shard, "does not exist"),
+    "tensor missing from its shard": (_break_tensor_missing_from_shard, "layers.0.v.weight"),
+    "NaN in a weight": (_nan_weight, "NaN"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_TUNED))
+def test_broken_tuned_checkpoint_exits_2_without_report(case, tmp_path, capsys):
+    base = _small_checkpoint(tmp_path / "base")
+    tuned = _small_checkpoint(tmp_path / "tuned")
+    breaker, words = BROKEN_TUNED[case]
+    named = breaker(tuned)
+    out = tmp_path / "report.json"
+    code, stdout, stderr = _run(capsys, "scan", base, tuned, "--out", out, "--quiet")
+    assert code == 2
+    assert not out.exists() and not list(tmp_path.glob(".lorafft-*"))
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert str(named) in stderr and words in stderr
+
+
+def _adapter(directory, config, tensors):
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, directory / "adapter_model.safetensors")
+    return directory
+
+
+def test_input_problems_exit_2_naming_the_file(tmp_path, capsys):
+    base = _small_checkpoint(tmp_path / "base")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = _small_checkpoint(tmp_path / "other")
+    save_file({"unrelated.weight": torch.randn(3, 3)}, other / "model.safetensors")
+    lora = {"base_model.model.layers.0.nothere.lora_A.weight": torch.randn(2, 16), "base_model.model.layers.0.nothere.lora_B.weight": torch.randn(24, 2)}
+    stray = _adapter(tmp_path / "stray", {"peft_type": "LORA", "r": 2, "lora_alpha": 4}, lora)
+    lora_ok = {k.replace("nothere", "q"): v for k, v in lora.items()}
+    no_rank = _adapter(tmp_path / "norank", {"peft_type": "LORA", "lora_alpha": 4}, lora_ok)
+    cases = [
+        (tmp_path / "missing", tmp_path / "missing"),
+        (empty, empty),
+        (other, other),
+        (stray, stray / "adapter_model.safetensors"),
+        (no_rank, no_rank / "adapter_config.json"),
+    ]
+    for tuned, named in cases:
+        out = tmp_path / "report.json"
+        code, _, stderr = _run(capsys, "scan", base, tuned, "--out", out, "--quiet")
+        assert code == 2, tuned
+        assert not out.exists()
+        assert len(stderr.strip().splitlines()) == 1 and str(named) in stderr, stderr
+
+
+def test_shape_mismatch_warns_or_fails_with_strict(tmp_path, capsys):
+    base = _small_checkpoint(tmp_path / "base")
+    tuned = _small_checkpoint(tmp_path / "tuned", **{"layers.0.k.weight": torch.randn(20, 16)})
+    code, stdout, stderr = _run(capsys, "scan", base, tuned, "--quiet")
+    assert code == 0 and "warning" in stderr and "layers.0.k.weight" in stderr and "1 matrices" in stdout
+    code, _, stderr = _run(capsys, "scan", base, tuned, "--strict", "--quiet")
+    assert code == 2 and "shape" in stderr
