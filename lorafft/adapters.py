@@ -92,7 +92,7 @@ def lora_modules(adapter, base_index, shape_of: Callable[[str], Sequence[int]] |
             matches.append((name, match))
     adapter_names = {match["adapter"] for _, match in matches}
     if len(adapter_names) > 1:
-        names = ", ".join(sorted(str(n) for n in adapter_names))
+        names = ", ".join(sorted(n or "<unnamed>" for n in adapter_names))
         raise InputError(tensors.path, f"adapter weights hold several adapters ({names}); expected one")
     parts: dict[str, dict[str, str]] = {}  # module name (PEFT's key) -> role ("A", "B", "magnitude") -> tensor name
     for name, match in matches:
@@ -107,10 +107,10 @@ def lora_modules(adapter, base_index, shape_of: Callable[[str], Sequence[int]] |
     base_names = {module: base_index.resolve(module + ".weight") for module in parts}
     unmatched = [module for module, base_name in base_names.items() if base_name is None]
     if unmatched:
-        noun = f"adapter module '{unmatched[0]}' matches" if len(unmatched) == 1 else \
-            f"{len(unmatched)} adapter modules ({_listing(unmatched)}) match"
+        what = (f"adapter module '{unmatched[0]}' matches" if len(unmatched) == 1
+                else f"{len(unmatched)} adapter modules ({_listing(unmatched)}) match")
         raise InputError(tensors.file_of(next(iter(parts[unmatched[0]].values()))),
-                         f"{noun} no tensor in the base checkpoint")
+                         f"{what} no tensor in the base checkpoint")
     modules = [
         _module(tensors, module, roles, base_names[module],
                 None if shape_of is None else tuple(shape_of(base_names[module])), settings)
@@ -128,8 +128,9 @@ def delta_weight(module: LoraModule) -> torch.Tensor:
 def merged_weight(module: LoraModule, base_weight: torch.Tensor) -> torch.Tensor:
     """The weight PEFT's ``merge`` produces from W0 = ``base_weight`` (storage layout, any float dtype), in fp32.
 
-    Plain LoRA: W0 + ΔW. DoRA: (m / ‖W0 + ΔW‖) · (W0 + ΔW), the norm per output channel. InputError (naming the
-    base tensor) if W0's shape is not ΔW's.
+    Plain LoRA: W0 + ΔW. DoRA: (m / ‖W0 + ΔW‖) · (W0 + ΔW), the norm per output channel. Computed in fp32
+    throughout, so for (b)f16 models it is PEFT's result before PEFT rounds ΔW and the sum to the model's dtype.
+    InputError (naming the base tensor) if W0's shape is not ΔW's.
     """
     delta = delta_weight(module)
     if tuple(base_weight.shape) != tuple(delta.shape):
@@ -148,7 +149,7 @@ class _Settings:
 
     def __init__(self, config: dict, path: str):
         self.path = path
-        peft_type = config.get("peft_type", "LORA")
+        peft_type = config.get("peft_type", "LORA")  # PEFT always writes it; hand-written configs may not
         if peft_type != "LORA":
             raise InputError(path, f"adapter type is {peft_type!r}; only LORA adapters can be merged")
         for key in ("r", "lora_alpha"):

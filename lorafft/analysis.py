@@ -3,7 +3,9 @@
 For each tuned singular vector y_j (j < k, descending singular value) and each side: ``max_i |<y_j, x_i>|`` over
 **all** base singular vectors x_i of that side, the argmax i, and the number of y_j with max < ε for each ε (the
 paper's intruder count, Shuttleworth et al. 2024, Sec. 3). Beside each count stands the random-direction floor
-``1/sqrt(d)``: any unit vector in R^d has max |cos| >= 1/sqrt(d) against a complete basis of R^d.
+``1/sqrt(d)``: any unit vector in R^d has max |cos| >= 1/sqrt(d) against a complete basis of R^d (the side of
+the smaller dimension; on the larger side the reduced basis spans only min(m, n) directions, and the floor is
+a reference scale, not a bound).
 """
 
 from __future__ import annotations
@@ -65,9 +67,9 @@ def analyze(
     for side in sides:
         if side not in linalg.SIDES:
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
-    eps = tuple(float(e) for e in eps)
+    eps = (float(eps),) if isinstance(eps, (int, float)) else tuple(float(e) for e in eps)
     basis = linalg.base_basis(W0)
-    Wt = Wt.to(torch.float32)
+    Wt = Wt if Wt.dtype == torch.float64 else Wt.float()
     block = max(2 * k, k + 10)
     guesses = basis.top_vectors("left", block - block // 4)
     if start is not None:

@@ -139,7 +139,7 @@ def base_basis(W0: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> BaseB
     small = W0 if W0.shape[-2] <= W0.shape[-1] else W0.mT
     gram = _gram_lower(small)
     L, s, _ = gram.shape
-    if gram.device.type == "cpu":
+    if gram.device.type == "cpu" and s > 1:
         parts = [_lapack_tridiagonal_eigh(g.numpy()) for g in gram]
         del gram
         reflectors = torch.from_numpy(np.stack([p[0] for p in parts]))
@@ -227,9 +227,11 @@ def truncated_svd(
 
     Stopping rule: after each iteration, the residual ``||W v_j - sigma_j u_j||`` of every Ritz pair is turned into
     the bound of :func:`_error_bounds` (``W^T u - sigma v`` is zero by construction after Rayleigh–Ritz, so it
-    certifies nothing). Iteration stops when every one of the top k has ``error_bound <= tol``, or its residual
-    has reached the rounding floor of W's dtype (further iterations cannot improve it; its bound then says how
-    well W determines that vector), or after ``max_iters``.
+    certifies nothing). A vector is finished when its bound is ``<= tol``, or when its residual is already small
+    (``<= sqrt(eps) sigma_1`` in W's dtype) and stopped falling (less than halved by the last iteration): it sits
+    at the rounding floor of the products with W, and its bound says how well W determines it. Iteration stops
+    when all k are finished, or after ``max_iters``. When the Krylov space would outgrow ``min(m, n)`` first, a
+    dense fp64 SVD is cheaper and exact, and is used instead.
 
     Args:
         W: ``[L, m, n]`` fp32 (or fp64); products are done in W's dtype, everything else in fp64.
@@ -253,7 +255,8 @@ def truncated_svd(
     first = (W @ omega.to(W.dtype)).double()
     if start is not None:
         first = torch.cat([start[..., : b - n_random].double(), first], dim=-1)
-    rounding_floor = 10 * torch.finfo(W.dtype).eps * math.sqrt(max(m, n))
+    small_residual = math.sqrt(torch.finfo(W.dtype).eps)
+    previous = None
 
     blocks = [_orthonormalize(first, None)]  # K_j, [L, m, b] fp64
     rows = []  # (W^T K_j)^T, the blocks of rows of Q^T W
@@ -269,10 +272,14 @@ def truncated_svd(
         U = Q @ U_hat
         residual = ((P @ U_hat) * inverse_theta.unsqueeze(1) - U * theta.unsqueeze(1)).norm(dim=1)
         bound = _error_bounds(theta, residual, k)
-        at_floor = residual[:, :k] <= rounding_floor * theta[:, :1]
-        done = bool(((bound <= tol) | at_floor).all())
-        if done or iteration == max_iters or Q.shape[-1] + b > min(m, n):
+        stalled = torch.zeros_like(bound, dtype=torch.bool) if previous is None else (
+            (residual[:, :k] <= small_residual * theta[:, :1]) & (residual[:, :k] > 0.5 * previous)
+        )
+        if bool(((bound <= tol) | stalled).all()) or iteration == max_iters:
             return TruncatedSVD(U[..., :k], theta[:, :k], Vh[:, :k].mT, residual[:, :k], bound, iteration)
+        if Q.shape[-1] + b > min(m, n):
+            return _dense_svd(W, k)
+        previous = residual[:, :k]
         blocks.append(_orthonormalize(images[-1], Q))
     raise AssertionError("unreachable")
 

@@ -5,12 +5,13 @@ Spectrum model (``random_weight``): a spiked random matrix whose spikes and bulk
     W = U diag(d) Vᵀ + P⊥ G Q⊥,
 
 U [out, p], V [in, p] with orthonormal columns (QR of a Gaussian), G Gaussian, P⊥ = I - UUᵀ, Q⊥ = I - VVᵀ.
-Because the two parts are orthogonal on both sides, the top singular values of W are exactly the spikes
+Because the two parts are orthogonal on both sides, the top singular values of W are the spikes (to fp32 rounding)
 d_i = σ1·ρ^(i-1), i = 1..p, with ρ = 0.97: a slow decay like real LLM weights (MiniLM's query matrix has
 σ11/σ1 = 0.73 ≈ 0.97^10) and a 3 % gap between neighbours, so a small fine-tune does not reorder or mix
 the top singular vectors. Below them lies the Marchenko–Pastur bulk of the projected Gaussian, scaled so that
-its edge is at BULK_EDGE·σ1, just under the last spike. Cost: one Gaussian and a few [out, in] × [in, p]
-products, well under a second for 4096×11008.
+its edge is at BULK_EDGE·σ1, just under the last spike (a spiked model, not a power-law tail). Cost: one
+Gaussian and four [out, in]·[in, p]-sized products, about 0.3 s for 4096×4096 and 1.5 s for 4096×11008 on
+two CPU cores, with one temporary of the matrix's size.
 
 ``write_trio`` writes a small Llama-shaped base checkpoint, a full fine-tune of it, and a PEFT LoRA adapter
 whose merged update ΔW = s·B·A adds intruder dimensions (Shuttleworth et al. 2410.21228).
@@ -26,10 +27,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+SIGMA1 = 5.0  # default σ1, like MiniLM's query matrix (5.27)
 DECAY = 0.97  # ρ: ratio of neighbouring top singular values
 SPIKES = 24  # p: number of exact top singular values; σ_p = ρ^23·σ1 ≈ 0.50·σ1
 BULK_EDGE = 0.45  # largest bulk singular value, as a fraction of σ1
-LORA_SIGMA = 1.3  # top singular value of the trio's LoRA update s·B·A, as a multiple of the base σ1
+LORA_SIGMA = 1.5  # top singular value of the trio's LoRA update s·B·A, as a multiple of the base σ1
 
 
 def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
@@ -42,14 +44,14 @@ def random_weight(
     in_features: int,
     *,
     generator: torch.Generator,
-    sigma1: float = 5.0,
+    sigma1: float = SIGMA1,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """A weight [out, in] whose top p = min(SPIKES, out, in) singular values are σ1·ρ^(i-1) exactly (before
     rounding to ``dtype``), with random singular vectors and a Gaussian bulk below BULK_EDGE·σ1.
 
-    Scale: σ1 = 5 by default, like MiniLM's 5.27; the bulk's entries then have standard deviation
-    BULK_EDGE·σ1 / (√out + √in), e.g. 0.07 at 256×256 and 0.018 at 4096×4096.
+    The bulk's entries have standard deviation BULK_EDGE·σ1 / (√out + √in): with σ1 = 5, entries of a 256×256
+    weight have standard deviation 0.095 overall, of a 4096×4096 one 0.018.
     """
     p = min(SPIKES, out_features, in_features)
     u = _orthonormal(out_features, p, generator)
@@ -66,9 +68,10 @@ def random_weight(
 def full_finetune_update(weight: torch.Tensor, *, generator: torch.Generator, strength: float = 0.05) -> torch.Tensor:
     """ΔW [out, in] fp32 like a full fine-tune's: dense Gaussian with ‖ΔW‖_F ≈ strength·‖W‖_F.
 
-    Its energy is spread evenly over all directions, so its spectral norm (≈ strength·BULK_EDGE·σ1 for
-    ``random_weight`` matrices) is far below the 3 % gaps of the top singular values: the tuned top-10 vectors
-    stay aligned with the base ones (no intruders at ε = 0.5, k = 10).
+    Its energy is spread evenly over all directions: it couples two singular pairs of W only through
+    u_iᵀ ΔW v_j ~ N(0, (strength·rms(W))²), e.g. 0.005 for a 256×256 ``random_weight`` with σ1 = 5, far below
+    the 3 % gaps (≥ 0.1) between its top singular values, so the tuned top-10 vectors stay aligned with the base
+    ones (no intruders at ε = 0.5, k = 10; max |cos| ≥ 0.98 in the trio).
     """
     weight = weight.float()
     rms = weight.norm() / math.sqrt(weight.numel())
@@ -221,10 +224,13 @@ def write_trio(
     ``self_attn.{q,o}_proj`` [hidden, hidden], ``self_attn.{k,v}_proj`` [kv_heads·head_dim, hidden] (GQA),
     ``mlp.{gate,up}_proj`` [intermediate, hidden], ``mlp.down_proj`` [hidden, intermediate], 1-D RMSNorm weights,
     plus ``model.embed_tokens.weight`` and ``lm_head.weight`` [vocab, hidden], all 2-D ones from
-    ``random_weight`` (σ1 = 5), in ``dtype``, written in at least two shards with an index.
+    ``random_weight`` (σ1 = SIGMA1), in ``dtype``, written in at least two shards with an index.
     full/: every 2-D weight + ``full_finetune_update`` (same layout and sharding); norms unchanged.
     lora/: a rank-``lora_rank`` PEFT adapter on q, k, v, o, gate, up, down with α = 2r (s = 2) whose update's
-    top singular value is LORA_SIGMA·σ1 = 6.5, so every adapted matrix gets ``lora_rank`` intruder dimensions.
+    top singular value is LORA_SIGMA·σ1, so every adapted matrix gets ``lora_rank`` intruder dimensions (measured
+    with an fp64 SVD, ε = 0.5, k = 10: exactly one in each of 98 matrices over seeds 0–6 at rank 1, max |cos|
+    ≤ 0.46; at ranks 4 and 8 over seeds 0–2, ``lora_rank`` in all but one of 84 matrices, which had 7 of 8: the
+    64-row k/v matrices come closest to ε). The full fine-tune has none (max |cos| ≥ 0.98).
     """
     directory = Path(directory)
     generator = torch.Generator().manual_seed(seed)
@@ -239,16 +245,15 @@ def write_trio(
         "mlp.up_proj": (intermediate, hidden),
         "mlp.down_proj": (hidden, intermediate),
     }
-    sigma1 = 5.0
-    base = {"model.embed_tokens.weight": random_weight(vocab, hidden, generator=generator, sigma1=sigma1)}
+    base = {"model.embed_tokens.weight": random_weight(vocab, hidden, generator=generator)}
     for layer in range(layers):
         prefix = f"model.layers.{layer}"
         for module, shape in shapes.items():
-            base[f"{prefix}.{module}.weight"] = random_weight(*shape, generator=generator, sigma1=sigma1)
+            base[f"{prefix}.{module}.weight"] = random_weight(*shape, generator=generator)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             base[f"{prefix}.{norm}.weight"] = 1 + 0.1 * torch.randn(hidden, generator=generator)
     base["model.norm.weight"] = 1 + 0.1 * torch.randn(hidden, generator=generator)
-    base["lm_head.weight"] = random_weight(vocab, hidden, generator=generator, sigma1=sigma1)
+    base["lm_head.weight"] = random_weight(vocab, hidden, generator=generator)
     base = {name: t.to(dtype) for name, t in base.items()}
 
     full = {
@@ -261,7 +266,7 @@ def write_trio(
     for layer in range(layers):
         for module, shape in shapes.items():
             lora_a, lora_b = lora_update(
-                *shape, lora_rank, generator=generator, lora_alpha=lora_alpha, sigma=LORA_SIGMA * sigma1
+                *shape, lora_rank, generator=generator, lora_alpha=lora_alpha, sigma=LORA_SIGMA * SIGMA1
             )
             adapter[f"model.layers.{layer}.{module}"] = (lora_a.to(dtype), lora_b.to(dtype))
 

@@ -82,7 +82,8 @@ def _peft_adapter(peft, case, directory):
 
 
 def _check_against_peft(directory, base, merged, *, shape_of=True):
-    modules = lora_modules(open_adapter(directory), NameIndex(base), shape_of=(lambda n: base[n].shape) if shape_of else None)
+    shapes = (lambda name: base[name].shape) if shape_of else None
+    modules = lora_modules(open_adapter(directory), NameIndex(base), shape_of=shapes)
     changed = {name for name in base if not torch.equal(base[name], merged[name])}
     assert {m.base_name for m in modules} == changed
     for module in modules:
@@ -140,7 +141,8 @@ BASE = {
 def _adapter(directory, rank=2, **config_changes):
     g = torch.Generator().manual_seed(0)
     modules = {
-        name.removesuffix(".weight"): (torch.randn(rank, t.shape[1], generator=g), torch.randn(t.shape[0], rank, generator=g))
+        name.removesuffix(".weight"): (torch.randn(rank, t.shape[1], generator=g),
+                                       torch.randn(t.shape[0], rank, generator=g))
         for name, t in BASE.items()
     }
     write_peft_adapter(directory, modules, r=rank, lora_alpha=4, target_modules=["q_proj", "down_proj"])
@@ -211,10 +213,11 @@ def test_bad_tensors(tmp_path):
     with pytest.raises(InputError, match=r"adapter module 'model.layers.0.self_attn.q_proj' has no lora_B"):
         _modules(directory)
     directory = _edit_tensors(_adapter(tmp_path), lambda t: t.update({f"{q}.lora_A.other.weight": torch.zeros(2, 6)}))
-    with pytest.raises(InputError, match=r"several adapters \(None, other\)"):
+    with pytest.raises(InputError, match=r"several adapters \(<unnamed>, other\)"):
         _modules(directory)
     directory = _edit_tensors(_adapter(tmp_path), lambda t: t.update({f"{q}.lora_A.weight": torch.zeros(2, 7)}))
-    with pytest.raises(InputError, match=r"updates a \[8, 7\] weight but base tensor '.*q_proj.weight' has shape \[8, 6\]"):
+    with pytest.raises(InputError, match=r"updates a \[8, 7\] weight but base tensor '.*q_proj.weight' "
+                                         r"has shape \[8, 6\]"):
         _modules(directory)
 
 

@@ -100,12 +100,7 @@ def test_write_checkpoint_layouts(tmp_path):
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[n], t) for n, t in state.items())
 
 
-@pytest.fixture(scope="module")
-def trio(tmp_path_factory):
-    return write_trio(tmp_path_factory.mktemp("trio"))
-
-
-def test_trio_layout(trio):
+def test_trio_layout(trio):  # trio: conftest's session fixture, write_trio with its defaults
     index = json.loads((trio.base / "model.safetensors.index.json").read_text())
     base = _read_dir(trio.base)
     assert len(set(index["weight_map"].values())) >= 2
@@ -114,7 +109,8 @@ def test_trio_layout(trio):
     config = json.loads((trio.base / "config.json").read_text())
     hidden, inter, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"] * 64
     assert (hidden, inter, kv, config["num_hidden_layers"]) == (256, 688, 64, 2)
-    expected = {"model.embed_tokens.weight": (512, hidden), "lm_head.weight": (512, hidden), "model.norm.weight": (hidden,)}
+    expected = {"model.embed_tokens.weight": (512, hidden), "lm_head.weight": (512, hidden),
+                "model.norm.weight": (hidden,)}
     for layer in range(2):
         p = f"model.layers.{layer}"
         expected |= {f"{p}.self_attn.q_proj.weight": (hidden, hidden), f"{p}.self_attn.k_proj.weight": (kv, hidden),

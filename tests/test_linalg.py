@@ -1,0 +1,348 @@
+"""Unit tests of the batched linear-algebra primitives in ``lorafft.linalg`` against an fp64 LAPACK oracle.
+
+The oracle is ``torch.linalg.svd(W.double(), full_matrices=False)`` of the very matrix handed to the code under
+test (fp32 inputs are exact in fp64). Singular vectors are compared up to sign, cosines in absolute value.
+Inputs have realistic spectra: slowly decaying (like real LLM weights) with a tail of small singular values
+down to 1e-3·σ1, which is where Gram-based bases lose accuracy, or ``lorafft.synthetic.random_weight``.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lorafft import linalg, synthetic
+
+SIDES = ("left", "right")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run this module's LAPACK/BLAS on one thread. The test machine's 2 cores are shared: with 2 OpenMP threads
+    under contention a 300×512 fp64 SVD was measured at 7–23 s instead of 0.1 s (threads spin-wait on each
+    other). The sizes here are far too small to gain from threads; the previous settings are restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: only numpy/scipy's OpenBLAS (the base basis) stays multi-threaded
+        yield
+    else:
+        with threadpool_limits(limits=1):
+            yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def spectrum(s: int) -> torch.Tensor:
+    """[s] fp64, σ1 = 1, descending: a slow power-law head (1+i)^-0.3 and, for the last min(10, s//4) values,
+    a tail 1e-3·(1 + 1.5 j): small singular values (Gram squares their condition) that stay 1.5e-3·σ1 apart."""
+    tail = min(10, s // 4)
+    head = (1.0 + torch.arange(s - tail, dtype=torch.float64)) ** -0.3
+    low = 1e-3 * (1.0 + 1.5 * torch.arange(tail - 1, -1, -1, dtype=torch.float64))
+    return torch.cat([head, low])
+
+
+def orthonormal(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64)).Q
+
+
+def spectral_weight(m: int, n: int, g: torch.Generator, L: int | None = None, sigma1: float = 3.0) -> torch.Tensor:
+    """fp32 ``U diag(sigma1·spectrum) V^T`` with random singular vectors; [m, n], or [L, m, n] when L is given."""
+    if L is not None:
+        return torch.stack([spectral_weight(m, n, g, sigma1=sigma1) for _ in range(L)])
+    s = min(m, n)
+    return ((orthonormal(m, s, g) * (sigma1 * spectrum(s))) @ orthonormal(n, s, g).T).float()
+
+
+def make_weight(kind: str, m: int, n: int, g: torch.Generator, L: int) -> torch.Tensor:
+    if kind == "spectral":
+        return spectral_weight(m, n, g, L)
+    return torch.stack([synthetic.random_weight(m, n, generator=g) for _ in range(L)])
+
+
+def oracle(W: torch.Tensor):
+    """fp64 reduced SVD of a stack: U [L, m, s], S [L, s], V [L, n, s]."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return U, S, Vh.mT
+
+
+def side_vectors(U, V, side):
+    return U if side == "left" else V
+
+
+def sign_aligned_distance(X: torch.Tensor, X_ref: torch.Tensor) -> torch.Tensor:
+    """Column-wise ``min_sign ||x - sign·x_ref||`` for [L, d, k] stacks -> [L, k]."""
+    sign = torch.sign((X * X_ref).sum(dim=-2, keepdim=True))
+    sign[sign == 0] = 1
+    return (X - sign * X_ref).norm(dim=-2)
+
+
+def unit_columns(L, d, k, g):
+    Y = torch.randn(L, d, k, generator=g, dtype=torch.float64)
+    return Y / Y.norm(dim=-2, keepdim=True)
+
+
+# (m, n, L): square, tall, wide; s = min(m, n) above 256 in some (the Gram is built in row blocks of
+# max(256, s/8) rows, so s > 256 exercises the blocked path), stacks L > 1, and tiny ones (s = 2, 3).
+BASIS_CASES = [(96, 96, 1), (200, 72, 3), (72, 200, 1), (320, 300, 1), (300, 512, 2), (512, 300, 1), (7, 3, 2),
+               (3, 7, 1), (2, 9, 1)]
+
+
+def basis_input(m, n, L, seed):
+    return spectral_weight(m, n, torch.Generator().manual_seed(seed), L)
+
+
+# --------------------------------------------------------------------------------------------------- base_basis
+@pytest.mark.parametrize("m,n,L", BASIS_CASES)
+def test_base_basis_sigma_matches_svdvals(m, n, L):
+    W = basis_input(m, n, L, seed=m * 1000 + n + L)
+    basis = linalg.base_basis(W)
+    S = torch.linalg.svdvals(W.double())
+    assert basis.sigma.shape == (L, min(m, n))
+    assert basis.sigma.dtype == torch.float64
+    assert torch.all(basis.sigma[:, :-1] >= basis.sigma[:, 1:]), "sigma must be descending"
+    torch.testing.assert_close(basis.sigma, S, rtol=0, atol=1e-10 * S[:, :1].max().item())
+
+
+@pytest.mark.parametrize("m,n,L", BASIS_CASES)
+@pytest.mark.parametrize("side", SIDES)
+def test_project_matches_fp64_cosines(m, n, L, side):
+    """``project(Y, side)`` = X^T Y over every base singular vector X of that side, row i = i-th largest."""
+    g = torch.Generator().manual_seed(7 * m + 13 * n + L)
+    W = basis_input(m, n, L, seed=m * 1000 + n + L)
+    U, S, V = oracle(W)
+    X = side_vectors(U, V, side)
+    d = X.shape[-2]
+    basis = linalg.base_basis(W)
+
+    # random unit vectors (cosines spread over every row) ...
+    Y = unit_columns(L, d, 6, g)
+    C = basis.project(Y, side)
+    assert C.shape == (L, min(m, n), 6)
+    assert C.dtype == torch.float64
+    torch.testing.assert_close(C.abs(), (X.mT @ Y).abs(), rtol=0, atol=1e-9)
+
+    # ... and the base vectors themselves: |X^T x_j| = e_j, including the smallest singular values' vectors
+    C_self = basis.project(X, side)
+    eye = torch.eye(min(m, n), dtype=torch.float64).expand(L, -1, -1)
+    torch.testing.assert_close(C_self.abs(), eye, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("m,n", [(1, 5), (5, 1)])
+def test_base_basis_of_a_single_row_or_column(m, n):
+    """min(m, n) = 1 (a one-output head, a [out, 1] weight): one singular triplet, sigma = the norm."""
+    W = torch.randn(2, m, n, generator=torch.Generator().manual_seed(17))
+    basis = linalg.base_basis(W)
+    torch.testing.assert_close(basis.sigma, W.double().flatten(1).norm(dim=1, keepdim=True), rtol=1e-12, atol=0)
+    U, S, V = oracle(W)
+    for side in SIDES:
+        X = side_vectors(U, V, side)
+        assert sign_aligned_distance(basis.top_vectors(side, 1), X).max() < 1e-12
+        Y = unit_columns(2, X.shape[-2], 3, torch.Generator().manual_seed(18))
+        torch.testing.assert_close(basis.project(Y, side).abs(), (X.mT @ Y).abs(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_project_keeps_fp32_dtype(side):
+    g = torch.Generator().manual_seed(3)
+    W = spectral_weight(64, 48, g, 2)
+    U, S, V = oracle(W)
+    X = side_vectors(U, V, side)
+    Y = unit_columns(2, X.shape[-2], 4, g)
+    C = linalg.base_basis(W).project(Y.float(), side)
+    assert C.dtype == torch.float32
+    torch.testing.assert_close(C.abs().double(), (X.mT @ Y).abs(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("m,n,L", BASIS_CASES)
+@pytest.mark.parametrize("side", SIDES)
+def test_top_vectors_orthonormal_and_equal_to_svd(m, n, L, side):
+    W = basis_input(m, n, L, seed=m + 31 * n)
+    U, S, V = oracle(W)
+    s = min(m, n)
+    basis = linalg.base_basis(W)
+    for count in sorted({1, min(12, s), s, s + 5}):  # count > s clamps to s
+        X = basis.top_vectors(side, count)
+        c = min(count, s)
+        d = m if side == "left" else n
+        assert X.shape == (L, d, c)
+        assert X.dtype == torch.float64
+        torch.testing.assert_close(X.mT @ X, torch.eye(c, dtype=torch.float64).expand(L, -1, -1), rtol=0, atol=1e-9)
+        dist = sign_aligned_distance(X, side_vectors(U, V, side)[..., :c])
+        assert dist.max().item() < 1e-8, dist.max().item()
+
+
+def test_base_basis_accepts_bf16_and_fp32_inputs():
+    """The basis is of the matrix as given (bf16 values are exact in fp64)."""
+    g = torch.Generator().manual_seed(5)
+    W = spectral_weight(80, 120, g, 1).bfloat16()
+    basis = linalg.base_basis(W)
+    U, S, V = oracle(W)
+    torch.testing.assert_close(basis.sigma, S, rtol=0, atol=1e-10)
+    assert sign_aligned_distance(basis.top_vectors("right", 10), V[..., :10]).max() < 1e-8
+
+
+# --------------------------------------------------------------------------------------------------- truncated_svd
+def check_truncated(result, W, k, *, rel=1e-6):
+    """Orthonormal U and V, a reported residual no smaller than the real one, an honest error bound (checked
+    first: it must hold even where the answer is inaccurate), and S vs fp64 svdvals (rel)."""
+    L, m, n = W.shape
+    U, S, V = oracle(W)
+    assert result.U.shape == (L, m, k) and result.V.shape == (L, n, k) and result.S.shape == (L, k)
+    assert result.residual.shape == (L, k) and result.error_bound.shape == (L, k)
+    eye = torch.eye(k, dtype=torch.float64).expand(L, -1, -1)
+    torch.testing.assert_close(result.U.mT @ result.U, eye, rtol=0, atol=1e-8)
+    torch.testing.assert_close(result.V.mT @ result.V, eye, rtol=0, atol=1e-8)
+    # the residual it reports is (at least) the real one, up to the rounding of the fp32 product
+    true_residual = (W.double() @ result.V - result.U * result.S.unsqueeze(1)).norm(dim=1)
+    scale = S[:, :1] * 1e-6
+    assert torch.all(true_residual <= result.residual + scale), (true_residual, result.residual)
+    # honesty: the distance to the exact (sign-aligned) vectors never exceeds the reported bound
+    finite = torch.isfinite(result.error_bound)
+    for X, X_ref in ((result.U, U[..., :k]), (result.V, V[..., :k])):
+        err = sign_aligned_distance(X, X_ref)
+        bad = finite & (err > result.error_bound + 1e-6)
+        assert not bad.any(), f"error {err[bad].tolist()} exceeds bound {result.error_bound[bad].tolist()}"
+    rel_err = ((result.S - S[:, :k]).abs() / S[:, :k]).max().item()
+    assert rel_err <= rel, f"singular values off by {rel_err:.2e} relative (iterations={result.iterations})"
+    return S
+
+
+TSVD_CASES = [
+    # (kind, m, n, L, k): dense fallback (small) and Krylov (3·block < min(m, n)) paths, all three shapes
+    ("spectral", 60, 50, 2, 45),
+    ("spectral", 50, 60, 1, 50),
+    ("spectral", 120, 80, 1, 10),
+    ("spectral", 384, 384, 2, 10),
+    ("spectral", 512, 200, 1, 10),
+    ("spectral", 200, 512, 3, 10),
+    ("spectral", 512, 256, 1, 30),
+    ("synthetic", 384, 384, 1, 10),
+    ("synthetic", 512, 256, 2, 10),
+    ("synthetic", 256, 512, 1, 10),
+    ("synthetic", 512, 256, 1, 30),
+    ("synthetic", 256, 512, 1, 30),
+]
+
+
+@pytest.mark.parametrize("kind,m,n,L,k", TSVD_CASES)
+def test_truncated_svd_matches_fp64(kind, m, n, L, k):
+    g = torch.Generator().manual_seed(m + n + k + L)
+    W = make_weight(kind, m, n, g, L)
+    result = linalg.truncated_svd(W, k, generator=torch.Generator().manual_seed(1))
+    check_truncated(result, W, k)
+    if 3 * max(2 * k, k + 10) >= min(m, n):
+        assert result.iterations == 0  # small: dense fp64 SVD (Krylov may also fall back to it when its space fills up)
+
+
+def test_truncated_svd_k_clamped_to_min_dimension():
+    g = torch.Generator().manual_seed(2)
+    W = spectral_weight(30, 20, g, 1)
+    result = linalg.truncated_svd(W, 25)
+    assert result.S.shape == (1, 20)
+    check_truncated(result, W, 20)
+
+
+@pytest.mark.parametrize("m,n", [(400, 300), (300, 400)])
+def test_truncated_svd_adversarial_start(m, n):
+    """A start block orthogonal to the top vectors (the bottom left singular vectors) must not stop the
+    iteration early or steer it to a wrong answer: the random part of the first block still finds the top."""
+    k = 10
+    g = torch.Generator().manual_seed(11)
+    W = spectral_weight(m, n, g, 2)
+    U, S, V = oracle(W)
+    bad = U[..., -(2 * k):]  # orthogonal to the top-k (and top s-2k) left singular vectors
+    result = linalg.truncated_svd(W, k, start=bad, generator=torch.Generator().manual_seed(0))
+    assert result.iterations > 0
+    check_truncated(result, W, k)
+    # also a start block with duplicated (rank-deficient) columns and a zero column
+    dup = torch.cat([bad[..., :3], bad[..., :3], torch.zeros(2, m, 1, dtype=torch.float64)], dim=-1)
+    check_truncated(linalg.truncated_svd(W, k, start=dup, generator=torch.Generator().manual_seed(0)), W, k)
+
+
+def test_truncated_svd_good_start_converges_fast():
+    k = 10
+    g = torch.Generator().manual_seed(12)
+    W = spectral_weight(400, 300, g, 1)
+    U, S, V = oracle(W)
+    cold = linalg.truncated_svd(W, k, generator=torch.Generator().manual_seed(0))
+    warm = linalg.truncated_svd(W, k, start=U[..., : 2 * k], generator=torch.Generator().manual_seed(0))
+    check_truncated(warm, W, k)
+    assert 0 < warm.iterations <= cold.iterations
+
+
+def test_truncated_svd_fp64_input():
+    g = torch.Generator().manual_seed(13)
+    W = spectral_weight(300, 400, g, 1).double()
+    result = linalg.truncated_svd(W, 10, generator=torch.Generator().manual_seed(0))
+    check_truncated(result, W, 10, rel=1e-10)
+    U, S, V = oracle(W)
+    gap = torch.minimum(S[:, :10] - S[:, 1:11], torch.cat([S[:, :1] * math.inf, S[:, :9] - S[:, 1:10]], -1))
+    well = gap > 1e-2 * S[:, :1]
+    assert torch.all(result.error_bound[well] <= 1e-5)  # the default tol is reachable in fp64
+
+
+def test_truncated_svd_reproducible_with_generator():
+    g = torch.Generator().manual_seed(14)
+    W = spectral_weight(300, 300, g, 1)
+    a = linalg.truncated_svd(W, 10, generator=torch.Generator().manual_seed(5))
+    b = linalg.truncated_svd(W, 10, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.S, b.S) and torch.equal(a.U, b.U) and a.iterations == b.iterations
+
+
+@pytest.mark.parametrize("m,n", [(40, 30), (400, 300)])
+def test_truncated_svd_repeated_singular_value_is_not_certified(m, n):
+    """σ3 = σ4 exactly: the vectors are not determined by the matrix, so the bound must not claim they are."""
+    g = torch.Generator().manual_seed(15)
+    s = min(m, n)
+    sv = 3.0 * spectrum(s)
+    sv[3] = sv[2]
+    W = ((orthonormal(m, s, g) * sv) @ orthonormal(n, s, g).T).unsqueeze(0)  # fp64: keep the tie exact
+    result = linalg.truncated_svd(W, 8, generator=torch.Generator().manual_seed(0))
+    U, S, V = oracle(W)
+    torch.testing.assert_close(result.S, S[:, :8], rtol=1e-10, atol=0)
+    # any vector in the 2-D singular subspace is a valid answer: the bound for those two must be >= sqrt(2)
+    assert torch.all(result.error_bound[0, 2:4] >= math.sqrt(2.0) - 1e-9)
+    assert torch.all(torch.isfinite(result.error_bound[0, :2]))
+    # their span is still right
+    P = result.U[0, :, 2:4]
+    P_ref = U[0, :, 2:4]
+    torch.testing.assert_close(P @ P.T, P_ref @ P_ref.T, rtol=0, atol=1e-8)
+
+
+# --------------------------------------------------------------------------------------------------- max_abs_cos
+def test_max_abs_cos_hand_made():
+    cos = torch.tensor(
+        [
+            [[0.1, -0.9, 0.3], [0.6, 0.2, -0.3], [-0.7, 0.1, 0.29]],  # columns: max 0.7 @2, 0.9 @0, 0.3 @0/2
+            [[0.0, 0.5, 0.0], [0.49, -0.49, 0.0], [0.0, 0.0, -1.0]],
+        ]
+    )
+    match = linalg.max_abs_cos(cos, (0.5, 0.8, 0.95))
+    torch.testing.assert_close(match.max_cos, torch.tensor([[0.7, 0.9, 0.3], [0.49, 0.5, 1.0]]))
+    assert match.argmax.tolist() == [[2, 0, 0], [1, 0, 2]]
+    # strictly below ε counts; 0.5 is not below 0.5
+    assert match.counts.tolist() == [[1, 2, 3], [1, 2, 2]]
+    assert match.counts.shape == (2, 3)
+
+
+def test_max_abs_cos_random_against_reference():
+    g = torch.Generator().manual_seed(16)
+    cos = torch.randn(3, 40, 7, generator=g, dtype=torch.float64) / 4
+    eps = (0.3, 0.5, 0.7)
+    match = linalg.max_abs_cos(cos, eps)
+    for l in range(3):
+        for j in range(7):
+            col = [abs(x) for x in cos[l, :, j].tolist()]
+            best = max(col)
+            assert match.max_cos[l, j].item() == best
+            assert match.argmax[l, j].item() == col.index(best)
+        for e, t in enumerate(eps):
+            assert match.counts[l, e].item() == sum(match.max_cos[l, j].item() < t for j in range(7))
+
+
+def test_max_abs_cos_accepts_any_iterable_of_eps():
+    cos = torch.tensor([[[0.2], [0.1]]])
+    assert linalg.max_abs_cos(cos, [0.5]).counts.tolist() == [[1]]
+    assert linalg.max_abs_cos(cos, torch.tensor([0.1, 0.3])).counts.tolist() == [[0, 1]]
