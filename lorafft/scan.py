@@ -24,7 +24,8 @@ DEFAULT_MAX_BATCH_BYTES = 1 << 30  # fp32 weights (base + tuned) held at once pe
 @dataclass
 class Pair:
     """One matrix to analyse: the base tensor name, where the tuned matrix comes from, and its analysed shape
-    ``[out, in]`` (PEFT ``fan_in_fan_out`` weights are stored ``[in, out]`` and transposed)."""
+    ``[out, in]`` (PEFT ``fan_in_fan_out`` weights, GPT-2 Conv1D, are stored ``[in, out]`` and transposed;
+    embeddings are analysed as stored, whether the tuned side is an adapter or a full fine-tune)."""
 
     name: str
     tuned_name: str
@@ -33,7 +34,7 @@ class Pair:
 
     @property
     def transposed(self) -> bool:
-        return self.module is not None and self.module.fan_in_fan_out
+        return self.module is not None and self.module.fan_in_fan_out and not self.module.embedding
 
 
 def _describe(source) -> str:
@@ -51,7 +52,9 @@ def find_pairs(base: io.Checkpoint, tuned, scope: pairing.Scope, *, strict: bool
         for module in adapters.lora_modules(tuned, base_index, base.shape):
             if scope.admits(module.base_name):
                 shape = tuple(base.shape(module.base_name))
-                pairs.append(Pair(module.base_name, module.base_name, shape[::-1] if module.fan_in_fan_out else shape, module))
+                pair = Pair(module.base_name, module.base_name, shape, module)
+                pair.shape = shape[::-1] if pair.transposed else shape
+                pairs.append(pair)
     else:
         tuned_index = pairing.NameIndex(tuned.names())
         for name in base.names():
