@@ -10,6 +10,7 @@ a reference scale, not a bound).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,22 +26,47 @@ NEAR_THRESHOLD = 1e-3  # max|cos| this close to an ε is flagged: its count may 
 class SideAnalysis:
     """Results for one side of a stack of ``L`` matrices; ``E = len(eps)``.
 
-    singular_values ``[L, k]`` fp64 (tuned, descending), max_cos ``[L, k]``, argmax ``[L, k]`` int64 (0-based rank
+    singular_values ``[L, k]`` fp64 (tuned, descending), base_singular_values ``[L, k]`` fp64 (the base's top k),
+    max_cos ``[L, k]``, argmax ``[L, k]`` int64 (0-based rank
     of the best-matching base vector), error_bound ``[L, k]`` (bound on each max_cos error from the truncated SVD;
     inf where the tuned singular value is not separated from its neighbours), counts ``[L, E]`` int64,
-    near_threshold ``[L, k]`` bool (max_cos within max(1e-3, error_bound) of some ε), random_floor ``1/sqrt(d)``.
+    near_threshold ``[L, k]`` bool (max_cos within max(1e-3, error_bound) of some ε), random_floor ``1/sqrt(d)``,
+    random_reference: quantiles of max |cos| of a uniformly random unit vector of R^d against the side's basis
+    (see :func:`random_max_cos`), to read whether an ε means anything at this width.
     """
 
     side: str
     eps: tuple[float, ...]
     singular_values: torch.Tensor
+    base_singular_values: torch.Tensor
     max_cos: torch.Tensor
     argmax: torch.Tensor
     error_bound: torch.Tensor
     counts: torch.Tensor
     near_threshold: torch.Tensor
     random_floor: float
+    random_reference: dict[str, float]
     iterations: int
+
+
+RANDOM_QUANTILES = (0.05, 0.5, 0.95, 0.99)
+
+
+@functools.lru_cache(maxsize=64)
+def random_max_cos(dimension: int, basis_size: int, samples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Quantiles of ``max_i |<y, x_i>|`` for y uniform on the unit sphere of R^d and ``basis_size`` orthonormal x_i.
+
+    By rotation invariance the basis can be the first coordinate axes, so this is the law of
+    ``max_{i < s} |g_i| / ||g||`` for Gaussian g: estimated from ``samples`` draws (seeded, so reports are
+    reproducible; the quantiles' Monte Carlo error is about 1e-3). Keys ``"p5"``, ``"p50"``, ``"p95"``, ``"p99"``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    maxima = []
+    for start in range(0, samples, 256):
+        g = torch.randn(min(256, samples - start), dimension, generator=generator, dtype=torch.float64)
+        maxima.append(g[:, :basis_size].abs().amax(dim=1) / g.norm(dim=1))
+    quantiles = torch.quantile(torch.cat(maxima), torch.tensor(RANDOM_QUANTILES, dtype=torch.float64))
+    return {f"p{round(100 * q)}": float(v) for q, v in zip(RANDOM_QUANTILES, quantiles)}
 
 
 def analyze(
@@ -53,11 +79,14 @@ def analyze(
     start: torch.Tensor | None = None,
     tol: float = 1e-5,
     generator: torch.Generator | None = None,
+    basis: linalg.BaseBasis | None = None,
 ) -> dict[str, SideAnalysis]:
     """Intruder analysis of one pair ``W0, Wt [m, n]`` or a stack of same-shape pairs ``W0, Wt [L, m, n]`` (a pair is treated as L = 1).
 
     ``start``: optional extra left-space vectors ``[L, m, c]`` for the tuned SVD's first block (a LoRA adapter's
-    B columns); the base's own top left singular vectors are always used. Returns ``{side: SideAnalysis}``.
+    B columns); the base's own top left singular vectors are always used. ``basis``: ``linalg.base_basis(W0)``
+    when the caller already has it (scans of several checkpoints of one run pay for it once).
+    Returns ``{side: SideAnalysis}``.
     """
     if W0.shape != Wt.shape or W0.dim() not in (2, 3):
         raise ValueError(f"W0 and Wt must have one shape [m, n] or [L, m, n]; got {tuple(W0.shape)}, {tuple(Wt.shape)}")
@@ -68,7 +97,7 @@ def analyze(
         if side not in linalg.SIDES:
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
     eps = (float(eps),) if isinstance(eps, (int, float)) else tuple(float(e) for e in eps)
-    basis = linalg.base_basis(W0)
+    basis = linalg.base_basis(W0) if basis is None else basis
     Wt = Wt if Wt.dtype == torch.float64 else Wt.float()
     block = max(2 * k, k + 10)
     guesses = basis.top_vectors("left", block - block // 4)
@@ -87,13 +116,30 @@ def analyze(
             side=side,
             eps=eps,
             singular_values=tuned.S,
+            base_singular_values=basis.sigma[:, : tuned.S.shape[-1]],
             max_cos=max_cos,
             argmax=match.argmax,
             error_bound=tuned.error_bound,
             counts=match.counts,
             near_threshold=near,
             random_floor=1.0 / math.sqrt(vectors.shape[-2]),
+            random_reference=random_max_cos(vectors.shape[-2], basis.sigma.shape[-1]),
             iterations=tuned.iterations,
         )
     return results
 
+
+
+def effective_rank(sigma: torch.Tensor) -> torch.Tensor:
+    """Entropy effective rank ``exp(-sum p_i log p_i)``, ``p_i = sigma_i / sum_j sigma_j`` (Roy & Vetterli 2007;
+    the paper's Figure 14) of singular values ``sigma [L, s]``; ``[L]``, 0 for a zero matrix."""
+    total = sigma.sum(dim=-1, keepdim=True)
+    p = torch.where(total > 0, sigma / total, 0.0)
+    entropy = -(p * torch.where(p > 0, p.log(), 0.0)).sum(dim=-1)
+    return torch.where(total.squeeze(-1) > 0, entropy.exp(), 0.0)
+
+
+def stable_rank(sigma: torch.Tensor) -> torch.Tensor:
+    """Stable rank ``||M||_F^2 / ||M||_2^2`` from singular values ``sigma [L, s]``; ``[L]``, 0 for a zero matrix."""
+    top = sigma.amax(dim=-1)
+    return torch.where(top > 0, (sigma**2).sum(dim=-1) / top.clamp_min(torch.finfo(sigma.dtype).tiny) ** 2, 0.0)

@@ -19,6 +19,7 @@ and how many y_j stay below each threshold eps (intruders). LoRA tends to grow t
 
 commands:
   lorafft scan BASE TUNED --out report.json   compare a base with a fine-tune or a PEFT LoRA adapter
+                                              (several TUNED: checkpoints along one training run)
   lorafft demo                                write a small synthetic base, full fine-tune and LoRA adapter,
                                               and scan both (nothing is downloaded)
 Run 'lorafft scan --help' for the options.
@@ -30,9 +31,10 @@ model.safetensors.index.json, pytorch_model.bin or its sharded index), a single 
 TUNED may also be a PEFT adapter directory (adapter_config.json + adapter_model.safetensors/.bin).
 
 examples:
-  lorafft scan meta-llama/base ./my-finetune --out report.json
+  lorafft scan ./llama-base ./my-finetune --out report.json
   lorafft scan ./base ./lora-adapter --eps 0.5 0.6 0.7 0.8 0.9 --side both --out report.csv
   lorafft scan ./base ./tuned --include 'layers\\.(0|1)\\.' --exclude 'mlp' --k 20
+  lorafft scan ./base ./run/checkpoint-100 ./run/checkpoint-200 ./run/checkpoint-300 --out trajectory.json
 """
 
 
@@ -48,6 +50,8 @@ def _scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="REGEX", help="skip tensors whose name matches one")
     parser.add_argument("--embeddings", action="store_true", help="also analyse embeddings and lm_head (left out by default)")
     parser.add_argument("--strict", action="store_true", help="a paired name with another shape is an error, not a warning")
+    parser.add_argument("--delta-ranks", action="store_true",
+                        help="also report the effective and stable rank of the update dW = TUNED - BASE per matrix")
     parser.add_argument("--tol", type=float, default=1e-5, help="error bound to certify per max |cos| (default: 1e-5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random start blocks (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -61,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Intruder-dimension scan of every weight matrix BASE and TUNED share.",
                                epilog=SCAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     scan.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
-    scan.add_argument("tuned", metavar="TUNED", help="fine-tuned checkpoint or PEFT adapter directory")
+    scan.add_argument("tuned", metavar="TUNED", nargs="+",
+                      help="fine-tuned checkpoint or PEFT adapter directory; several (checkpoints along one run) give "
+                           "one report with a checkpoint column, the base paid for once")
     scan.add_argument("--out", metavar="FILE", help="write the full report here: .json (schema in the README) or .csv")
     _scan_arguments(scan)
 
@@ -76,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_scan(args) -> int:
     from lorafft.scan import scan
 
-    report = scan(args.base, args.tuned, k=args.k, eps=args.eps, side=args.side, include=args.include,
-                  exclude=args.exclude, embeddings=args.embeddings, strict=args.strict, tol=args.tol,
+    report = scan(args.base, args.tuned if len(args.tuned) > 1 else args.tuned[0], k=args.k, eps=args.eps, side=args.side, include=args.include,
+                  exclude=args.exclude, embeddings=args.embeddings, strict=args.strict, delta_ranks=args.delta_ranks, tol=args.tol,
                   seed=args.seed, progress=not args.quiet)
     if args.out:
         report.save(args.out)

@@ -300,3 +300,19 @@ def max_abs_cos(cosines: torch.Tensor, eps) -> CosineMatch:
     thresholds = torch.as_tensor(list(eps), dtype=max_cos.dtype, device=max_cos.device)
     counts = (max_cos.unsqueeze(-1) < thresholds).sum(dim=-2)
     return CosineMatch(max_cos=max_cos, argmax=argmax, counts=counts)
+
+
+def singular_values(W: torch.Tensor) -> torch.Tensor:
+    """All singular values of ``W [L, m, n]``, ``[L, min(m, n)]`` fp64 descending, from the eigenvalues of the
+    smaller side's fp64 Gram matrix (no vectors: LAPACK's tridiagonal reduction and a root-free QR)."""
+    small = W if W.shape[-2] <= W.shape[-1] else W.mT
+    lam = torch.linalg.eigvalsh(_gram_lower(small.double()), UPLO="L")
+    return lam.flip(-1).clamp_min(0).sqrt()
+
+
+def low_rank_singular_values(B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """Singular values of ``scaling * B @ A`` for ``B [L, m, r]``, ``A [L, r, n]`` without forming the product:
+    with ``B = Q_B R_B`` and ``A^T = Q_A R_A``, they are those of the r×r core ``R_B R_A^T``. ``[L, r]`` fp64."""
+    _, R_B = torch.linalg.qr(B.double())
+    _, R_A = torch.linalg.qr(A.double().mT)
+    return torch.linalg.svdvals(R_B @ R_A.mT) * abs(scaling)

@@ -2,11 +2,12 @@
 
 JSON schema (``schema_version`` 1; documented in the README):
 
-``{"schema_version": 1, "lorafft_version", "created", "inputs": {"base", "tuned", "tuned_kind"},
+``{"schema_version": 1, "lorafft_version", "created", "inputs": {"base", "tuned": [...], "tuned_kind": [...]},
 "options": {...}, "versions": {library: version}, "matrices": [row, ...], "totals": {ε: count},
-"totals_by_side": {side: {ε: count}}, "skipped": [{"name", "reason"}]}``, where a row is
-``{"name", "tuned_name", "layer", "module", "shape", "side", "k", "singular_values", "max_cos", "argmax",
-"error_bound", "near_threshold", "counts": {ε: count}, "random_floor", "iterations"}``. ε keys are strings
+"totals_by_side": {side: {ε: count}}, "totals_by_checkpoint": [{ε: count}, ...], "skipped": [{"name", "reason"}]}``,
+where a row is ``{"name", "tuned_name", "checkpoint", "layer", "module", "shape", "side", "k", "singular_values",
+"base_singular_values", "max_cos", "argmax", "error_bound", "near_threshold", "counts": {ε: count}, "random_floor",
+"random_reference": {"p5", "p50", "p95", "p99"}, "delta_effective_rank", "delta_stable_rank", "iterations"}``. ε keys are strings
 (``"0.5"``); ``argmax`` is the 0-based rank of the best-matching base singular vector; ``error_bound`` is null
 where the tuned singular value is not separated from its neighbours (that vector is not determined by the matrix).
 """
@@ -39,18 +40,23 @@ class MatrixRow:
 
     name: str
     tuned_name: str
+    checkpoint: int
     layer: int | None
     module: str
     shape: tuple[int, int]
     side: str
     k: int
     singular_values: list[float]
+    base_singular_values: list[float]
     max_cos: list[float]
     argmax: list[int]
     error_bound: list[float]
     near_threshold: list[bool]
     counts: dict[str, int]
     random_floor: float
+    random_reference: dict[str, float]
+    delta_effective_rank: float | None
+    delta_stable_rank: float | None
     iterations: int
 
     def to_dict(self) -> dict:
@@ -72,9 +78,15 @@ class Report:
     skipped: list[dict] = field(default_factory=list)
     created: str = ""
 
-    def totals(self, side: str | None = None) -> dict[str, int]:
-        """Intruder count per ε summed over rows (of one side, or all rows)."""
-        rows = [r for r in self.rows if side is None or r.side == side]
+    @property
+    def checkpoints(self) -> list[str]:
+        """The tuned inputs, in the order of the rows' ``checkpoint`` index."""
+        tuned = self.inputs.get("tuned", [])
+        return tuned if isinstance(tuned, list) else [tuned]
+
+    def totals(self, side: str | None = None, checkpoint: int | None = None) -> dict[str, int]:
+        """Intruder count per ε summed over rows (of one side and/or one checkpoint, or all rows)."""
+        rows = [r for r in self.rows if (side is None or r.side == side) and (checkpoint is None or r.checkpoint == checkpoint)]
         return {eps_key(e): sum(r.counts[eps_key(e)] for r in rows) for e in self.eps}
 
     def to_dict(self) -> dict:
@@ -89,6 +101,7 @@ class Report:
             "matrices": [r.to_dict() for r in self.rows],
             "totals": self.totals(),
             "totals_by_side": {side: self.totals(side) for side in sides},
+            "totals_by_checkpoint": [self.totals(checkpoint=c) for c in range(len(self.checkpoints))],
             "skipped": self.skipped,
         }
 
@@ -120,6 +133,7 @@ class Report:
         for r in self.rows:
             entry = {
                 "name": r.name,
+                "checkpoint": r.checkpoint,
                 "layer": r.layer,
                 "module": r.module,
                 "rows": r.shape[0],
@@ -129,11 +143,16 @@ class Report:
                 **{f"intruders@{key}": count for key, count in r.counts.items()},
                 "min_max_cos": min(r.max_cos) if r.max_cos else math.nan,
                 "random_floor": r.random_floor,
+                "random_p50": r.random_reference.get("p50"),
+                "random_p99": r.random_reference.get("p99"),
+                "delta_effective_rank": r.delta_effective_rank,
+                "delta_stable_rank": r.delta_stable_rank,
                 "max_error_bound": max(r.error_bound) if r.error_bound else math.nan,
                 "near_threshold": sum(r.near_threshold),
                 "max_cos": " ".join(f"{v:.6g}" for v in r.max_cos),
                 "argmax": " ".join(str(v) for v in r.argmax),
                 "singular_values": " ".join(f"{v:.6g}" for v in r.singular_values),
+                "base_singular_values": " ".join(f"{v:.6g}" for v in r.base_singular_values),
             }
             flat.append(entry)
         return flat
@@ -179,7 +198,13 @@ class Report:
         floors = sorted({round(r.random_floor, 4) for r in self.rows})
         if floors:
             lines.append(f"random-direction floor 1/sqrt(d): {floors[0]:g}" + (f" .. {floors[-1]:g}" if len(floors) > 1 else ""))
-        lines.append("intruders (max|cos| < ε):  " + "  ".join(f"ε={key}: {count}" for key, count in self.totals().items()))
+        if len(self.checkpoints) == 1:
+            lines.append("intruders (max|cos| < ε):  " + "  ".join(f"ε={key}: {count}" for key, count in self.totals().items()))
+        else:
+            lines.append("intruders (max|cos| < ε) per checkpoint:")
+            for index, label in enumerate(self.checkpoints):
+                counts = "  ".join(f"ε={key}: {count}" for key, count in self.totals(checkpoint=index).items())
+                lines.append(f"  [{index}] {label}:  {counts}")
         flagged = sum(sum(r.near_threshold) for r in self.rows)
         if flagged:
             lines.append(f"{flagged} vectors lie within 1e-3 (or their error bound) of a threshold: see near_threshold")

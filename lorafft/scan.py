@@ -6,6 +6,7 @@ groups of one shape) -> analysis (batched linalg per group) -> report (one row p
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafft import adapters, analysis, io, pairing
+from lorafft import adapters, analysis, io, linalg, pairing
 from lorafft.errors import InputError
 from lorafft.report import MatrixRow, Report, eps_key
 
@@ -83,13 +84,27 @@ def _batches(pairs: list[Pair], max_batch_bytes: int):
             yield group[start : start + size]
 
 
-def _load(base: io.Checkpoint, tuned, pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W0, Wt)`` fp32 in the analysed orientation ``[out, in]``."""
+def load_pair(base: io.Checkpoint, tuned, pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W0, Wt)`` of one pair, fp32, in the analysed orientation ``[out, in]``; ``tuned`` a Checkpoint or Adapter."""
+    W0 = _load_base(base, pair)
+    return W0, _load_tuned(tuned, pair, W0)
+
+
+def _load_base(base: io.Checkpoint, pair: Pair) -> torch.Tensor:
+    """W0 fp32 in the analysed orientation ``[out, in]``."""
     W0 = base.get(pair.name).float()
-    Wt = adapters.merged_weight(pair.module, W0) if pair.module is not None else tuned.get(pair.tuned_name).float()
-    if pair.transposed:
-        W0, Wt = W0.T, Wt.T
-    return W0.contiguous(), Wt.contiguous()
+    return (W0.T if pair.transposed else W0).contiguous()
+
+
+def _load_tuned(tuned, pair: Pair, W0: torch.Tensor) -> torch.Tensor:
+    """Wt fp32 in the analysed orientation, from a checkpoint or merged from an adapter module onto ``W0`` (which is
+    already in the analysed orientation)."""
+    if pair.module is None:
+        Wt = tuned.get(pair.tuned_name).float()
+        return (Wt.T if pair.transposed else Wt).contiguous()
+    stored = W0.T if pair.transposed else W0
+    Wt = adapters.merged_weight(pair.module, stored)
+    return (Wt.T if pair.transposed else Wt).contiguous()
 
 
 def _adapter_start(batch: list[Pair]) -> torch.Tensor | None:
@@ -127,6 +142,7 @@ def scan(
     exclude=(),
     embeddings: bool = False,
     strict: bool = False,
+    delta_ranks: bool = False,
     tol: float = 1e-5,
     seed: int = 0,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
@@ -136,12 +152,15 @@ def scan(
 
     Args:
         base: Hugging Face checkpoint directory, ``.safetensors``/``.bin`` file, shard index, or ``{name: tensor}``.
-        tuned: the same kinds, or a PEFT LoRA adapter directory (merged the way PEFT merges it).
+        tuned: the same kinds, or a PEFT LoRA adapter directory (merged the way PEFT merges it); or a list of them
+            (checkpoints along one training run: the base basis is computed once, rows carry ``checkpoint``).
         k: tuned singular vectors per matrix (the paper: 10).
         eps: thresholds ε; a vector is an intruder at ε when its max |cos| < ε (the paper: 0.5; 0.5..0.9 sweeps).
         side: "left" (output space, the paper's choice), "right" or "both".
         include, exclude: regexes searched in base tensor names; embeddings: also embeddings and ``lm_head``.
         strict: a paired name with a different shape is an error instead of a warning.
+        delta_ranks: also the effective and stable rank of ΔW = Wt - W0 (from the r×r core for LoRA modules; a
+            Gram eigenvalue decomposition of ΔW otherwise, which adds about half a base basis per matrix).
         tol: target error bound of each max|cos| (the truncated SVD iterates until it certifies this).
         seed: seeds the random start blocks (results are reproducible).
         max_batch_bytes: cap on the fp32 base + tuned weights analysed together.
@@ -152,34 +171,49 @@ def scan(
     sides = ("left", "right") if side == "both" else (side,)
     if any(s not in ("left", "right") for s in sides):
         raise ValueError(f"side must be 'left', 'right' or 'both', got {side!r}")
-    eps = tuple(sorted({float(e) for e in eps}))
-    base_checkpoint = _open(base, role="base")
-    tuned_source = io.open_adapter(tuned) if not isinstance(tuned, dict) and io.is_adapter(tuned) else _open(tuned, role="tuned")
+    eps = (float(eps),) if isinstance(eps, (int, float)) else tuple(sorted({float(e) for e in eps}))
+    tuned_list = list(tuned) if isinstance(tuned, (list, tuple)) else [tuned]
+    if not tuned_list:
+        raise ValueError("scan needs at least one tuned checkpoint")
     scope = pairing.Scope(tuple(include), tuple(exclude), embeddings)
-    tuned_checkpoint = tuned_source.tensors if isinstance(tuned_source, io.Adapter) else tuned_source
-    with base_checkpoint, tuned_checkpoint:
-        pairs, skipped = find_pairs(base_checkpoint, tuned_source, scope, strict=strict)
+    with contextlib.ExitStack() as stack:
+        base_checkpoint = stack.enter_context(_open(base, role="base"))
+        sources, pairs_by_source, skipped = [], [], []
+        for source in tuned_list:
+            opened = io.open_adapter(source) if not isinstance(source, dict) and io.is_adapter(source) else _open(source, role="tuned")
+            stack.enter_context(opened.tensors if isinstance(opened, io.Adapter) else opened)
+            pairs, skipped_here = find_pairs(base_checkpoint, opened, scope, strict=strict)
+            sources.append(opened)
+            pairs_by_source.append({pair.name: pair for pair in pairs})
+            skipped.extend(dict(entry, checkpoint=len(sources) - 1) for entry in skipped_here)
+        first = pairs_by_source[0]
+        for index, pairs in enumerate(pairs_by_source[1:], start=1):
+            if pairs.keys() != first.keys():
+                different = sorted(pairs.keys() ^ first.keys())[0]
+                raise InputError(_describe(tuned_list[index]), f"has another set of matrices than {_describe(tuned_list[0])} ('{different}' is in one only)")
         rows = []
         generator = torch.Generator().manual_seed(seed)
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(pairs), unit="matrix", disable=not progress, desc="lorafft scan") as bar:
-            for batch in _batches(pairs, max_batch_bytes):
-                loaded = [_load(base_checkpoint, tuned_source, pair) for pair in batch]
-                W0 = torch.stack([w0 for w0, _ in loaded])
-                Wt = torch.stack([wt for _, wt in loaded])
-                del loaded
-                results = analysis.analyze(
-                    W0, Wt, k=k, eps=eps, sides=sides, start=_adapter_start(batch), tol=tol, generator=generator
-                )
-                rows.extend(_rows(batch, results))
-                bar.update(len(batch))
+        with tqdm(total=len(first) * len(sources), unit="matrix", disable=not progress, desc="lorafft scan") as bar:
+            for batch in _batches(list(first.values()), max_batch_bytes):
+                W0 = torch.stack([_load_base(base_checkpoint, pair) for pair in batch])
+                basis = linalg.base_basis(W0)
+                for checkpoint, (source, pairs) in enumerate(zip(sources, pairs_by_source)):
+                    batch_here = [pairs[pair.name] for pair in batch]
+                    Wt = torch.stack([_load_tuned(source, pair, w0) for pair, w0 in zip(batch_here, W0)])
+                    results = analysis.analyze(W0, Wt, k=k, eps=eps, sides=sides, start=_adapter_start(batch_here),
+                                               tol=tol, generator=generator, basis=basis)
+                    ranks = _delta_ranks(batch_here, W0, Wt) if delta_ranks else None
+                    rows.extend(_rows(batch_here, results, checkpoint, ranks))
+                    bar.update(len(batch))
+    kinds = ["lora" if isinstance(source, io.Adapter) else "full" for source in sources]
     return Report(
         eps=eps,
         rows=rows,
-        inputs={"base": _describe(base), "tuned": _describe(tuned), "tuned_kind": "lora" if isinstance(tuned_source, io.Adapter) else "full"},
+        inputs={"base": _describe(base), "tuned": [_describe(t) for t in tuned_list], "tuned_kind": kinds},
         options={"k": k, "eps": list(eps), "side": side, "include": list(include), "exclude": list(exclude),
-                 "embeddings": embeddings, "strict": strict, "tol": tol, "seed": seed},
+                 "embeddings": embeddings, "strict": strict, "delta_ranks": delta_ranks, "tol": tol, "seed": seed},
         versions=_versions(),
         skipped=skipped,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -192,27 +226,46 @@ def _open(source, role: str) -> io.Checkpoint:
     return io.open_checkpoint(source)
 
 
-def _rows(batch: list[Pair], results: dict[str, analysis.SideAnalysis]) -> list[MatrixRow]:
+def _delta_ranks(batch: list[Pair], W0: torch.Tensor, Wt: torch.Tensor) -> list[tuple[float, float]]:
+    """(effective rank, stable rank) of ΔW per matrix: from the LoRA factors when ΔW = s·B·A, else dense."""
+    sigmas = []
+    for index, pair in enumerate(batch):
+        module = pair.module
+        if module is not None and module.magnitude is None:
+            sigma = linalg.low_rank_singular_values(module.lora_B[None], module.lora_A[None], module.scaling)
+        else:
+            sigma = linalg.singular_values((Wt[index] - W0[index])[None])
+        sigmas.append(sigma)
+    return [(float(analysis.effective_rank(s)[0]), float(analysis.stable_rank(s)[0])) for s in sigmas]
+
+
+def _rows(batch: list[Pair], results: dict[str, analysis.SideAnalysis], checkpoint: int, ranks) -> list[MatrixRow]:
     rows = []
     for index, pair in enumerate(batch):
         layer, module = pairing.layer_and_module(pair.name)
+        effective, stable = (None, None) if ranks is None else ranks[index]
         for side, result in results.items():
             rows.append(
                 MatrixRow(
                     name=pair.name,
                     tuned_name=pair.tuned_name,
+                    checkpoint=checkpoint,
                     layer=layer,
                     module=module,
                     shape=pair.shape,
                     side=side,
                     k=result.max_cos.shape[-1],
                     singular_values=result.singular_values[index].tolist(),
+                    base_singular_values=result.base_singular_values[index].tolist(),
                     max_cos=result.max_cos[index].tolist(),
                     argmax=result.argmax[index].tolist(),
                     error_bound=result.error_bound[index].tolist(),
                     near_threshold=result.near_threshold[index].tolist(),
                     counts={eps_key(e): int(c) for e, c in zip(result.eps, result.counts[index].tolist())},
                     random_floor=result.random_floor,
+                    random_reference=result.random_reference,
+                    delta_effective_rank=effective,
+                    delta_stable_rank=stable,
                     iterations=result.iterations,
                 )
             )

@@ -74,7 +74,10 @@ def test_scan_lora_adapter_matches_fp64_and_finds_intruders(trio):
     assert {row.name for row in report.rows} == set(merged)
     _check_rows(report, base, merged, 0.5)
     assert all(row.counts["0.5"] >= 1 for row in report.rows)
-    assert report.inputs["tuned_kind"] == "lora"
+    assert report.inputs["tuned_kind"] == ["lora"]
+    for row in report.rows:  # the base's own top singular values ride along
+        reference = torch.linalg.svdvals(base[row.name].double())[: row.k]
+        assert row.base_singular_values == pytest.approx(reference.tolist(), rel=1e-6)
 
 
 def test_scan_state_dicts_with_prefixes_filters_and_shape_mismatch():
@@ -116,3 +119,52 @@ def test_report_round_trips_through_json_csv_and_pandas(trio, tmp_path):
     assert len(lines) == 1 + len(report.rows) and "intruders@0.9" in lines[0]
     frame = report.to_pandas()
     assert list(frame["intruders@0.5"]) == [r.counts["0.5"] for r in report.rows]
+
+
+def test_trajectory_scan_pays_for_the_base_once_and_matches_single_scans(trio, monkeypatch):
+    from lorafft import linalg
+
+    calls = []
+    original = linalg.base_basis
+    monkeypatch.setattr(linalg, "base_basis", lambda W0, **kw: calls.append(W0.shape) or original(W0, **kw))
+    include = [r"layers\.1\.mlp"]
+    both = lorafft.scan(trio.base, [trio.full, trio.lora], include=include)
+    assert len(calls) == len(lorafft.pairing.group_by_shape([r for r in both.rows if r.checkpoint == 0], lambda r: r.shape))
+    monkeypatch.setattr(linalg, "base_basis", original)
+    assert both.checkpoints == [str(trio.full), str(trio.lora)]
+    for checkpoint, tuned in enumerate((trio.full, trio.lora)):
+        single = lorafft.scan(trio.base, tuned, include=include)
+        rows = [r for r in both.rows if r.checkpoint == checkpoint]
+        assert [r.name for r in rows] == [r.name for r in single.rows]
+        for mine, theirs in zip(rows, single.rows):
+            assert mine.max_cos == pytest.approx(theirs.max_cos, abs=1e-6)
+        assert both.totals(checkpoint=checkpoint) == single.totals()
+    assert both.to_dict()["totals_by_checkpoint"][1]["0.5"] == both.totals(checkpoint=1)["0.5"] > 0
+    assert "per checkpoint" in both.summary()
+
+
+def test_delta_ranks_low_rank_and_dense_match_fp64(trio):
+    include = [r"layers\.0\.self_attn\.(q|k)_proj"]
+    base = _load_dir(trio.base)
+    for tuned, reference in ((trio.lora, _merged_lora(base, trio.lora)), (trio.full, _load_dir(trio.full))):
+        report = lorafft.scan(trio.base, tuned, include=include, delta_ranks=True)
+        assert len(report.rows) == 2
+        for row in report.rows:
+            sigma = torch.linalg.svdvals(reference[row.name].double() - base[row.name].double())
+            sigma = sigma[sigma > sigma[0] * 1e-10]
+            p = sigma / sigma.sum()
+            assert row.delta_effective_rank == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
+            assert row.delta_stable_rank == pytest.approx(float((sigma**2).sum() / sigma[0] ** 2), rel=1e-6)
+    assert lorafft.scan(trio.base, trio.lora, include=include).rows[0].delta_effective_rank is None
+
+
+def test_random_reference_matches_the_floor_and_a_direct_simulation(trio):
+    row = lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn\.q_proj"]).rows[0]
+    d = row.shape[0]
+    assert row.random_floor == pytest.approx(d**-0.5)
+    assert row.random_floor < row.random_reference["p5"] < row.random_reference["p50"] < row.random_reference["p99"] < 0.5
+    generator = torch.Generator().manual_seed(123)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    y = torch.randn(d, 4000, generator=generator, dtype=torch.float64)
+    maxima = (Q.T @ (y / y.norm(dim=0))).abs().amax(dim=0)
+    assert float(maxima.median()) == pytest.approx(row.random_reference["p50"], abs=3e-3)

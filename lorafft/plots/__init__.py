@@ -1,0 +1,1 @@
+"""Figures and the HTML report (matplotlib is optional: ``pip install 'lorafft[plot]'``)."""

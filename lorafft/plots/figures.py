@@ -1,0 +1,215 @@
+"""The paper's figures drawn from a report alone (no checkpoint is read).
+
+* :func:`plot_counts_vs_eps` — intruder count versus the threshold ε, one curve per report or checkpoint
+  (Shuttleworth et al. 2410.21228, Figure 4);
+* :func:`plot_counts_vs_k` — intruders among the top k as k grows, x = k / min(m, n) (Figure 15);
+* :func:`plot_layer_bars` — intruders per layer, stacked by module;
+* :func:`plot_spectra` — one matrix's fine-tuned singular values beside the base's, intruders marked.
+
+Each takes an optional matplotlib ``ax`` and returns the Figure. Without ``ax`` the figure is a bare
+``matplotlib.figure.Figure`` (never pyplot: no global state, no display needed; ``savefig`` renders with Agg).
+matplotlib is an optional extra (``pip install 'lorafft[plot]'``), imported only when a figure is drawn.
+
+A vector y_j is an intruder at ε when its ``max_cos[j] < ε``; counts for any ε are taken from the rows' ``max_cos``
+lists (the same fp64 comparison the scan made), so a figure's ε need not be one the scan swept. A report of a
+training run (``scan(base, [ckpt, ...])``) has rows for every checkpoint: :func:`plot_counts_vs_eps` draws each,
+the single-report figures draw one (the last by default).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+
+import numpy
+
+from lorafft.report import MatrixRow, Report
+
+DEFAULT_EPS_GRID = tuple(i / 20 for i in range(2, 20))  # 0.1, 0.15, ..., 0.95
+
+
+def new_axes(ax=None, size=(6.4, 4.2)):
+    """``(figure, axes)``: the given axes and its figure, or a new single-axes Figure (matplotlib imported here)."""
+    if ax is not None:
+        return ax.figure, ax
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("lorafft's figures need matplotlib: pip install 'lorafft[plot]'") from error
+    figure = Figure(figsize=size, layout="constrained")
+    return figure, figure.add_subplot()
+
+
+def intruders(row: MatrixRow, eps: float, top: int | None = None) -> int:
+    """Number of intruders at ``eps`` among the row's top ``top`` tuned vectors (all k by default)."""
+    return sum(value < eps for value in row.max_cos[:top])
+
+
+def select_rows(report: Report, side: str, checkpoint: int | None = None) -> list[MatrixRow]:
+    """The rows of one side and one checkpoint (default: the last one, the only one of a plain scan)."""
+    checkpoint = len(report.checkpoints) - 1 if checkpoint is None else checkpoint
+    rows = [r for r in report.rows if r.side == side and r.checkpoint == checkpoint]
+    if not rows:
+        sides = sorted({r.side for r in report.rows})
+        raise ValueError(f"the report has no {side!r} rows for checkpoint {checkpoint} (sides: {', '.join(sides)}; "
+                         f"checkpoints: 0..{len(report.checkpoints) - 1})")
+    return rows
+
+
+def checkpoint_label(report: Report, checkpoint: int) -> str:
+    """``"lora: adapter-dir"``: the kind and file name of one tuned input."""
+    kinds = report.inputs.get("tuned_kind")
+    kind = kinds[checkpoint] if isinstance(kinds, list) else kinds
+    name = os.path.basename(os.path.normpath(str(report.checkpoints[checkpoint])))
+    return f"{kind}: {name}" if kind else name
+
+
+def worst_rows(report: Report, eps: float, count: int = 5, side: str | None = None,
+               checkpoint: int | None = None) -> list[MatrixRow]:
+    """The ``count`` rows with most intruders at ``eps``, ties broken by lowest max |cos| (rows of one side when
+    given, of the last checkpoint by default); rows without intruders are included when fewer have any."""
+    checkpoint = len(report.checkpoints) - 1 if checkpoint is None else checkpoint
+    rows = [r for r in report.rows if (side is None or r.side == side) and r.checkpoint == checkpoint]
+    return sorted(rows, key=lambda r: (-intruders(r, eps), min(r.max_cos, default=1.0)))[:count]
+
+
+def find_row(report: Report, name: str, side: str = "left", checkpoint: int | None = None) -> MatrixRow:
+    """The row of the matrix called ``name`` (base or tuned tensor name)."""
+    rows = select_rows(report, side, checkpoint)
+    for row in rows:
+        if name in (row.name, row.tuned_name):
+            return row
+    raise ValueError(f"no {side} row named {name!r} in the report (e.g. {', '.join(r.name for r in rows[:3])})")
+
+
+def _k_note(rows: list[MatrixRow]) -> str:
+    ks = sorted({r.k for r in rows})
+    return f"top-k = {ks[0]}" if len(ks) == 1 else f"top-k = {ks[0]}..{ks[-1]}"
+
+
+def plot_counts_vs_eps(reports: Report | dict[str, Report], side: str = "left", eps_grid=None, *, ax=None):
+    """Total intruder count (summed over matrices) versus ε — the paper's Figure 4.
+
+    One curve per report (labelled by the dict key, e.g. per LoRA rank) and, in a report of several checkpoints,
+    per checkpoint. ``eps_grid`` defaults to 0.1 … 0.95 in steps of 0.05. A dashed vertical line marks the median
+    random-direction floor 1/√d of the rows: any unit vector has max |cos| ≥ that, so ε below it counts nothing.
+    """
+    grid = DEFAULT_EPS_GRID if eps_grid is None else tuple(sorted(float(e) for e in eps_grid))
+    labelled = reports.items() if isinstance(reports, dict) else [(None, reports)]
+    figure, ax = new_axes(ax)
+    floors, everything = [], []
+    for label, report in labelled:
+        count = len(report.checkpoints)
+        for checkpoint in range(count):
+            rows = select_rows(report, side, checkpoint)
+            floors.extend(r.random_floor for r in rows)
+            everything.extend(rows)
+            curve_label = label if label is not None else checkpoint_label(report, checkpoint)
+            if count > 1:
+                curve_label = " ".join(filter(None, (label, f"[{checkpoint}]", checkpoint_label(report, checkpoint))))
+            ax.plot(grid, [sum(intruders(r, e) for r in rows) for e in grid], marker="o", markersize=3, label=curve_label)
+    floor = statistics.median(floors)
+    ax.axvline(floor, linestyle="--", color="grey", label=f"random floor 1/√d (median {floor:.3g})")
+    ax.set_xlabel("threshold ε (intruder: max |cos| to every base singular vector < ε)")
+    ax.set_ylabel("intruder dimensions (sum over matrices)")
+    ax.set_title(f"Intruder dimensions vs ε ({side} singular vectors, {_k_note(everything)})")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def counts_vs_fraction(rows: list[MatrixRow], eps: float) -> tuple[list[float], list[int]]:
+    """``(x, y)``: x = k / min(m, n), y = intruders at ``eps`` among each matrix's top ⌊x·min(m, n)⌋ vectors, summed
+    over ``rows``; x runs up to the smallest fraction every row's k covers (beyond it the report knows nothing)."""
+    reach = min(r.k / min(r.shape) for r in rows)
+    xs = numpy.unique(numpy.concatenate([numpy.arange(1, r.k + 1) / min(r.shape) for r in rows]))
+    xs = xs[xs <= reach]
+    ys = numpy.zeros(len(xs), dtype=numpy.int64)
+    for r in rows:
+        below = numpy.concatenate([[0], numpy.cumsum(numpy.asarray(r.max_cos) < eps)])
+        ys += below[numpy.floor(xs * min(r.shape) + 1e-9).astype(numpy.int64)]
+    return [0.0, *xs.tolist()], [0, *ys.tolist()]
+
+
+def plot_counts_vs_k(report: Report, side: str = "left", eps: float = 0.5, *, per_module: bool = False,
+                     checkpoint: int | None = None, ax=None):
+    """Intruders among the top k tuned singular vectors as k grows, x = k / min(m, n) — the paper's Figure 15.
+
+    Summed over matrices (one curve), or one curve per module with ``per_module``. A report holds only its top k
+    vectors per matrix, so each curve stops at the smallest k / min(m, n) its matrices cover; scan with
+    ``k = min(m, n)`` for the whole spectrum, as the paper does.
+    """
+    rows = select_rows(report, side, checkpoint)
+    groups = {}
+    for row in rows:
+        groups.setdefault(row.module if per_module else f"all {len(rows)} matrices", []).append(row)
+    figure, ax = new_axes(ax)
+    reach = 0.0
+    for label, group in sorted(groups.items()):
+        xs, ys = counts_vs_fraction(group, eps)
+        reach = max(reach, xs[-1])
+        ax.step(xs, ys, where="post", label=f"{label} ({len(group)})" if per_module else label)
+    ax.set_xlabel(f"k / min(m, n): fraction of the spectrum (known up to {reach:.3g}, the report's k)")
+    ax.set_ylabel(f"intruders among the top k (ε = {eps:g})")
+    ax.set_title(f"Intruders vs k ({side}, {_k_note(rows)} per matrix: curves end there)")
+    ax.legend(fontsize="small", title="module (matrices)" if per_module else None)
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def plot_layer_bars(report: Report, side: str = "left", eps: float = 0.5, *, checkpoint: int | None = None, ax=None):
+    """Intruder count per layer (x) at ``eps``, stacked by module; matrices without a layer index (embeddings,
+    ``lm_head``) form a last bar, "other"."""
+    rows = select_rows(report, side, checkpoint)
+    layers = sorted({r.layer for r in rows if r.layer is not None})
+    positions = {layer: index for index, layer in enumerate(layers)}
+    labels = [str(layer) for layer in layers]
+    if any(r.layer is None for r in rows):
+        positions[None] = len(labels)
+        labels.append("other")
+    modules = sorted({r.module for r in rows})
+    figure, ax = new_axes(ax, size=(7.2, 4.2))
+    bottom = [0] * len(labels)
+    for module in modules:
+        heights = [0] * len(labels)
+        for r in rows:
+            if r.module == module:
+                heights[positions[r.layer]] += intruders(r, eps)
+        ax.bar(range(len(labels)), heights, bottom=bottom, label=module)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    step = math.ceil(len(labels) / 32)
+    ax.set_xticks(range(0, len(labels), step), labels[::step])
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"intruder dimensions (ε = {eps:g}, {_k_note(rows)})")
+    ax.set_title(f"Intruders per layer and module ({side} singular vectors)")
+    ax.legend(fontsize="small", title="module", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def plot_spectra(report: Report, name: str, side: str = "left", eps: float | None = None, *,
+                 checkpoint: int | None = None, ax=None):
+    """One matrix's top-k fine-tuned singular values by rank, the base's top singular values beside them when the
+    row has them, and the intruders at ``eps`` (default: the report's smallest ε) marked with their max |cos|."""
+    row = find_row(report, name, side, checkpoint)
+    eps = min(report.eps) if eps is None else eps
+    ranks = list(range(1, len(row.singular_values) + 1))
+    figure, ax = new_axes(ax)
+    ax.plot(ranks, row.singular_values, marker="o", markersize=4, label="fine-tuned σ_j")
+    if row.base_singular_values:
+        base = row.base_singular_values
+        ax.plot(range(1, len(base) + 1), base, marker="s", markersize=3, linestyle="--", label="base σ_i")
+    marked = [j for j, value in enumerate(row.max_cos) if value < eps]
+    ax.scatter([j + 1 for j in marked], [row.singular_values[j] for j in marked], s=120, facecolors="none",
+               edgecolors="red", linewidths=1.5, zorder=3, label=f"intruder (max |cos| < {eps:g})")
+    for j in marked:
+        ax.annotate(f"{row.max_cos[j]:.2f}", (j + 1, row.singular_values[j]), textcoords="offset points",
+                    xytext=(8, 4), fontsize="small", color="red")
+    ax.set_xlabel("rank j (by descending singular value)")
+    ax.set_ylabel("singular value")
+    ax.set_title(f"{row.name}\n{side} side, {row.shape[0]}×{row.shape[1]}, {len(marked)} intruder(s) at ε = {eps:g}",
+                 fontsize="medium")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return figure

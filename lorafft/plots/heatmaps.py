@@ -1,0 +1,133 @@
+"""Similarity heatmaps of one matrix read from the checkpoints (Shuttleworth et al. 2410.21228, Figures 1–3).
+
+For a base matrix W0 and its fine-tuned Wt = W0 + ΔW, :func:`similarity` computes ``|<x_i, y_j>|`` between the top-n
+base singular vectors x_i and the top-n tuned singular vectors y_j of one side, and which y_j are intruders by the
+paper's definition: ``max_i |<y_j, x_i>| < ε`` over **all** base singular vectors x_i, not only the n shown.
+:func:`plot_similarity` draws it as the paper does: tuned vectors along x, base vectors along y, intruder columns
+outlined. A LoRA intruder is a column without a bright cell; a full fine-tune shows a bright diagonal.
+
+The matrix is paired and merged exactly as :func:`lorafft.scan` does (tolerant names, PEFT adapters merged,
+``fan_in_fan_out`` transposed). matplotlib is imported only when a figure is drawn (``pip install 'lorafft[plot]'``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lorafft import io, linalg, pairing
+from lorafft.errors import InputError
+from lorafft.plots.figures import new_axes
+from lorafft.scan import find_pairs, load_pair
+
+CELL_TEXT_MAX = 12  # heatmaps up to this size print each |cos| in its cell
+
+
+def load_weights(base, tuned: list, name: str) -> tuple[str, torch.Tensor, list[torch.Tensor]]:
+    """``(base name, W0, [Wt, ...])``: the matrix ``name`` of the base and of each tuned input, as :func:`lorafft.scan`
+    pairs and merges it.
+
+    ``base``: a checkpoint (directory, file, shard index or ``{name: tensor}``); ``tuned``: a list of checkpoints or
+    PEFT adapter directories. ``name`` is resolved tolerantly of prefixes against the base's tensor names. W0 and each
+    Wt are fp32 ``[out, in]`` (the analysed orientation). Raises InputError when a tuned input has no such matrix of
+    the base's shape (or none: an adapter that does not adapt it).
+    """
+    with io.open_checkpoint(base) as base_checkpoint:
+        base_name = pairing.NameIndex(base_checkpoint.names()).resolve(name)
+        if base_name is None:
+            raise InputError(base_checkpoint.path, f"no tensor named '{name}'")
+        scope = pairing.Scope(include=(f"^{re.escape(base_name)}$",), embeddings=True)
+        W0, weights = None, []
+        for source in tuned:
+            opened = io.open_adapter(source) if io.is_adapter(source) else io.open_checkpoint(source)
+            with opened.tensors if isinstance(opened, io.Adapter) else opened:
+                pairs, _ = find_pairs(base_checkpoint, opened, scope, strict=True)
+                W0, Wt = load_pair(base_checkpoint, opened, pairs[0])
+            weights.append(Wt)
+    return base_name, W0, weights
+
+
+@dataclass
+class Similarity:
+    """|cos| between the top-n singular vectors of one base matrix W0 and its fine-tuned Wt, on one side.
+
+    cosines: ``[n, n]`` fp64, ``cosines[i, j] = |<x_i, y_j>|`` — row i the base vector x_i, column j the tuned
+        vector y_j, both by descending singular value (0-based), as the paper draws it (tuned along x).
+    max_cos: ``[n]`` fp64, ``max_i |<y_j, x_i>|`` over **all** base singular vectors of the side.
+    intruders: ``[n]`` bool, ``max_cos < eps`` for ``j < k_intruders`` (the paper's k), False beyond.
+    tuned_sigma: ``[n]`` fp64, the σ_j of Wt; base_sigma: ``[n]`` fp64, the σ_i of W0.
+    """
+
+    name: str
+    side: str
+    eps: float
+    k_intruders: int
+    cosines: torch.Tensor
+    max_cos: torch.Tensor
+    intruders: torch.Tensor
+    tuned_sigma: torch.Tensor
+    base_sigma: torch.Tensor
+
+
+def similarity(base, tuned, name: str, *, n: int = 10, side: str = "left", eps: float = 0.5,
+               k_intruders: int | None = None) -> Similarity:
+    """The similarity of the top ``n`` tuned and base singular vectors of matrix ``name``, and its intruders.
+
+    ``base``: a checkpoint; ``tuned``: a checkpoint or a PEFT adapter directory (see :func:`load_weights`).
+    ``side``: "left" (output space, the paper's choice) or "right". Intruders are tested among the top
+    ``k_intruders`` tuned vectors (default: all n). ``n`` is capped at min(out, in).
+    """
+    if side not in linalg.SIDES:
+        raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
+    base_name, W0, (Wt,) = load_weights(base, [tuned], name)
+    basis = linalg.base_basis(W0.unsqueeze(0))
+    tuned_svd = linalg.truncated_svd(Wt.unsqueeze(0), n, generator=torch.Generator().manual_seed(0))
+    vectors = tuned_svd.U if side == "left" else tuned_svd.V  # [1, d, n] fp64
+    every_base = basis.project(vectors, side)  # [1, s, n]: each y_j against every x_i
+    max_cos = linalg.max_abs_cos(every_base, (eps,)).max_cos[0]
+    n = vectors.shape[-1]
+    k_intruders = n if k_intruders is None else min(k_intruders, n)
+    return Similarity(
+        name=base_name,
+        side=side,
+        eps=float(eps),
+        k_intruders=k_intruders,
+        cosines=every_base[0, :n].abs(),
+        max_cos=max_cos,
+        intruders=(max_cos < eps) & (torch.arange(n) < k_intruders),
+        tuned_sigma=tuned_svd.S[0],
+        base_sigma=basis.sigma[0, :n],
+    )
+
+
+def plot_similarity(similarity: Similarity, ax=None):
+    """Heatmap of ``similarity.cosines`` (colour scale fixed to 0–1), tuned vector j along x, base vector i along y,
+    each intruder's column outlined in red. Cells carry their value up to 12×12; beyond, ticks are thinned.
+    Returns the Figure (a new one when ``ax`` is None)."""
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
+
+    figure, ax = new_axes(ax, size=(6.4, 5.6))
+    cosines = similarity.cosines.numpy()
+    rows, columns = cosines.shape
+    image = ax.imshow(cosines, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+    figure.colorbar(image, ax=ax, label="|cos(x_i, y_j)|")
+    if max(rows, columns) <= CELL_TEXT_MAX:
+        for (i, j), value in zip(((i, j) for i in range(rows) for j in range(columns)), cosines.flat):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="x-small",
+                    color="black" if value > 0.6 else "white")
+    intruders = similarity.intruders.nonzero().flatten().tolist()
+    for j in intruders:
+        ax.add_patch(Rectangle((j - 0.5, -0.5), 1, rows, fill=False, edgecolor="red", clip_on=False,
+                               linewidth=2 if columns <= 50 else 1))
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=min(max(rows, columns), 10), integer=True))
+    ax.set_xlabel("tuned singular vector j (by σ)")
+    ax.set_ylabel("base singular vector i (by σ)")
+    found = f"intruder(s) j = {', '.join(map(str, intruders))}" if len(intruders) <= 5 else f"{len(intruders)} intruders"
+    ax.set_title(f"{similarity.name} ({similarity.side})\n{found if intruders else 'no intruders'} "
+                 f"(max_i |cos| < ε = {similarity.eps:g} over all x_i, top {similarity.k_intruders}; outlined)",
+                 fontsize="small")
+    return figure
