@@ -37,24 +37,6 @@ COS_TOL = 1e-4
 ARGMAX_MARGIN = 1e-3
 NEAR = 1e-3
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module's LAPACK/BLAS on one thread. The test machine's 2 cores are shared: with 2 OpenMP threads
-    under contention a 300×512 fp64 SVD was measured at 7–23 s instead of 0.1 s (threads spin-wait on each
-    other). The previous settings are restored after the module."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-    else:
-        with threadpool_limits(limits=1):
-            yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------------- inputs
 def seed(*parts) -> int:
     """A stable seed per test case (``hash`` of a str changes between processes)."""

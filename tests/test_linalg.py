@@ -15,24 +15,6 @@ from lorafft import linalg, synthetic
 
 SIDES = ("left", "right")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run this module's LAPACK/BLAS on one thread. The test machine's 2 cores are shared: with 2 OpenMP threads
-    under contention a 300×512 fp64 SVD was measured at 7–23 s instead of 0.1 s (threads spin-wait on each
-    other). The sizes here are far too small to gain from threads; the previous settings are restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: only numpy/scipy's OpenBLAS (the base basis) stays multi-threaded
-        yield
-    else:
-        with threadpool_limits(limits=1):
-            yield
-    torch.set_num_threads(previous)
-
-
 # --------------------------------------------------------------------------------------------------- helpers
 def spectrum(s: int) -> torch.Tensor:
     """[s] fp64, σ1 = 1, descending: a slow power-law head (1+i)^-0.3 and, for the last min(10, s//4) values,
