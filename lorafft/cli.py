@@ -11,6 +11,8 @@ import tempfile
 import warnings
 
 from lorafft.errors import InputError
+from lorafft.intervene import add_command as add_intervene_command
+from lorafft.plots.commands import add_commands as add_plot_commands
 
 DESCRIPTION = """\
 Find intruder dimensions (Shuttleworth et al., arXiv 2410.21228): for every weight matrix W0 of a base model and
@@ -20,8 +22,14 @@ and how many y_j stay below each threshold eps (intruders). LoRA tends to grow t
 commands:
   lorafft scan BASE TUNED --out report.json   compare a base with a fine-tune or a PEFT LoRA adapter
                                               (several TUNED: checkpoints along one training run)
+  lorafft cache build BASE --out DIR          compute the base's bases once; then scan --base-cache DIR
   lorafft demo                                write a small synthetic base, full fine-tune and LoRA adapter,
                                               and scan both (nothing is downloaded)
+  lorafft plot REPORT --out DIR               the paper's figures from a saved JSON report (PNG)
+  lorafft report REPORT --html out.html       one self-contained HTML page: tables and every figure
+  lorafft intervene BASE TUNED --lambda 0.5 --out DIR
+                                              rescale the intruder dimensions (the paper's Sec. 6) and write
+                                              a new PEFT adapter or checkpoint
 Run 'lorafft scan --help' for the options.
 """
 
@@ -52,6 +60,8 @@ def _scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="a paired name with another shape is an error, not a warning")
     parser.add_argument("--delta-ranks", action="store_true",
                         help="also report the effective and stable rank of the update dW = TUNED - BASE per matrix")
+    parser.add_argument("--base-cache", metavar="DIR", help="read base bases from this cache ('lorafft cache build')")
+    parser.add_argument("--write-base-cache", metavar="DIR", help="store every base basis this scan computes here")
     parser.add_argument("--tol", type=float, default=1e-5, help="error bound to certify per max |cos| (default: 1e-5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random start blocks (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,12 +80,31 @@ def build_parser() -> argparse.ArgumentParser:
                            "one report with a checkpoint column, the base paid for once")
     scan.add_argument("--out", metavar="FILE", help="write the full report here: .json (schema in the README) or .csv")
     _scan_arguments(scan)
+    scan.set_defaults(run=_run_scan)
+
+    cache = commands.add_parser("cache", help="build a base-spectrum cache reused by later scans",
+                                description="Compute every base singular basis once and store it (safetensors, fp32, "
+                                            "fingerprinted); then 'lorafft scan --base-cache DIR' skips that work.")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    build = cache_commands.add_parser("build", help="compute and store the bases of BASE",
+                                      description="Compute and store the singular basis of every 2-D weight of BASE.")
+    build.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
+    build.add_argument("--out", metavar="DIR", required=True, help="cache directory (created if needed)")
+    build.add_argument("--include", nargs="+", default=[], metavar="REGEX", help="only tensors whose name matches one")
+    build.add_argument("--exclude", nargs="+", default=[], metavar="REGEX", help="skip tensors whose name matches one")
+    build.add_argument("--embeddings", action="store_true", help="also embeddings and lm_head")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(run=_run_cache)
 
     demo = commands.add_parser("demo", help="scan a synthetic base, full fine-tune and LoRA adapter (no download)",
                                description="Write a small Llama-shaped base, a full fine-tune and a rank-1 LoRA adapter "
                                            "(PEFT layout) with lorafft.synthetic, then scan both against the base.")
     demo.add_argument("--dir", metavar="DIR", help="write the checkpoints here and keep them (default: a temporary directory)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(run=_run_demo)
+
+    add_plot_commands(commands)
+    add_intervene_command(commands)
     return parser
 
 
@@ -83,13 +112,23 @@ def _run_scan(args) -> int:
     from lorafft.scan import scan
 
     report = scan(args.base, args.tuned if len(args.tuned) > 1 else args.tuned[0], k=args.k, eps=args.eps, side=args.side, include=args.include,
-                  exclude=args.exclude, embeddings=args.embeddings, strict=args.strict, delta_ranks=args.delta_ranks, tol=args.tol,
+                  exclude=args.exclude, embeddings=args.embeddings, strict=args.strict, delta_ranks=args.delta_ranks,
+                  base_cache=args.base_cache, write_base_cache=args.write_base_cache, tol=args.tol,
                   seed=args.seed, progress=not args.quiet)
     if args.out:
         report.save(args.out)
     print(report.summary())
     if args.out:
         print(f"full report: {args.out}")
+    return 0
+
+
+def _run_cache(args) -> int:
+    from lorafft.scan import build_base_cache
+
+    cache = build_base_cache(args.base, args.out, include=args.include, exclude=args.exclude,
+                             embeddings=args.embeddings, progress=not args.quiet)
+    print(f"{len(cache.entries)} base bases in {cache.directory}")
     return 0
 
 
@@ -114,7 +153,7 @@ def main(argv=None) -> int:
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *_, **__: print(f"lorafft: warning: {message}", file=sys.stderr)
         try:
-            return _run_scan(args) if args.command == "scan" else _run_demo(args)
+            return args.run(args)
         except InputError as error:
             print(f"lorafft: error: {error}", file=sys.stderr)
             return 2

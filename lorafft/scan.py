@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafft import adapters, analysis, io, linalg, pairing
+from lorafft.cache import BaseCache, cached_basis
 from lorafft.errors import InputError
 from lorafft.report import MatrixRow, Report, eps_key
 
@@ -86,14 +87,29 @@ def _batches(pairs: list[Pair], max_batch_bytes: int):
 
 def load_pair(base: io.Checkpoint, tuned, pair: Pair) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W0, Wt)`` of one pair, fp32, in the analysed orientation ``[out, in]``; ``tuned`` a Checkpoint or Adapter."""
-    W0 = _load_base(base, pair)
+    W0 = _oriented(base.get(pair.name), pair)
     return W0, _load_tuned(tuned, pair, W0)
 
 
-def _load_base(base: io.Checkpoint, pair: Pair) -> torch.Tensor:
-    """W0 fp32 in the analysed orientation ``[out, in]``."""
-    W0 = base.get(pair.name).float()
+def _oriented(stored: torch.Tensor, pair: Pair) -> torch.Tensor:
+    """A stored base tensor as fp32 in the analysed orientation ``[out, in]``."""
+    W0 = stored.float()
     return (W0.T if pair.transposed else W0).contiguous()
+
+
+def _base_basis(W0: torch.Tensor, stored: list, batch: list[Pair], reader, writer) -> linalg.BaseBasis:
+    """The batch's base basis: from the cache ``reader`` when every matrix is there in this orientation, else
+    computed (and written to ``writer`` when given)."""
+    if reader is not None:
+        found = [reader.lookup(pair.name, tensor, tuple(W0.shape[1:])) for pair, tensor in zip(batch, stored)]
+        if all(entry is not None for entry in found):
+            return cached_basis(W0, [basis for basis, _ in found], [sigma for _, sigma in found])
+    basis = linalg.base_basis(W0)
+    if writer is not None:
+        explicit = basis.top_vectors(basis.small_side, basis.sigma.shape[-1])
+        for index, (pair, tensor) in enumerate(zip(batch, stored)):
+            writer.store(pair.name, tensor, explicit[index], basis.sigma[index], tuple(W0.shape[1:]))
+    return basis
 
 
 def _load_tuned(tuned, pair: Pair, W0: torch.Tensor) -> torch.Tensor:
@@ -143,6 +159,8 @@ def scan(
     embeddings: bool = False,
     strict: bool = False,
     delta_ranks: bool = False,
+    base_cache=None,
+    write_base_cache=None,
     tol: float = 1e-5,
     seed: int = 0,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
@@ -161,6 +179,9 @@ def scan(
         strict: a paired name with a different shape is an error instead of a warning.
         delta_ranks: also the effective and stable rank of ΔW = Wt - W0 (from the r×r core for LoRA modules; a
             Gram eigenvalue decomposition of ΔW otherwise, which adds about half a base basis per matrix).
+        base_cache: a directory from ``lorafft cache build`` (or ``write_base_cache``): base bases found there are
+            read instead of computed; an entry built from another tensor is an InputError.
+        write_base_cache: a directory to store every base basis this scan computes (created if needed).
         tol: target error bound of each max|cos| (the truncated SVD iterates until it certifies this).
         seed: seeds the random start blocks (results are reproducible).
         max_batch_bytes: cap on the fp32 base + tuned weights analysed together.
@@ -176,11 +197,13 @@ def scan(
     if not tuned_list:
         raise ValueError("scan needs at least one tuned checkpoint")
     scope = pairing.Scope(tuple(include), tuple(exclude), embeddings)
+    reader = None if base_cache is None else BaseCache(base_cache)
+    writer = None if write_base_cache is None else BaseCache(write_base_cache, writable=True)
     with contextlib.ExitStack() as stack:
         base_checkpoint = stack.enter_context(_open(base, role="base"))
         sources, pairs_by_source, skipped = [], [], []
         for source in tuned_list:
-            opened = io.open_adapter(source) if not isinstance(source, dict) and io.is_adapter(source) else _open(source, role="tuned")
+            opened = open_tuned(source)
             stack.enter_context(opened.tensors if isinstance(opened, io.Adapter) else opened)
             pairs, skipped_here = find_pairs(base_checkpoint, opened, scope, strict=strict)
             sources.append(opened)
@@ -197,8 +220,10 @@ def scan(
 
         with tqdm(total=len(first) * len(sources), unit="matrix", disable=not progress, desc="lorafft scan") as bar:
             for batch in _batches(list(first.values()), max_batch_bytes):
-                W0 = torch.stack([_load_base(base_checkpoint, pair) for pair in batch])
-                basis = linalg.base_basis(W0)
+                stored = [base_checkpoint.get(pair.name) for pair in batch]
+                W0 = torch.stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
+                basis = _base_basis(W0, stored, batch, reader, writer)
+                del stored
                 for checkpoint, (source, pairs) in enumerate(zip(sources, pairs_by_source)):
                     batch_here = [pairs[pair.name] for pair in batch]
                     Wt = torch.stack([_load_tuned(source, pair, w0) for pair, w0 in zip(batch_here, W0)])
@@ -213,11 +238,37 @@ def scan(
         rows=rows,
         inputs={"base": _describe(base), "tuned": [_describe(t) for t in tuned_list], "tuned_kind": kinds},
         options={"k": k, "eps": list(eps), "side": side, "include": list(include), "exclude": list(exclude),
-                 "embeddings": embeddings, "strict": strict, "delta_ranks": delta_ranks, "tol": tol, "seed": seed},
+                 "embeddings": embeddings, "strict": strict, "delta_ranks": delta_ranks, "tol": tol, "seed": seed,
+                 "base_cache": None if base_cache is None else os.fspath(base_cache)},
         versions=_versions(),
         skipped=skipped,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: bool = False,
+                     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, progress: bool = False) -> BaseCache:
+    """Compute and store the basis of every 2-D base weight in scope (as stored, ``[out, in]``) in ``directory``:
+    ``lorafft cache build``. Entries already there with the right fingerprint are kept. Returns the cache."""
+    writer = BaseCache(directory, writable=True)
+    scope = pairing.Scope(tuple(include), tuple(exclude), embeddings)
+    with _open(base, role="base") as checkpoint:
+        pairs = [Pair(name, name, tuple(checkpoint.shape(name))) for name in checkpoint.names()
+                 if len(checkpoint.shape(name)) == 2 and scope.admits(name)]
+        if not pairs:
+            raise InputError(checkpoint.path, "no 2-D weight matrices in scope")
+        from tqdm.auto import tqdm
+
+        for batch in tqdm(list(_batches(pairs, max_batch_bytes)), unit="batch", disable=not progress, desc="lorafft cache"):
+            stored = [checkpoint.get(pair.name) for pair in batch]
+            W0 = torch.stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
+            _base_basis(W0, stored, batch, writer, writer)
+    return writer
+
+
+def open_tuned(source) -> io.Checkpoint | io.Adapter:
+    """A tuned input opened: a PEFT adapter directory as an io.Adapter, anything else as a Checkpoint."""
+    return io.open_adapter(source) if io.is_adapter(source) else _open(source, role="tuned")
 
 
 def _open(source, role: str) -> io.Checkpoint:

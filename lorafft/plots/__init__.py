@@ -1,1 +1,35 @@
-"""Figures and the HTML report (matplotlib is optional: ``pip install 'lorafft[plot]'``)."""
+"""The paper's analyses as pictures (Shuttleworth et al. 2410.21228); matplotlib is an optional extra
+(``pip install 'lorafft[plot]'``), imported only when a figure is drawn.
+
+From a report alone (:mod:`lorafft.plots.figures`):
+
+* :func:`plot_counts_vs_eps` — intruders versus ε, one curve per report or checkpoint (Figure 4);
+* :func:`plot_counts_vs_k` — intruders among the top k versus k / min(m, n) (Figure 15);
+* :func:`plot_layer_bars` — intruders per layer, stacked by module;
+* :func:`plot_spectra` — one matrix's singular values, fine-tuned and base, intruders marked;
+* :func:`write_html` — all of them and the report's tables in one offline HTML page (:mod:`lorafft.plots.html`).
+
+From the checkpoints (they need the singular vectors, which a report does not keep):
+
+* :func:`similarity` / :func:`plot_similarity` — |cos| heatmap of one matrix's top singular vectors (Figures 1–3);
+* :func:`intruder_trajectory` / :func:`plot_trajectory` — the last checkpoint's intruders along a run (Figure 5).
+
+The ``lorafft plot`` and ``lorafft report`` commands (:mod:`lorafft.plots.commands`) draw the report-only ones.
+"""
+
+from lorafft.plots.figures import plot_counts_vs_eps, plot_counts_vs_k, plot_layer_bars, plot_spectra
+from lorafft.plots.heatmaps import plot_similarity, similarity
+from lorafft.plots.html import write_html
+from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
+
+__all__ = [
+    "intruder_trajectory",
+    "plot_counts_vs_eps",
+    "plot_counts_vs_k",
+    "plot_layer_bars",
+    "plot_similarity",
+    "plot_spectra",
+    "plot_trajectory",
+    "similarity",
+    "write_html",
+]

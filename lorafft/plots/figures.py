@@ -41,9 +41,9 @@ def new_axes(ax=None, size=(6.4, 4.2)):
     return figure, figure.add_subplot()
 
 
-def intruders(row: MatrixRow, eps: float, top: int | None = None) -> int:
-    """Number of intruders at ``eps`` among the row's top ``top`` tuned vectors (all k by default)."""
-    return sum(value < eps for value in row.max_cos[:top])
+def intruders(row: MatrixRow, eps: float) -> int:
+    """Number of intruders at ``eps`` among the row's k tuned vectors."""
+    return sum(value < eps for value in row.max_cos)
 
 
 def select_rows(report: Report, side: str, checkpoint: int | None = None) -> list[MatrixRow]:
@@ -144,16 +144,19 @@ def plot_counts_vs_k(report: Report, side: str = "left", eps: float = 0.5, *, pe
     groups = {}
     for row in rows:
         groups.setdefault(row.module if per_module else f"all {len(rows)} matrices", []).append(row)
-    figure, ax = new_axes(ax)
+    figure, ax = new_axes(ax, size=(7.6, 4.2) if per_module else (6.4, 4.2))
     reach = 0.0
     for label, group in sorted(groups.items()):
         xs, ys = counts_vs_fraction(group, eps)
         reach = max(reach, xs[-1])
         ax.step(xs, ys, where="post", label=f"{label} ({len(group)})" if per_module else label)
-    ax.set_xlabel(f"k / min(m, n): fraction of the spectrum (known up to {reach:.3g}, the report's k)")
+    ax.set_xlabel(f"k / min(m, n): fraction of the spectrum (the report's {_k_note(rows)}: known up to {reach:.3g})")
     ax.set_ylabel(f"intruders among the top k (ε = {eps:g})")
-    ax.set_title(f"Intruders vs k ({side}, {_k_note(rows)} per matrix: curves end there)")
-    ax.legend(fontsize="small", title="module (matrices)" if per_module else None)
+    ax.set_title(f"Intruders among the top k ({side} singular vectors)")
+    if per_module:
+        ax.legend(fontsize="small", title="module (matrices)", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return figure
 
@@ -201,11 +204,13 @@ def plot_spectra(report: Report, name: str, side: str = "left", eps: float | Non
         base = row.base_singular_values
         ax.plot(range(1, len(base) + 1), base, marker="s", markersize=3, linestyle="--", label="base σ_i")
     marked = [j for j, value in enumerate(row.max_cos) if value < eps]
-    ax.scatter([j + 1 for j in marked], [row.singular_values[j] for j in marked], s=120, facecolors="none",
-               edgecolors="red", linewidths=1.5, zorder=3, label=f"intruder (max |cos| < {eps:g})")
+    if marked:
+        ax.scatter([j + 1 for j in marked], [row.singular_values[j] for j in marked], s=120, facecolors="none",
+                   edgecolors="red", linewidths=1.5, zorder=3, label=f"intruder (max |cos| < {eps:g}, value shown)")
     for j in marked:
         ax.annotate(f"{row.max_cos[j]:.2f}", (j + 1, row.singular_values[j]), textcoords="offset points",
                     xytext=(8, 4), fontsize="small", color="red")
+    ax.margins(y=0.12)
     ax.set_xlabel("rank j (by descending singular value)")
     ax.set_ylabel("singular value")
     ax.set_title(f"{row.name}\n{side} side, {row.shape[0]}×{row.shape[1]}, {len(marked)} intruder(s) at ε = {eps:g}",

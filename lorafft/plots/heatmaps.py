@@ -15,12 +15,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from lorafft import io, linalg, pairing
 from lorafft.errors import InputError
 from lorafft.plots.figures import new_axes
-from lorafft.scan import find_pairs, load_pair
+from lorafft.scan import find_pairs, load_pair, open_tuned
 
 CELL_TEXT_MAX = 12  # heatmaps up to this size print each |cos| in its cell
 
@@ -41,7 +42,7 @@ def load_weights(base, tuned: list, name: str) -> tuple[str, torch.Tensor, list[
         scope = pairing.Scope(include=(f"^{re.escape(base_name)}$",), embeddings=True)
         W0, weights = None, []
         for source in tuned:
-            opened = io.open_adapter(source) if io.is_adapter(source) else io.open_checkpoint(source)
+            opened = open_tuned(source)
             with opened.tensors if isinstance(opened, io.Adapter) else opened:
                 pairs, _ = find_pairs(base_checkpoint, opened, scope, strict=True)
                 W0, Wt = load_pair(base_checkpoint, opened, pairs[0])
@@ -115,7 +116,7 @@ def plot_similarity(similarity: Similarity, ax=None):
     image = ax.imshow(cosines, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
     figure.colorbar(image, ax=ax, label="|cos(x_i, y_j)|")
     if max(rows, columns) <= CELL_TEXT_MAX:
-        for (i, j), value in zip(((i, j) for i in range(rows) for j in range(columns)), cosines.flat):
+        for (i, j), value in numpy.ndenumerate(cosines):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="x-small",
                     color="black" if value > 0.6 else "white")
     intruders = similarity.intruders.nonzero().flatten().tolist()
@@ -126,8 +127,10 @@ def plot_similarity(similarity: Similarity, ax=None):
         axis.set_major_locator(MaxNLocator(nbins=min(max(rows, columns), 10), integer=True))
     ax.set_xlabel("tuned singular vector j (by σ)")
     ax.set_ylabel("base singular vector i (by σ)")
-    found = f"intruder(s) j = {', '.join(map(str, intruders))}" if len(intruders) <= 5 else f"{len(intruders)} intruders"
-    ax.set_title(f"{similarity.name} ({similarity.side})\n{found if intruders else 'no intruders'} "
+    found = f"intruder(s) j = {', '.join(map(str, intruders))}" if intruders else "no intruders"
+    if len(intruders) > 5:
+        found = f"{len(intruders)} intruders"
+    ax.set_title(f"{similarity.name} ({similarity.side})\n{found} "
                  f"(max_i |cos| < ε = {similarity.eps:g} over all x_i, top {similarity.k_intruders}; outlined)",
                  fontsize="small")
     return figure

@@ -1,0 +1,153 @@
+"""The ``lorafft plot`` and ``lorafft report`` commands: figures and an HTML page from a saved JSON report.
+
+Both read what ``lorafft scan ... --out report.json`` wrote; no checkpoint is needed (the HTML page adds a
+similarity heatmap when the checkpoints are still where the report says). matplotlib is imported only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from lorafft.errors import InputError
+from lorafft.report import SCHEMA_VERSION, Report
+
+PLOT_EPILOG = """\
+figures written into DIR (PNG):
+  counts_vs_eps.png   total intruders versus eps, one curve per REPORT (and per checkpoint of a
+                      training-run scan) - the paper's Figure 4; pass one report per LoRA rank to compare them
+  counts_vs_k.png     intruders among the top k versus k / min(m, n) (Figure 15); only up to the scan's --k,
+                      so scan with a large --k for this one
+  layer_bars.png      intruders per layer, stacked by module
+  spectrum-NAME.png   singular values of the few matrices with most intruders, fine-tuned and base
+With several REPORTs the per-report figures are prefixed by the report's file name.
+
+examples:
+  lorafft scan ./base ./lora --eps 0.5 0.6 0.7 0.8 0.9 --out lora.json
+  lorafft plot lora.json --out figures/
+  lorafft plot rank1.json rank8.json full.json --out compare/ --eps 0.6
+"""
+
+REPORT_EPILOG = """\
+The page holds the inputs, options and versions, intruder totals per eps, the matrices with most intruders,
+every figure of 'lorafft plot', and one row per matrix. It is one file with the images inside: mail it, open it
+offline. Needs matplotlib for the figures (pip install 'lorafft[plot]').
+
+example:
+  lorafft scan ./base ./lora --out report.json && lorafft report report.json --html report.html
+"""
+
+
+def add_commands(subparsers) -> None:
+    """Register ``plot`` and ``report`` on the ``lorafft`` command's subparsers; the parsed args carry ``run``
+    (:func:`run_plot`, :func:`run_report`)."""
+    plot = subparsers.add_parser("plot", help="draw the paper's figures from saved reports (PNG files)",
+                                 description="Draw intruder-dimension figures from one or more JSON reports written "
+                                             "by 'lorafft scan --out FILE.json'.",
+                                 epilog=PLOT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plot.add_argument("reports", nargs="+", metavar="REPORT", help="JSON report(s) from 'lorafft scan --out'")
+    plot.add_argument("--out", required=True, metavar="DIR", help="directory for the PNG files (created if needed)")
+    plot.add_argument("--side", choices=["left", "right"],
+                      help="singular vectors to plot (default: left when every report has them, else right)")
+    plot.add_argument("--eps", type=float, metavar="EPS",
+                      help="threshold of the per-layer, top-k and spectrum figures (default: each report's smallest)")
+    plot.add_argument("--spectra", type=int, default=3, metavar="N",
+                      help="spectrum figures for the N matrices with most intruders (default: 3)")
+    plot.set_defaults(run=run_plot)
+
+    report = subparsers.add_parser("report", help="write a saved report as one self-contained HTML page",
+                                   description="Turn a JSON report written by 'lorafft scan --out FILE.json' into one "
+                                               "HTML file with tables and figures, viewable offline.",
+                                   epilog=REPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("report", metavar="REPORT", help="JSON report from 'lorafft scan --out'")
+    report.add_argument("--html", required=True, metavar="FILE", help="the HTML file to write")
+    report.add_argument("--no-heatmap", action="store_true",
+                        help="do not read the checkpoints for the worst matrix's similarity heatmap")
+    report.set_defaults(run=run_report)
+
+
+def load_report(path) -> Report:
+    """Read a JSON report; InputError(path, problem) when it is missing, unreadable or not a schema-1 report."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except OSError as error:
+        raise InputError(path, f"cannot read the report: {error.strerror}") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not a JSON report ({error}); write one with 'lorafft scan ... --out FILE.json'") from error
+    if not isinstance(data, dict):
+        raise InputError(path, "not a lorafft report: the JSON is not an object")
+    try:
+        return Report.from_dict(data)
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(path, f"not a lorafft report of schema {SCHEMA_VERSION}: {error}") from error
+
+
+def _side(reports: list[Report], paths: list[str], side: str | None) -> str:
+    """The side to plot: ``side``, else left when every report has it, else right; InputError naming a report that
+    lacks it."""
+    present = [{r.side for r in report.rows} for report in reports]
+    chosen = side or ("left" if all("left" in sides for sides in present) else "right")
+    for path, sides in zip(paths, present):
+        if chosen not in sides:
+            raise InputError(path, f"has no {chosen} singular vectors (scanned: {', '.join(sorted(sides))}); choose --side")
+    return chosen
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """One label per report: the file name without extension, or the whole path where two names collide."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return stems if len(set(stems)) == len(stems) else list(paths)
+
+
+def _filename(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def run_plot(args) -> int:
+    """``lorafft plot``: write every report-only figure into ``args.out`` and print the files written."""
+    from lorafft.plots import figures
+
+    reports = [load_report(path) for path in args.reports]
+    side = _side(reports, args.reports, args.side)
+    labels = _labels(args.reports)
+    os.makedirs(args.out, exist_ok=True)
+    written = []
+
+    def save(figure, name):
+        target = os.path.join(args.out, name)
+        figure.savefig(target, dpi=120)
+        written.append(target)
+
+    try:
+        save(figures.plot_counts_vs_eps(dict(zip(labels, reports)) if len(reports) > 1 else reports[0], side),
+             "counts_vs_eps.png")
+        for label, report in zip(labels, reports):
+            prefix = f"{_filename(label)}-" if len(reports) > 1 else ""
+            eps = min(report.eps) if args.eps is None else args.eps
+            save(figures.plot_counts_vs_k(report, side, eps), f"{prefix}counts_vs_k.png")
+            save(figures.plot_layer_bars(report, side, eps), f"{prefix}layer_bars.png")
+            for row in figures.worst_rows(report, eps, args.spectra, side):
+                save(figures.plot_spectra(report, row.name, side, eps), f"{prefix}spectrum-{_filename(row.name)}.png")
+    except ImportError as error:
+        print(f"lorafft: error: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(written))
+    return 0
+
+
+def run_report(args) -> int:
+    """``lorafft report``: write the report as one HTML page."""
+    from lorafft.plots.html import write_html
+
+    report = load_report(args.report)
+    try:
+        write_html(report, args.html, heatmap=not args.no_heatmap)
+    except ImportError as error:
+        print(f"lorafft: error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.html}")
+    return 0

@@ -1,0 +1,145 @@
+"""One self-contained HTML page per report: tables and figures, readable offline (no external CSS, JS or fonts;
+figures are PNGs embedded as base64 data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+from html import escape
+
+from lorafft.errors import InputError
+from lorafft.plots import figures as fig
+from lorafft.report import Report, eps_key, write_atomic
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 75em; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
+th { background: #f0f0f0; text-align: center; } td.text { text-align: left; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; } img { max-width: 100%; }
+figcaption { font-size: 0.85em; color: #555; max-width: 40em; }
+"""
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    """An HTML table, every cell escaped; cells with letters left-aligned, numbers right-aligned."""
+    def cell(value):
+        value = str(value)
+        align = ' class="text"' if any(ch.isalpha() for ch in value) else ""
+        return f"<td{align}>{escape(value)}</td>"
+
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>\n" for row in rows)
+    return f"<table><tr>{head}</tr>\n{body}</table>\n"
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=96)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(figure, caption: str) -> str:
+    return f'<figure><img src="{_png(figure)}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption></figure>\n'
+
+
+def _bound(row) -> str:
+    worst = max(row.error_bound, default=0.0)
+    return "not separated" if math.isinf(worst) else f"{worst:.1e}"
+
+
+def _heatmap(report: Report, row) -> str:
+    """The similarity heatmap of ``row``'s matrix when both checkpoints are still on disk, else a note."""
+    from lorafft.plots.heatmaps import plot_similarity, similarity
+
+    base, tuned = report.inputs.get("base"), report.checkpoints[row.checkpoint]
+    missing = [str(p) for p in (base, tuned) if not os.path.exists(str(p))]
+    if missing:
+        return f"<p>No similarity heatmap: {escape(', '.join(missing))} not found (the checkpoints are needed).</p>\n"
+    eps = min(report.eps)
+    try:
+        drawn = similarity(base, tuned, row.name, n=min(row.k, 10), side=row.side, eps=eps, k_intruders=row.k)
+    except InputError as error:
+        return f"<p>No similarity heatmap: {escape(str(error))}</p>\n"
+    return _figure(plot_similarity(drawn), f"|cos| between the top singular vectors of {row.name} ({row.side}) in the "
+                                           f"base (rows) and the fine-tune (columns); intruder columns outlined "
+                                           f"(paper Figures 1–3).")
+
+
+def write_html(report: Report, path, *, figures: bool = True, spectra: int = 3, worst: int = 10,
+               heatmap: bool = True) -> None:
+    """Write ``report`` as one offline HTML page at ``path`` (atomically).
+
+    Contents: inputs, options and versions; a summary (intruders per ε per side and checkpoint, the random floor, the
+    ``worst`` matrices with most intruders, the skipped list); with ``figures`` (needs matplotlib) every figure of
+    :mod:`lorafft.plots.figures` per side, the spectra of the ``spectra`` worst matrices and, with ``heatmap`` and the
+    checkpoints still on disk, the similarity heatmap of the worst one; last, one table row per matrix and side.
+    """
+    eps = min(report.eps)
+    keys = [eps_key(e) for e in report.eps]
+    sides = sorted({r.side for r in report.rows})
+    trajectory = len(report.checkpoints) > 1
+    ranked = fig.worst_rows(report, eps, worst)
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>lorafft report</title>"
+             f"<style>{STYLE}</style></head><body>\n<h1>lorafft: intruder dimensions</h1>\n"
+             "<p>A tuned singular vector y<sub>j</sub> is an <em>intruder</em> at threshold ε when "
+             "max<sub>i</sub> |⟨y<sub>j</sub>, x<sub>i</sub>⟩| &lt; ε over every singular vector x<sub>i</sub> of the "
+             "base matrix (Shuttleworth et al., arXiv 2410.21228). Any unit vector has max |cos| ≥ 1/√d against a "
+             "complete basis of R<sup>d</sup>: the random floor.</p>\n"]
+
+    parts.append("<h2>Inputs</h2>\n")
+    inputs = []
+    for key, value in report.inputs.items():
+        values = value if isinstance(value, list) else [value]
+        inputs += [[f"{key} [{i}]" if len(values) > 1 else key, v] for i, v in enumerate(values)]
+    inputs += [["created", report.created]]
+    inputs += [[f"option {key}", value] for key, value in report.options.items()]
+    inputs += [[f"version {key}", value] for key, value in report.versions.items()]
+    parts.append(_table(["", "value"], inputs))
+
+    parts.append("<h2>Summary</h2>\n")
+    summary = []
+    for c in range(len(report.checkpoints)):
+        for side in sides:
+            rows = fig.select_rows(report, side, c)
+            floors = sorted(r.random_floor for r in rows)
+            floor = f"{floors[0]:.3g}" if floors[0] == floors[-1] else f"{floors[0]:.3g} .. {floors[-1]:.3g}"
+            totals = report.totals(side, c)
+            summary.append(([c] if trajectory else []) + [side, len(rows), floor, *(totals[key] for key in keys)])
+    header = (["checkpoint"] if trajectory else []) + ["side", "matrices", "random floor 1/√d"]
+    parts.append("<p>Intruders (max |cos| &lt; ε), summed over matrices:</p>\n")
+    parts.append(_table(header + [f"ε = {key}" for key in keys], summary))
+    parts.append(f"<h3>Most intruders at ε = {eps:g}{' (last checkpoint)' if trajectory else ''}</h3>\n")
+    parts.append(_table(["matrix", "side", f"intruders at {eps:g}", "min max|cos|"],
+                        [[r.name, r.side, f"{fig.intruders(r, eps)}/{r.k}", f"{min(r.max_cos):.3f}"] for r in ranked]))
+    parts.append("<h3>Skipped</h3>\n")
+    parts.append(_table(["matrix", "reason"], [[s.get("name"), s.get("reason")] for s in report.skipped])
+                 if report.skipped else "<p>none</p>\n")
+
+    if figures:
+        parts.append("<h2>Figures</h2>\n")
+        for side in sides:
+            parts.append(_figure(fig.plot_counts_vs_eps(report, side),
+                                 f"Total intruders versus ε, {side} singular vectors (paper Figure 4)."))
+            parts.append(_figure(fig.plot_counts_vs_k(report, side, eps),
+                                 f"Intruders among the top k versus k / min(m, n), {side} (paper Figure 15); the "
+                                 f"report holds only its top k per matrix."))
+            parts.append(_figure(fig.plot_layer_bars(report, side, eps), f"Intruders per layer and module, {side}."))
+        for row in ranked[:spectra]:
+            parts.append(_figure(fig.plot_spectra(report, row.name, row.side, eps, checkpoint=row.checkpoint),
+                                 f"Singular values of {row.name} ({row.side}), fine-tuned and base; intruders ringed."))
+        if heatmap and ranked:
+            parts.append(_heatmap(report, ranked[0]))
+
+    parts.append("<h2>Every matrix</h2>\n")
+    header = ["matrix"] + (["checkpoint"] if trajectory else []) + ["layer", "module", "shape", "side"]
+    header += [f"ε = {key}" for key in keys] + ["min max|cos|", "max error bound", "near ε"]
+    table = [[r.name] + ([r.checkpoint] if trajectory else [])
+             + ["" if r.layer is None else r.layer, r.module, f"{r.shape[0]}×{r.shape[1]}", r.side]
+             + [r.counts[key] for key in keys] + [f"{min(r.max_cos):.4f}", _bound(r), sum(r.near_threshold)]
+             for r in report.rows]
+    parts.append(_table(header, table))
+    parts.append("</body></html>\n")
+    write_atomic(path, "".join(parts))

@@ -1,0 +1,140 @@
+"""Intruder dimensions along a training run (Shuttleworth et al. 2410.21228, Figure 5): where the intruders of the
+final checkpoint sat in the spectrum of the earlier ones.
+
+:func:`intruder_trajectory` reads one matrix from a base checkpoint and from checkpoints of one run (each a full
+checkpoint or a PEFT adapter, paired and merged as :func:`lorafft.scan` does), takes the intruders of the **last**
+checkpoint (its top-k tuned singular vectors y_j with ``max_i |<y_j, x_i>| < ε`` over all base singular vectors
+x_i), and follows each back: in every checkpoint, the tuned singular vector most aligned with it among the top K,
+its rank and its singular value. :func:`plot_trajectory` draws rank and singular value per checkpoint, one line per
+intruder: in LoRA training an intruder climbs the spectrum as its singular value grows.
+
+A report of a trajectory scan (``lorafft scan BASE CKPT_1 CKPT_2 ...``) cannot stand in for the checkpoints: it keeps
+max |cos| per vector, not the vectors, so it cannot tell which vector of an earlier checkpoint an intruder was.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from lorafft import linalg
+from lorafft.plots.figures import new_axes
+from lorafft.plots.heatmaps import load_weights
+
+SEARCH_FACTOR = 4  # default K = SEARCH_FACTOR · k tuned vectors searched per checkpoint
+
+
+@dataclass
+class Trajectory:
+    """The intruders of a run's last checkpoint, followed through every checkpoint (C checkpoints, p intruders).
+
+    labels: ``[C]`` checkpoint names (directory or file names; the index for in-memory state dicts).
+    intruders: ``[p]`` int64, the rank j (0-based, by descending σ) of each intruder y_j in the last checkpoint.
+    max_cos: ``[p]`` fp64, its ``max_i |<y_j, x_i>|`` over all base singular vectors (< eps).
+    rank: ``[C, p]`` int64, rank of the tuned singular vector of checkpoint c most aligned with intruder p
+        (searched among the top ``search``); sigma: ``[C, p]`` fp64, its singular value σ; alignment: ``[C, p]``
+        fp64, the |cos| between the two (1 at the last checkpoint; low values mean no vector of that checkpoint
+        among the top ``search`` resembles the intruder yet).
+    base_sigma1: the base matrix's largest singular value.
+    """
+
+    name: str
+    side: str
+    eps: float
+    k: int
+    search: int
+    labels: list[str]
+    intruders: torch.Tensor
+    max_cos: torch.Tensor
+    rank: torch.Tensor
+    sigma: torch.Tensor
+    alignment: torch.Tensor
+    base_sigma1: float
+
+
+def _label(source, index: int) -> str:
+    return str(index) if isinstance(source, Mapping) else os.path.basename(os.path.normpath(os.fspath(source)))
+
+
+def intruder_trajectory(base, checkpoints: list, name: str, *, side: str = "left", eps: float = 0.5, k: int = 10,
+                        search: int | None = None) -> Trajectory:
+    """Follow the intruders of the last of ``checkpoints`` (at threshold ``eps`` among its top ``k``) through all.
+
+    ``base``: a checkpoint; ``checkpoints``: checkpoints or PEFT adapter directories of one run, in training order;
+    ``name``: the matrix (base tensor name, resolved tolerantly of prefixes). ``search`` (K, default 4k, at most
+    min(out, in)): how many top tuned singular vectors of each checkpoint are searched for the best match. The
+    checkpoints' truncated SVDs run as one batch, so all C matrices are held at once (fp32).
+    """
+    if side not in linalg.SIDES:
+        raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
+    if not checkpoints:
+        raise ValueError("intruder_trajectory needs at least one checkpoint")
+    base_name, W0, weights = load_weights(base, list(checkpoints), name)
+    search = max(k, SEARCH_FACTOR * k if search is None else search)
+    basis = linalg.base_basis(W0.unsqueeze(0))
+    tuned = linalg.truncated_svd(torch.stack(weights), search, generator=torch.Generator().manual_seed(0))
+    vectors = tuned.U if side == "left" else tuned.V  # [C, d, K] fp64
+    last = vectors[-1:, :, :k]
+    max_cos = linalg.max_abs_cos(basis.project(last, side), (eps,)).max_cos[0]
+    intruders = (max_cos < eps).nonzero().flatten()
+    alignment, rank = (vectors.mT @ last[0, :, intruders]).abs().max(dim=1)  # over the K vectors: [C, p]
+    return Trajectory(
+        name=base_name,
+        side=side,
+        eps=float(eps),
+        k=last.shape[-1],
+        search=vectors.shape[-1],
+        labels=[_label(source, index) for index, source in enumerate(checkpoints)],
+        intruders=intruders,
+        max_cos=max_cos[intruders],
+        rank=rank,
+        sigma=tuned.S.gather(1, rank),
+        alignment=alignment,
+        base_sigma1=float(basis.sigma[0, 0]),
+    )
+
+
+def plot_trajectory(trajectory: Trajectory, ax=None):
+    """Two panels over the checkpoints (x): the rank of each intruder's best match (rank 0 on top) and its singular
+    value (the base's σ_1 dashed), one line per intruder of the last checkpoint; hollow markers where the best match
+    has |cos| < ε with the intruder (nothing like it yet). ``ax``: two Axes to draw into, or None for a new Figure.
+    Returns the Figure."""
+    from matplotlib.ticker import MaxNLocator
+
+    if ax is None:
+        figure, _ = new_axes(None, size=(10.0, 4.4))
+        figure.clear()
+        rank_ax, sigma_ax = figure.subplots(1, 2)
+    else:
+        rank_ax, sigma_ax = ax
+        figure = rank_ax.figure
+    x = list(range(len(trajectory.labels)))
+    for p, j in enumerate(trajectory.intruders.tolist()):
+        label = f"y_{j} (max |cos| {trajectory.max_cos[p]:.2f})"
+        weak = (trajectory.alignment[:, p] < trajectory.eps).nonzero().flatten().tolist()
+        for panel, values in ((rank_ax, trajectory.rank[:, p]), (sigma_ax, trajectory.sigma[:, p])):
+            (line,) = panel.plot(x, values.tolist(), marker="o", label=label)
+            panel.scatter(weak, values[weak].tolist(), facecolors="white", edgecolors=line.get_color(), zorder=3)
+    sigma_ax.axhline(trajectory.base_sigma1, linestyle="--", color="grey", label="base σ_1")
+    if bool((trajectory.alignment < trajectory.eps).any()):
+        sigma_ax.scatter([], [], facecolors="white", edgecolors="grey", label="best match |cos| < ε")
+    if not len(trajectory.intruders):
+        for panel in (rank_ax, sigma_ax):
+            panel.text(0.5, 0.5, "no intruders in the last checkpoint", transform=panel.transAxes, ha="center")
+    rank_ax.invert_yaxis()
+    rank_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    rank_ax.set_ylabel("rank of the best match (0 = largest σ)")
+    rank_ax.set_title(f"rank (best |cos| among the top {trajectory.search})", fontsize="medium")
+    sigma_ax.set_ylabel("singular value σ of the best match")
+    sigma_ax.set_title("singular value", fontsize="medium")
+    for panel in (rank_ax, sigma_ax):
+        panel.set_xticks(x, trajectory.labels, rotation=30 if max(map(len, trajectory.labels)) > 8 else 0)
+        panel.set_xlabel("checkpoint")
+        panel.grid(alpha=0.3)
+    sigma_ax.legend(fontsize="small", title="intruder (last checkpoint)")
+    figure.suptitle(f"{trajectory.name} ({trajectory.side}): intruders of the last checkpoint "
+                    f"(max_i |cos| < ε = {trajectory.eps:g}, top {trajectory.k}) along the run", fontsize="medium")
+    return figure

@@ -1,0 +1,67 @@
+"""The base-spectrum cache: same report as without it, refused when built from another model, fp32 on disk."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorafft
+from lorafft import linalg, synthetic
+from lorafft.cache import BaseCache, fingerprint
+from lorafft.cli import main
+
+
+def _rows(report):
+    return [(r.name, r.checkpoint, r.side, r.counts, r.argmax) for r in report.rows]
+
+
+def test_cached_scan_equals_uncached_and_skips_the_base_work(trio, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    assert main(["cache", "build", str(trio.base), "--out", str(cache), "--quiet"]) == 0
+    assert "14 base bases" in capsys.readouterr().out  # 7 projections x 2 layers; embeddings and lm_head left out
+    fresh = lorafft.scan(trio.base, trio.lora, side="both")
+    monkeypatch.setattr(linalg, "base_basis", lambda *a, **k: pytest.fail("base basis recomputed despite the cache"))
+    cached = lorafft.scan(trio.base, trio.lora, side="both", base_cache=cache)
+    assert _rows(cached) == _rows(fresh)
+    for mine, theirs in zip(cached.rows, fresh.rows):
+        assert mine.max_cos == pytest.approx(theirs.max_cos, abs=1e-6)  # fp32 basis on disk
+        assert mine.base_singular_values == pytest.approx(theirs.base_singular_values, rel=1e-12)
+
+
+def test_cache_written_during_a_scan_is_fp32_and_fingerprinted(trio, tmp_path):
+    cache = tmp_path / "cache"
+    lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.mlp"], write_base_cache=cache)
+    index = json.loads((cache / "lorafft-base-cache.json").read_text())
+    assert sorted(index["entries"]) == [f"model.layers.0.mlp.{m}_proj.weight" for m in ("down", "gate", "up")]
+    entry = index["entries"]["model.layers.0.mlp.gate_proj.weight"]
+    tensors = load_file(cache / entry["file"])
+    assert tensors["basis"].dtype == torch.float32 and tensors["basis"].shape == (256, 256)
+    with lorafft.io.open_checkpoint(trio.base) as base:
+        W0 = base.get("model.layers.0.mlp.gate_proj.weight")
+    assert entry["fingerprint"] == fingerprint(W0)
+    _, S, Vh = torch.linalg.svd(W0.double(), full_matrices=False)  # 688x256: the small side is the right one
+    overlap = (tensors["basis"].double().T @ Vh.T).abs()
+    assert torch.allclose(overlap.diagonal(), torch.ones(256, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(tensors["sigma"], S, rtol=1e-10)
+
+
+def test_cache_from_another_model_is_refused(trio, tmp_path, capsys):
+    other = synthetic.write_trio(tmp_path / "other", seed=7)
+    cache = tmp_path / "cache"
+    lorafft.scan(other.base, other.full, include=[r"layers\.0\.self_attn\.q"], write_base_cache=cache)
+    with pytest.raises(lorafft.InputError, match="another base model"):
+        lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn\.q"], base_cache=cache)
+    out = tmp_path / "r.json"
+    code = main(["scan", str(trio.base), str(trio.full), "--base-cache", str(cache), "--out", str(out), "--quiet"])
+    assert code == 2 and not out.exists()
+    assert "lorafft-base-cache.json" in capsys.readouterr().err
+    assert main(["scan", str(trio.base), str(trio.full), "--base-cache", str(tmp_path / "nowhere"), "--quiet"]) == 2
+
+
+def test_missing_entries_are_computed(trio, tmp_path):
+    cache = tmp_path / "cache"
+    lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn\.q"], write_base_cache=cache)
+    report = lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn"], base_cache=cache)
+    assert len(report.rows) == 4
+    assert BaseCache(cache).entries.keys() == {"model.layers.0.self_attn.q_proj.weight"}
