@@ -164,7 +164,7 @@ def _check_tensors(path: str, obj) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _read_json_object(path: str) -> dict:
+def read_json_object(path) -> dict:
     """Parse a JSON file that must hold an object."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -369,7 +369,7 @@ def open_adapter(source: str | os.PathLike) -> Adapter:
     path = _existing(source)
     if not is_adapter(path):
         raise InputError(path, f"not a PEFT adapter directory (no {_ADAPTER_CONFIG})")
-    config = _read_json_object(os.path.join(path, _ADAPTER_CONFIG))
+    config = read_json_object(os.path.join(path, _ADAPTER_CONFIG))
     for candidate in _ADAPTER_WEIGHTS:
         file = os.path.join(path, candidate)
         if os.path.isfile(file):
@@ -394,7 +394,7 @@ def _open_file(path: str, file: str) -> Checkpoint:
 
 def _open_index(path: str, index: str) -> Checkpoint:
     """A Checkpoint from a shard index (``{"weight_map": {tensor name: shard file name}}``, shards beside it)."""
-    weight_map = _read_json_object(index).get("weight_map")
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict):
         raise InputError(index, "no 'weight_map' object in the index")
     shards: dict[str, _Shard] = {}

@@ -175,9 +175,9 @@ def test_plot_command_writes_every_figure(reports, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content, problem", [
-    ("{", "not a JSON report"),
+    ("{", "not valid JSON"),
     (json.dumps({"schema_version": 99}), "schema"),
-    (json.dumps([1, 2]), "not an object"),
+    (json.dumps([1, 2]), "expected a JSON object"),
     (None, "cannot read"),
 ])
 def test_bad_report_file_is_an_input_error(tmp_path, content, problem):

@@ -7,12 +7,12 @@ similarity heatmap when the checkpoints are still where the report says). matplo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 
 from lorafft.errors import InputError
+from lorafft.io import read_json_object
 from lorafft.report import SCHEMA_VERSION, Report
 
 PLOT_EPILOG = """\
@@ -71,15 +71,7 @@ def add_commands(subparsers) -> None:
 
 def load_report(path) -> Report:
     """Read a JSON report; InputError(path, problem) when it is missing, unreadable or not a schema-1 report."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except OSError as error:
-        raise InputError(path, f"cannot read the report: {error.strerror}") from error
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(path, f"not a JSON report ({error}); write one with 'lorafft scan ... --out FILE.json'") from error
-    if not isinstance(data, dict):
-        raise InputError(path, "not a lorafft report: the JSON is not an object")
+    data = read_json_object(path)
     try:
         return Report.from_dict(data)
     except (ValueError, KeyError, TypeError) as error:
