@@ -62,6 +62,12 @@ def _scan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also report the effective and stable rank of the update dW = TUNED - BASE per matrix")
     parser.add_argument("--base-cache", metavar="DIR", help="read base bases from this cache ('lorafft cache build')")
     parser.add_argument("--write-base-cache", metavar="DIR", help="store every base basis this scan computes here")
+    parser.add_argument("--journal", metavar="FILE",
+                        help="append every finished matrix here, fsync'd (default with --out: OUT.journal)")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish the scan recorded in the journal after a crash or kill (same arguments)")
+    parser.add_argument("--max-batch-bytes", type=float, default=1.0, metavar="GB",
+                        help="cap on the fp32 base + tuned weights analysed at once, in GB (default: 1)")
     parser.add_argument("--tol", type=float, default=1e-5, help="error bound to certify per max |cos| (default: 1e-5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random start blocks (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -111,12 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_scan(args) -> int:
     from lorafft.scan import scan
 
+    journal = args.journal or (args.out + ".journal" if args.out else None)
     report = scan(args.base, args.tuned if len(args.tuned) > 1 else args.tuned[0], k=args.k, eps=args.eps, side=args.side, include=args.include,
                   exclude=args.exclude, embeddings=args.embeddings, strict=args.strict, delta_ranks=args.delta_ranks,
-                  base_cache=args.base_cache, write_base_cache=args.write_base_cache, tol=args.tol,
+                  base_cache=args.base_cache, write_base_cache=args.write_base_cache, journal=journal,
+                  resume=args.resume, out=args.out, max_batch_bytes=int(args.max_batch_bytes * 2**30), tol=args.tol,
                   seed=args.seed, progress=not args.quiet)
-    if args.out:
-        report.save(args.out)
+    if report is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     print(report.summary())
     if args.out:
         print(f"full report: {args.out}")

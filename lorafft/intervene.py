@@ -206,6 +206,10 @@ def intervene(
         pairs, skipped = find_pairs(base_checkpoint, tuned_source, scope)
         edits, matrices = _find_edits(base_checkpoint, tuned_source, pairs, lam, which, eps, k, tol, seed,
                                       max_batch_bytes, progress)
+        views = [] if is_adapter else [e.pair.tuned_name for e in edits.values() if tuned_checkpoint.is_view(e.pair.tuned_name)]
+        if views:
+            raise InputError(tuned_checkpoint.file_of(views[0]), f"intervene cannot rewrite '{views[0]}': it is "
+                                                                 "stored FP8-quantized or stacked per expert")
         summary = InterventionSummary(
             base=os.fspath(base) if not isinstance(base, dict) else io.STATE_DICT, tuned=os.fspath(tuned),
             out_dir=out_dir, tuned_kind="lora" if is_adapter else "full", lam=lam, which=which, eps=float(eps),
@@ -439,7 +443,7 @@ class _Layout:
 
 def _safetensors_layout(checkpoint: io.Checkpoint, source: str) -> _Layout:
     shards: dict[str, list[str]] = {}
-    for name in checkpoint.names():
+    for name in checkpoint.stored_names():
         shards.setdefault(checkpoint.file_of(name), []).append(name)
     other = sorted(file for file in shards if not file.endswith(".safetensors"))
     if other:

@@ -3,8 +3,9 @@
 Names are matched tolerantly of leading prefixes (``base_model.model.``, ``model.``, ``bert.``, ...): two names
 pair when they are equal or one is the other with leading dot-separated components removed, and the match is
 unique. Scope: every 2-D weight present in both with equal shape; embeddings and ``lm_head`` only when asked;
-``include`` / ``exclude`` regular expressions (``re.search``) narrow it further. Matrices of one shape form one
-batch for the linear algebra.
+``include`` / ``exclude`` regular expressions (``re.search``) narrow it further. Biases are never in scope, even
+2-D ones (GPT-OSS stores its experts' biases stacked, ``experts.gate_up_proj_bias [E, 2I]``). Matrices of one
+shape form one batch for the linear algebra.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 EMBEDDING_PATTERN = re.compile(r"(^|\.)(embed\w*|wte|wpe|\w*embeddings|lm_head|shared)(\.|$)")
+BIAS_PATTERN = re.compile(r"(^|[._])bias$")  # GPT-OSS's stacked expert biases ``experts.gate_up_proj_bias`` are 2-D
 
 
 class NameIndex:
@@ -47,12 +49,18 @@ def layer_and_module(name: str) -> tuple[int | None, str]:
     """Split a tensor name into its layer index and module path.
 
     ``model.layers.3.self_attn.q_proj.weight`` -> ``(3, "self_attn.q_proj")``; names without a numeric component
-    give ``(None, name without ".weight")``.
+    give ``(None, name without ".weight")``. The layer is the first numeric component *before* any experts
+    container (a component ending in ``experts``: ``experts``, ``local_experts``, ``shared_experts``): expert
+    indices are not layers. ``model.layers.0.mlp.experts.3.w1.weight`` -> ``(0, "mlp.experts.3.w1")``;
+    a stacked expert tensor's per-expert view (:mod:`lorafft.io`) ``model.layers.0.mlp.experts.down_proj.3`` ->
+    ``(0, "mlp.experts.down_proj.3")``; ``experts.3.w1.weight`` -> ``(None, "experts.3.w1")``.
     """
     parts = name.split(".")
     if parts[-1] == "weight":
         parts = parts[:-1]
     for position, part in enumerate(parts):
+        if part.endswith("experts"):
+            break
         if part.isdigit():
             return int(part), ".".join(parts[position + 1 :]) or parts[position - 1]
     return None, ".".join(parts)
@@ -72,6 +80,8 @@ class Scope:
     embeddings: bool = False
 
     def admits(self, name: str) -> bool:
+        if BIAS_PATTERN.search(name):  # a bias is never a weight matrix, even when 2-D (stacked per expert)
+            return False
         if not self.embeddings and is_embedding(name):
             return False
         if self.include and not any(re.search(pattern, name) for pattern in self.include):

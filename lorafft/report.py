@@ -65,6 +65,14 @@ class MatrixRow:
         row["error_bound"] = _finite_or_none(self.error_bound)
         return row
 
+    @classmethod
+    def from_dict(cls, data: dict) -> MatrixRow:
+        """Inverse of :meth:`to_dict` (a null error bound is infinite)."""
+        row = dict(data)
+        row["shape"] = tuple(row["shape"])
+        row["error_bound"] = [math.inf if v is None else v for v in row["error_bound"]]
+        return cls(**row)
+
 
 @dataclass
 class Report:
@@ -110,15 +118,9 @@ class Report:
         """Read back a report written by :meth:`to_json` (schema 1)."""
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"unsupported report schema_version {data.get('schema_version')!r}")
-        rows = []
-        for row in data["matrices"]:
-            row = dict(row)
-            row["shape"] = tuple(row["shape"])
-            row["error_bound"] = [math.inf if v is None else v for v in row["error_bound"]]
-            rows.append(MatrixRow(**row))
         return cls(
             eps=tuple(float(e) for e in data["options"]["eps"]),
-            rows=rows,
+            rows=[MatrixRow.from_dict(row) for row in data["matrices"]],
             inputs=data["inputs"],
             options=data["options"],
             versions=data["versions"],
@@ -218,6 +220,67 @@ class Report:
         if self.skipped:
             lines.append(f"{len(self.skipped)} skipped (see 'skipped' in the report)")
         return "\n".join(lines)
+
+    # Pictures: thin wrappers over lorafft.plots (matplotlib is imported only when one is drawn). Each returns a
+    # matplotlib Figure; ``eps=None`` means the report's smallest ε.
+
+    def plot_counts_vs_eps(self, side: str = "left", eps_grid=None, *, others: dict | None = None,
+                           label: str = "this report", ax=None):
+        """Intruders versus ε, one curve per checkpoint (and per report of ``others``, e.g. per LoRA rank): Figure 4."""
+        from lorafft.plots.figures import plot_counts_vs_eps
+
+        return plot_counts_vs_eps({label: self, **others} if others else self, side, eps_grid, ax=ax)
+
+    def plot_counts_vs_k(self, side: str = "left", eps: float | None = None, *, per_module: bool = False,
+                         checkpoint: int | None = None, ax=None):
+        """Intruders among the top k versus k / min(m, n), up to the scan's k: the paper's Figure 15."""
+        from lorafft.plots.figures import plot_counts_vs_k
+
+        eps = min(self.eps) if eps is None else eps
+        return plot_counts_vs_k(self, side, eps, per_module=per_module, checkpoint=checkpoint, ax=ax)
+
+    def plot_layer_bars(self, side: str = "left", eps: float | None = None, *, checkpoint: int | None = None, ax=None):
+        """Intruders per layer, stacked by module (Figure 4's totals split by layer and module)."""
+        from lorafft.plots.figures import plot_layer_bars
+
+        eps = min(self.eps) if eps is None else eps
+        return plot_layer_bars(self, side, eps, checkpoint=checkpoint, ax=ax)
+
+    def plot_spectra(self, name: str, side: str = "left", eps: float | None = None, *, checkpoint: int | None = None,
+                     ax=None):
+        """Matrix ``name``'s fine-tuned singular values beside the base's, intruders ringed (tuned vs base spectra)."""
+        from lorafft.plots.figures import plot_spectra
+
+        return plot_spectra(self, name, side, eps, checkpoint=checkpoint, ax=ax)
+
+    def plot_similarity(self, name: str, n: int = 10, side: str = "left", eps: float | None = None, *,
+                        checkpoint: int | None = None, ax=None):
+        """|cos| heatmap of matrix ``name``'s top-n base and tuned singular vectors, read from the report's input
+        paths (the last checkpoint by default): the paper's Figures 1–3."""
+        from lorafft.plots.heatmaps import plot_similarity, similarity
+
+        checkpoint = len(self.checkpoints) - 1 if checkpoint is None else checkpoint
+        eps = min(self.eps) if eps is None else eps
+        drawn = similarity(self.inputs["base"], self.checkpoints[checkpoint], name, n=n, side=side, eps=eps,
+                           k_intruders=self.options.get("k"))
+        return plot_similarity(drawn, ax=ax)
+
+    def plot_trajectory(self, name: str, side: str = "left", eps: float | None = None, *, search: int | None = None,
+                        ax=None):
+        """Rank and singular value of the last checkpoint's intruders of ``name`` across the report's checkpoints,
+        read from its input paths: the paper's Figure 5."""
+        from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
+
+        eps = min(self.eps) if eps is None else eps
+        drawn = intruder_trajectory(self.inputs["base"], self.checkpoints, name, side=side, eps=eps,
+                                    k=self.options.get("k", 10), search=search)
+        return plot_trajectory(drawn, ax=ax)
+
+    def to_html(self, path, **options) -> None:
+        """Write one offline HTML page: tables, every figure and the worst matrix's heatmap (lorafft.plots.write_html)."""
+        from lorafft.plots.html import write_html
+
+        write_html(self, path, **options)
 
 
 def write_atomic(path, text: str) -> None:

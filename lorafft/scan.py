@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafft import adapters, analysis, io, linalg, pairing
+from lorafft import adapters, analysis, distributed, io, linalg, pairing
 from lorafft.cache import BaseCache, cached_basis
 from lorafft.errors import InputError
+from lorafft.journal import Journal, row_key
 from lorafft.report import MatrixRow, Report, eps_key
 
 DEFAULT_MAX_BATCH_BYTES = 1 << 30  # fp32 weights (base + tuned) held at once per batch; the basis adds ~4x
@@ -161,6 +162,9 @@ def scan(
     delta_ranks: bool = False,
     base_cache=None,
     write_base_cache=None,
+    journal=None,
+    resume: bool = False,
+    out=None,
     tol: float = 1e-5,
     seed: int = 0,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
@@ -182,10 +186,18 @@ def scan(
         base_cache: a directory from ``lorafft cache build`` (or ``write_base_cache``): base bases found there are
             read instead of computed; an entry built from another tensor is an InputError.
         write_base_cache: a directory to store every base basis this scan computes (created if needed).
+        journal: a file where every finished row is appended and fsync'd at once (``lorafft.journal``), so that
+            ``resume=True`` after a crash or ``kill -9`` finishes only the remaining matrices, with a report
+            identical to an uninterrupted run's. Random start blocks are drawn per batch for that reason.
+        resume: continue the scan recorded in ``journal`` (refused if it was made with other inputs or options).
+        out: write the report here, atomically (``.csv`` or JSON); a journal is removed only once this is written.
         tol: target error bound of each max|cos| (the truncated SVD iterates until it certifies this).
         seed: seeds the random start blocks (results are reproducible).
         max_batch_bytes: cap on the fp32 base + tuned weights analysed together.
         progress: show a progress bar (tqdm) on stderr.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) the batches are spread over the ranks (:mod:`lorafft.distributed`): rank 0
+    returns the whole report (and writes ``out``), the other ranks return None; journals get a ``.rankN`` suffix.
 
     Returns a :class:`~lorafft.report.Report`. Raises :class:`~lorafft.errors.InputError` on bad input.
     """
@@ -196,6 +208,8 @@ def scan(
     tuned_list = list(tuned) if isinstance(tuned, (list, tuple)) else [tuned]
     if not tuned_list:
         raise ValueError("scan needs at least one tuned checkpoint")
+    if resume and journal is None:
+        raise ValueError("resume needs the journal of the scan to finish")
     scope = pairing.Scope(tuple(include), tuple(exclude), embeddings)
     reader = None if base_cache is None else BaseCache(base_cache)
     writer = None if write_base_cache is None else BaseCache(write_base_cache, writable=True)
@@ -214,36 +228,83 @@ def scan(
             if pairs.keys() != first.keys():
                 different = sorted(pairs.keys() ^ first.keys())[0]
                 raise InputError(_describe(tuned_list[index]), f"has another set of matrices than {_describe(tuned_list[0])} ('{different}' is in one only)")
-        rows = []
-        generator = torch.Generator().manual_seed(seed)
-        from tqdm.auto import tqdm
+        inputs = {"base": _describe(base), "tuned": [_describe(t) for t in tuned_list],
+                  "tuned_kind": ["lora" if isinstance(source, io.Adapter) else "full" for source in sources]}
+        options = {"k": k, "eps": list(eps), "side": side, "include": list(include), "exclude": list(exclude),
+                   "embeddings": embeddings, "strict": strict, "delta_ranks": delta_ranks, "tol": tol, "seed": seed,
+                   "base_cache": None if base_cache is None else os.fspath(base_cache),
+                   "max_batch_bytes": max_batch_bytes}
+        rank, size = distributed.world()
+        batches = list(_batches(list(first.values()), max_batch_bytes))
+        owners = distributed.assign([_cost(batch) * len(sources) for batch in batches], size)
+        if journal is not None and size > 1:
+            journal = f"{os.fspath(journal)}.rank{rank}"
+        record = None if journal is None else Journal(journal, {"inputs": inputs, "options": options}, resume=resume)
+        settings = dict(k=k, eps=eps, sides=sides, tol=tol, seed=seed, delta_ranks=delta_ranks)
+        try:
+            mine = [index for index, owner in enumerate(owners) if owner == rank]
+            rows_by_batch = _scan_rows(base_checkpoint, sources, pairs_by_source, settings, record, reader, writer,
+                                       batches, mine, progress=progress and rank == 0)
+        except BaseException as error:
+            if record is not None:  # bad input leaves no partial output; a crash or interrupt keeps it to resume
+                record.close(remove=isinstance(error, InputError) and not resume)
+            raise
+    gathered = distributed.gather(rows_by_batch, rank, size)
+    report = None
+    if gathered is not None:
+        rows = [row for index in sorted(gathered) for row in gathered[index]]
+        report = Report(eps=eps, rows=rows, inputs=inputs, options=options, versions=_versions(), skipped=skipped,
+                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        if out is not None:
+            report.save(out)
+    distributed.barrier(size)  # the report is on disk before any rank drops its journal
+    if record is not None:
+        record.close(remove=out is not None)
+    return report
 
-        with tqdm(total=len(first) * len(sources), unit="matrix", disable=not progress, desc="lorafft scan") as bar:
-            for batch in _batches(list(first.values()), max_batch_bytes):
-                stored = [base_checkpoint.get(pair.name) for pair in batch]
-                W0 = torch.stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
-                basis = _base_basis(W0, stored, batch, reader, writer)
-                del stored
-                for checkpoint, (source, pairs) in enumerate(zip(sources, pairs_by_source)):
-                    batch_here = [pairs[pair.name] for pair in batch]
-                    Wt = torch.stack([_load_tuned(source, pair, w0) for pair, w0 in zip(batch_here, W0)])
-                    results = analysis.analyze(W0, Wt, k=k, eps=eps, sides=sides, start=_adapter_start(batch_here),
-                                               tol=tol, generator=generator, basis=basis)
-                    ranks = _delta_ranks(batch_here, W0, Wt) if delta_ranks else None
-                    rows.extend(_rows(batch_here, results, checkpoint, ranks))
-                    bar.update(len(batch))
-    kinds = ["lora" if isinstance(source, io.Adapter) else "full" for source in sources]
-    return Report(
-        eps=eps,
-        rows=rows,
-        inputs={"base": _describe(base), "tuned": [_describe(t) for t in tuned_list], "tuned_kind": kinds},
-        options={"k": k, "eps": list(eps), "side": side, "include": list(include), "exclude": list(exclude),
-                 "embeddings": embeddings, "strict": strict, "delta_ranks": delta_ranks, "tol": tol, "seed": seed,
-                 "base_cache": None if base_cache is None else os.fspath(base_cache)},
-        versions=_versions(),
-        skipped=skipped,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
+
+def _cost(batch: list[Pair]) -> float:
+    """Relative cost of a batch: Gram product and eigen-decomposition, ~ max(m, n) min(m, n)^2 per matrix."""
+    return float(sum(max(p.shape) * min(p.shape) ** 2 for p in batch))
+
+
+def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], settings: dict, record, reader,
+               writer, batches: list[list[Pair]], mine: list[int], *, progress: bool) -> dict[int, list[MatrixRow]]:
+    """``{batch index: rows}`` for the batches ``mine``, rows in canonical order (checkpoint, matrix, side): rows
+    already in the journal ``record`` are taken from it, the others computed and appended to it. ``settings``: k,
+    eps, sides, tol, seed, delta_ranks."""
+    from tqdm.auto import tqdm
+
+    sides, rows_by_batch = settings["sides"], {}
+    total = sum(len(batches[index]) for index in mine) * len(sources)
+    with tqdm(total=total, unit="matrix", disable=not progress, desc="lorafft scan") as bar:
+        for batch_index in mine:
+            batch = batches[batch_index]
+            rows = rows_by_batch[batch_index] = []
+            keys = [(pair.name, checkpoint, side) for checkpoint in range(len(sources)) for pair in batch for side in sides]
+            if record is not None and all(key in record.rows for key in keys):
+                rows.extend(record.rows[key] for key in keys)
+                bar.update(len(batch) * len(sources))
+                continue
+            # one random stream per batch, so that a resumed (or distributed) scan draws exactly what one run draws
+            generator = torch.Generator().manual_seed(settings["seed"] + 7919 * batch_index)
+            stored = [base.get(pair.name) for pair in batch]
+            W0 = torch.stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
+            basis = _base_basis(W0, stored, batch, reader, writer)
+            del stored
+            for checkpoint, (source, pairs) in enumerate(zip(sources, pairs_by_source)):
+                here = [pairs[pair.name] for pair in batch]
+                Wt = torch.stack([_load_tuned(source, pair, w0) for pair, w0 in zip(here, W0)])
+                results = analysis.analyze(W0, Wt, k=settings["k"], eps=settings["eps"], sides=sides,
+                                           start=_adapter_start(here), tol=settings["tol"], generator=generator,
+                                           basis=basis)
+                ranks = _delta_ranks(here, W0, Wt) if settings["delta_ranks"] else None
+                for row in _rows(here, results, checkpoint, ranks):
+                    if record is not None and row_key(row) not in record.rows:
+                        record.append(row)
+                    rows.append(row)
+                bar.update(len(batch))
+    return rows_by_batch
 
 
 def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: bool = False,

@@ -299,3 +299,121 @@ def write_trio(
         base_model_name_or_path=str(trio.base),
     )
     return trio
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FP8 checkpoints and mixture-of-experts weights
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_SCALE_SUFFIX = {"tensor": "_scale", "channel": "_scale", "block": "_scale_inv"}
+
+
+def quantize_fp8(weight: torch.Tensor, scheme: str, *, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)``: ``weight [out, in]`` as float8_e4m3fn and fp32 scales with ``weight ≈ q * scale``.
+
+    scheme ``"tensor"``: scale ``[1]`` (compressed-tensors per tensor); ``"channel"``: ``[out, 1]`` (per output
+    channel); ``"block"``: ``[ceil(out/block), ceil(in/block)]``, one per tile, the last ones partial (DeepSeek-V3's
+    ``weight_scale_inv``). Each scale is the amax of its group / 448, so the group's largest entry maps to 448;
+    an all-zero group gets scale 1.
+    """
+    w = weight.float()
+    rows, cols = w.shape
+    if scheme == "tensor":
+        amax = w.abs().amax().reshape(1)
+    elif scheme == "channel":
+        amax = w.abs().amax(dim=1, keepdim=True)
+    elif scheme == "block":
+        tiles = (-(-rows // block), -(-cols // block))
+        padded = torch.nn.functional.pad(w.abs(), (0, tiles[1] * block - cols, 0, tiles[0] * block - rows))
+        amax = padded.reshape(tiles[0], block, tiles[1], block).amax(dim=(1, 3))
+    else:
+        raise ValueError(f"unknown FP8 scheme {scheme!r} (expected 'tensor', 'channel' or 'block')")
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    if scheme == "block":
+        expanded = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    else:
+        expanded = scale
+    q = (w / expanded).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale.contiguous()
+
+
+def _quantizable(name: str, tensor: torch.Tensor) -> bool:
+    """The default choice of tensors to store in FP8: 2-D floating ``*.weight`` other than embeddings and
+    ``lm_head`` (which FP8 checkpoints, DeepSeek-V3's and compressed-tensors', keep in bf16)."""
+    from lorafft.pairing import is_embedding
+
+    return tensor.ndim == 2 and tensor.is_floating_point() and name.endswith(".weight") and not is_embedding(name)
+
+
+def write_fp8_checkpoint(
+    state_dict: dict[str, torch.Tensor],
+    directory,
+    *,
+    scheme: str = "channel",
+    block: int = 128,
+    quantize=_quantizable,
+    max_shard_bytes: int | None = None,
+    config: dict | None = None,
+) -> Path:
+    """Write ``state_dict`` as an FP8 checkpoint (``write_checkpoint``'s layout) and return the directory.
+
+    Each tensor for which ``quantize(name, tensor)`` is true is stored float8_e4m3fn (``quantize_fp8``) beside
+    its fp32 scale: ``<name>_scale`` for ``scheme`` "tensor" / "channel" (compressed-tensors), ``<name>_scale_inv``
+    for "block" (DeepSeek-V3, 128×128 tiles). Other tensors are stored as given. ``config`` gets a
+    ``quantization_config`` naming the scheme.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if quantize(name, tensor):
+            out[name], out[name + FP8_SCALE_SUFFIX[scheme]] = quantize_fp8(tensor, scheme, block=block)
+        else:
+            out[name] = tensor
+    if config is not None:
+        quantization = ({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                         "weight_block_size": [block, block]} if scheme == "block" else
+                        {"quant_method": "compressed-tensors", "format": "float-quantized",
+                         "weights": {"type": "float", "num_bits": 8, "strategy": scheme}})
+        config = dict(config, quantization_config=quantization)
+    return write_checkpoint(out, directory, max_shard_bytes=max_shard_bytes, config=config)
+
+
+def moe_state_dict(
+    *,
+    hidden: int = 64,
+    intermediate: int = 48,
+    experts: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """A tiny mixture-of-experts state dict with the three expert layouts found in checkpoints, one per layer,
+    every expert matrix a ``random_weight`` (its torch ``[out, in]`` form):
+
+    - layer 0, per expert (Mixtral): ``model.layers.0.block_sparse_moe.experts.<e>.w1/w3.weight`` ``[I, H]``,
+      ``.w2.weight`` ``[H, I]``;
+    - layer 1, stacked ``[E, in, out]`` (GPT-OSS, Llama 4): ``model.layers.1.mlp.experts.gate_up_proj``
+      ``[E, H, 2I]``, ``.down_proj`` ``[E, I, H]`` (biases left out);
+    - layer 2, stacked ``[E, out, in]`` (vLLM / transformers fused experts): ``model.layers.2.mlp.experts.gate_up_proj``
+      ``[E, 2I, H]``, ``.down_proj`` ``[E, H, I]``;
+
+    plus a 1-D ``post_attention_layernorm.weight`` per layer. Deterministic given ``seed``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def stack(out_features: int, in_features: int, transposed: bool) -> torch.Tensor:
+        matrices = [random_weight(out_features, in_features, generator=generator) for _ in range(experts)]
+        return torch.stack([m.T if transposed else m for m in matrices]).contiguous()
+
+    state: dict[str, torch.Tensor] = {}
+    for e in range(experts):
+        prefix = f"model.layers.0.block_sparse_moe.experts.{e}"
+        state[f"{prefix}.w1.weight"] = random_weight(intermediate, hidden, generator=generator)
+        state[f"{prefix}.w2.weight"] = random_weight(hidden, intermediate, generator=generator)
+        state[f"{prefix}.w3.weight"] = random_weight(intermediate, hidden, generator=generator)
+    for layer, transposed in ((1, True), (2, False)):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        state[f"{prefix}.gate_up_proj"] = stack(2 * intermediate, hidden, transposed)
+        state[f"{prefix}.down_proj"] = stack(hidden, intermediate, transposed)
+    for layer in range(3):
+        norm = 1 + 0.1 * torch.randn(hidden, generator=generator)
+        state[f"model.layers.{layer}.post_attention_layernorm.weight"] = norm
+    return {name: t.to(dtype) for name, t in state.items()}

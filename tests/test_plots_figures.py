@@ -165,7 +165,10 @@ def test_plot_command_writes_every_figure(reports, tmp_path, capsys):
     reports["lora"].to_json(report_path)
     assert commands.run_plot(parse(["plot", str(report_path), "--out", str(tmp_path / "figures")])) == 0
     written = capsys.readouterr().out.split()
-    assert len(written) == 3 + 3  # counts vs ε, vs k, layer bars, and the spectra of the 3 worst matrices
+    # counts vs ε, vs k, layer bars, the spectra of the 3 worst matrices and (checkpoints on disk) the worst one's heatmap
+    assert len(written) == 3 + 3 + 1
+    (worst,) = figures.worst_rows(reports["lora"], 0.5, 1, "left")
+    assert written[-1] == str(tmp_path / "figures" / f"similarity-{worst.name}.png")
     for name in written:
         with open(name, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,8 @@
 """The ``lorafft plot`` and ``lorafft report`` commands: figures and an HTML page from a saved JSON report.
 
-Both read what ``lorafft scan ... --out report.json`` wrote; no checkpoint is needed (the HTML page adds a
-similarity heatmap when the checkpoints are still where the report says). matplotlib is imported only when they run.
+Both read what ``lorafft scan ... --out report.json`` wrote; no checkpoint is needed. When the checkpoints are still
+where the report says, ``plot`` adds the similarity heatmaps of the worst matrices and, for a training-run scan, the
+intruder trajectory of the worst one; the HTML page adds a heatmap. matplotlib is imported only when they run.
 """
 
 from __future__ import annotations
@@ -23,12 +24,20 @@ figures written into DIR (PNG):
                       so scan with a large --k for this one
   layer_bars.png      intruders per layer, stacked by module
   spectrum-NAME.png   singular values of the few matrices with most intruders, fine-tuned and base
-With several REPORTs the per-report figures are prefixed by the report's file name.
+  similarity-NAME.png |cos| between the top singular vectors of base and fine-tune of the matrices with most
+                      intruders (Figures 1-3; --heatmaps, --heatmap-size); read from the checkpoints
+  trajectory-NAME.png for a training-run scan (several checkpoints): rank and singular value of each intruder
+                      of the last checkpoint's worst matrix across the checkpoints (Figure 5); read from them
+With several REPORTs the per-report figures are prefixed by the report's file name. The last two need the
+checkpoints at the paths the report names (relative ones: from the current directory); when they are gone
+the command says so in one line and writes the others.
 
 examples:
   lorafft scan ./base ./lora --eps 0.5 0.6 0.7 0.8 0.9 --out lora.json
   lorafft plot lora.json --out figures/
   lorafft plot rank1.json rank8.json full.json --out compare/ --eps 0.6
+  lorafft plot lora.json --out zoom/ --heatmap-size 100 --spectra 0
+  lorafft scan ./base ./run/checkpoint-100 ./run/checkpoint-200 --out run.json && lorafft plot run.json --out run/
 """
 
 REPORT_EPILOG = """\
@@ -39,6 +48,17 @@ offline. Needs matplotlib for the figures (pip install 'lorafft[plot]').
 example:
   lorafft scan ./base ./lora --out report.json && lorafft report report.json --html report.html
 """
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
 
 
 def add_commands(subparsers) -> None:
@@ -54,8 +74,17 @@ def add_commands(subparsers) -> None:
                       help="singular vectors to plot (default: left when every report has them, else right)")
     plot.add_argument("--eps", type=float, metavar="EPS",
                       help="threshold of the per-layer, top-k and spectrum figures (default: each report's smallest)")
-    plot.add_argument("--spectra", type=int, default=3, metavar="N",
+    plot.add_argument("--spectra", type=_at_least(0), default=3, metavar="N",
                       help="spectrum figures for the N matrices with most intruders (default: 3)")
+    plot.add_argument("--heatmaps", type=_at_least(0), default=1, metavar="N",
+                      help="similarity heatmaps for the N matrices with most intruders, read from the checkpoints "
+                           "(default: 1; 0: none)")
+    plot.add_argument("--heatmap-size", type=_at_least(1), default=10, metavar="n",
+                      help="top n base and fine-tuned singular vectors per heatmap (default: 10, as the paper; "
+                           "up to a few hundred)")
+    plot.add_argument("--no-trajectory", action="store_true",
+                      help="no intruder trajectory for a training-run scan (it reads every checkpoint)")
+    plot.add_argument("--dpi", type=_at_least(10), default=100, help="resolution of the PNG files (default: 100)")
     plot.set_defaults(run=run_plot)
 
     report = subparsers.add_parser("report", help="write a saved report as one self-contained HTML page",
@@ -99,8 +128,34 @@ def _filename(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
+def _missing_checkpoints(report: Report) -> list[str]:
+    """The report's base and tuned inputs that are not on disk (all of them for in-memory state dicts)."""
+    paths = [str(report.inputs.get("base")), *map(str, report.checkpoints)]
+    return [path for path in paths if not os.path.exists(path)]
+
+
+def _checkpoint_figures(report: Report, side: str, eps: float, args):
+    """``(filename, Figure)`` pairs drawn from the checkpoints: the similarity heatmaps of the ``args.heatmaps``
+    matrices with most intruders (of the last checkpoint) and, for several checkpoints, the intruder trajectory of
+    the worst one. InputError when a checkpoint cannot be read."""
+    from lorafft.plots import figures
+    from lorafft.plots.heatmaps import plot_similarity, similarity
+    from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
+
+    base = report.inputs["base"]
+    for row in figures.worst_rows(report, eps, args.heatmaps, side):
+        drawn = similarity(base, report.checkpoints[row.checkpoint], row.name, n=args.heatmap_size, side=side, eps=eps,
+                           k_intruders=row.k)
+        yield f"similarity-{_filename(row.name)}.png", plot_similarity(drawn)
+    if len(report.checkpoints) > 1 and not args.no_trajectory:
+        (row,) = figures.worst_rows(report, eps, 1, side)
+        drawn = intruder_trajectory(base, report.checkpoints, row.name, side=side, eps=eps, k=row.k)
+        yield f"trajectory-{_filename(row.name)}.png", plot_trajectory(drawn)
+
+
 def run_plot(args) -> int:
-    """``lorafft plot``: write every report-only figure into ``args.out`` and print the files written."""
+    """``lorafft plot``: write every report-only figure into ``args.out`` and, when the checkpoints are on disk, the
+    similarity heatmaps (and a training run's intruder trajectory); print the files written."""
     from lorafft.plots import figures
 
     reports = [load_report(path) for path in args.reports]
@@ -111,7 +166,7 @@ def run_plot(args) -> int:
 
     def save(figure, name):
         target = os.path.join(args.out, name)
-        figure.savefig(target, dpi=120)
+        figure.savefig(target, dpi=args.dpi)
         written.append(target)
 
     try:
@@ -124,6 +179,17 @@ def run_plot(args) -> int:
             save(figures.plot_layer_bars(report, side, eps), f"{prefix}layer_bars.png")
             for row in figures.worst_rows(report, eps, args.spectra, side):
                 save(figures.plot_spectra(report, row.name, side, eps), f"{prefix}spectrum-{_filename(row.name)}.png")
+            wanted = args.heatmaps > 0 or (len(report.checkpoints) > 1 and not args.no_trajectory)
+            missing = _missing_checkpoints(report) if wanted else []
+            if missing:
+                print(f"lorafft: note: {label}: no similarity heatmap or trajectory: checkpoint(s) not found: "
+                      f"{', '.join(missing)}", file=sys.stderr)
+            elif wanted:
+                try:
+                    for name, figure in _checkpoint_figures(report, side, eps, args):
+                        save(figure, prefix + name)
+                except InputError as error:
+                    print(f"lorafft: note: {label}: no similarity heatmap or trajectory: {error}", file=sys.stderr)
     except ImportError as error:
         print(f"lorafft: error: {error}", file=sys.stderr)
         return 1

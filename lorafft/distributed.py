@@ -1,0 +1,57 @@
+"""Many processes, one report: ``torchrun`` spreads a scan's batches over ranks with torch.distributed.
+
+``torchrun --nproc-per-node N -m lorafft scan ...`` (and the same across nodes with ``--nnodes`` and a rendezvous
+endpoint) starts N copies of the scan. Every rank pairs the checkpoints (headers only), cuts the same global
+batches, and computes the batches assigned to it, reading only those tensors; rank 0 gathers the rows and writes
+the one report, identical to a single-process run's (the batches and their random streams are the same).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)``; joins the process group torchrun describes in the environment (NCCL with CUDA, else
+    gloo) when there is more than one process. ``(0, 1)`` outside torchrun."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def assign(costs: list[float], size: int) -> list[int]:
+    """The rank that computes each batch: longest-processing-time-first, each batch to the least loaded rank."""
+    owners, load = [0] * len(costs), [0.0] * size
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        rank = min(range(size), key=lambda r: load[r])
+        owners[index] = rank
+        load[rank] += costs[index]
+    return owners
+
+
+def gather(rows_by_batch: dict[int, list], rank: int, size: int) -> dict[int, list] | None:
+    """Every rank's ``{batch index: rows}`` merged on rank 0 (None on the other ranks)."""
+    if size == 1:
+        return rows_by_batch
+    import torch.distributed as dist
+
+    parts = [None] * size if rank == 0 else None
+    dist.gather_object(rows_by_batch, parts, dst=0)
+    if rank != 0:
+        return None
+    return {index: rows for part in parts for index, rows in part.items()}
+
+
+def barrier(size: int) -> None:
+    """Wait for every rank (no-op for one process)."""
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

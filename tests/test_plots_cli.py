@@ -1,0 +1,147 @@
+"""``lorafft plot`` pictures read from the checkpoints (similarity heatmaps, a training run's intruder trajectory) and
+the ``Report.plot_*`` methods, checked for content against the lorafft.plots functions they wrap."""
+
+import dataclasses
+
+import numpy
+import pytest
+import torch
+
+import lorafft
+from lorafft import cli, synthetic
+from lorafft.plots import figures
+from lorafft.plots.heatmaps import plot_similarity, similarity
+from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
+
+image = pytest.importorskip("matplotlib.image")
+
+EPS = (0.5, 0.6, 0.7, 0.8, 0.9)
+LAYER_0 = ["layers\\.0\\."]  # 7 matrices: keeps the scans short
+Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def reports(trio):
+    return {kind: lorafft.scan(trio.base, getattr(trio, kind), k=10, eps=EPS, include=LAYER_0, progress=False)
+            for kind in ("full", "lora")}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One training run: W0 + t·ΔW for a rank-2 LoRA update of top σ 1.5·σ1(W0), t = 0.3, 0.6, 1.0 (checkpoints on
+    disk), and its trajectory scan."""
+    directory = tmp_path_factory.mktemp("run")
+    generator = torch.Generator().manual_seed(1)
+    W0 = synthetic.random_weight(256, 256, generator=generator)
+    A, B = synthetic.lora_update(256, 256, 2, generator=generator, lora_alpha=4, sigma=1.5 * synthetic.SIGMA1)
+    base = synthetic.write_checkpoint({Q_PROJ: W0}, directory / "base")
+    steps = [synthetic.write_checkpoint({Q_PROJ: W0 + t * 2 * (B @ A)}, directory / f"step-{i}")
+             for i, t in enumerate((0.3, 0.6, 1.0))]
+    return lorafft.scan(base, steps, k=10, eps=EPS, progress=False)
+
+
+def red_pixels(path) -> int:
+    """Pixels of the intruder outline's pure red (viridis, the text and the axes have none)."""
+    pixels = image.imread(path)[..., :3]
+    return int(((pixels[..., 0] > 0.8) & (pixels[..., 1] < 0.2) & (pixels[..., 2] < 0.2)).sum())
+
+
+def plot(argv, capsys) -> tuple[int, list[str], str]:
+    capsys.readouterr()
+    status = cli.main(["plot", *map(str, argv)])
+    captured = capsys.readouterr()
+    return status, captured.out.split(), captured.err
+
+
+def test_plot_writes_the_worst_matrices_heatmaps(reports, tmp_path, capsys):
+    paths = {}
+    for kind, report in reports.items():
+        paths[kind] = tmp_path / f"{kind}.json"
+        report.to_json(paths[kind])
+    status, written, err = plot([paths["lora"], "--out", tmp_path / "lora", "--spectra", "0", "--heatmaps", "2"], capsys)
+    assert status == 0 and not err
+    worst = figures.worst_rows(reports["lora"], 0.5, 2, "left")
+    heatmaps = [str(tmp_path / "lora" / f"similarity-{row.name}.png") for row in worst]
+    assert written == [str(tmp_path / "lora" / name) for name in ("counts_vs_eps.png", "counts_vs_k.png",
+                                                                   "layer_bars.png")] + heatmaps
+    for path in heatmaps:
+        assert image.imread(path).shape[:2] == (560, 640)  # 6.4 × 5.6 in at the default 100 dpi
+        assert red_pixels(path) > 500  # the one intruder's column is outlined
+
+    # the full fine-tune: the worst matrix drawn all the same, no outline; n = 30 on request
+    status, written, _ = plot([paths["full"], "--out", tmp_path / "full", "--spectra", "0", "--heatmap-size", "30",
+                               "--dpi", "50"], capsys)
+    (row,) = figures.worst_rows(reports["full"], 0.5, 1, "left")
+    assert status == 0 and written[-1] == str(tmp_path / "full" / f"similarity-{row.name}.png")
+    assert image.imread(written[-1]).shape[:2] == (280, 320) and red_pixels(written[-1]) == 0
+
+
+def test_plot_without_the_checkpoints_says_so_and_draws_the_rest(reports, tmp_path, capsys):
+    report = reports["lora"]
+    gone = dataclasses.replace(report, inputs={**report.inputs, "base": str(tmp_path / "moved")})
+    gone.to_json(tmp_path / "gone.json")
+    status, written, err = plot([tmp_path / "gone.json", "--out", tmp_path / "figures", "--spectra", "1"], capsys)
+    assert status == 0 and len(written) == 4 and not any("similarity" in path for path in written)
+    (line,) = err.splitlines()
+    assert line == f"lorafft: note: gone: no similarity heatmap or trajectory: checkpoint(s) not found: {tmp_path / 'moved'}"
+    with pytest.raises(SystemExit):  # a bad count is a usage error
+        cli.main(["plot", str(tmp_path / "gone.json"), "--out", str(tmp_path), "--heatmap-size", "0"])
+
+
+def test_plot_of_a_training_run_writes_the_trajectory(run, tmp_path, capsys):
+    run.to_json(tmp_path / "run.json")
+    status, written, err = plot([tmp_path / "run.json", "--out", tmp_path / "figures", "--spectra", "0"], capsys)
+    assert status == 0 and not err
+    assert written[-2:] == [str(tmp_path / "figures" / f"{kind}-{Q_PROJ}.png") for kind in ("similarity", "trajectory")]
+    assert image.imread(written[-1]).shape[:2] == (440, 1000)
+    status, written, _ = plot([tmp_path / "run.json", "--out", tmp_path / "none", "--heatmaps", "0", "--no-trajectory"],
+                              capsys)
+    assert status == 0 and not any("similarity" in p or "trajectory" in p for p in written)
+
+
+def content(figure) -> list:
+    """What a figure shows: per axes, its labels, title, lines, bars, scatter points, images and texts."""
+    shown = []
+    for ax in figure.axes:
+        shown.append((ax.get_xlabel(), ax.get_ylabel(), ax.get_title(),
+                      [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines],
+                      [(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in ax.patches],
+                      [c.get_offsets().tolist() for c in ax.collections],
+                      [numpy.asarray(i.get_array()).tolist() for i in ax.images],
+                      [t.get_text() for t in ax.texts]))
+    return shown
+
+
+def test_report_methods_draw_what_the_plots_functions_draw(trio, reports, tmp_path):
+    lora, full = reports["lora"], reports["full"]
+    (worst,) = figures.worst_rows(lora, 0.5, 1)
+    pairs = [
+        (lora.plot_counts_vs_eps(), figures.plot_counts_vs_eps(lora)),
+        (lora.plot_counts_vs_eps(label="lora", others={"full": full}, eps_grid=[0.3, 0.5]),
+         figures.plot_counts_vs_eps({"lora": lora, "full": full}, eps_grid=[0.3, 0.5])),
+        (lora.plot_counts_vs_k(per_module=True), figures.plot_counts_vs_k(lora, eps=0.5, per_module=True)),
+        (lora.plot_layer_bars(eps=0.7), figures.plot_layer_bars(lora, eps=0.7)),
+        (lora.plot_spectra(worst.name), figures.plot_spectra(lora, worst.name)),
+        (lora.plot_similarity(worst.name, n=12),
+         plot_similarity(similarity(trio.base, trio.lora, worst.name, n=12, k_intruders=10))),
+    ]
+    for method, function in pairs:
+        assert content(method) == content(function)
+    (ax,) = pairs[1][0].axes
+    assert [line.get_label() for line in ax.lines][:2] == ["lora", "full"]
+    similarity_ax = pairs[-1][0].axes[0]
+    assert numpy.asarray(similarity_ax.images[0].get_array()).shape == (12, 12)
+
+    lora.to_html(tmp_path / "lora.html", spectra=1)
+    assert (tmp_path / "lora.html").read_text(encoding="utf-8").count("data:image/png;base64,") == 3 + 1 + 1
+
+
+def test_report_plot_trajectory(run):
+    checkpoints = run.checkpoints
+    method = run.plot_trajectory(Q_PROJ)
+    function = plot_trajectory(intruder_trajectory(run.inputs["base"], checkpoints, Q_PROJ, eps=0.5, k=10))
+    assert content(method) == content(function)
+    rank_ax = method.axes[0]
+    assert [line.get_ydata()[-1] for line in rank_ax.lines if line.get_label().startswith("y_")] == [0, 1]
+    (ax,) = run.plot_counts_vs_eps().axes
+    assert len([line for line in ax.lines if not line.get_label().startswith("random floor")]) == 3
