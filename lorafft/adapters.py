@@ -136,7 +136,7 @@ def merged_weight(module: LoraModule, base_weight: torch.Tensor) -> torch.Tensor
     if tuple(base_weight.shape) != tuple(delta.shape):
         raise InputError(module.base_name, f"base weight has shape {list(base_weight.shape)} but the adapter's "
                                            f"update has shape {list(delta.shape)}")
-    merged = base_weight.float() + delta
+    merged = base_weight.to(torch.float32, copy=True).add_(delta)
     if module.magnitude is None:
         return merged
     rows = merged.T if module.fan_in_fan_out else merged  # [out, in]

@@ -43,7 +43,15 @@ examples:
   lorafft scan ./base ./lora-adapter --eps 0.5 0.6 0.7 0.8 0.9 --side both --out report.csv
   lorafft scan ./base ./tuned --include 'layers\\.(0|1)\\.' --exclude 'mlp' --k 20
   lorafft scan ./base ./run/checkpoint-100 ./run/checkpoint-200 ./run/checkpoint-300 --out trajectory.json
+  lorafft scan ./phi-3-base ./phi-3-finetune --split-fused --out report.json   # q, k, v, gate, up apart
 """
+
+
+SPLIT_FUSED_HELP = (
+    "analyse fused projections as their parts: qkv_proj and query_key_value as .q, .k, .v, gate_up_proj as .gate, "
+    ".up (Phi-3, GPT-NeoX, BLOOM, Falcon; the layout is read from each checkpoint directory's config.json, so BASE "
+    "and TUNED must be directories). Default: analysed whole. PEFT adapters are always merged onto the whole fused "
+    "weight")
 
 
 def _scan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +66,7 @@ def _scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="REGEX", help="skip tensors whose name matches one")
     parser.add_argument("--embeddings", action="store_true", help="also analyse embeddings and lm_head (left out by default)")
     parser.add_argument("--strict", action="store_true", help="a paired name with another shape is an error, not a warning")
+    parser.add_argument("--split-fused", action="store_true", help=SPLIT_FUSED_HELP)
     parser.add_argument("--delta-ranks", action="store_true",
                         help="also report the effective and stable rank of the update dW = TUNED - BASE per matrix")
     parser.add_argument("--base-cache", metavar="DIR", help="read base bases from this cache ('lorafft cache build')")
@@ -99,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--include", nargs="+", default=[], metavar="REGEX", help="only tensors whose name matches one")
     build.add_argument("--exclude", nargs="+", default=[], metavar="REGEX", help="skip tensors whose name matches one")
     build.add_argument("--embeddings", action="store_true", help="also embeddings and lm_head")
+    build.add_argument("--split-fused", action="store_true", help=SPLIT_FUSED_HELP)
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(run=_run_cache)
 
@@ -119,7 +129,8 @@ def _run_scan(args) -> int:
 
     journal = args.journal or (args.out + ".journal" if args.out else None)
     report = scan(args.base, args.tuned if len(args.tuned) > 1 else args.tuned[0], k=args.k, eps=args.eps, side=args.side, include=args.include,
-                  exclude=args.exclude, embeddings=args.embeddings, strict=args.strict, delta_ranks=args.delta_ranks,
+                  exclude=args.exclude, embeddings=args.embeddings, strict=args.strict, split_fused=args.split_fused,
+                  delta_ranks=args.delta_ranks,
                   base_cache=args.base_cache, write_base_cache=args.write_base_cache, journal=journal,
                   resume=args.resume, out=args.out, max_batch_bytes=int(args.max_batch_bytes * 2**30), tol=args.tol,
                   seed=args.seed, progress=not args.quiet)
@@ -135,7 +146,7 @@ def _run_cache(args) -> int:
     from lorafft.scan import build_base_cache
 
     cache = build_base_cache(args.base, args.out, include=args.include, exclude=args.exclude,
-                             embeddings=args.embeddings, progress=not args.quiet)
+                             embeddings=args.embeddings, split_fused=args.split_fused, progress=not args.quiet)
     print(f"{len(cache.entries)} base bases in {cache.directory}")
     return 0
 

@@ -25,6 +25,34 @@ after this module knows about quantization or stacked experts:
   for a fused ``gate_up_proj`` beside its ``down_proj`` (``gate_up`` has twice the intermediate size I on its
   output side): ``expert_layout="auto"`` uses that test and assumes ``[E, out, in]`` otherwise; ``"out_in"`` or
   ``"in_out"`` says it outright. Per-expert 2-D tensors (``experts.3.w1.weight``) need nothing: they are ordinary.
+- **Fused projections**, only when asked (``open_checkpoint(..., split_fused=True)``, ``lorafft scan
+  --split-fused``; by default they are analysed whole): a 2-D ``<m>.qkv_proj.weight`` or ``<m>.query_key_value.weight``
+  is shown as ``<m>.qkv_proj.q.weight``, ``.k.weight``, ``.v.weight`` (``<m>.query_key_value.q.weight`` ...), a 2-D
+  ``<m>.gate_up_proj.weight`` as ``<m>.gate_up_proj.gate.weight`` and ``.up.weight``, each the rows that projection
+  applies, in head order; the fused name is left out of ``names()``. The layout comes from the checkpoint
+  directory's ``config.json`` (its ``model_type`` and sizes), as transformers' modeling code reads the fused output:
+
+  ======================  ===============  =================================================================
+  model_type              tensor           rows (h = num_attention_heads, d = head_dim)
+  ======================  ===============  =================================================================
+  ``phi3``                qkv_proj         ``[q; k; v]``: h·d, kv·d, kv·d (kv = num_key_value_heads, default
+                                           h; d = head_dim, default hidden_size // h)
+  ``phi3``                gate_up_proj     ``[gate; up]``: intermediate_size each (``chunk(2)``, gate first)
+  ``gpt_neox``            query_key_value  per head ``[h, 3, d]`` (q, k, v of head 0, then of head 1, ...);
+                                           d = hidden_size // num_attention_heads
+  ``bloom``               query_key_value  per head ``[h, 3, d]`` as GPT-NeoX; h = ``n_head``,
+                                           d = hidden_size (or ``n_embed``) // h
+  ``falcon``              query_key_value  per key/value group ``[g, h/g + 2, d]``: the group's h/g query heads,
+                                           then its k, then its v; g = num_kv_heads (default h) with
+                                           ``new_decoder_architecture``, else 1 with ``multi_query`` (default
+                                           true), else h (that is ``[h, 3, d]``); d = hidden_size // h
+  ======================  ===============  =================================================================
+
+  Sources: transformers' ``Phi3Attention``/``Phi3MLP``, ``GPTNeoXAttention``, ``BloomAttention._reshape``,
+  ``FalconAttention._split_heads`` and their configs. Anything else (another model_type, Falcon's pre-transformers
+  ``RefinedWeb``/``RefinedWebModel`` configs, a tensor whose rows do not add up) is an InputError naming the config
+  file, never a guess. Fused biases are left as stored (biases are never analysed). A PEFT adapter on a fused module
+  is merged onto the whole fused weight: splitting applies to full checkpoints only.
 
 ``Checkpoint.stored_names()`` lists the tensors as the files hold them, for code that rewrites files.
 """
@@ -73,6 +101,13 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_BLOCK = 128  # DeepSeek-V3's (and compressed-tensors' block strategy's) quantization block: 128×128
 _SCALE_SUFFIXES = ("_scale", "_scale_inv")  # <m>.weight_scale (compressed-tensors), <m>.weight_scale_inv (DeepSeek)
 _STACKED_EXPERTS = re.compile(r"(^|\.)\w*experts\.[^.]+$")  # <...>.experts.<param>: a module's direct parameter
+CONFIG = "config.json"  # a Hugging Face checkpoint directory's model config (read for split_fused)
+_FUSED_WEIGHT = re.compile(r"(^|\.)(?P<kind>qkv_proj|gate_up_proj|query_key_value)\.weight$")
+FUSED_MODEL_TYPES = {  # fused 2-D weight -> the model_types whose row layout split_fused knows (module docstring)
+    "qkv_proj": ("phi3",),
+    "gate_up_proj": ("phi3",),
+    "query_key_value": ("bloom", "falcon", "gpt_neox"),
+}
 
 _Meta = tuple[torch.dtype, tuple[int, ...]]  # (stored dtype, shape) of one tensor
 
@@ -250,6 +285,15 @@ class _SafetensorsShard:
         except (OSError, SafetensorError) as e:
             raise InputError(self.path, f"cannot read safetensors data: {e}") from e
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """``tensor(name)[start:stop]``, reading only those rows' bytes."""
+        try:
+            if self._handle is None:
+                self._handle = safe_open(self.path, framework="pt")
+            return self._handle.get_slice(name)[start:stop]
+        except (OSError, SafetensorError) as e:
+            raise InputError(self.path, f"cannot read safetensors data: {e}") from e
+
     def release(self) -> None:
         self._handle = None  # safe_open unmaps when dropped
 
@@ -279,6 +323,9 @@ class _TensorsShard:
 
     def expert(self, name: str, index: int) -> torch.Tensor:
         return self._loaded()[name][index].detach().cpu()
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._loaded()[name][start:stop].detach().cpu()
 
     def release(self) -> None:
         self._tensors = None
@@ -397,6 +444,135 @@ def _stacked_transposed(shapes: dict[str, tuple[int, ...]], layout: ExpertLayout
     return transposed
 
 
+@dataclass(frozen=True)
+class _SplitView:
+    """Part ``part`` of a fused 2-D weight ``fused``: its rows ``fused[a:b]`` for each ``(a, b)`` in ``rows``, in
+    order (one range for ``[q; k; v]`` blocks, one per head or group for interleaved layouts)."""
+
+    fused: str
+    part: str
+    rows: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """A checkpoint directory's ``config.json`` (``path``, for messages) and its parsed ``config``: how fused
+    projections split (module docstring)."""
+
+    path: str
+    config: dict
+
+    def layout(self, kind: str, name: str) -> dict[str, tuple[tuple[int, int], ...]]:
+        """``{part: row ranges}`` of a fused ``kind`` tensor (``qkv_proj``, ``gate_up_proj``, ``query_key_value``)
+        under this config, parts in stored order. ``name`` (one such tensor) is only for messages. InputError naming
+        the config file for an unknown model_type or a missing or malformed size."""
+        model_type = self.config.get("model_type")
+        what = f"cannot split the fused '{name}'"
+        if model_type is None:
+            raise InputError(self.path, f"{what}: this config has no 'model_type', needed to know the layout of "
+                                        f"{kind} (--split-fused)")
+        supported = FUSED_MODEL_TYPES[kind]
+        if model_type not in supported:
+            raise InputError(self.path, f"{what}: lorafft knows the row layout of {kind} only for model_type "
+                                        f"{', '.join(supported)}, not {model_type!r}; scan without --split-fused to "
+                                        f"analyse it whole")
+
+        def get(*keys: str, default: int | None = None) -> int:
+            return self._int(keys, default, f"{what} ({model_type})")
+
+        if kind == "gate_up_proj":  # Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+            size = get("intermediate_size")
+            return _contiguous({"gate": size, "up": size})
+        if model_type == "phi3":  # Phi3Attention: [q; k; v] by num_attention_heads, num_key_value_heads
+            heads = get("num_attention_heads")
+            kv_heads = get("num_key_value_heads", default=heads)
+            head_dim = get("hidden_size") // heads if self.config.get("head_dim") is None else get("head_dim")
+            return _contiguous({"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim})
+        if model_type == "gpt_neox":  # qkv.view(..., heads, 3 * head_size): q, k, v per head
+            heads = get("num_attention_heads")
+            return _grouped(heads, 1, get("hidden_size") // heads)
+        if model_type == "bloom":  # fused_qkv.view(..., num_heads, 3, head_dim)
+            heads = get("n_head", "num_attention_heads")
+            return _grouped(heads, 1, get("hidden_size", "n_embed") // heads)
+        # falcon: FalconAttention._split_heads
+        heads = get("num_attention_heads", "n_head")
+        head_dim = get("hidden_size", "n_embed") // heads
+        if self._bool("new_decoder_architecture", False, f"{what} ({model_type})"):
+            groups = get("num_kv_heads", "n_head_kv", default=heads)
+        else:
+            groups = 1 if self._bool("multi_query", True, f"{what} ({model_type})") else heads
+        if heads % groups:
+            raise InputError(self.path, f"{what}: num_attention_heads {heads} is not a multiple of num_kv_heads "
+                                        f"{groups}")
+        return _grouped(groups, heads // groups, head_dim)
+
+    def _int(self, keys: tuple[str, ...], default: int | None, what: str) -> int:
+        """The first of ``keys`` present (not null) in the config, a positive integer; else ``default``."""
+        for key in keys:
+            value = self.config.get(key)
+            if value is not None:
+                if not (_is_int(value) and value > 0):
+                    raise InputError(self.path, f"{what}: '{key}' must be a positive integer, got {value!r}")
+                return value
+        if default is None:
+            raise InputError(self.path, f"{what}: this config has no {' or '.join(repr(k) for k in keys)} "
+                                        f"(needed by --split-fused)")
+        return default
+
+    def _bool(self, key: str, default: bool, what: str) -> bool:
+        value = self.config.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise InputError(self.path, f"{what}: '{key}' must be true or false, got {value!r}")
+        return value
+
+
+def _contiguous(sizes: dict[str, int]) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Row ranges of parts stored one after the other, ``[a; b; ...]``."""
+    layout, start = {}, 0
+    for part, size in sizes.items():
+        layout[part] = ((start, start + size),)
+        start += size
+    return layout
+
+
+def _grouped(groups: int, queries: int, head_dim: int) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Row ranges of q, k, v stored ``[groups, queries + 2, head_dim]``: per group its ``queries`` query heads,
+    one key head and one value head (adjacent ranges merged)."""
+    ranges: dict[str, list[tuple[int, int]]] = {"q": [], "k": [], "v": []}
+    stride = (queries + 2) * head_dim
+    for group in range(groups):
+        start = group * stride
+        ranges["q"].append((start, start + queries * head_dim))
+        ranges["k"].append((start + queries * head_dim, start + (queries + 1) * head_dim))
+        ranges["v"].append((start + (queries + 1) * head_dim, start + stride))
+    merged = {}
+    for part, spans in ranges.items():
+        out = [spans[0]]
+        for begin, end in spans[1:]:
+            if begin == out[-1][1]:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((begin, end))
+        merged[part] = tuple(out)
+    return merged
+
+
+def _rows(tensor: torch.Tensor, rows: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """``tensor``'s rows ``rows`` as a new tensor (a copy: it does not keep ``tensor`` alive)."""
+    return torch.cat([tensor[begin:end] for begin, end in rows]) if len(rows) > 1 else tensor[slice(*rows[0])].clone()
+
+
+def split_name(fused: str, part: str) -> str:
+    """The view name of part ``part`` of the fused weight ``fused``: ``<m>.qkv_proj.weight`` ->
+    ``<m>.qkv_proj.q.weight``."""
+    return f"{fused.removesuffix('.weight')}.{part}.weight"
+
+
+_View = _Fp8View | _ExpertView | _SplitView
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Public API
 
@@ -408,40 +584,48 @@ class Checkpoint:
     tensors is first touched and stays mapped until :meth:`release` or :meth:`close`.
 
     With ``views`` (what :func:`open_checkpoint` does), float8 weights with a scale read as fp32 and stacked expert
-    tensors as one matrix per expert (module docstring); ``names()`` lists what the analysis should see and
-    ``stored_names()`` what the files hold. ``get`` accepts both kinds of names.
+    tensors as one matrix per expert, and with a ``fused_config`` fused projections as their parts (module
+    docstring); ``names()`` lists what the analysis should see and ``stored_names()`` what the files hold. ``get``
+    accepts both kinds of names.
     """
 
     def __init__(self, path: str, shard_of: dict[str, _Shard], index: str | None = None, *, views: bool = False,
-                 expert_layout: ExpertLayout = "auto"):
+                 expert_layout: ExpertLayout = "auto", fused_config: FusedConfig | None = None):
         if expert_layout not in ("auto", "out_in", "in_out"):
             raise ValueError(f"expert_layout must be 'auto', 'out_in' or 'in_out', got {expert_layout!r}")
+        if fused_config is not None and not views:
+            raise ValueError("splitting fused projections is a view: it needs views=True")
         self.path = path  # what messages name: the directory or file given, or "<state dict>"
         self._shard_of = shard_of
         self._shards = {shard.path: shard for shard in shard_of.values()}
         self._index = index  # the index file the name -> shard map came from, if any
         self._use_views = views
         self._expert_layout = expert_layout
-        self._views_found: tuple[dict[str, _Fp8View | _ExpertView], set[str]] | None = None
+        self._fused_config = fused_config
+        self._views_found: tuple[dict[str, _View], set[str]] | None = None
 
     def names(self) -> list[str]:
-        """All tensor names the analysis sees, sorted: stored names, less FP8 scales and stacked expert tensors,
-        plus one ``<stacked>.<e>`` per expert."""
+        """All tensor names the analysis sees, sorted: stored names, less FP8 scales, stacked expert tensors and
+        split fused weights, plus one ``<stacked>.<e>`` per expert and one ``<fused>.<part>.weight`` per part."""
         views, hidden = self._views()
-        return sorted({name for name in self._shard_of if name not in hidden} | views.keys())
+        return sorted((self._shard_of.keys() | views.keys()) - hidden)
 
     def stored_names(self) -> list[str]:
         """All tensor names as stored in the files, sorted."""
         return sorted(self._shard_of)
 
     def is_view(self, name: str) -> bool:
-        """True when ``get(name)`` is not a stored tensor as stored: a dequantized FP8 weight or one expert of a
-        stacked tensor (code that rewrites files must not write such a tensor back under ``name``)."""
+        """True when ``get(name)`` is not a stored tensor as stored: a dequantized FP8 weight, one expert of a
+        stacked tensor or one part of a fused weight (code that rewrites files must not write such a tensor back
+        under ``name``)."""
         return name in self._views()[0]
 
     def file_of(self, name: str) -> str:
         """The file holding tensor ``name`` (for messages); touches no data."""
-        view = self._views()[0].get(name)
+        views = self._views()[0]
+        view = views.get(name)
+        if isinstance(view, _SplitView):
+            name, view = view.fused, views.get(view.fused)
         if view is not None:
             name = view.weight if isinstance(view, _Fp8View) else view.stacked
         return self._shard(name, check=False).path
@@ -454,23 +638,39 @@ class Checkpoint:
         elif isinstance(view, _ExpertView):
             rows, cols = self._meta(view.stacked)[1][1:]
             return (cols, rows) if view.transposed else (rows, cols)
+        elif isinstance(view, _SplitView):
+            return sum(end - begin for begin, end in view.rows), self._meta(view.fused)[1][1]
         return self._meta(name)[1]
 
     def dtype(self, name: str) -> torch.dtype:
-        """Dtype of tensor ``name`` as ``get`` returns it (the stored one; fp32 for a dequantized FP8 weight),
-        without reading its data."""
-        view = self._views()[0].get(name)
+        """Dtype of tensor ``name`` as ``get`` returns it (the stored one; fp32 for a dequantized FP8 weight or a
+        part of one), without reading its data."""
+        views = self._views()[0]
+        view = views.get(name)
+        if isinstance(view, _SplitView):
+            name, view = view.fused, views.get(view.fused)
         if isinstance(view, _Fp8View):
             return torch.float32
         return self._meta(view.stacked if isinstance(view, _ExpertView) else name)[0]
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name``: CPU, stored dtype (fp32 for a dequantized FP8 weight; one expert's ``[out, in]``
-        matrix for ``<stacked>.<e>``). InputError if a floating-point result holds NaN or Inf."""
-        view = self._views()[0].get(name)
+        matrix for ``<stacked>.<e>``; a copy of the part's rows for ``<fused>.<part>.weight``). InputError if a
+        floating-point result holds NaN or Inf."""
+        views = self._views()[0]
+        view = views.get(name)
         if isinstance(view, _Fp8View):
-            shard = self._shard(view.weight)
-            tensor = dequantize(shard.tensor(view.weight), self._shard(view.scale).tensor(view.scale), view.scheme)
+            shard, tensor = self._dequantized(view)
+        elif isinstance(view, _SplitView):
+            source = views.get(view.fused)
+            if isinstance(source, _Fp8View):  # dequantize the whole (block scales may straddle the parts)
+                shard, whole = self._dequantized(source)
+                tensor = _rows(whole, view.rows)
+                del whole
+            else:
+                shard = self._shard(view.fused)
+                tensor = (shard.rows(view.fused, *view.rows[0]) if len(view.rows) == 1 else
+                          _rows(shard.tensor(view.fused), view.rows))
         elif isinstance(view, _ExpertView):
             shard = self._shard(view.stacked)
             tensor = shard.expert(view.stacked, view.index)
@@ -501,6 +701,10 @@ class Checkpoint:
     def _meta(self, name: str) -> _Meta:
         return self._shard(name).meta(name)
 
+    def _dequantized(self, view: _Fp8View) -> tuple[_Shard, torch.Tensor]:
+        shard = self._shard(view.weight)
+        return shard, dequantize(shard.tensor(view.weight), self._shard(view.scale).tensor(view.scale), view.scheme)
+
     def _shard(self, name: str, check: bool = True) -> _Shard:
         """The shard holding ``name``; with ``check``, InputError if an index listed it but the shard lacks it."""
         try:
@@ -511,15 +715,18 @@ class Checkpoint:
             raise _missing_from_shard(shard, name, self._index)
         return shard
 
-    def _views(self) -> tuple[dict[str, _Fp8View | _ExpertView], set[str]]:
-        """``({name: view}, stored names hidden from names())``, found on first use from names, dtypes and shapes
-        (headers only for safetensors). InputError for a float8 weight whose scale does not fit it."""
+    def _views(self) -> tuple[dict[str, _View], set[str]]:
+        """``({name: view}, names hidden from names())``, found on first use from names, dtypes and shapes
+        (headers only for safetensors) and the fused config. InputError for a float8 weight whose scale does not
+        fit it, or a fused weight the config cannot split."""
         if self._views_found is None:
-            views: dict[str, _Fp8View | _ExpertView] = {}
+            views: dict[str, _View] = {}
             hidden: set[str] = set()
             if self._use_views:
                 self._find_fp8(views, hidden)
                 self._find_experts(views, hidden)
+                if self._fused_config is not None:
+                    self._find_fused(views, hidden, self._fused_config)
             self._views_found = views, hidden
         return self._views_found
 
@@ -557,28 +764,75 @@ class Checkpoint:
             for index in range(stacked[name][0]):
                 views[f"{name}.{index}"] = _ExpertView(name, index, transposed)
 
+    def _find_fused(self, views: dict, hidden: set[str], fused: FusedConfig) -> None:
+        layouts: dict[str, dict[str, tuple[tuple[int, int], ...]]] = {}  # kind -> layout, one per checkpoint
+        for name in sorted(self._shard_of):
+            match = _FUSED_WEIGHT.search(name)
+            if match is None:
+                continue
+            dtype, shape = self._meta(name)
+            if len(shape) != 2 or not dtype.is_floating_point:
+                continue
+            kind = match["kind"]
+            if kind not in layouts:
+                layouts[kind] = fused.layout(kind, name)
+            layout = layouts[kind]
+            total = sum(end - begin for ranges in layout.values() for begin, end in ranges)
+            if shape[0] != total:
+                sizes = " + ".join(f"{part} {sum(e - b for b, e in ranges)}" for part, ranges in layout.items())
+                raise InputError(fused.path, f"cannot split the fused '{name}' ({self._shard(name).path}): it has "
+                                             f"{shape[0]} rows but this config ({fused.config['model_type']}) gives "
+                                             f"{sizes} = {total}")
+            for part, ranges in layout.items():
+                view_name = split_name(name, part)
+                if view_name in self._shard_of or view_name in views:
+                    raise InputError(self._shard(name).path, f"cannot split the fused '{name}': the checkpoint "
+                                                             f"already has a tensor named '{view_name}'")
+                views[view_name] = _SplitView(name, part, ranges)
+            hidden.add(name)
+
 
 def _missing_from_shard(shard: _Shard, name: str, index: str) -> InputError:
     return InputError(shard.path, f"tensor '{name}' listed in {os.path.basename(index)} is not in this shard")
 
 
 def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor], *, views: bool = True,
-                    expert_layout: ExpertLayout = "auto") -> Checkpoint:
+                    expert_layout: ExpertLayout = "auto", split_fused: bool = False) -> Checkpoint:
     """Open a checkpoint directory, a single weights file, a shard index ``.json``, or a ``{name: tensor}`` dict.
 
     A directory is searched for ``model.safetensors.index.json``, ``model.safetensors``,
     ``pytorch_model.bin.index.json`` and ``pytorch_model.bin``, in that order; the first found is used.
     ``views``: dequantize FP8 weights and split stacked expert tensors (module docstring); ``expert_layout``:
     how stacked experts are stored (``"auto"``, ``"out_in"`` for ``[E, out, in]``, ``"in_out"`` for ``[E, in, out]``).
+    ``split_fused``: show fused ``qkv_proj`` / ``gate_up_proj`` / ``query_key_value`` weights as their parts, as
+    the directory's ``config.json`` says (module docstring); only a directory has one, so a file or a state dict is
+    an InputError, and so is a directory without it. Whether the config fits is checked when the names are first
+    listed.
     """
+    if split_fused and not views:
+        raise ValueError("split_fused is a view: it needs views=True")
     options = {"views": views, "expert_layout": expert_layout}
     if isinstance(source, Mapping):
+        if split_fused:
+            raise InputError(STATE_DICT, f"--split-fused needs the checkpoint's {CONFIG} to know how fused "
+                                         f"projections split, and an in-memory state dict has none: give the "
+                                         f"checkpoint directory")
         tensors = _check_tensors(STATE_DICT, source)
         shard = _TensorsShard(STATE_DICT, lambda: tensors)
         return Checkpoint(STATE_DICT, dict.fromkeys(tensors, shard), **options)
     path = _existing(source)
     if not os.path.isdir(path):
+        if split_fused:
+            raise InputError(path, f"--split-fused needs the checkpoint's {CONFIG} to know how fused projections "
+                                   f"split, and a single file has none: give the checkpoint directory that holds "
+                                   f"this file and {CONFIG}")
         return _open_file(path, path, **options)
+    if split_fused:
+        config = os.path.join(path, CONFIG)
+        if not os.path.isfile(config):
+            raise InputError(config, f"no such file: --split-fused reads the model_type and head counts of "
+                                     f"the checkpoint {path} from it")
+        options["fused_config"] = FusedConfig(config, read_json_object(config))
     for candidate in _LAYOUT:
         file = os.path.join(path, candidate)
         if os.path.isfile(file):

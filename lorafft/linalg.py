@@ -25,16 +25,27 @@ import torch
 SIDES = ("left", "right")
 
 
-def _gram_lower(W: torch.Tensor) -> torch.Tensor:
-    """Lower triangle of ``W @ W.mT`` for ``W [L, s, d]`` (upper triangle left zero): about half the flops
-    of a full product, which is all the symmetric eigen-solvers read."""
-    L, s, _ = W.shape
-    gram = torch.zeros(L, s, s, dtype=W.dtype, device=W.device)
-    step = max(256, math.ceil(s / 8))
-    for start in range(0, s, step):
-        stop = min(s, start + step)
-        torch.matmul(W[:, start:stop], W[:, :stop].mT, out=gram[:, start:stop, :stop])
+def _gram_lower(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Lower triangle of ``W @ W.mT`` in ``dtype`` for ``W [L, s, d]`` (upper triangle left zero): about half the
+    flops of a full product, which is all the symmetric eigen-solvers read. W is converted a slab of columns at a
+    time, so no full-size copy in ``dtype`` is made (for a 28672×8192 fp32 weight that copy would be 1.9 GB)."""
+    L, s, d = W.shape
+    gram = torch.zeros(L, s, s, dtype=dtype, device=W.device)
+    rows = max(256, math.ceil(s / 8))
+    for column in range(0, d, 2048):
+        slab = W[:, :, column : column + 2048].to(dtype)
+        for start in range(0, s, rows):
+            stop = min(s, start + rows)
+            gram[:, start:stop, :stop] += slab[:, start:stop] @ slab[:, :stop].mT
     return gram
+
+
+def _matmul(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``A @ B`` in ``dtype`` for ``A [L, p, q]`` of another dtype, converting A a slab of q at a time."""
+    out = torch.zeros(A.shape[0], A.shape[1], B.shape[-1], dtype=dtype, device=A.device)
+    for start in range(0, A.shape[-1], 2048):
+        out += A[:, :, start : start + 2048].to(dtype) @ B[:, start : start + 2048].to(dtype)
+    return out
 
 
 def _lapack_tridiagonal_eigh(gram: np.ndarray):
@@ -68,7 +79,7 @@ class BaseBasis:
     sigma: ``[L, s]`` fp64, descending (sqrt of the Gram eigenvalues; the paper's base singular values).
     """
 
-    W0: torch.Tensor  # [L, m, n], the compute dtype
+    W0: torch.Tensor  # [L, m, n] as given (products with it are done in fp64, a slab at a time)
     sigma: torch.Tensor  # [L, s] fp64, descending
     Z: torch.Tensor  # [L, s, s], columns ordered by descending sigma
     reflectors: torch.Tensor | None  # [L, s, s] LAPACK ?sytrd output (lower), or None when Z is the basis
@@ -104,8 +115,7 @@ class BaseBasis:
         """
         if side == self.small_side:
             return self._small_to_eigen(Y.to(self.Z.dtype)).to(Y.dtype)
-        W0 = self.W0.double()
-        image = W0 @ Y.double() if self.small_side == "left" else W0.mT @ Y.double()
+        image = _matmul(self.W0 if self.small_side == "left" else self.W0.mT, Y)
         inverse_sigma = torch.where(self.sigma > 0, 1.0 / self.sigma, 0.0).double()
         return (self._small_to_eigen(image) * inverse_sigma.unsqueeze(-1)).to(Y.dtype)
 
@@ -118,8 +128,7 @@ class BaseBasis:
         small = self._eigen_to_small(unit).double()
         if side == self.small_side:
             return small
-        W0 = self.W0.double()
-        other = W0.mT @ small if self.small_side == "left" else W0 @ small
+        other = _matmul(self.W0.mT if self.small_side == "left" else self.W0, small)
         return other / self.sigma[:, :count].clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
 
 
@@ -132,9 +141,8 @@ def base_basis(W0: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> BaseB
     tridiagonal route without forming the basis (about half the time of ``torch.linalg.eigh``); on other
     devices ``torch.linalg.eigh`` is used.
     """
-    W0 = W0.to(dtype)
     small = W0 if W0.shape[-2] <= W0.shape[-1] else W0.mT
-    gram = _gram_lower(small)
+    gram = _gram_lower(small, dtype)
     L, s, _ = gram.shape
     if gram.device.type == "cpu" and s > 1:
         parts = [_lapack_tridiagonal_eigh(g.numpy()) for g in gram]
@@ -308,7 +316,7 @@ def singular_values(W: torch.Tensor) -> torch.Tensor:
     """All singular values of ``W [L, m, n]``, ``[L, min(m, n)]`` fp64 descending, from the eigenvalues of the
     smaller side's fp64 Gram matrix (no vectors: LAPACK's tridiagonal reduction and a root-free QR)."""
     small = W if W.shape[-2] <= W.shape[-1] else W.mT
-    lam = torch.linalg.eigvalsh(_gram_lower(small.double()), UPLO="L")
+    lam = torch.linalg.eigvalsh(_gram_lower(small, torch.float64), UPLO="L")
     return lam.flip(-1).clamp_min(0).sqrt()
 
 

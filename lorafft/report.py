@@ -262,7 +262,7 @@ class Report:
         checkpoint = len(self.checkpoints) - 1 if checkpoint is None else checkpoint
         eps = min(self.eps) if eps is None else eps
         drawn = similarity(self.inputs["base"], self.checkpoints[checkpoint], name, n=n, side=side, eps=eps,
-                           k_intruders=self.options.get("k"))
+                           k_intruders=self.options.get("k"), split_fused=self.options.get("split_fused", False))
         return plot_similarity(drawn, ax=ax)
 
     def plot_trajectory(self, name: str, side: str = "left", eps: float | None = None, *, search: int | None = None,
@@ -273,7 +273,8 @@ class Report:
 
         eps = min(self.eps) if eps is None else eps
         drawn = intruder_trajectory(self.inputs["base"], self.checkpoints, name, side=side, eps=eps,
-                                    k=self.options.get("k", 10), search=search)
+                                    k=self.options.get("k", 10), search=search,
+                                    split_fused=self.options.get("split_fused", False))
         return plot_trajectory(drawn, ax=ax)
 
     def to_html(self, path, **options) -> None:

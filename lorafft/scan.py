@@ -6,10 +6,13 @@ groups of one shape) -> analysis (batched linalg per group) -> report (one row p
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import os
 import platform
+import queue
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -77,10 +80,11 @@ def find_pairs(base: io.Checkpoint, tuned, scope: pairing.Scope, *, strict: bool
     return pairs, skipped
 
 
-def _batches(pairs: list[Pair], max_batch_bytes: int):
-    """Same-shape groups cut so that the fp32 base + tuned stacks of a batch fit ``max_batch_bytes``."""
+def _batches(pairs: list[Pair], max_batch_bytes: int, copies: int = 2):
+    """Same-shape groups cut so that a batch's fp32 stacks (``copies`` per matrix: the base and each tuned
+    checkpoint) fit ``max_batch_bytes``."""
     for shape, group in pairing.group_by_shape(pairs, lambda p: p.shape).items():
-        per_matrix = 2 * 4 * shape[0] * shape[1]
+        per_matrix = copies * 4 * shape[0] * shape[1]
         size = max(1, max_batch_bytes // per_matrix)
         for start in range(0, len(group), size):
             yield group[start : start + size]
@@ -159,6 +163,7 @@ def scan(
     exclude=(),
     embeddings: bool = False,
     strict: bool = False,
+    split_fused: bool = False,
     delta_ranks: bool = False,
     base_cache=None,
     write_base_cache=None,
@@ -181,6 +186,10 @@ def scan(
         side: "left" (output space, the paper's choice), "right" or "both".
         include, exclude: regexes searched in base tensor names; embeddings: also embeddings and ``lm_head``.
         strict: a paired name with a different shape is an error instead of a warning.
+        split_fused: analyse fused projections as their parts (``qkv_proj`` / ``query_key_value`` as q, k, v;
+            ``gate_up_proj`` as gate, up; named ``<fused>.<part>.weight``), laid out as each checkpoint directory's
+            ``config.json`` says (:mod:`lorafft.io`: Phi-3, GPT-NeoX, BLOOM, Falcon); by default they are analysed
+            whole. Not with a PEFT adapter, which is merged onto the whole fused weight: then ignored, with a warning.
         delta_ranks: also the effective and stable rank of ΔW = Wt - W0 (from the r×r core for LoRA modules; a
             Gram eigenvalue decomposition of ΔW otherwise, which adds about half a base basis per matrix).
         base_cache: a directory from ``lorafft cache build`` (or ``write_base_cache``): base bases found there are
@@ -210,14 +219,18 @@ def scan(
         raise ValueError("scan needs at least one tuned checkpoint")
     if resume and journal is None:
         raise ValueError("resume needs the journal of the scan to finish")
+    if split_fused and any(io.is_adapter(source) for source in tuned_list):
+        warnings.warn("split_fused ignored: a PEFT adapter is merged onto whole fused projections, so they are "
+                      "analysed whole", stacklevel=2)
+        split_fused = False
     scope = pairing.Scope(tuple(include), tuple(exclude), embeddings)
     reader = None if base_cache is None else BaseCache(base_cache)
     writer = None if write_base_cache is None else BaseCache(write_base_cache, writable=True)
     with contextlib.ExitStack() as stack:
-        base_checkpoint = stack.enter_context(_open(base, role="base"))
+        base_checkpoint = stack.enter_context(_open(base, role="base", split_fused=split_fused))
         sources, pairs_by_source, skipped = [], [], []
         for source in tuned_list:
-            opened = open_tuned(source)
+            opened = open_tuned(source, split_fused=split_fused)
             stack.enter_context(opened.tensors if isinstance(opened, io.Adapter) else opened)
             pairs, skipped_here = find_pairs(base_checkpoint, opened, scope, strict=strict)
             sources.append(opened)
@@ -231,11 +244,12 @@ def scan(
         inputs = {"base": _describe(base), "tuned": [_describe(t) for t in tuned_list],
                   "tuned_kind": ["lora" if isinstance(source, io.Adapter) else "full" for source in sources]}
         options = {"k": k, "eps": list(eps), "side": side, "include": list(include), "exclude": list(exclude),
-                   "embeddings": embeddings, "strict": strict, "delta_ranks": delta_ranks, "tol": tol, "seed": seed,
+                   "embeddings": embeddings, "strict": strict, "split_fused": split_fused, "delta_ranks": delta_ranks,
+                   "tol": tol, "seed": seed,
                    "base_cache": None if base_cache is None else os.fspath(base_cache),
                    "max_batch_bytes": max_batch_bytes}
         rank, size = distributed.world()
-        batches = list(_batches(list(first.values()), max_batch_bytes))
+        batches = list(_batches(list(first.values()), max_batch_bytes, copies=1 + len(sources)))
         owners = distributed.assign([_cost(batch) * len(sources) for batch in batches], size)
         if journal is not None and size > 1:
             journal = f"{os.fspath(journal)}.rank{rank}"
@@ -268,33 +282,98 @@ def _cost(batch: list[Pair]) -> float:
     return float(sum(max(p.shape) * min(p.shape) ** 2 for p in batch))
 
 
+class _ShardReleaser:
+    """Reads tensors of one checkpoint in a planned order and releases each shard right after the last tensor the
+    plan reads from it, so a scan holds only the shards it still needs."""
+
+    def __init__(self, checkpoint: io.Checkpoint, names: list[str]):
+        self.checkpoint = checkpoint
+        self.remaining = collections.Counter(checkpoint.file_of(name) for name in names)
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.checkpoint.get(name)
+        file = self.checkpoint.file_of(name)
+        self.remaining[file] -= 1
+        if self.remaining[file] == 0:
+            self.checkpoint.release(file)
+        return tensor
+
+
+def _prefetched(load, items: list):
+    """Yield ``(item, load(item))`` while one reader thread loads the next item: reading the next batch overlaps the
+    analysis of this one. The reader starts on the next item only once the consumer has taken the previous one, so
+    at most two loaded items exist at a time (the one analysed and the one being read)."""
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    taken = threading.Semaphore(0)
+    stop = threading.Event()
+
+    def read() -> None:
+        for item in items:
+            try:
+                entry = (item, load(item), None)
+            except BaseException as error:  # handed to the consumer, which raises it
+                entry = (item, None, error)
+            handoff.put(entry)  # never blocks: the consumer has taken the previous item
+            failed = entry[2] is not None
+            del entry
+            while not taken.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            if failed or stop.is_set():
+                return
+
+    thread = threading.Thread(target=read, name="lorafft-reader", daemon=True)
+    thread.start()
+    try:
+        for _ in items:
+            item, value, error = handoff.get()
+            taken.release()
+            if error is not None:
+                raise error
+            yield item, value
+            del value
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], settings: dict, record, reader,
                writer, batches: list[list[Pair]], mine: list[int], *, progress: bool) -> dict[int, list[MatrixRow]]:
     """``{batch index: rows}`` for the batches ``mine``, rows in canonical order (checkpoint, matrix, side): rows
     already in the journal ``record`` are taken from it, the others computed and appended to it. ``settings``: k,
-    eps, sides, tol, seed, delta_ranks."""
+    eps, sides, tol, seed, delta_ranks. Batches are read ahead by one reader thread (:func:`_prefetched`)."""
     from tqdm.auto import tqdm
 
     sides, rows_by_batch = settings["sides"], {}
-    total = sum(len(batches[index]) for index in mine) * len(sources)
+    keys = {index: [(pair.name, checkpoint, side) for checkpoint in range(len(sources)) for pair in batches[index]
+                    for side in sides] for index in mine}
+    journaled = {index for index in mine if record is not None and all(key in record.rows for key in keys[index])}
+    for index in sorted(journaled):
+        rows_by_batch[index] = [record.rows[key] for key in keys[index]]
+    to_compute = [index for index in mine if index not in journaled]
+    base_reader = _ShardReleaser(base, [pair.name for index in to_compute for pair in batches[index]])
+    tuned_readers = [source if isinstance(source, io.Adapter) else
+                     _ShardReleaser(source, [pairs[pair.name].tuned_name for index in to_compute for pair in batches[index]])
+                     for source, pairs in zip(sources, pairs_by_source)]
+
+    def load(batch_index: int):
+        batch = batches[batch_index]
+        stored = [base_reader.get(pair.name) for pair in batch]
+        W0 = torch.stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
+        tuned = [torch.stack([_load_tuned(source, pairs[pair.name], w0) for pair, w0 in zip(batch, W0)])
+                 for source, pairs in zip(tuned_readers, pairs_by_source)]
+        return stored, W0, tuned
+
+    total = sum(len(batches[index]) for index in to_compute) * len(sources)
     with tqdm(total=total, unit="matrix", disable=not progress, desc="lorafft scan") as bar:
-        for batch_index in mine:
-            batch = batches[batch_index]
-            rows = rows_by_batch[batch_index] = []
-            keys = [(pair.name, checkpoint, side) for checkpoint in range(len(sources)) for pair in batch for side in sides]
-            if record is not None and all(key in record.rows for key in keys):
-                rows.extend(record.rows[key] for key in keys)
-                bar.update(len(batch) * len(sources))
-                continue
+        for batch_index, (stored, W0, tuned) in _prefetched(load, to_compute):
+            batch, rows = batches[batch_index], rows_by_batch.setdefault(batch_index, [])
             # one random stream per batch, so that a resumed (or distributed) scan draws exactly what one run draws
             generator = torch.Generator().manual_seed(settings["seed"] + 7919 * batch_index)
-            stored = [base.get(pair.name) for pair in batch]
-            W0 = torch.stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
             basis = _base_basis(W0, stored, batch, reader, writer)
             del stored
-            for checkpoint, (source, pairs) in enumerate(zip(sources, pairs_by_source)):
+            for checkpoint, (Wt, pairs) in enumerate(zip(tuned, pairs_by_source)):
                 here = [pairs[pair.name] for pair in batch]
-                Wt = torch.stack([_load_tuned(source, pair, w0) for pair, w0 in zip(here, W0)])
                 results = analysis.analyze(W0, Wt, k=settings["k"], eps=settings["eps"], sides=sides,
                                            start=_adapter_start(here), tol=settings["tol"], generator=generator,
                                            basis=basis)
@@ -304,38 +383,41 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
                         record.append(row)
                     rows.append(row)
                 bar.update(len(batch))
+            del tuned, W0, basis  # before the next batch arrives: at most two batches in memory
     return rows_by_batch
 
 
-def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: bool = False,
+def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: bool = False, split_fused: bool = False,
                      max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, progress: bool = False) -> BaseCache:
     """Compute and store the basis of every 2-D base weight in scope (as stored, ``[out, in]``) in ``directory``:
-    ``lorafft cache build``. Entries already there with the right fingerprint are kept. Returns the cache."""
+    ``lorafft cache build``. Entries already there with the right fingerprint are kept. ``split_fused``: the parts
+    of fused projections, as ``scan(..., split_fused=True)`` reads them. Returns the cache."""
     writer = BaseCache(directory, writable=True)
     scope = pairing.Scope(tuple(include), tuple(exclude), embeddings)
-    with _open(base, role="base") as checkpoint:
+    with _open(base, role="base", split_fused=split_fused) as checkpoint:
         pairs = [Pair(name, name, tuple(checkpoint.shape(name))) for name in checkpoint.names()
                  if len(checkpoint.shape(name)) == 2 and scope.admits(name)]
         if not pairs:
             raise InputError(checkpoint.path, "no 2-D weight matrices in scope")
         from tqdm.auto import tqdm
 
-        for batch in tqdm(list(_batches(pairs, max_batch_bytes)), unit="batch", disable=not progress, desc="lorafft cache"):
+        for batch in tqdm(list(_batches(pairs, max_batch_bytes, copies=1)), unit="batch", disable=not progress, desc="lorafft cache"):
             stored = [checkpoint.get(pair.name) for pair in batch]
             W0 = torch.stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
             _base_basis(W0, stored, batch, writer, writer)
     return writer
 
 
-def open_tuned(source) -> io.Checkpoint | io.Adapter:
-    """A tuned input opened: a PEFT adapter directory as an io.Adapter, anything else as a Checkpoint."""
-    return io.open_adapter(source) if io.is_adapter(source) else _open(source, role="tuned")
+def open_tuned(source, *, split_fused: bool = False) -> io.Checkpoint | io.Adapter:
+    """A tuned input opened: a PEFT adapter directory as an io.Adapter, anything else as a Checkpoint (its fused
+    projections split when ``split_fused``)."""
+    return io.open_adapter(source) if io.is_adapter(source) else _open(source, role="tuned", split_fused=split_fused)
 
 
-def _open(source, role: str) -> io.Checkpoint:
+def _open(source, role: str, *, split_fused: bool = False) -> io.Checkpoint:
     if not isinstance(source, dict) and io.is_adapter(source) and role == "base":
         raise InputError(source, "the base must be a model checkpoint, not a PEFT adapter")
-    return io.open_checkpoint(source)
+    return io.open_checkpoint(source, split_fused=split_fused)
 
 
 def _delta_ranks(batch: list[Pair], W0: torch.Tensor, Wt: torch.Tensor) -> list[tuple[float, float]]:

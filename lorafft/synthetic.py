@@ -417,3 +417,86 @@ def moe_state_dict(
         norm = 1 + 0.1 * torch.randn(hidden, generator=generator)
         state[f"model.layers.{layer}.post_attention_layernorm.weight"] = norm
     return {name: t.to(dtype) for name, t in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused projections (Phi-3)
+
+
+def phi3_config(
+    *,
+    hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 96,
+    layers: int = 1,
+    vocab: int = 128,
+) -> dict:
+    """A ``config.json`` for a tiny Phi-3 (``Phi3ForCausalLM``, model_type ``phi3``): what transformers needs to
+    split its fused ``qkv_proj`` (``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` = hidden / heads)
+    and ``gate_up_proj`` (``intermediate_size``)."""
+    return {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+
+
+def phi3_state_dict(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A Phi-3-shaped state dict for ``config`` (``phi3_config``), deterministic given ``seed``.
+
+    Per layer: ``self_attn.qkv_proj.weight`` ``[(h + 2·kv)·d, H]``, rows ``[q; k; v]`` as ``Phi3Attention`` splits
+    them, each block its own ``random_weight`` (so q, k and v each have the realistic spectrum of an unfused
+    projection); ``self_attn.o_proj.weight`` ``[H, h·d]``; ``mlp.gate_up_proj.weight`` ``[2I, H]``, rows
+    ``[gate; up]`` (``Phi3MLP``: ``chunk(2)``, gate first), each half a ``random_weight``; ``mlp.down_proj.weight``
+    ``[H, I]``; two 1-D RMSNorm weights. Plus ``model.embed_tokens.weight``, ``model.norm.weight`` and
+    ``lm_head.weight``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads, intermediate = config["num_key_value_heads"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+    vocab = config["vocab_size"]
+
+    def blocks(*rows: int) -> torch.Tensor:
+        return torch.cat([random_weight(r, hidden, generator=generator) for r in rows])
+
+    state = {"model.embed_tokens.weight": random_weight(vocab, hidden, generator=generator)}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        kv = kv_heads * head_dim
+        state[f"{prefix}.self_attn.qkv_proj.weight"] = blocks(heads * head_dim, kv, kv)
+        state[f"{prefix}.self_attn.o_proj.weight"] = random_weight(hidden, heads * head_dim, generator=generator)
+        state[f"{prefix}.mlp.gate_up_proj.weight"] = blocks(intermediate, intermediate)
+        state[f"{prefix}.mlp.down_proj.weight"] = random_weight(hidden, intermediate, generator=generator)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"{prefix}.{norm}.weight"] = 1 + 0.1 * torch.randn(hidden, generator=generator)
+    state["model.norm.weight"] = 1 + 0.1 * torch.randn(hidden, generator=generator)
+    state["lm_head.weight"] = random_weight(vocab, hidden, generator=generator)
+    return {name: t.to(dtype) for name, t in state.items()}
+
+
+def write_phi3_checkpoint(
+    directory,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    config: dict | None = None,
+    seed: int = 0,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write a Phi-3-shaped checkpoint (fused ``qkv_proj`` and ``gate_up_proj``) with its ``config.json`` and return
+    the directory. ``config`` defaults to ``phi3_config()``, ``state_dict`` to ``phi3_state_dict(config, seed=seed)``
+    (pass a modified copy of that to write a fine-tune)."""
+    config = phi3_config() if config is None else config
+    state_dict = phi3_state_dict(config, seed=seed) if state_dict is None else state_dict
+    return write_checkpoint(state_dict, directory, max_shard_bytes=max_shard_bytes, config=config)

@@ -145,11 +145,12 @@ def _checkpoint_figures(report: Report, side: str, eps: float, args):
     base = report.inputs["base"]
     for row in figures.worst_rows(report, eps, args.heatmaps, side):
         drawn = similarity(base, report.checkpoints[row.checkpoint], row.name, n=args.heatmap_size, side=side, eps=eps,
-                           k_intruders=row.k)
+                           k_intruders=row.k, split_fused=report.options.get("split_fused", False))
         yield f"similarity-{_filename(row.name)}.png", plot_similarity(drawn)
     if len(report.checkpoints) > 1 and not args.no_trajectory:
         (row,) = figures.worst_rows(report, eps, 1, side)
-        drawn = intruder_trajectory(base, report.checkpoints, row.name, side=side, eps=eps, k=row.k)
+        drawn = intruder_trajectory(base, report.checkpoints, row.name, side=side, eps=eps, k=row.k,
+                                    split_fused=report.options.get("split_fused", False))
         yield f"trajectory-{_filename(row.name)}.png", plot_trajectory(drawn)
 
 

@@ -26,7 +26,7 @@ from lorafft.scan import find_pairs, load_pair, open_tuned
 CELL_TEXT_MAX = 12  # heatmaps up to this size print each |cos| in its cell
 
 
-def load_weights(base, tuned: list, name: str) -> tuple[str, torch.Tensor, list[torch.Tensor]]:
+def load_weights(base, tuned: list, name: str, *, split_fused: bool = False) -> tuple[str, torch.Tensor, list[torch.Tensor]]:
     """``(base name, W0, [Wt, ...])``: the matrix ``name`` of the base and of each tuned input, as :func:`lorafft.scan`
     pairs and merges it.
 
@@ -35,14 +35,14 @@ def load_weights(base, tuned: list, name: str) -> tuple[str, torch.Tensor, list[
     Wt are fp32 ``[out, in]`` (the analysed orientation). Raises InputError when a tuned input has no such matrix of
     the base's shape (or none: an adapter that does not adapt it).
     """
-    with io.open_checkpoint(base) as base_checkpoint:
+    with io.open_checkpoint(base, split_fused=split_fused) as base_checkpoint:
         base_name = pairing.NameIndex(base_checkpoint.names()).resolve(name)
         if base_name is None:
             raise InputError(base_checkpoint.path, f"no tensor named '{name}'")
         scope = pairing.Scope(include=(f"^{re.escape(base_name)}$",), embeddings=True)
         W0, weights = None, []
         for source in tuned:
-            opened = open_tuned(source)
+            opened = open_tuned(source, split_fused=split_fused)
             with opened.tensors if isinstance(opened, io.Adapter) else opened:
                 pairs, _ = find_pairs(base_checkpoint, opened, scope, strict=True)
                 W0, Wt = load_pair(base_checkpoint, opened, pairs[0])
@@ -73,16 +73,17 @@ class Similarity:
 
 
 def similarity(base, tuned, name: str, *, n: int = 10, side: str = "left", eps: float = 0.5,
-               k_intruders: int | None = None) -> Similarity:
+               k_intruders: int | None = None, split_fused: bool = False) -> Similarity:
     """The similarity of the top ``n`` tuned and base singular vectors of matrix ``name``, and its intruders.
 
     ``base``: a checkpoint; ``tuned``: a checkpoint or a PEFT adapter directory (see :func:`load_weights`).
     ``side``: "left" (output space, the paper's choice) or "right". Intruders are tested among the top
-    ``k_intruders`` tuned vectors (default: all n). ``n`` is capped at min(out, in).
+    ``k_intruders`` tuned vectors (default: all n). ``n`` is capped at min(out, in). ``split_fused``: as in
+    :func:`lorafft.scan` (for reports scanned with it).
     """
     if side not in linalg.SIDES:
         raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
-    base_name, W0, (Wt,) = load_weights(base, [tuned], name)
+    base_name, W0, (Wt,) = load_weights(base, [tuned], name, split_fused=split_fused)
     basis = linalg.base_basis(W0.unsqueeze(0))
     tuned_svd = linalg.truncated_svd(Wt.unsqueeze(0), n, generator=torch.Generator().manual_seed(0))
     vectors = tuned_svd.U if side == "left" else tuned_svd.V  # [1, d, n] fp64

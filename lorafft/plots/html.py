@@ -60,7 +60,8 @@ def _heatmap(report: Report, row) -> str:
         return f"<p>No similarity heatmap: {escape(', '.join(missing))} not found (the checkpoints are needed).</p>\n"
     eps = min(report.eps)
     try:
-        drawn = similarity(base, tuned, row.name, n=min(row.k, 10), side=row.side, eps=eps, k_intruders=row.k)
+        drawn = similarity(base, tuned, row.name, n=min(row.k, 10), side=row.side, eps=eps, k_intruders=row.k,
+                           split_fused=report.options.get("split_fused", False))
     except InputError as error:
         return f"<p>No similarity heatmap: {escape(str(error))}</p>\n"
     return _figure(plot_similarity(drawn), f"|cos| between the top singular vectors of {row.name} ({row.side}) in the "

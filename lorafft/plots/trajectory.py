@@ -60,7 +60,7 @@ def _label(source, index: int) -> str:
 
 
 def intruder_trajectory(base, checkpoints: list, name: str, *, side: str = "left", eps: float = 0.5, k: int = 10,
-                        search: int | None = None) -> Trajectory:
+                        search: int | None = None, split_fused: bool = False) -> Trajectory:
     """Follow the intruders of the last of ``checkpoints`` (at threshold ``eps`` among its top ``k``) through all.
 
     ``base``: a checkpoint; ``checkpoints``: checkpoints or PEFT adapter directories of one run, in training order;
@@ -72,7 +72,7 @@ def intruder_trajectory(base, checkpoints: list, name: str, *, side: str = "left
         raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
     if not checkpoints:
         raise ValueError("intruder_trajectory needs at least one checkpoint")
-    base_name, W0, weights = load_weights(base, list(checkpoints), name)
+    base_name, W0, weights = load_weights(base, list(checkpoints), name, split_fused=split_fused)
     search = max(k, SEARCH_FACTOR * k if search is None else search)
     basis = linalg.base_basis(W0.unsqueeze(0))
     tuned = linalg.truncated_svd(torch.stack(weights), search, generator=torch.Generator().manual_seed(0))
