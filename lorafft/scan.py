@@ -299,6 +299,11 @@ class _ShardReleaser:
         return tensor
 
 
+def _stack(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """``[L, m, n]`` from L matrices; a view, not a copy, when L = 1 (the usual case for big matrices)."""
+    return matrices[0].unsqueeze(0) if len(matrices) == 1 else torch.stack(matrices)
+
+
 def _prefetched(load, items: list):
     """Yield ``(item, load(item))`` while one reader thread loads the next item: reading the next batch overlaps the
     analysis of this one. The reader starts on the next item only once the consumer has taken the previous one, so
@@ -359,8 +364,8 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
     def load(batch_index: int):
         batch = batches[batch_index]
         stored = [base_reader.get(pair.name) for pair in batch]
-        W0 = torch.stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
-        tuned = [torch.stack([_load_tuned(source, pairs[pair.name], w0) for pair, w0 in zip(batch, W0)])
+        W0 = _stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
+        tuned = [_stack([_load_tuned(source, pairs[pair.name], w0) for pair, w0 in zip(batch, W0)])
                  for source, pairs in zip(tuned_readers, pairs_by_source)]
         return stored, W0, tuned
 
@@ -403,7 +408,7 @@ def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: boo
 
         for batch in tqdm(list(_batches(pairs, max_batch_bytes, copies=1)), unit="batch", disable=not progress, desc="lorafft cache"):
             stored = [checkpoint.get(pair.name) for pair in batch]
-            W0 = torch.stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
+            W0 = _stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
             _base_basis(W0, stored, batch, writer, writer)
     return writer
 
