@@ -36,11 +36,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 BASE_PREFIX = "base_model.model."  # prefix PeftModel puts before the wrapped model's module names
 
 # <module>.<kind>[.<adapter name>][.weight]; "weight" and "bias" are never adapter names.
-_LORA_KEY = re.compile(
+LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?!(?:weight|bias)$)(?P<adapter>[^.]+))?(?:\.weight)?$"
 )
-_ROLE = {
+ROLE = {
     "lora_A": "A",
     "lora_embedding_A": "A",
     "lora_B": "B",
@@ -85,7 +85,7 @@ def lora_modules(adapter, base_index, shape_of: Callable[[str], Sequence[int]] |
 
     matches, ignored = [], []
     for name in tensors.names():
-        match = _LORA_KEY.match(name)
+        match = LORA_KEY.match(name)
         if match is None or (match["kind"] == "lora_magnitude_vector" and not settings.use_dora):
             ignored.append(name)
         else:
@@ -96,7 +96,7 @@ def lora_modules(adapter, base_index, shape_of: Callable[[str], Sequence[int]] |
         raise InputError(tensors.path, f"adapter weights hold several adapters ({names}); expected one")
     parts: dict[str, dict[str, str]] = {}  # module name (PEFT's key) -> role ("A", "B", "magnitude") -> tensor name
     for name, match in matches:
-        module, role = match["module"].removeprefix(BASE_PREFIX), _ROLE[match["kind"]]
+        module, role = match["module"].removeprefix(BASE_PREFIX), ROLE[match["kind"]]
         if role in parts.setdefault(module, {}):
             raise InputError(tensors.file_of(name), f"adapter module '{module}' has two {match['kind']} tensors")
         parts[module][role] = name
@@ -184,12 +184,12 @@ class _Settings:
 
     def rank_and_scaling(self, key: str) -> tuple[int, float]:
         """(r, s) of the module named ``key`` (PEFT's ``current_key``)."""
-        r = _pattern_value(self.rank_pattern, key, self.r)
-        alpha = _pattern_value(self.alpha_pattern, key, self.alpha)
+        r = pattern_value(self.rank_pattern, key, self.r)
+        alpha = pattern_value(self.alpha_pattern, key, self.alpha)
         return r, alpha / (math.sqrt(r) if self.use_rslora else r)
 
 
-def _pattern_value(pattern: dict, key: str, default):
+def pattern_value(pattern: dict, key: str, default):
     """PEFT's ``pattern.get(get_pattern_key(pattern.keys(), key), default)``: the first matching key wins."""
     for pattern_key in pattern:
         if re.match(rf"(.*\.)?({pattern_key})$", key):
@@ -218,7 +218,7 @@ def _module(tensors, module: str, roles: dict[str, str], base_name: str,
         if tuple(magnitude.shape) != (lora_b.shape[0],):
             raise InputError(file, f"adapter module '{module}': lora_magnitude_vector has shape "
                                    f"{list(magnitude.shape)}, expected [{lora_b.shape[0]}]")
-    embedding = _LORA_KEY.match(roles["A"])["kind"] == "lora_embedding_A"
+    embedding = LORA_KEY.match(roles["A"])["kind"] == "lora_embedding_A"
     out_in = (lora_b.shape[0], lora_a.shape[1])
     fan_in_fan_out = embedding or settings.fan_in_fan_out
     if base_shape is not None:

@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lorafft import adapters, analysis, io, linalg, pairing
-from lorafft.scan import DEFAULT_MAX_BATCH_BYTES, Pair, _adapter_start, _batches, find_pairs, load_pair
+from lorafft.scan import DEFAULT_MAX_BATCH_BYTES, Pair, adapter_start, shape_batches, find_pairs, load_pair
 from lorafft.errors import InputError
 
 WHICH = ("top", "all")
@@ -269,13 +269,13 @@ def _find_edits(base_checkpoint, tuned_source, pairs, lam, which, eps, k, tol, s
     generator = torch.Generator().manual_seed(seed)
     edits, matrices = {}, []
     with tqdm(total=len(pairs), unit="matrix", disable=not progress, desc="lorafft intervene") as bar:
-        for batch in _batches(pairs, max_batch_bytes):
+        for batch in shape_batches(pairs, max_batch_bytes):
             loaded = [load_pair(base_checkpoint, tuned_source, pair) for pair in batch]
             W0 = torch.stack([w0 for w0, _ in loaded])
             Wt = torch.stack([wt for _, wt in loaded])
             del loaded
             basis = linalg.base_basis(W0)
-            start = _adapter_start(batch)
+            start = adapter_start(batch)
             result = analysis.analyze(W0, Wt, k=k, eps=(eps,), start=start, tol=tol, generator=generator,
                                       basis=basis)["left"]
             chosen = []
@@ -349,8 +349,8 @@ def _write_adapter(adapter: io.Adapter, base_checkpoint: io.Checkpoint, edits: d
     alpha_pattern = config.get("alpha_pattern") or {}
 
     def old_rank_alpha(key):
-        return (adapters._pattern_value(rank_pattern, key, original_r),
-                adapters._pattern_value(alpha_pattern, key, original_alpha))
+        return (adapters.pattern_value(rank_pattern, key, original_r),
+                adapters.pattern_value(alpha_pattern, key, original_alpha))
 
     entries = {}  # PEFT key -> (r, alpha)
     for name, edit in edits.items() if lam != 1 else ():
@@ -389,10 +389,10 @@ def _adapter_modules(adapter: io.Adapter) -> dict[str, dict[str, str]]:
     """PEFT module key (name relative to the wrapped model) -> {"A"/"B"/"magnitude": adapter tensor name}."""
     modules: dict[str, dict[str, str]] = {}
     for name in adapter.tensors.names():
-        match = adapters._LORA_KEY.match(name)
+        match = adapters.LORA_KEY.match(name)
         if match is not None:
             key = match["module"].removeprefix(adapters.BASE_PREFIX)
-            modules.setdefault(key, {})[adapters._ROLE[match["kind"]]] = name
+            modules.setdefault(key, {})[adapters.ROLE[match["kind"]]] = name
     return modules
 
 

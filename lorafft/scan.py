@@ -80,7 +80,7 @@ def find_pairs(base: io.Checkpoint, tuned, scope: pairing.Scope, *, strict: bool
     return pairs, skipped
 
 
-def _batches(pairs: list[Pair], max_batch_bytes: int, copies: int = 2):
+def shape_batches(pairs: list[Pair], max_batch_bytes: int, copies: int = 2):
     """Same-shape groups cut so that a batch's fp32 stacks (``copies`` per matrix: the base and each tuned
     checkpoint) fit ``max_batch_bytes``."""
     for shape, group in pairing.group_by_shape(pairs, lambda p: p.shape).items():
@@ -128,7 +128,7 @@ def _load_tuned(tuned, pair: Pair, W0: torch.Tensor) -> torch.Tensor:
     return (Wt.T if pair.transposed else Wt).contiguous()
 
 
-def _adapter_start(batch: list[Pair]) -> torch.Tensor | None:
+def adapter_start(batch: list[Pair]) -> torch.Tensor | None:
     """LoRA B columns ``[L, out, r]`` as extra start vectors for the tuned SVD, when every module in the batch is a
     non-embedding adapter module of one rank (B spans the output space, where intruders appear)."""
     modules = [p.module for p in batch]
@@ -249,7 +249,7 @@ def scan(
                    "base_cache": None if base_cache is None else os.fspath(base_cache),
                    "max_batch_bytes": max_batch_bytes}
         rank, size = distributed.world()
-        batches = list(_batches(list(first.values()), max_batch_bytes, copies=1 + len(sources)))
+        batches = list(shape_batches(list(first.values()), max_batch_bytes, copies=1 + len(sources)))
         owners = distributed.assign([_cost(batch) * len(sources) for batch in batches], size)
         if journal is not None and size > 1:
             journal = f"{os.fspath(journal)}.rank{rank}"
@@ -380,7 +380,7 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
             for checkpoint, (Wt, pairs) in enumerate(zip(tuned, pairs_by_source)):
                 here = [pairs[pair.name] for pair in batch]
                 results = analysis.analyze(W0, Wt, k=settings["k"], eps=settings["eps"], sides=sides,
-                                           start=_adapter_start(here), tol=settings["tol"], generator=generator,
+                                           start=adapter_start(here), tol=settings["tol"], generator=generator,
                                            basis=basis)
                 ranks = _delta_ranks(here, W0, Wt) if settings["delta_ranks"] else None
                 for row in _rows(here, results, checkpoint, ranks):
@@ -406,7 +406,7 @@ def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: boo
             raise InputError(checkpoint.path, "no 2-D weight matrices in scope")
         from tqdm.auto import tqdm
 
-        for batch in tqdm(list(_batches(pairs, max_batch_bytes, copies=1)), unit="batch", disable=not progress, desc="lorafft cache"):
+        for batch in tqdm(list(shape_batches(pairs, max_batch_bytes, copies=1)), unit="batch", disable=not progress, desc="lorafft cache"):
             stored = [checkpoint.get(pair.name) for pair in batch]
             W0 = _stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
             _base_basis(W0, stored, batch, writer, writer)
