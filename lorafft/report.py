@@ -290,6 +290,9 @@ def write_atomic(path, text: str) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(prefix=".lorafft-", suffix=".tmp", dir=directory)
+    umask = os.umask(0)  # mkstemp makes the file private (0600); give it the mode a plain open() would
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
