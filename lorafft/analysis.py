@@ -80,12 +80,15 @@ def analyze(
     tol: float = 1e-5,
     generator: torch.Generator | None = None,
     basis: linalg.BaseBasis | None = None,
+    backend: str | None = None,
 ) -> dict[str, SideAnalysis]:
     """Intruder analysis of one pair ``W0, Wt [m, n]`` or a stack of same-shape pairs ``W0, Wt [L, m, n]`` (a pair is treated as L = 1).
 
     ``start``: optional extra left-space vectors ``[L, m, c]`` for the tuned SVD's first block (a LoRA adapter's
     B columns); the base's own top left singular vectors are always used. ``basis``: ``linalg.base_basis(W0)``
-    when the caller already has it (scans of several checkpoints of one run pay for it once).
+    when the caller already has it (scans of several checkpoints of one run pay for it once). ``backend``: "torch",
+    "triton" or "auto" (:func:`lorafft.linalg.resolve_backend`): with Triton, the products of the truncated SVD run
+    in :mod:`lorafft.kernels.sketch` and the small side's max |cos| in :mod:`lorafft.kernels.cosine`.
     Returns ``{side: SideAnalysis}``.
     """
     if W0.shape != Wt.shape or W0.dim() not in (2, 3):
@@ -103,11 +106,12 @@ def analyze(
     guesses = basis.top_vectors("left", block - block // 4)
     if start is not None:
         guesses = torch.cat([start.double(), guesses], dim=-1)
-    tuned = linalg.truncated_svd(Wt, k, start=guesses, block_size=block, tol=tol, generator=generator)
+    backend = linalg.resolve_backend(Wt.device, backend)
+    tuned = linalg.truncated_svd(Wt, k, start=guesses, block_size=block, tol=tol, generator=generator, backend=backend)
     results = {}
     for side in sides:
         vectors = tuned.U if side == "left" else tuned.V
-        match = linalg.max_abs_cos(basis.project(vectors, side), eps)
+        match = _match(basis, vectors, side, eps, backend)
         max_cos = match.max_cos.double()
         slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)
         thresholds = torch.tensor(eps, dtype=torch.float64)
@@ -128,6 +132,18 @@ def analyze(
         )
     return results
 
+
+
+def _match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps, backend: str) -> linalg.CosineMatch:
+    """max |cos| of ``vectors [L, d, k]`` over every base vector of ``side``: the fused Triton kernel on the small
+    side with the Triton backend (the larger side divides by sigma_i, which the kernel does not), torch otherwise."""
+    if backend == "triton" and side == basis.small_side:
+        from lorafft.kernels.cosine import max_abs_cos_fused
+
+        X = basis.top_vectors(side, basis.sigma.shape[-1]).float().contiguous()
+        max_cos, argmax, counts = max_abs_cos_fused(X, vectors.float().contiguous(), eps)
+        return linalg.CosineMatch(max_cos=max_cos, argmax=argmax, counts=counts)
+    return linalg.max_abs_cos(basis.project(vectors, side), eps)
 
 
 def effective_rank(sigma: torch.Tensor) -> torch.Tensor:

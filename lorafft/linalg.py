@@ -17,12 +17,42 @@ This module is the only one that chooses algorithms; everything above it is devi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 SIDES = ("left", "right")
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """``"torch"`` or ``"triton"``: ``backend``, else ``$LORAFFT_BACKEND``, else ``"auto"`` (Triton kernels for
+    CUDA tensors when triton imports, torch.linalg / torch ops otherwise). Forcing ``"triton"`` on the CPU needs
+    ``TRITON_INTERPRET=1`` (the tests do that)."""
+    choice = backend or os.environ.get("LORAFFT_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+def _product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str) -> torch.Tensor:
+    """``W @ X`` or ``W^T @ X`` for ``W [L, m, n]`` and a thin block X, returned in fp64: the batched Triton sketch
+    kernel (W read once in its stored dtype, fp32 accumulation) or torch in W's dtype."""
+    if backend == "triton":
+        from lorafft.kernels.sketch import sketch
+
+        return sketch(W, X.float(), transpose=transpose).double()
+    return ((W.mT if transpose else W) @ X.to(W.dtype)).double()
 
 
 def _gram_lower(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -220,6 +250,7 @@ def truncated_svd(
     tol: float = 1e-5,
     max_iters: int = 40,
     generator: torch.Generator | None = None,
+    backend: str | None = None,
 ) -> TruncatedSVD:
     """Top-k singular triplets of ``W [L, m, n]`` by block Krylov iteration with a certified stopping rule.
 
@@ -247,6 +278,8 @@ def truncated_svd(
         tol: target error bound per vector (the max|cos| error it allows).
         max_iters: safety cap on iterations.
         generator: for the random start (reproducible results).
+        backend: the products with W: "torch", "triton" (:mod:`lorafft.kernels.sketch`) or "auto" (see
+            :func:`resolve_backend`).
 
     Small matrices (``3 * block_size >= min(m, n)``) go to a dense fp64 SVD instead.
     """
@@ -257,7 +290,8 @@ def truncated_svd(
         return _dense_svd(W, k)
     n_random = b - (0 if start is None else min(start.shape[-1], b - max(1, b // 4)))
     omega = torch.randn(L, n, n_random, generator=generator, dtype=torch.float64).to(W.device)
-    first = (W @ omega.to(W.dtype)).double()
+    backend = resolve_backend(W.device, backend)
+    first = _product(W, omega, transpose=False, backend=backend)
     if start is not None:
         first = torch.cat([start[..., : b - n_random].double(), first], dim=-1)
     small_residual = math.sqrt(torch.finfo(W.dtype).eps)
@@ -267,9 +301,9 @@ def truncated_svd(
     rows = []  # (W^T K_j)^T, the blocks of rows of Q^T W
     images = []  # W W^T K_j
     for iteration in range(1, max_iters + 1):
-        WtK = (W.mT @ blocks[-1].to(W.dtype)).double()  # [L, n, b]
+        WtK = _product(W, blocks[-1], transpose=True, backend=backend)  # [L, n, b]
         rows.append(WtK.mT)
-        images.append((W @ WtK.to(W.dtype)).double())
+        images.append(_product(W, WtK, transpose=False, backend=backend))
         Q, B, P = torch.cat(blocks, -1), torch.cat(rows, -2), torch.cat(images, -1)
         # Rayleigh–Ritz on span(Q): the SVD of B = Q^T W [D, n] through the eigen-decomposition of B B^T [D, D]
         # (fp64: the top Ritz values and vectors keep full accuracy; a thin SVD of B cost 40 % of the iteration)

@@ -164,6 +164,7 @@ def scan(
     embeddings: bool = False,
     strict: bool = False,
     split_fused: bool = False,
+    backend: str | None = None,
     delta_ranks: bool = False,
     base_cache=None,
     write_base_cache=None,
@@ -201,6 +202,9 @@ def scan(
         resume: continue the scan recorded in ``journal`` (refused if it was made with other inputs or options).
         out: write the report here, atomically (``.csv`` or JSON); a journal is removed only once this is written.
         tol: target error bound of each max|cos| (the truncated SVD iterates until it certifies this).
+        backend: "torch", "triton" or "auto" (default; ``$LORAFFT_BACKEND`` overrides): see
+            :func:`lorafft.linalg.resolve_backend`. It changes how, not what, is computed, so it is not an option
+            of the report.
         seed: seeds the random start blocks (results are reproducible).
         max_batch_bytes: cap on the fp32 base + tuned weights analysed together.
         progress: show a progress bar (tqdm) on stderr.
@@ -254,7 +258,7 @@ def scan(
         if journal is not None and size > 1:
             journal = f"{os.fspath(journal)}.rank{rank}"
         record = None if journal is None else Journal(journal, {"inputs": inputs, "options": options}, resume=resume)
-        settings = dict(k=k, eps=eps, sides=sides, tol=tol, seed=seed, delta_ranks=delta_ranks)
+        settings = dict(k=k, eps=eps, sides=sides, tol=tol, seed=seed, delta_ranks=delta_ranks, backend=backend)
         try:
             mine = [index for index, owner in enumerate(owners) if owner == rank]
             rows_by_batch = _scan_rows(base_checkpoint, sources, pairs_by_source, settings, record, reader, writer,
@@ -346,7 +350,7 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
                writer, batches: list[list[Pair]], mine: list[int], *, progress: bool) -> dict[int, list[MatrixRow]]:
     """``{batch index: rows}`` for the batches ``mine``, rows in canonical order (checkpoint, matrix, side): rows
     already in the journal ``record`` are taken from it, the others computed and appended to it. ``settings``: k,
-    eps, sides, tol, seed, delta_ranks. Batches are read ahead by one reader thread (:func:`_prefetched`)."""
+    eps, sides, tol, seed, delta_ranks, backend. Batches are read ahead by one reader thread (:func:`_prefetched`)."""
     from tqdm.auto import tqdm
 
     sides, rows_by_batch = settings["sides"], {}
@@ -381,7 +385,7 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
                 here = [pairs[pair.name] for pair in batch]
                 results = analysis.analyze(W0, Wt, k=settings["k"], eps=settings["eps"], sides=sides,
                                            start=adapter_start(here), tol=settings["tol"], generator=generator,
-                                           basis=basis)
+                                           basis=basis, backend=settings["backend"])
                 ranks = _delta_ranks(here, W0, Wt) if settings["delta_ranks"] else None
                 for row in _rows(here, results, checkpoint, ranks):
                     if record is not None and row_key(row) not in record.rows:

@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run under its CPU interpreter; must be set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lorafft.synthetic import write_trio
 

@@ -1,0 +1,131 @@
+"""lorafft.kernels.sketch against torch fp64 on fresh random inputs, with poisoned outputs.
+
+On CPU through the Triton interpreter (fp32 and fp16 storage; the scale paths are dtype-agnostic and are checked
+with fp16 storage); bf16 and fp8 storage need a GPU."""
+import os
+
+import pytest
+import torch
+
+# Without CUDA the kernel runs under Triton's CPU interpreter, which must be on before the kernel is jitted.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+from lorafft.kernels.sketch import FP8_BLOCK, sketch
+
+RTOL = 1e-5  # fp32 accumulation over at most a few hundred terms: ~1e-6 relative, with margin
+
+
+def _dequantized(W, scale):
+    W = W.double()
+    if scale is None:
+        return W
+    L, m, n = W.shape
+    s = scale.double()
+    if s.shape == (L,):
+        return W * s[:, None, None]
+    if s.shape == (L, m):
+        return W * s[:, :, None]
+    s = s.repeat_interleave(FP8_BLOCK, 1)[:, :m].repeat_interleave(FP8_BLOCK, 2)[:, :, :n]
+    return W * s
+
+
+def _check(W, X, *, transpose=False, scale=None, lora=None, rtol=RTOL):
+    """Run sketch into a NaN-poisoned buffer and compare it entrywise against the fp64 product."""
+    W, X = W.to(DEVICE), X.to(DEVICE)
+    scale = None if scale is None else scale.to(DEVICE)
+    lora = None if lora is None else (lora[0].to(DEVICE), lora[1].to(DEVICE), lora[2])
+    Wd = _dequantized(W, scale)
+    if transpose:
+        Wd = Wd.mT
+    ref = Wd @ X.double()
+    bound = Wd.abs() @ X.double().abs()  # each entry's rounding error is relative to sum |w x|, not to |sum w x|
+    if lora is not None:
+        B, A, s = lora
+        low = s * (B.double() @ A.double())
+        ref = ref + (low.mT if transpose else low) @ X.double()
+        bound = bound + (low.mT if transpose else low).abs() @ X.double().abs()
+    out = torch.full(ref.shape, float("nan"), dtype=torch.float32, device=W.device)
+    got = sketch(W, X, transpose=transpose, scale=scale, lora=lora, out=out)
+    assert got is out
+    err = (got.double() - ref).abs()
+    assert torch.isfinite(got).all()
+    assert (err <= rtol * bound + 1e-30).all(), (err / bound).max().item()
+    assert (err.norm() <= rtol * ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("L,m,n,b", [(1, 70, 45, 5), (3, 33, 130, 20), (3, 17, 16, 1)])
+def test_matches_fp64(dtype, transpose, L, m, n, b):
+    W = torch.randn(L, m, n).to(dtype)
+    X = torch.randn(L, m if transpose else n, b)
+    _check(W, X, transpose=transpose)
+
+
+def test_default_output_and_strided_inputs():
+    """A transposed view of W and a non-contiguous X are read through their strides, not copied."""
+    W = torch.randn(2, 40, 70, device=DEVICE).mT  # [2, 70, 40], column-major per layer
+    X = torch.randn(2, 7, 40, device=DEVICE).mT  # [2, 40, 7]
+    got = sketch(W, X)
+    assert got.shape == (2, 70, 7) and got.dtype == torch.float32
+    ref = W.double() @ X.double()
+    assert ((got.double() - ref).norm() <= RTOL * ref.norm()).item()
+    _check(W, torch.randn(2, 70, 3), transpose=True)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
+def test_scales(kind, transpose):
+    L, m, n = 2, 150, 140  # 2×2 blocks of 128, the last ones partial
+    W = torch.randn(L, m, n).to(torch.float16)
+    scale = {"tensor": lambda: torch.rand(L) + 0.5,
+             "channel": lambda: torch.rand(L, m) + 0.5,
+             "block": lambda: torch.rand(L, 2, 2) + 0.5}[kind]()
+    _check(W, torch.randn(L, m if transpose else n, 6), transpose=transpose, scale=scale)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_lora(transpose):
+    L, m, n, r = 2, 50, 37, 4
+    W = torch.randn(L, m, n).to(torch.float16)
+    lora = (torch.randn(L, m, r).to(torch.float16), torch.randn(L, r, n).to(torch.float16), 0.75)
+    _check(W, torch.randn(L, m if transpose else n, 9), transpose=transpose, lora=lora)
+
+
+def test_rejects_bad_inputs():
+    W = torch.randn(2, 8, 6)
+    with pytest.raises(ValueError):
+        sketch(W, torch.randn(2, 8, 3))  # W @ X needs X [2, 6, b]
+    with pytest.raises(TypeError):
+        sketch(W, torch.randn(2, 6, 3, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        sketch(W.to(torch.int8), torch.randn(2, 6, 3))
+    with pytest.raises(ValueError):
+        sketch(W, torch.randn(2, 6, 3), out=torch.empty(2, 8, 4))
+    with pytest.raises(ValueError):
+        sketch(W, torch.randn(2, 6, 3), scale=torch.ones(2, 6))  # per channel is per row of W: [2, 8]
+    with pytest.raises(ValueError):
+        sketch(W, torch.randn(2, 6, 3), lora=(torch.ones(2, 8, 1), torch.ones(2, 1, 5), 1.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transpose", [False, True])
+def test_bf16_gpu(transpose):
+    W = torch.randn(3, 300, 260, device="cuda").to(torch.bfloat16)
+    _check(W, torch.randn(3, 300 if transpose else 260, 20, device="cuda"), transpose=transpose)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("kind", [None, "tensor", "channel", "block"])
+def test_fp8_gpu(kind, transpose):
+    L, m, n = 2, 300, 260
+    W = (torch.randn(L, m, n, device="cuda") * 50).to(torch.float8_e4m3fn)
+    shapes = {"tensor": (L,), "channel": (L, m), "block": (L, 3, 3)}
+    scale = None if kind is None else torch.rand(shapes[kind], device="cuda") + 0.5
+    lora = (torch.randn(L, m, 8, device="cuda").to(torch.bfloat16),
+            torch.randn(L, 8, n, device="cuda").to(torch.bfloat16), 2.0)
+    _check(W, torch.randn(L, m if transpose else n, 20, device="cuda"), transpose=transpose, scale=scale, lora=lora)
