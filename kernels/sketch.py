@@ -61,7 +61,7 @@ def _sketch_kernel(
         if SCALE_MODE == 3:  # per-channel scale on W's rows, which are the reduction index of W^T X
             s = tl.load(s_base + offs_k * stride_sk, mask=mask_k, other=0.0)
             x = x * s[:, None]
-        # ieee, not tf32: tf32 keeps 10 mantissa bits (~1e-3 relative error per product), and the Krylov
+        # ieee, not tf32: tf32 keeps 10 mantissa bits (a relative rounding of 2^-11 per input), and the Krylov
         # residuals that certify the SVD need these products to fp32 accuracy (~1e-6 relative).
         part = tl.dot(w, x, input_precision="ieee")
         if SCALE_MODE == 4:  # BLOCK_R and BLOCK_K divide SCALE_BLOCK: the tile lies inside one scale block

@@ -83,23 +83,7 @@ def lora_modules(adapter, base_index, shape_of: Callable[[str], Sequence[int]] |
     settings = _Settings(adapter.config, config_path)
     tensors = adapter.tensors
 
-    matches, ignored = [], []
-    for name in tensors.names():
-        match = LORA_KEY.match(name)
-        if match is None or (match["kind"] == "lora_magnitude_vector" and not settings.use_dora):
-            ignored.append(name)
-        else:
-            matches.append((name, match))
-    adapter_names = {match["adapter"] for _, match in matches}
-    if len(adapter_names) > 1:
-        names = ", ".join(sorted(n or "<unnamed>" for n in adapter_names))
-        raise InputError(tensors.path, f"adapter weights hold several adapters ({names}); expected one")
-    parts: dict[str, dict[str, str]] = {}  # module name (PEFT's key) -> role ("A", "B", "magnitude") -> tensor name
-    for name, match in matches:
-        module, role = match["module"].removeprefix(BASE_PREFIX), ROLE[match["kind"]]
-        if role in parts.setdefault(module, {}):
-            raise InputError(tensors.file_of(name), f"adapter module '{module}' has two {match['kind']} tensors")
-        parts[module][role] = name
+    parts, ignored = module_parts(tensors, use_dora=settings.use_dora)
     if ignored:
         warnings.warn(f"{tensors.path}: ignoring {len(ignored)} tensors that do not enter the merged weights "
                       f"({_listing(ignored)})", stacklevel=2)
@@ -117,6 +101,30 @@ def lora_modules(adapter, base_index, shape_of: Callable[[str], Sequence[int]] |
         for module, roles in parts.items()
     ]
     return sorted(modules, key=lambda m: m.base_name)
+
+
+def module_parts(tensors, *, use_dora: bool) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """The adapter's LoRA tensors by module: ``{PEFT module name: {"A"|"B"|"magnitude": tensor name}}``, and the
+    names of the tensors that are not LoRA factors (DoRA magnitudes too, unless ``use_dora``: PEFT ignores them).
+    InputError for weights holding several adapters or a module with two tensors of one kind."""
+    matches, ignored = [], []
+    for name in tensors.names():
+        match = LORA_KEY.match(name)
+        if match is None or (match["kind"] == "lora_magnitude_vector" and not use_dora):
+            ignored.append(name)
+        else:
+            matches.append((name, match))
+    adapter_names = {match["adapter"] for _, match in matches}
+    if len(adapter_names) > 1:
+        names = ", ".join(sorted(n or "<unnamed>" for n in adapter_names))
+        raise InputError(tensors.path, f"adapter weights hold several adapters ({names}); expected one")
+    parts: dict[str, dict[str, str]] = {}
+    for name, match in matches:
+        module, role = match["module"].removeprefix(BASE_PREFIX), ROLE[match["kind"]]
+        if role in parts.setdefault(module, {}):
+            raise InputError(tensors.file_of(name), f"adapter module '{module}' has two {match['kind']} tensors")
+        parts[module][role] = name
+    return parts, ignored
 
 
 def delta_weight(module: LoraModule) -> torch.Tensor:

@@ -7,8 +7,8 @@ entry file, shape, analysed-side layout and fingerprint) and one safetensors fil
 ``sigma`` (``[s]`` fp64). Only the smaller side is stored; the other is one product with W0 away.
 
 Precision, measured against fp64 SVD (max|cos| of LoRA-tuned top-10 vectors, all-MiniLM-L6-v2 384×384 and
-384×1536, synthetic 1024×2752): an fp32 basis is off by at most 8e-9, fp16 by up to 6.3e-5, bf16 by up to
-3.3e-4. fp32 keeps the cache exact; a Llama-70B's bases (560+ matrices) then take about 100 GB.
+384×1536, synthetic 1024×2752; ``benchmarks/measure_claims.py``): an fp32 basis is off by at most 1.4e-8, fp16 by
+up to 7.2e-5, bf16 by up to 1.1e-3. fp32 keeps the cache exact; a Llama-70B's bases then take about 108 GB.
 
 Fingerprint: BLAKE2b of the tensor's shape, dtype and 2^18 evenly strided elements (cheap enough to check on every
 scan). It refuses a cache built from another model or another revision; it cannot see an edit that touches none

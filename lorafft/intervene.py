@@ -338,7 +338,7 @@ def _write_adapter(adapter: io.Adapter, base_checkpoint: io.Checkpoint, edits: d
     config = json.loads(json.dumps(adapter.config))  # a deep copy; every field kept
     use_rslora = bool(config.get("use_rslora", False))
     base_index = pairing.NameIndex(base_checkpoint.names())
-    modules = _adapter_modules(adapter)  # PEFT key -> {role: tensor name}
+    modules, _ = adapters.module_parts(adapter.tensors, use_dora=bool(config.get("use_dora")))  # key -> {role: name}
     key_of = {base_index.resolve(key + ".weight"): key for key in modules}
     tensors = {name: adapter.tensors.get(name) for name in adapter.tensors.names()}
     if not adapter.tensors.file_of(next(iter(tensors))).endswith(".safetensors"):
@@ -383,17 +383,6 @@ def _write_adapter(adapter: io.Adapter, base_checkpoint: io.Checkpoint, edits: d
         f.write("\n")
     skip = {adapters.ADAPTER_CONFIG, _ADAPTER_WEIGHTS, "adapter_model.bin"}
     return [adapters.ADAPTER_CONFIG, _ADAPTER_WEIGHTS] + _copy_other_files(adapter.path, directory, skip)
-
-
-def _adapter_modules(adapter: io.Adapter) -> dict[str, dict[str, str]]:
-    """PEFT module key (name relative to the wrapped model) -> {"A"/"B"/"magnitude": adapter tensor name}."""
-    modules: dict[str, dict[str, str]] = {}
-    for name in adapter.tensors.names():
-        match = adapters.LORA_KEY.match(name)
-        if match is not None:
-            key = match["module"].removeprefix(adapters.BASE_PREFIX)
-            modules.setdefault(key, {})[adapters.ROLE[match["kind"]]] = name
-    return modules
 
 
 def _extended_factors(module: adapters.LoraModule, edit: _Edit, lam: float, lora_a: torch.Tensor,

@@ -240,7 +240,7 @@ def read_json_object(path) -> dict:
 
 def _all_finite(t: torch.Tensor) -> bool:
     """False if a floating-point tensor holds NaN or Inf. A finite sum proves it finite (any NaN or Inf would make
-    the sum NaN or Inf) at a tenth of the cost of isfinite; only a non-finite sum (a bad value, or an overflow of
+    the sum NaN or Inf) with one reduction and no temporary; only a non-finite sum (a bad value, or an overflow of
     the sum itself) is checked element by element, in chunks to bound temporary memory."""
     if not t.is_floating_point():
         return True

@@ -227,10 +227,8 @@ def write_trio(
     ``random_weight`` (σ1 = SIGMA1), in ``dtype``, written in at least two shards with an index.
     full/: every 2-D weight + ``full_finetune_update`` (same layout and sharding); norms unchanged.
     lora/: a rank-``lora_rank`` PEFT adapter on q, k, v, o, gate, up, down with α = 2r (s = 2) whose update's
-    top singular value is LORA_SIGMA·σ1, so every adapted matrix gets ``lora_rank`` intruder dimensions (measured
-    with an fp64 SVD, ε = 0.5, k = 10: exactly one in each of 98 matrices over seeds 0–6 at rank 1, max |cos|
-    ≤ 0.46; at ranks 4 and 8 over seeds 0–2, ``lora_rank`` in all but one of 84 matrices, which had 7 of 8: the
-    64-row k/v matrices come closest to ε). The full fine-tune has none (max |cos| ≥ 0.98).
+    top singular value is LORA_SIGMA·σ1, so every adapted matrix gets ``lora_rank`` intruder dimensions; the full fine-tune has none
+    (``tests/test_synthetic.py::test_trio_demo_property`` checks both at the defaults against an fp64 SVD).
     """
     directory = Path(directory)
     generator = torch.Generator().manual_seed(seed)

@@ -22,8 +22,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Run the suite's BLAS/LAPACK on one thread. Its matrices are far too small to gain from threads, and on a
-    busy 2-core machine 2 OpenMP threads spin-waiting on each other made a 300×512 fp64 SVD take 7–23 s instead
-    of 0.1 s. The previous settings are restored afterwards."""
+    busy 2-core machine OpenMP threads spin-waiting on each other slow small LAPACK calls down badly. The previous
+    settings are restored afterwards."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
