@@ -129,7 +129,6 @@ def time_kernels(device, shapes, repeats: int, copy_GBps: float) -> dict:
         gbps = 2 * m * n / kernel_s / 1e9
         results[name] = {"shape": [m, n], "sketch_s": kernel_s, "torch_upcast_s": torch_s,
                          "sketch_GBps": gbps, "fraction_of_copy": gbps / copy_GBps}
-        del weights
     for s in (1024, 4096) if device.type == "cuda" else (64,):
         Xb = torch.linalg.qr(torch.randn(1, s, s, device=device)).Q.contiguous()
         Y = torch.linalg.qr(torch.randn(1, s, 10, device=device)).Q.contiguous()
