@@ -13,7 +13,9 @@ What it measures (each timing: median of CUDA events after warm-up, inputs rotat
 3. the sketch kernel against its torch equivalent (upcast + cuBLAS), as GB/s of W read and as a fraction of the
    copy bandwidth, at Llama-70B shapes;
 4. the fused cosine kernel against materialize-then-reduce in torch;
-5. one 70B-shaped layer (q, k, v, o, gate, up, down; bf16) end to end against a cached base: device seconds.
+5. one 70B-shaped layer (q, k, v, o, gate, up, down; bf16 read as stored) end to end against a cached base:
+   device seconds;
+6. ``lorafft.scan`` of the synthetic trio on the device against the same scan on the CPU.
 """
 
 from __future__ import annotations
@@ -149,9 +151,31 @@ def time_layer(device, shapes, repeats: int) -> dict:
                                  Z=basis.top_vectors(basis.small_side, basis.sigma.shape[-1]).float(),
                                  reflectors=None, tau=None)  # what a cache holds
         A, B = synthetic.lora_update(m, n, 16, generator=generator, lora_alpha=32.0, sigma=7.5)
-        Wt = (W0 + 2.0 * (B @ A).to(device)).to(torch.bfloat16).float()  # bf16 weights, analysed in fp32
+        Wt = (W0 + 2.0 * (B @ A).to(device)).to(torch.bfloat16)  # bf16 weights, read as stored by the kernels
         total += timed(lambda: lorafft.analyze(W0, Wt, k=10, basis=basis, backend="triton"), repeats=repeats, warmup=1)
     return {"layer_seconds": total}
+
+
+def check_scan(device) -> dict:
+    """``lorafft.scan`` of the synthetic trio (LoRA adapter and full fine-tune, both sides) on ``device`` against the
+    same scan on the CPU: identical counts and argmax, largest max|cos| difference, wall seconds of each."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        trio = synthetic.write_trio(Path(directory))
+        result = {}
+        for kind in ("lora", "full"):
+            tuned = getattr(trio, kind)
+            begin = time.perf_counter()
+            cpu = lorafft.scan(trio.base, tuned, eps=(0.5, 0.9), side="both", device="cpu")
+            middle = time.perf_counter()
+            here = lorafft.scan(trio.base, tuned, eps=(0.5, 0.9), side="both", device=device)
+            end = time.perf_counter()
+            same = all(a.counts == b.counts and a.argmax == b.argmax for a, b in zip(here.rows, cpu.rows))
+            difference = max(abs(x - y) for a, b in zip(here.rows, cpu.rows) for x, y in zip(a.max_cos, b.max_cos))
+            result[kind] = {"rows": len(here.rows), "counts_and_argmax_equal": same, "max_abs_difference": difference,
+                            "cpu_s": middle - begin, "device_s": end - middle}
+    return result
 
 
 def main() -> None:
@@ -167,6 +191,7 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "quick": quick}
     report["correctness"] = check_kernels(device, (70, 45, 5, 3) if quick else (4096, 11008, 20, 2))
     report["analysis"] = check_analysis(device, *((256, 512) if quick else (4096, 11008)))
+    report["scan"] = check_scan(device)
     report["device_rates"] = measure_device(device, args.repeats)
     report["kernels"] = time_kernels(device, shapes, args.repeats, report["device_rates"]["copy_GBps"])
     report["layer_70b"] = time_layer(device, shapes, max(3, args.repeats // 3))

@@ -84,7 +84,8 @@ def analyze(
 ) -> dict[str, SideAnalysis]:
     """Intruder analysis of one pair ``W0, Wt [m, n]`` or a stack of same-shape pairs ``W0, Wt [L, m, n]`` (a pair is treated as L = 1).
 
-    ``start``: optional extra left-space vectors ``[L, m, c]`` for the tuned SVD's first block (a LoRA adapter's
+    Weights may be fp32, fp64, or fp16/bf16 as stored (the Triton kernels read those without an fp32 copy; the
+    torch backend upcasts Wt once). ``start``: optional extra left-space vectors ``[L, m, c]`` for the tuned SVD's first block (a LoRA adapter's
     B columns); the base's own top left singular vectors are always used. ``basis``: ``linalg.base_basis(W0)``
     when the caller already has it (scans of several checkpoints of one run pay for it once). ``backend``: "torch",
     "triton" or "auto" (:func:`lorafft.linalg.resolve_backend`): with Triton, the products of the truncated SVD run
@@ -101,11 +102,10 @@ def analyze(
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
     eps = (float(eps),) if isinstance(eps, (int, float)) else tuple(float(e) for e in eps)
     basis = linalg.base_basis(W0) if basis is None else basis
-    Wt = Wt if Wt.dtype == torch.float64 else Wt.float()
     block = max(2 * k, k + 10)
     guesses = basis.top_vectors("left", block - block // 4)
     if start is not None:
-        guesses = torch.cat([start.double(), guesses], dim=-1)
+        guesses = torch.cat([start.to(guesses.device, torch.float64), guesses], dim=-1)
     backend = linalg.resolve_backend(Wt.device, backend)
     tuned = linalg.truncated_svd(Wt, k, start=guesses, block_size=block, tol=tol, generator=generator, backend=backend)
     results = {}
@@ -114,7 +114,7 @@ def analyze(
         match = _match(basis, vectors, side, eps, backend)
         max_cos = match.max_cos.double()
         slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)
-        thresholds = torch.tensor(eps, dtype=torch.float64)
+        thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
         near = ((max_cos.unsqueeze(-1) - thresholds).abs() < slack.unsqueeze(-1)).any(dim=-1)
         results[side] = SideAnalysis(
             side=side,

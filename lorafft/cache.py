@@ -107,4 +107,5 @@ class BaseCache:
 def cached_basis(W0: torch.Tensor, bases: list[torch.Tensor], sigmas: list[torch.Tensor]) -> linalg.BaseBasis:
     """A :class:`~lorafft.linalg.BaseBasis` for ``W0 [L, m, n]`` from cached explicit small-side bases
     ``[s, s]`` fp32 (``BaseBasis.project`` works in fp64 on the larger side, where it divides by sigma_i)."""
-    return linalg.BaseBasis(W0=W0, sigma=torch.stack(sigmas).double(), Z=torch.stack(bases), reflectors=None, tau=None)
+    return linalg.BaseBasis(W0=W0, sigma=torch.stack(sigmas).double().to(W0.device), Z=torch.stack(bases).to(W0.device),
+                            reflectors=None, tau=None)

@@ -79,7 +79,27 @@ def _scan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap on the fp32 base + tuned weights analysed at once, in GB (default: 1)")
     parser.add_argument("--tol", type=float, default=1e-5, help="error bound to certify per max |cos| (default: 1e-5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random start blocks (default: 0)")
+    parser.add_argument("--device", type=_device, metavar="DEVICE",
+                        help="cpu, cuda or cuda:N (default: the GPU when CUDA is available, else the CPU)")
+    parser.add_argument("--backend", choices=["auto", "torch", "triton"],
+                        help="Triton kernels or torch ops for the products (default: auto = Triton on a GPU; "
+                             "$LORAFFT_BACKEND also sets it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _device(value: str):
+    """``--device``: a torch device that exists on this machine."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {value!r} (try cpu, cuda or cuda:0)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value}: only cpu and cuda devices are supported")
+    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +153,7 @@ def _run_scan(args) -> int:
                   delta_ranks=args.delta_ranks,
                   base_cache=args.base_cache, write_base_cache=args.write_base_cache, journal=journal,
                   resume=args.resume, out=args.out, max_batch_bytes=int(args.max_batch_bytes * 2**30), tol=args.tol,
-                  seed=args.seed, progress=not args.quiet)
+                  seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
     if report is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     print(report.summary())

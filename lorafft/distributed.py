@@ -22,8 +22,18 @@ def world() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # NCCL works on the current device: one GPU per local rank
+            torch.cuda.set_device(local_device())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def local_device() -> torch.device:
+    """This process's device for a scan: ``cuda:$LOCAL_RANK`` (``cuda:0`` outside torchrun) when CUDA is available,
+    else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def assign(costs: list[float], size: int) -> list[int]:

@@ -55,18 +55,19 @@ def _product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str)
     return ((W.mT if transpose else W) @ X.to(W.dtype)).double()
 
 
-def _gram_lower(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Lower triangle of ``W @ W.mT`` in ``dtype`` for ``W [L, s, d]`` (upper triangle left zero): about half the
-    flops of a full product, which is all the symmetric eigen-solvers read. W is converted a slab of columns at a
-    time, so no full-size copy in ``dtype`` is made (for a 28672×8192 fp32 weight that copy would be 1.9 GB)."""
+def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Upper triangle of ``W @ W.mT`` in ``dtype`` for ``W [L, s, d]`` (strict lower triangle left zero): about half
+    the flops of a full product, which is all the symmetric eigen-solvers read. Row-major upper is LAPACK's
+    column-major lower, so ``gram[l].numpy().T`` goes to LAPACK without a copy. W is converted a slab of columns
+    at a time, so no full-size copy in ``dtype`` is made (for a 28672×8192 fp32 weight that copy would be 1.9 GB)."""
     L, s, d = W.shape
     gram = torch.zeros(L, s, s, dtype=dtype, device=W.device)
-    rows = max(256, math.ceil(s / 8))
-    for column in range(0, d, 2048):
-        slab = W[:, :, column : column + 2048].to(dtype)
-        for start in range(0, s, rows):
-            stop = min(s, start + rows)
-            gram[:, start:stop, :stop] += slab[:, start:stop] @ slab[:, :stop].mT
+    columns = max(256, math.ceil(s / 8))
+    for start in range(0, d, 2048):
+        slab = W[:, :, start : start + 2048].to(dtype)
+        for first in range(0, s, columns):
+            stop = min(s, first + columns)
+            gram[:, :stop, first:stop] += slab[:, :stop] @ slab[:, first:stop].mT
     return gram
 
 
@@ -79,12 +80,12 @@ def _matmul(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype = torch.float64
 
 
 def _lapack_tridiagonal_eigh(gram: np.ndarray):
-    """Eigen-decomposition of one symmetric matrix (lower triangle read) in the factored form
-    ``G = Q Z diag(lam) Z^T Q^T``: Householder tridiagonalisation (LAPACK ?sytrd) and divide-and-conquer on the
-    tridiagonal (?stevd). Forming ``Q Z`` explicitly (?ormtr) is skipped: it costs as much as the other two
-    steps together, and projections need only ``Z^T (Q^T y)`` for a few vectors y.
+    """Eigen-decomposition of one symmetric matrix in the factored form ``G = Q Z diag(lam) Z^T Q^T``:
+    Householder tridiagonalisation (LAPACK ?sytrd) and divide-and-conquer on the tridiagonal (?stevd). Forming
+    ``Q Z`` explicitly (?ormtr) is skipped: projections need only ``Z^T (Q^T y)`` for a few vectors y.
 
-    Returns ``(reflectors [s, s], tau [s-1], lam [s] ascending, Z [s, s])`` as numpy arrays of gram's dtype.
+    gram: ``[s, s]`` Fortran-ordered, lower triangle read; overwritten in place by the reflectors defining Q.
+    Returns ``(tau [s-1], lam [s] ascending, Z [s, s])`` as numpy arrays of gram's dtype.
     """
     from scipy.linalg import lapack
 
@@ -93,10 +94,12 @@ def _lapack_tridiagonal_eigh(gram: np.ndarray):
     reflectors, diagonal, off_diagonal, tau, info = sytrd(gram, lower=1, lwork=int(lwork), overwrite_a=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"?sytrd failed with info={info}")
+    if not np.shares_memory(reflectors, gram):
+        gram[...] = reflectors
     lam, Z, info = stevd(diagonal, off_diagonal, compute_v=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"?stevd failed with info={info}")
-    return reflectors, tau, lam, Z
+    return tau, lam, Z
 
 
 @dataclass
@@ -112,7 +115,7 @@ class BaseBasis:
     W0: torch.Tensor  # [L, m, n] as given (products with it are done in fp64, a slab at a time)
     sigma: torch.Tensor  # [L, s] fp64, descending
     Z: torch.Tensor  # [L, s, s], columns ordered by descending sigma
-    reflectors: torch.Tensor | None  # [L, s, s] LAPACK ?sytrd output (lower), or None when Z is the basis
+    reflectors: torch.Tensor | None  # [L, s, s] LAPACK ?sytrd output (lower, column-major), or None when Z is the basis
     tau: torch.Tensor | None  # [L, s-1]
 
     @property
@@ -174,21 +177,22 @@ def base_basis(W0: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> BaseB
     at 4096, same script); on other devices ``torch.linalg.eigh`` is used.
     """
     small = W0 if W0.shape[-2] <= W0.shape[-1] else W0.mT
-    gram = _gram_lower(small, dtype)
+    gram = _gram_upper(small, dtype)
     L, s, _ = gram.shape
     if gram.device.type == "cpu" and s > 1:
-        parts = [_lapack_tridiagonal_eigh(g.numpy()) for g in gram]
-        del gram
-        reflectors = torch.from_numpy(np.stack([p[0] for p in parts]))
-        tau = torch.from_numpy(np.stack([p[1] for p in parts]))
-        lam = torch.from_numpy(np.stack([p[2] for p in parts]))
-        Z = torch.from_numpy(np.stack([p[3] for p in parts]))
-    else:
-        lam, Z = torch.linalg.eigh(gram, UPLO="L")
-        reflectors = tau = None
-    order = torch.arange(s - 1, -1, -1, device=lam.device)
-    sigma = lam[:, order].double().clamp_min(0).sqrt()
-    return BaseBasis(W0=W0, sigma=sigma, Z=Z[:, :, order].contiguous(), reflectors=reflectors, tau=tau)
+        lam = torch.empty(L, s, dtype=dtype)
+        Z = torch.empty(L, s, s, dtype=dtype).mT  # column-major like LAPACK's, so the copy below is by columns
+        tau = torch.empty(L, s - 1, dtype=dtype)
+        for g, lam_g, Z_g, tau_g in zip(gram, lam, Z, tau):
+            tau_lapack, lam_lapack, Z_lapack = _lapack_tridiagonal_eigh(g.numpy().T)
+            tau_g.numpy()[:] = tau_lapack
+            lam_g.numpy()[:] = lam_lapack
+            Z_g.numpy()[:] = Z_lapack[:, ::-1]  # columns by descending sigma
+        sigma = lam.flip(-1).double().clamp_min(0).sqrt()
+        return BaseBasis(W0=W0, sigma=sigma, Z=Z, reflectors=gram.mT, tau=tau)  # gram now holds the reflectors
+    lam, Z = torch.linalg.eigh(gram, UPLO="U")
+    sigma = lam.flip(-1).double().clamp_min(0).sqrt()
+    return BaseBasis(W0=W0, sigma=sigma, Z=Z.flip(-1), reflectors=None, tau=None)
 
 
 @dataclass
@@ -272,7 +276,8 @@ def truncated_svd(
     dense fp64 SVD is cheaper and exact, and is used instead.
 
     Args:
-        W: ``[L, m, n]`` fp32 (or fp64); products are done in W's dtype, everything else in fp64.
+        W: ``[L, m, n]`` fp32 or fp64, or fp16/bf16 as stored: the Triton backend reads those as they are (fp32
+            accumulation), the torch backend multiplies in fp32 (one upcast copy). Everything else is fp64.
         k: number of triplets.
         start: optional left-space vectors ``[L, m, c]`` that should lie near the answer (the base matrix's top
             left singular vectors, a LoRA adapter's B columns): with them a fine-tune certifies in 1–3 iterations.
@@ -290,13 +295,15 @@ def truncated_svd(
     b = block_size or max(2 * k, k + 10)
     if 3 * b >= min(m, n):
         return _dense_svd(W, k)
+    backend = resolve_backend(W.device, backend)
+    if backend == "torch" and W.dtype not in (torch.float32, torch.float64):
+        W = W.float()  # torch would multiply in the stored (b)f16; the Triton kernel reads it and accumulates in fp32
     n_random = b - (0 if start is None else min(start.shape[-1], b - max(1, b // 4)))
     omega = torch.randn(L, n, n_random, generator=generator, dtype=torch.float64).to(W.device)
-    backend = resolve_backend(W.device, backend)
     first = _product(W, omega, transpose=False, backend=backend)
     if start is not None:
-        first = torch.cat([start[..., : b - n_random].double(), first], dim=-1)
-    small_residual = math.sqrt(torch.finfo(W.dtype).eps)
+        first = torch.cat([start[..., : b - n_random].to(W.device, torch.float64), first], dim=-1)
+    small_residual = math.sqrt(torch.finfo(torch.promote_types(W.dtype, torch.float32)).eps)  # the products' precision
     previous = None
 
     blocks = [_orthonormalize(first, None)]  # K_j, [L, m, b] fp64
@@ -352,7 +359,7 @@ def singular_values(W: torch.Tensor) -> torch.Tensor:
     """All singular values of ``W [L, m, n]``, ``[L, min(m, n)]`` fp64 descending, from the eigenvalues of the
     smaller side's fp64 Gram matrix (no vectors: LAPACK's tridiagonal reduction and a root-free QR)."""
     small = W if W.shape[-2] <= W.shape[-1] else W.mT
-    lam = torch.linalg.eigvalsh(_gram_lower(small, torch.float64), UPLO="L")
+    lam = torch.linalg.eigvalsh(_gram_upper(small, torch.float64), UPLO="U")
     return lam.flip(-1).clamp_min(0).sqrt()
 
 

@@ -96,9 +96,17 @@ def load_pair(base: io.Checkpoint, tuned, pair: Pair) -> tuple[torch.Tensor, tor
     return W0, _load_tuned(tuned, pair, W0)
 
 
-def _oriented(stored: torch.Tensor, pair: Pair) -> torch.Tensor:
-    """A stored base tensor as fp32 in the analysed orientation ``[out, in]``."""
-    W0 = stored.float()
+NATIVE_DTYPES = (torch.float16, torch.bfloat16)  # read as stored by the Triton kernels
+
+
+def _analysed_dtype(stored: torch.Tensor, native: bool) -> torch.dtype:
+    """fp32, or the stored fp16/bf16 when ``native`` (the Triton backend: half the memory and transfer)."""
+    return stored.dtype if native and stored.dtype in NATIVE_DTYPES else torch.float32
+
+
+def _oriented(stored: torch.Tensor, pair: Pair, *, native: bool = False) -> torch.Tensor:
+    """A stored base tensor in the analysed orientation ``[out, in]``, fp32 (see :func:`_analysed_dtype`)."""
+    W0 = stored.to(_analysed_dtype(stored, native))
     return (W0.T if pair.transposed else W0).contiguous()
 
 
@@ -113,15 +121,16 @@ def _base_basis(W0: torch.Tensor, stored: list, batch: list[Pair], reader, write
     if writer is not None:
         explicit = basis.top_vectors(basis.small_side, basis.sigma.shape[-1])
         for index, (pair, tensor) in enumerate(zip(batch, stored)):
-            writer.store(pair.name, tensor, explicit[index], basis.sigma[index], tuple(W0.shape[1:]))
+            writer.store(pair.name, tensor, explicit[index].cpu(), basis.sigma[index].cpu(), tuple(W0.shape[1:]))
     return basis
 
 
-def _load_tuned(tuned, pair: Pair, W0: torch.Tensor) -> torch.Tensor:
-    """Wt fp32 in the analysed orientation, from a checkpoint or merged from an adapter module onto ``W0`` (which is
-    already in the analysed orientation)."""
+def _load_tuned(tuned, pair: Pair, W0: torch.Tensor, *, native: bool = False) -> torch.Tensor:
+    """Wt in the analysed orientation, from a checkpoint (fp32, or as stored: :func:`_analysed_dtype`) or merged in
+    fp32 from an adapter module onto ``W0`` (which is already in the analysed orientation)."""
     if pair.module is None:
-        Wt = tuned.get(pair.tuned_name).float()
+        stored = tuned.get(pair.tuned_name)
+        Wt = stored.to(_analysed_dtype(stored, native))
         return (Wt.T if pair.transposed else Wt).contiguous()
     stored = W0.T if pair.transposed else W0
     Wt = adapters.merged_weight(pair.module, stored)
@@ -165,6 +174,7 @@ def scan(
     strict: bool = False,
     split_fused: bool = False,
     backend: str | None = None,
+    device=None,
     delta_ranks: bool = False,
     base_cache=None,
     write_base_cache=None,
@@ -205,6 +215,9 @@ def scan(
         backend: "torch", "triton" or "auto" (default; ``$LORAFFT_BACKEND`` overrides): see
             :func:`lorafft.linalg.resolve_backend`. It changes how, not what, is computed, so it is not an option
             of the report.
+        device: where the analysis runs: "cpu", "cuda", "cuda:1", ...; default the GPU when CUDA is available
+            (under torchrun, ``cuda:$LOCAL_RANK``), else the CPU. Tensors are read on the host and moved one batch
+            at a time; with the Triton backend fp16/bf16 weights are moved and read as stored.
         seed: seeds the random start blocks (results are reproducible).
         max_batch_bytes: cap on the fp32 base + tuned weights analysed together.
         progress: show a progress bar (tqdm) on stderr.
@@ -258,7 +271,11 @@ def scan(
         if journal is not None and size > 1:
             journal = f"{os.fspath(journal)}.rank{rank}"
         record = None if journal is None else Journal(journal, {"inputs": inputs, "options": options}, resume=resume)
-        settings = dict(k=k, eps=eps, sides=sides, tol=tol, seed=seed, delta_ranks=delta_ranks, backend=backend)
+        device = distributed.local_device() if device is None else torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available")
+        settings = dict(k=k, eps=eps, sides=sides, tol=tol, seed=seed, delta_ranks=delta_ranks, backend=backend,
+                        device=device)
         try:
             mine = [index for index, owner in enumerate(owners) if owner == rank]
             rows_by_batch = _scan_rows(base_checkpoint, sources, pairs_by_source, settings, record, reader, writer,
@@ -350,7 +367,8 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
                writer, batches: list[list[Pair]], mine: list[int], *, progress: bool) -> dict[int, list[MatrixRow]]:
     """``{batch index: rows}`` for the batches ``mine``, rows in canonical order (checkpoint, matrix, side): rows
     already in the journal ``record`` are taken from it, the others computed and appended to it. ``settings``: k,
-    eps, sides, tol, seed, delta_ranks, backend. Batches are read ahead by one reader thread (:func:`_prefetched`)."""
+    eps, sides, tol, seed, delta_ranks, backend, device. Batches are read ahead by one reader thread
+    (:func:`_prefetched`) on the host, then moved to the device."""
     from tqdm.auto import tqdm
 
     sides, rows_by_batch = settings["sides"], {}
@@ -365,11 +383,14 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
                      _ShardReleaser(source, [pairs[pair.name].tuned_name for index in to_compute for pair in batches[index]])
                      for source, pairs in zip(sources, pairs_by_source)]
 
+    device = settings["device"]
+    native = linalg.resolve_backend(device, settings["backend"]) == "triton"
+
     def load(batch_index: int):
         batch = batches[batch_index]
         stored = [base_reader.get(pair.name) for pair in batch]
-        W0 = _stack([_oriented(tensor, pair) for tensor, pair in zip(stored, batch)])
-        tuned = [_stack([_load_tuned(source, pairs[pair.name], w0) for pair, w0 in zip(batch, W0)])
+        W0 = _stack([_oriented(tensor, pair, native=native) for tensor, pair in zip(stored, batch)])
+        tuned = [_stack([_load_tuned(source, pairs[pair.name], w0, native=native) for pair, w0 in zip(batch, W0)])
                  for source, pairs in zip(tuned_readers, pairs_by_source)]
         return stored, W0, tuned
 
@@ -379,6 +400,7 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
             batch, rows = batches[batch_index], rows_by_batch.setdefault(batch_index, [])
             # one random stream per batch, so that a resumed (or distributed) scan draws exactly what one run draws
             generator = torch.Generator().manual_seed(settings["seed"] + 7919 * batch_index)
+            W0, tuned = W0.to(device), [Wt.to(device) for Wt in tuned]
             basis = _base_basis(W0, stored, batch, reader, writer)
             del stored
             for checkpoint, (Wt, pairs) in enumerate(zip(tuned, pairs_by_source)):
@@ -437,7 +459,7 @@ def _delta_ranks(batch: list[Pair], W0: torch.Tensor, Wt: torch.Tensor) -> list[
         if module is not None and module.magnitude is None:
             sigma = linalg.low_rank_singular_values(module.lora_B[None], module.lora_A[None], module.scaling)
         else:
-            sigma = linalg.singular_values((Wt[index] - W0[index])[None])
+            sigma = linalg.singular_values((Wt[index].float() - W0[index].float())[None])
         sigmas.append(sigma)
     return [(float(analysis.effective_rank(s)[0]), float(analysis.stable_rank(s)[0])) for s in sigmas]
 

@@ -27,6 +27,16 @@ def test_scan_writes_report_and_prints_summary(trio, tmp_path, capsys):
     assert len(report["matrices"]) == 14
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_without_cuda_exits_2(trio, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["scan", str(trio.base), str(trio.lora), "--device", "cuda", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_help_is_readable(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["scan", "--help"])

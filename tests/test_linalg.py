@@ -265,6 +265,17 @@ def test_truncated_svd_fp64_input():
     assert torch.all(result.error_bound[well] <= 1e-5)  # the default tol is reachable in fp64
 
 
+def test_truncated_svd_of_half_weights_with_torch_multiplies_in_fp32():
+    """fp16 weights are exact in fp32: the torch backend must not multiply in fp16 (its products would be off by
+    ~1e-3), so the result is the fp32 matrix's, certified against the fp64 oracle."""
+    g = torch.Generator().manual_seed(15)
+    W = spectral_weight(300, 400, g, 2).half()
+    half = linalg.truncated_svd(W, 10, generator=torch.Generator().manual_seed(0), backend="torch")
+    single = linalg.truncated_svd(W.float(), 10, generator=torch.Generator().manual_seed(0), backend="torch")
+    check_truncated(half, W.float(), 10)
+    assert torch.equal(half.S, single.S) and torch.equal(half.U, single.U)
+
+
 def test_truncated_svd_reproducible_with_generator():
     g = torch.Generator().manual_seed(14)
     W = spectral_weight(300, 300, g, 1)

@@ -168,3 +168,24 @@ def test_random_reference_matches_the_floor_and_a_direct_simulation(trio):
     y = torch.randn(d, 4000, generator=generator, dtype=torch.float64)
     maxima = (Q.T @ (y / y.norm(dim=0))).abs().amax(dim=0)
     assert float(maxima.median()) == pytest.approx(row.random_reference["p50"], abs=3e-3)
+
+
+def test_device_cpu_is_the_default_here_and_cuda_is_refused_without_a_gpu(trio):
+    include = [r"layers\.0\.self_attn\.q_proj"]
+    default = lorafft.scan(trio.base, trio.lora, include=include)
+    on_cpu = lorafft.scan(trio.base, trio.lora, include=include, device="cpu")
+    assert [r.max_cos for r in on_cpu.rows] == [r.max_cos for r in default.rows]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            lorafft.scan(trio.base, trio.lora, include=include, device="cuda")
+
+
+@pytest.mark.gpu
+def test_scan_on_the_gpu_equals_the_cpu_scan(trio):
+    """The same report on CUDA (Triton kernels, weights moved a batch at a time) as on the CPU (torch)."""
+    cpu = lorafft.scan(trio.base, trio.lora, eps=(0.5, 0.9), side="both", device="cpu")
+    gpu = lorafft.scan(trio.base, trio.lora, eps=(0.5, 0.9), side="both", device="cuda")
+    assert [(r.name, r.side) for r in gpu.rows] == [(r.name, r.side) for r in cpu.rows]
+    for mine, theirs in zip(gpu.rows, cpu.rows):
+        assert mine.counts == theirs.counts and mine.argmax == theirs.argmax
+        assert mine.max_cos == pytest.approx(theirs.max_cos, abs=1e-5)
