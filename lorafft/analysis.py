@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafft import linalg
+from lorafft.arrays import as_tensor
 
 DEFAULT_EPS = (0.5,)
 NEAR_THRESHOLD = 1e-3  # max|cos| this close to an ε is flagged: its count may flip under rounding
@@ -84,7 +85,8 @@ def analyze(
 ) -> dict[str, SideAnalysis]:
     """Intruder analysis of one pair ``W0, Wt [m, n]`` or a stack of same-shape pairs ``W0, Wt [L, m, n]`` (a pair is treated as L = 1).
 
-    Weights may be fp32, fp64, or fp16/bf16 as stored (the Triton kernels read those without an fp32 copy; the
+    W0, Wt (and ``start``) are torch tensors or DLPack arrays (CuPy, NumPy, JAX: wrapped without a copy, on their
+    device). Weights may be fp32, fp64, or fp16/bf16 as stored (the Triton kernels read those without an fp32 copy; the
     torch backend upcasts Wt once). ``start``: optional extra left-space vectors ``[L, m, c]`` for the tuned SVD's first block (a LoRA adapter's
     B columns); the base's own top left singular vectors are always used. ``basis``: ``linalg.base_basis(W0)``
     when the caller already has it (scans of several checkpoints of one run pay for it once). ``backend``: "torch",
@@ -92,6 +94,8 @@ def analyze(
     in :mod:`lorafft.kernels.sketch` and the small side's max |cos| in :mod:`lorafft.kernels.cosine`.
     Returns ``{side: SideAnalysis}``.
     """
+    W0, Wt = as_tensor(W0), as_tensor(Wt)
+    start = None if start is None else as_tensor(start)
     if W0.shape != Wt.shape or W0.dim() not in (2, 3):
         raise ValueError(f"W0 and Wt must have one shape [m, n] or [L, m, n]; got {tuple(W0.shape)}, {tuple(Wt.shape)}")
     if W0.dim() == 2:

@@ -71,6 +71,7 @@ from typing import Literal
 import torch
 from safetensors import SafetensorError, safe_open
 
+from lorafft.arrays import as_tensor
 from lorafft.errors import InputError
 
 STATE_DICT = "<state dict>"  # the path named in messages about an in-memory state dict
@@ -213,15 +214,19 @@ def _short_reason(e: Exception) -> str:
 
 
 def _check_tensors(path: str, obj) -> dict[str, torch.Tensor]:
-    """``obj`` itself if it maps strings to tensors, else InputError."""
+    """``obj`` as a dict of tensors if it maps strings to tensors (or to DLPack arrays such as CuPy's, wrapped
+    without a copy: :func:`lorafft.arrays.as_tensor`), else InputError."""
     if not isinstance(obj, Mapping):
         raise InputError(path, f"expected a dict of tensors, got {type(obj).__name__}")
+    tensors = {}
     for name, value in obj.items():
         if not isinstance(name, str):
             raise InputError(path, f"tensor name {name!r} is not a string")
-        if not isinstance(value, torch.Tensor):
-            raise InputError(path, f"'{name}' is not a tensor (got {type(value).__name__})")
-    return dict(obj)
+        try:
+            tensors[name] = as_tensor(value)
+        except TypeError:
+            raise InputError(path, f"'{name}' is not a tensor (got {type(value).__name__})") from None
+    return tensors
 
 
 def read_json_object(path) -> dict:

@@ -189,3 +189,29 @@ def test_scan_on_the_gpu_equals_the_cpu_scan(trio):
     for mine, theirs in zip(gpu.rows, cpu.rows):
         assert mine.counts == theirs.counts and mine.argmax == theirs.argmax
         assert mine.max_cos == pytest.approx(theirs.max_cos, abs=1e-5)
+
+
+def test_dlpack_arrays_are_analysed_without_a_copy(trio):
+    """Arrays of other libraries (CuPy on a GPU; NumPy here, the same DLPack protocol) go in as they are: analyze
+    and an in-memory state dict give the torch tensors' results, and the weights are not copied."""
+    import numpy as np
+
+    from lorafft.arrays import as_tensor
+
+    g = torch.Generator().manual_seed(5)
+    W0 = torch.randn(96, 80, generator=g, dtype=torch.float64).numpy()
+    Wt = W0 + 0.3 * np.outer(np.linspace(-1, 1, 96), np.linspace(1, 2, 80))
+    assert as_tensor(W0).data_ptr() == W0.ctypes.data
+    from_numpy = lorafft.analyze(W0, Wt, k=5)["left"]
+    from_torch = lorafft.analyze(torch.from_numpy(W0), torch.from_numpy(Wt), k=5)["left"]
+    assert torch.equal(from_numpy.max_cos, from_torch.max_cos) and torch.equal(from_numpy.counts, from_torch.counts)
+    reference, _ = _oracle(torch.from_numpy(W0), torch.from_numpy(Wt), 5, "left")
+    assert (from_numpy.max_cos[0] - reference).abs().max() < 1e-6
+
+    base, full = _load_dir(trio.base), _load_dir(trio.full)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    arrays = lorafft.scan({name: base[name].numpy()}, {name: full[name].numpy()})
+    tensors = lorafft.scan({name: base[name]}, {name: full[name]})
+    assert arrays.rows[0].max_cos == tensors.rows[0].max_cos
+    with pytest.raises(lorafft.InputError, match="is not a tensor"):
+        lorafft.scan({name: base[name].tolist()}, {name: full[name]})
