@@ -5,6 +5,10 @@ driver, torch and triton versions):
 
     python benchmarks/gpu_check.py                  # the whole check, sized for a few minutes on an H100/H200
     python benchmarks/gpu_check.py --quick          # small sizes only (also runs on a CPU under TRITON_INTERPRET=1)
+    python benchmarks/gpu_check.py --sections scan kernels   # a rerun of some sections
+
+Each section runs on its own (an exception is recorded as that section's result) and the file is rewritten after
+every section, so a failure or a timeout keeps what was measured before it.
 
 What it measures (each timing: median of CUDA events after warm-up, inputs rotated so they exceed L2):
 1. correctness of ``lorafft.kernels.sketch`` (fp32, fp16, bf16, fp8 e4m3 + scales) and ``lorafft.kernels.cosine``
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -178,10 +183,15 @@ def check_scan(device) -> dict:
     return result
 
 
+SECTIONS = ("correctness", "analysis", "scan", "device_rates", "kernels", "layer_70b")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes only")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run only these (default: all, in this order)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
@@ -189,15 +199,28 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
               "driver": _driver(), "torch": torch.__version__, "triton": _triton_version(),
               "date": time.strftime("%Y-%m-%d"), "quick": quick}
-    report["correctness"] = check_kernels(device, (70, 45, 5, 3) if quick else (4096, 11008, 20, 2))
-    report["analysis"] = check_analysis(device, *((256, 512) if quick else (4096, 11008)))
-    report["scan"] = check_scan(device)
-    report["device_rates"] = measure_device(device, args.repeats)
-    report["kernels"] = time_kernels(device, shapes, args.repeats, report["device_rates"]["copy_GBps"])
-    report["layer_70b"] = time_layer(device, shapes, max(3, args.repeats // 3))
     out = Path(__file__).parent / "results" / f"gpu_check-{report['date']}{'-quick' if quick else ''}.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report, indent=1))
+    copy_GBps = None
+    run = {
+        "correctness": lambda: check_kernels(device, (70, 45, 5, 3) if quick else (4096, 11008, 20, 2)),
+        "analysis": lambda: check_analysis(device, *((256, 512) if quick else (4096, 11008))),
+        "scan": lambda: check_scan(device),
+        "device_rates": lambda: measure_device(device, args.repeats),
+        "kernels": lambda: time_kernels(device, shapes, args.repeats, copy_GBps or math.nan),
+        "layer_70b": lambda: time_layer(device, shapes, max(3, args.repeats // 3)),
+    }
+    for section in args.sections:  # each section on its own: one failure costs that section, not the device time
+        begin = time.perf_counter()
+        try:
+            report[section] = run[section]()
+        except Exception as error:  # recorded in the results, which are written after every section
+            report[section] = {"error": f"{type(error).__name__}: {error}"}
+        report[section]["seconds"] = time.perf_counter() - begin
+        if section == "device_rates" and "copy_GBps" in report[section]:
+            copy_GBps = report[section]["copy_GBps"]
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"{section}: {json.dumps(report[section])}", flush=True)
+    print(f"written: {out}")
 
 
 def _driver() -> str | None:
