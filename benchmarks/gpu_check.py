@@ -18,7 +18,7 @@ What it measures (each timing: median of CUDA events after warm-up, inputs rotat
    copy bandwidth, at Llama-70B shapes;
 4. the fused cosine kernel against materialize-then-reduce in torch;
 5. one 70B-shaped layer (q, k, v, o, gate, up, down; bf16 read as stored) end to end against a cached base:
-   device seconds;
+   device seconds, for a LoRA adapter kept factored and for a full fine-tune;
 6. ``lorafft.scan`` of the synthetic trio on the device against the same scan on the CPU.
 """
 
@@ -146,19 +146,24 @@ def time_kernels(device, shapes, repeats: int, copy_GBps: float) -> dict:
 
 
 def time_layer(device, shapes, repeats: int) -> dict:
-    """One decoder layer (bf16) analysed against a cached base: the tuned side only, device seconds per layer."""
+    """One decoder layer (bf16 weights, read as stored) analysed against a cached base, the tuned side only, device
+    seconds per layer: a rank-16 LoRA adapter (kept factored, as scan does) and a full fine-tune (dense Wt)."""
     generator = torch.Generator().manual_seed(2)
-    total = 0.0
+    lora_s = full_s = 0.0
     for name, (m, n) in shapes.items():
-        W0 = synthetic.random_weight(m, n, generator=generator).to(device)
+        W0 = synthetic.random_weight(m, n, generator=generator).to(device).to(torch.bfloat16)
         basis = linalg.base_basis(W0[None])
         basis = linalg.BaseBasis(W0=basis.W0, sigma=basis.sigma,
                                  Z=basis.top_vectors(basis.small_side, basis.sigma.shape[-1]).float(),
                                  reflectors=None, tau=None)  # what a cache holds
         A, B = synthetic.lora_update(m, n, 16, generator=generator, lora_alpha=32.0, sigma=7.5)
-        Wt = (W0 + 2.0 * (B @ A).to(device)).to(torch.bfloat16)  # bf16 weights, read as stored by the kernels
-        total += timed(lambda: lorafft.analyze(W0, Wt, k=10, basis=basis, backend="triton"), repeats=repeats, warmup=1)
-    return {"layer_seconds": total}
+        A, B = A.to(device), B.to(device)
+        lora_s += timed(lambda: lorafft.analyze(W0, lora=(B, A, 2.0), k=10, basis=basis, backend="triton"),
+                        repeats=repeats, warmup=1)
+        Wt = (W0.float() + 2.0 * B @ A).to(torch.bfloat16)
+        full_s += timed(lambda: lorafft.analyze(W0, Wt, k=10, basis=basis, backend="triton"), repeats=repeats, warmup=1)
+        del Wt
+    return {"layer_seconds_lora": lora_s, "layer_seconds_full": full_s}
 
 
 def check_scan(device) -> dict:

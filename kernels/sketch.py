@@ -86,7 +86,6 @@ def sketch(
     *,
     transpose: bool = False,
     scale: torch.Tensor | None = None,
-    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batched thin product ``W @ X`` (or ``W^T @ X``) with W read once in its stored dtype, fp32 accumulation.
@@ -98,8 +97,6 @@ def sketch(
         scale: optional fp32 dequantization scale, so that the weight is ``W * scale`` (multiplied, as DeepSeek's
             ``weight_dequant`` and compressed-tensors do): ``[L]`` per tensor, ``[L, m]`` per output channel
             (row of W), or ``[L, ceil(m/128), ceil(n/128)]`` per 128×128 block.
-        lora: optional ``(B, A, s)`` with ``B [L, m, r]``, ``A [L, r, n]``, scalar ``s``: adds ``s·B (A X)``
-            (``s·A^T (B^T X)`` with ``transpose``). Done here with two thin torch products in fp32, not in the kernel.
         out: optional fp32 ``[L, m, b]`` (``[L, n, b]``) output buffer; every entry is overwritten.
 
     Returns:
@@ -166,15 +163,4 @@ def sketch(
         num_warps=4,
     )
 
-    if lora is not None:
-        B, A, s = lora
-        r = B.shape[-1]
-        if B.shape != (L, m, r) or A.shape != (L, r, n) or B.device != W.device or A.device != W.device:
-            raise ValueError(f"sketch: lora needs B [{L}, {m}, r] and A [{L}, r, {n}] on {W.device}, "
-                             f"got {tuple(B.shape)} and {tuple(A.shape)}")
-        B, A = B.float(), A.float()  # thin factors: their fp32 copies are small
-        if transpose:
-            out.baddbmm_(A.mT, B.mT @ X, alpha=float(s))
-        else:
-            out.baddbmm_(B, A @ X, alpha=float(s))
     return out

@@ -72,8 +72,9 @@ def random_max_cos(dimension: int, basis_size: int, samples: int = 2000, seed: i
 
 def analyze(
     W0: torch.Tensor,
-    Wt: torch.Tensor,
+    Wt: torch.Tensor | None = None,
     *,
+    lora=None,
     k: int = 10,
     eps=DEFAULT_EPS,
     sides=("left",),
@@ -85,6 +86,9 @@ def analyze(
 ) -> dict[str, SideAnalysis]:
     """Intruder analysis of one pair ``W0, Wt [m, n]`` or a stack of same-shape pairs ``W0, Wt [L, m, n]`` (a pair is treated as L = 1).
 
+    The tuned matrix is ``Wt``, or ``W0 + s·B·A`` for ``lora=(B, A, s)`` (B ``[m, r]`` / ``[L, m, r]``, A ``[r, n]`` /
+    ``[L, r, n]``, s a number or one per matrix, or a :class:`lorafft.linalg.LowRank`): a LoRA fine-tune is then
+    analysed without forming Wt, every product being W0's plus two thin ones.
     W0, Wt (and ``start``) are torch tensors or DLPack arrays (CuPy, NumPy, JAX: wrapped without a copy, on their
     device). Weights may be fp32, fp64, or fp16/bf16 as stored (the Triton kernels read those without an fp32 copy; the
     torch backend upcasts Wt once). ``start``: optional extra left-space vectors ``[L, m, c]`` for the tuned SVD's first block (a LoRA adapter's
@@ -94,13 +98,19 @@ def analyze(
     in :mod:`lorafft.kernels.sketch` and the small side's max |cos| in :mod:`lorafft.kernels.cosine`.
     Returns ``{side: SideAnalysis}``.
     """
-    W0, Wt = as_tensor(W0), as_tensor(Wt)
+    if (Wt is None) == (lora is None):
+        raise ValueError("give the tuned matrix Wt or its LoRA update lora=(B, A, s), not both")
+    W0 = as_tensor(W0)
+    Wt = None if Wt is None else as_tensor(Wt)
     start = None if start is None else as_tensor(start)
-    if W0.shape != Wt.shape or W0.dim() not in (2, 3):
-        raise ValueError(f"W0 and Wt must have one shape [m, n] or [L, m, n]; got {tuple(W0.shape)}, {tuple(Wt.shape)}")
-    if W0.dim() == 2:
-        W0, Wt = W0.unsqueeze(0), Wt.unsqueeze(0)
+    if W0.dim() not in (2, 3) or (Wt is not None and W0.shape != Wt.shape):
+        raise ValueError(f"W0 and Wt must have one shape [m, n] or [L, m, n]; got {tuple(W0.shape)}, "
+                         f"{None if Wt is None else tuple(Wt.shape)}")
+    single = W0.dim() == 2
+    if single:
+        W0, Wt = W0.unsqueeze(0), None if Wt is None else Wt.unsqueeze(0)
         start = None if start is None else start.unsqueeze(0)
+    low_rank = None if lora is None else _low_rank(lora, W0, single)
     for side in sides:
         if side not in linalg.SIDES:
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
@@ -110,8 +120,10 @@ def analyze(
     guesses = basis.top_vectors("left", block - block // 4)
     if start is not None:
         guesses = torch.cat([start.to(guesses.device, torch.float64), guesses], dim=-1)
-    backend = linalg.resolve_backend(Wt.device, backend)
-    tuned = linalg.truncated_svd(Wt, k, start=guesses, block_size=block, tol=tol, generator=generator, backend=backend)
+    tuned_matrix = W0 if Wt is None else Wt
+    backend = linalg.resolve_backend(tuned_matrix.device, backend)
+    tuned = linalg.truncated_svd(tuned_matrix, k, start=guesses, block_size=block, tol=tol, generator=generator,
+                                 backend=backend, low_rank=low_rank)
     results = {}
     for side in sides:
         vectors = tuned.U if side == "left" else tuned.V
@@ -136,6 +148,24 @@ def analyze(
         )
     return results
 
+
+
+def _low_rank(lora, W0: torch.Tensor, single: bool) -> linalg.LowRank:
+    """``lora`` as a LowRank for ``W0 [L, m, n]``: a LowRank as is, or ``(B, A, s)`` with 2-D factors for a single
+    pair (``single``) and 3-D ones for a stack; ValueError when the shapes do not make an ``[L, m, n]`` update."""
+    if not isinstance(lora, linalg.LowRank):
+        B, A, scale = lora
+        B, A = as_tensor(B), as_tensor(A)
+        if single:
+            B, A = B.unsqueeze(0), A.unsqueeze(0)
+        scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1).expand(W0.shape[0])
+        lora = linalg.LowRank(B=B, A=A, scale=scale)
+    L, m, n = W0.shape
+    r = lora.B.shape[-1]
+    if lora.B.shape != (L, m, r) or lora.A.shape != (L, r, n) or lora.scale.shape != (L,):
+        raise ValueError(f"lora must be B [{L}, {m}, r], A [{L}, r, {n}] and one scale per matrix for W0 "
+                         f"{tuple(W0.shape)}; got {tuple(lora.B.shape)}, {tuple(lora.A.shape)}, {tuple(lora.scale.shape)}")
+    return lora
 
 
 def _match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps, backend: str) -> linalg.CosineMatch:

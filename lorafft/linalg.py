@@ -45,14 +45,42 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return "triton"
 
 
-def _product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str) -> torch.Tensor:
-    """``W @ X`` or ``W^T @ X`` for ``W [L, m, n]`` and a thin block X, returned in fp64: the batched Triton sketch
-    kernel (W read once in its stored dtype, fp32 accumulation) or torch in W's dtype."""
+@dataclass
+class LowRank:
+    """A low-rank term ``scale * B @ A`` kept factored (a LoRA update ΔW = s·B·A, never formed).
+
+    B: ``[L, m, r]``, A: ``[L, r, n]`` (any float dtype), scale: ``[L]`` (s per matrix)."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    scale: torch.Tensor
+
+    def to(self, device) -> "LowRank":
+        return LowRank(B=self.B.to(device), A=self.A.to(device), scale=self.scale.to(device))
+
+    def times(self, X: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``s·B (A X)`` or, with ``transpose``, ``s·A^T (B^T X)`` for a thin fp64 block X, in fp64."""
+        B, A = self.B.to(X.device, torch.float64), self.A.to(X.device, torch.float64)
+        scale = self.scale.to(X.device, torch.float64)[:, None, None]
+        return scale * (A.mT @ (B.mT @ X) if transpose else B @ (A @ X))
+
+    def dense(self) -> torch.Tensor:
+        """``s·B·A`` formed, ``[L, m, n]`` fp64 (for matrices small enough for a dense SVD)."""
+        return self.scale.double()[:, None, None].to(self.B.device) * (self.B.double() @ self.A.double())
+
+
+def _product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str,
+             low_rank: LowRank | None = None) -> torch.Tensor:
+    """``(W + low_rank) @ X`` or its transpose times X, for ``W [L, m, n]`` and a thin fp64 block X, in fp64: the
+    batched Triton sketch kernel (W read once in its stored dtype, fp32 accumulation) or torch in W's dtype; the
+    low-rank term through its thin factors."""
     if backend == "triton":
         from lorafft.kernels.sketch import sketch
 
-        return sketch(W, X.float(), transpose=transpose).double()
-    return ((W.mT if transpose else W) @ X.to(W.dtype)).double()
+        product = sketch(W, X.float(), transpose=transpose).double()
+    else:
+        product = ((W.mT if transpose else W) @ X.to(W.dtype)).double()
+    return product if low_rank is None else product + low_rank.times(X, transpose)
 
 
 def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -238,9 +266,10 @@ def _error_bounds(theta: torch.Tensor, residual: torch.Tensor, k: int) -> torch.
     return torch.where(delta > 0, bound.clamp(max=2.0), torch.full_like(bound, math.inf))
 
 
-def _dense_svd(W: torch.Tensor, k: int) -> TruncatedSVD:
-    """fp64 LAPACK SVD, for matrices too small (or k too large) for Krylov iteration to pay off."""
-    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None) -> TruncatedSVD:
+    """fp64 LAPACK SVD of ``W`` (plus ``low_rank``), for matrices too small (or k too large) for Krylov iteration
+    to pay off."""
+    U, S, Vh = torch.linalg.svd(W.double() if low_rank is None else W.double() + low_rank.dense(), full_matrices=False)
     V = Vh.mT
     eps = torch.finfo(torch.float64).eps
     residual = (S[:, :1] * eps * math.sqrt(max(W.shape[-2:]))).expand_as(S).clone()
@@ -257,8 +286,10 @@ def truncated_svd(
     max_iters: int = 40,
     generator: torch.Generator | None = None,
     backend: str | None = None,
+    low_rank: LowRank | None = None,
 ) -> TruncatedSVD:
-    """Top-k singular triplets of ``W [L, m, n]`` by block Krylov iteration with a certified stopping rule.
+    """Top-k singular triplets of ``W [L, m, n]`` (of ``W + low_rank`` when given) by block Krylov iteration with
+    a certified stopping rule.
 
     Algorithm: block Krylov subspace iteration with full re-orthogonalisation and Rayleigh–Ritz on the span of
     every block kept so far (Musco & Musco 2015, "Randomized block Krylov methods for stronger and faster
@@ -287,6 +318,8 @@ def truncated_svd(
         generator: for the random start (reproducible results).
         backend: the products with W: "torch", "triton" (:mod:`lorafft.kernels.sketch`) or "auto" (see
             :func:`resolve_backend`).
+        low_rank: a LoRA update ``s·B·A`` to add to W, kept factored: each product with the sum is W's product
+            plus two thin ones, so the tuned matrix of a LoRA fine-tune is never formed (W stays the base as stored).
 
     Small matrices (``3 * block_size >= min(m, n)``) go to a dense fp64 SVD instead.
     """
@@ -294,13 +327,13 @@ def truncated_svd(
     k = min(k, m, n)
     b = block_size or max(2 * k, k + 10)
     if 3 * b >= min(m, n):
-        return _dense_svd(W, k)
+        return _dense_svd(W, k, low_rank)
     backend = resolve_backend(W.device, backend)
     if backend == "torch" and W.dtype not in (torch.float32, torch.float64):
         W = W.float()  # torch would multiply in the stored (b)f16; the Triton kernel reads it and accumulates in fp32
     n_random = b - (0 if start is None else min(start.shape[-1], b - max(1, b // 4)))
     omega = torch.randn(L, n, n_random, generator=generator, dtype=torch.float64).to(W.device)
-    first = _product(W, omega, transpose=False, backend=backend)
+    first = _product(W, omega, transpose=False, backend=backend, low_rank=low_rank)
     if start is not None:
         first = torch.cat([start[..., : b - n_random].to(W.device, torch.float64), first], dim=-1)
     small_residual = math.sqrt(torch.finfo(torch.promote_types(W.dtype, torch.float32)).eps)  # the products' precision
@@ -310,9 +343,9 @@ def truncated_svd(
     rows = []  # (W^T K_j)^T, the blocks of rows of Q^T W
     images = []  # W W^T K_j
     for iteration in range(1, max_iters + 1):
-        WtK = _product(W, blocks[-1], transpose=True, backend=backend)  # [L, n, b]
+        WtK = _product(W, blocks[-1], transpose=True, backend=backend, low_rank=low_rank)  # [L, n, b]
         rows.append(WtK.mT)
-        images.append(_product(W, WtK, transpose=False, backend=backend))
+        images.append(_product(W, WtK, transpose=False, backend=backend, low_rank=low_rank))
         Q, B, P = torch.cat(blocks, -1), torch.cat(rows, -2), torch.cat(images, -1)
         # Rayleigh–Ritz on span(Q): the SVD of B = Q^T W [D, n] through the eigen-decomposition of B B^T [D, D]
         # (fp64: the top Ritz values and vectors keep full accuracy; the D×D problem is cheaper than a thin SVD of B)
@@ -331,7 +364,7 @@ def truncated_svd(
             V = (B.mT @ U_hat[..., :k]) * inverse_theta[:, None, :k]
             return TruncatedSVD(U[..., :k], theta[:, :k], V, residual[:, :k], bound, iteration)
         if Q.shape[-1] + b > min(m, n):
-            return _dense_svd(W, k)
+            return _dense_svd(W, k, low_rank)
         previous = residual[:, :k]
         blocks.append(_orthonormalize(images[-1], Q))
     raise AssertionError("unreachable")

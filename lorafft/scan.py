@@ -137,6 +137,17 @@ def _load_tuned(tuned, pair: Pair, W0: torch.Tensor, *, native: bool = False) ->
     return (Wt.T if pair.transposed else Wt).contiguous()
 
 
+def adapter_update(batch: list[Pair]) -> linalg.LowRank | None:
+    """The batch's LoRA updates kept factored, ``ΔW = s·B·A`` in the analysed orientation ``[out, in]``, when every
+    module is a plain LoRA module (no DoRA magnitude, no embedding) of one rank; None otherwise (the tuned weights
+    are then merged, as PEFT merges them). The factors' shapes were checked against the base when pairing."""
+    modules = [p.module for p in batch]
+    if any(m is None or m.embedding or m.magnitude is not None for m in modules) or len({m.lora_A.shape[0] for m in modules}) != 1:
+        return None
+    return linalg.LowRank(B=torch.stack([m.lora_B for m in modules]), A=torch.stack([m.lora_A for m in modules]),
+                          scale=torch.tensor([m.scaling for m in modules], dtype=torch.float64))
+
+
 def adapter_start(batch: list[Pair]) -> torch.Tensor | None:
     """LoRA B columns ``[L, out, r]`` as extra start vectors for the tuned SVD, when every module in the batch is a
     non-embedding adapter module of one rank (B spans the output space, where intruders appear)."""
@@ -390,8 +401,12 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
         batch = batches[batch_index]
         stored = [base_reader.get(pair.name) for pair in batch]
         W0 = _stack([_oriented(tensor, pair, native=native) for tensor, pair in zip(stored, batch)])
-        tuned = [_stack([_load_tuned(source, pairs[pair.name], w0, native=native) for pair, w0 in zip(batch, W0)])
-                 for source, pairs in zip(tuned_readers, pairs_by_source)]
+        tuned = []  # per checkpoint: the tuned stack, or a LoRA update kept factored (linalg.LowRank)
+        for source, pairs in zip(tuned_readers, pairs_by_source):
+            here = [pairs[pair.name] for pair in batch]
+            update = adapter_update(here)
+            tuned.append(update if update is not None else
+                         _stack([_load_tuned(source, pair, w0, native=native) for pair, w0 in zip(here, W0)]))
         return stored, W0, tuned
 
     total = sum(len(batches[index]) for index in to_compute) * len(sources)
@@ -400,12 +415,13 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
             batch, rows = batches[batch_index], rows_by_batch.setdefault(batch_index, [])
             # one random stream per batch, so that a resumed (or distributed) scan draws exactly what one run draws
             generator = torch.Generator().manual_seed(settings["seed"] + 7919 * batch_index)
-            W0, tuned = W0.to(device), [Wt.to(device) for Wt in tuned]
+            W0, tuned = W0.to(device), [entry.to(device) for entry in tuned]
             basis = _base_basis(W0, stored, batch, reader, writer)
             del stored
             for checkpoint, (Wt, pairs) in enumerate(zip(tuned, pairs_by_source)):
                 here = [pairs[pair.name] for pair in batch]
-                results = analysis.analyze(W0, Wt, k=settings["k"], eps=settings["eps"], sides=sides,
+                Wt, update = (None, Wt) if isinstance(Wt, linalg.LowRank) else (Wt, None)
+                results = analysis.analyze(W0, Wt, lora=update, k=settings["k"], eps=settings["eps"], sides=sides,
                                            start=adapter_start(here), tol=settings["tol"], generator=generator,
                                            basis=basis, backend=settings["backend"])
                 ranks = _delta_ranks(here, W0, Wt) if settings["delta_ranks"] else None

@@ -32,23 +32,17 @@ def _dequantized(W, scale):
     return W * s
 
 
-def _check(W, X, *, transpose=False, scale=None, lora=None, rtol=RTOL):
+def _check(W, X, *, transpose=False, scale=None, rtol=RTOL):
     """Run sketch into a NaN-poisoned buffer and compare it entrywise against the fp64 product."""
     W, X = W.to(DEVICE), X.to(DEVICE)
     scale = None if scale is None else scale.to(DEVICE)
-    lora = None if lora is None else (lora[0].to(DEVICE), lora[1].to(DEVICE), lora[2])
     Wd = _dequantized(W, scale)
     if transpose:
         Wd = Wd.mT
     ref = Wd @ X.double()
     bound = Wd.abs() @ X.double().abs()  # each entry's rounding error is relative to sum |w x|, not to |sum w x|
-    if lora is not None:
-        B, A, s = lora
-        low = s * (B.double() @ A.double())
-        ref = ref + (low.mT if transpose else low) @ X.double()
-        bound = bound + (low.mT if transpose else low).abs() @ X.double().abs()
     out = torch.full(ref.shape, float("nan"), dtype=torch.float32, device=W.device)
-    got = sketch(W, X, transpose=transpose, scale=scale, lora=lora, out=out)
+    got = sketch(W, X, transpose=transpose, scale=scale, out=out)
     assert got is out
     err = (got.double() - ref).abs()
     assert torch.isfinite(got).all()
@@ -87,14 +81,6 @@ def test_scales(kind, transpose):
     _check(W, torch.randn(L, m if transpose else n, 6), transpose=transpose, scale=scale)
 
 
-@pytest.mark.parametrize("transpose", [False, True])
-def test_lora(transpose):
-    L, m, n, r = 2, 50, 37, 4
-    W = torch.randn(L, m, n).to(torch.float16)
-    lora = (torch.randn(L, m, r).to(torch.float16), torch.randn(L, r, n).to(torch.float16), 0.75)
-    _check(W, torch.randn(L, m if transpose else n, 9), transpose=transpose, lora=lora)
-
-
 def test_rejects_bad_inputs():
     W = torch.randn(2, 8, 6)
     with pytest.raises(ValueError):
@@ -107,8 +93,6 @@ def test_rejects_bad_inputs():
         sketch(W, torch.randn(2, 6, 3), out=torch.empty(2, 8, 4))
     with pytest.raises(ValueError):
         sketch(W, torch.randn(2, 6, 3), scale=torch.ones(2, 6))  # per channel is per row of W: [2, 8]
-    with pytest.raises(ValueError):
-        sketch(W, torch.randn(2, 6, 3), lora=(torch.ones(2, 8, 1), torch.ones(2, 1, 5), 1.0))
 
 
 @pytest.mark.gpu
@@ -126,6 +110,4 @@ def test_fp8_gpu(kind, transpose):
     W = (torch.randn(L, m, n, device="cuda") * 50).to(torch.float8_e4m3fn)
     shapes = {"tensor": (L,), "channel": (L, m), "block": (L, 3, 3)}
     scale = None if kind is None else torch.rand(shapes[kind], device="cuda") + 0.5
-    lora = (torch.randn(L, m, 8, device="cuda").to(torch.bfloat16),
-            torch.randn(L, 8, n, device="cuda").to(torch.bfloat16), 2.0)
-    _check(W, torch.randn(L, m if transpose else n, 20, device="cuda"), transpose=transpose, scale=scale, lora=lora)
+    _check(W, torch.randn(L, m if transpose else n, 20, device="cuda"), transpose=transpose, scale=scale)

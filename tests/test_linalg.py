@@ -218,6 +218,18 @@ def test_truncated_svd_matches_fp64(kind, m, n, L, k):
         assert result.iterations == 0  # small: dense fp64 SVD (Krylov may also fall back to it when its space fills up)
 
 
+@pytest.mark.parametrize("m,n,L,r", [(384, 300, 3, 4), (256, 512, 1, 16), (60, 50, 2, 2)])
+def test_truncated_svd_of_a_factored_low_rank_update_matches_fp64(m, n, L, r):
+    """W + s·B·A kept factored (one s per matrix; Krylov and dense paths) is certified like the formed sum."""
+    g = torch.Generator().manual_seed(m + n + r)
+    W = spectral_weight(m, n, g, L)
+    B, A = torch.randn(L, m, r, generator=g), torch.randn(L, r, n, generator=g) / math.sqrt(n)
+    scale = torch.tensor([0.5, 2.0, 1.0][:L], dtype=torch.float64)
+    low_rank = linalg.LowRank(B=B, A=A, scale=scale)
+    result = linalg.truncated_svd(W, 10, low_rank=low_rank, generator=torch.Generator().manual_seed(0))
+    check_truncated(result, W.double() + scale[:, None, None] * (B.double() @ A.double()), 10)
+
+
 def test_truncated_svd_k_clamped_to_min_dimension():
     g = torch.Generator().manual_seed(2)
     W = spectral_weight(30, 20, g, 1)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lorafft
 from lorafft.report import Report
@@ -215,3 +215,48 @@ def test_dlpack_arrays_are_analysed_without_a_copy(trio):
     assert arrays.rows[0].max_cos == tensors.rows[0].max_cos
     with pytest.raises(lorafft.InputError, match="is not a tensor"):
         lorafft.scan({name: base[name].tolist()}, {name: full[name]})
+
+
+def test_lora_adapters_are_analysed_factored_and_dora_merged(trio, monkeypatch, tmp_path):
+    """A plain LoRA adapter is never merged into a dense tuned matrix (its update stays s·B·A through every
+    product), and analyze(W0, lora=(B, A, s)) equals analyze(W0, W0 + s·B·A)."""
+    from lorafft import adapters
+
+    merged = []
+    original = adapters.merged_weight
+    monkeypatch.setattr(adapters, "merged_weight", lambda *a, **kw: merged.append(1) or original(*a, **kw))
+    report = lorafft.scan(trio.base, trio.lora, include=[r"layers\.0\."])
+    assert report.rows and not merged
+
+    # the same adapter as DoRA (magnitudes m): merged, (m / ||W0 + ΔW||_row) (W0 + ΔW), checked against fp64
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    config = json.loads((trio.lora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=True)))
+    tensors = load_file(trio.lora / "adapter_model.safetensors")
+    base = _load_dir(trio.base)
+    g = torch.Generator().manual_seed(3)
+    for key in [key for key in tensors if ".lora_A." in key]:
+        module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
+        rows = base[module + ".weight"].shape[0]
+        tensors[key.split(".lora_A.")[0] + ".lora_magnitude_vector"] = 1 + 0.2 * torch.rand(rows, generator=g)
+    save_file(tensors, dora / "adapter_model.safetensors")
+    dora_report = lorafft.scan(trio.base, dora, include=[r"layers\.0\."])
+    assert merged
+    expected = {}
+    for name, Wt in _merged_lora(base, trio.lora).items():
+        key = "base_model.model." + name.removesuffix(".weight") + ".lora_magnitude_vector"
+        expected[name] = tensors[key].double()[:, None] * Wt / Wt.norm(dim=1, keepdim=True)
+    _check_rows(dora_report, base, expected, 0.5)
+
+    g = torch.Generator().manual_seed(9)
+    W0 = torch.randn(2, 300, 260, generator=g)
+    B, A = torch.randn(2, 300, 3, generator=g), torch.randn(2, 3, 260, generator=g) * 0.2
+    factored = lorafft.analyze(W0, lora=(B, A, 1.5), k=8)["left"]
+    formed = lorafft.analyze(W0, W0 + 1.5 * B @ A, k=8)["left"]
+    assert torch.equal(factored.counts, formed.counts) and torch.equal(factored.argmax, formed.argmax)
+    assert (factored.max_cos - formed.max_cos).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="not both"):
+        lorafft.analyze(W0, W0, lora=(B, A, 1.5))
+    with pytest.raises(ValueError, match="lora must be"):
+        lorafft.analyze(W0, lora=(B.mT, A, 1.5))
