@@ -7,7 +7,8 @@
 2. Base-cache storage precision: the explicit small-side basis rounded to fp32 / fp16 / bf16, max|cos| error of
    LoRA-tuned top-10 vectors against fp64 SVD (MiniLM 384×384 and 384×1536, synthetic 1024×2752).
 3. Where the time of ``lorafft.analyze`` goes at 4096×4096 (fp64 Gram, LAPACK sytrd + stevd, Krylov top-10,
-   projections), beside ``torch.linalg.eigh`` of the same fp64 Gram and the fp32-Gram alternative.
+   projections), beside ``torch.linalg.eigh`` of the same fp64 Gram, the fp32-Gram alternative, and the
+   alternatives to each LAPACK step (:func:`tridiagonal_alternatives`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -87,6 +89,25 @@ def timed(function):
     return time.perf_counter() - start, value
 
 
+def tridiagonal_alternatives(gram) -> dict:
+    """The exact base basis's two LAPACK steps apart, and the alternatives to each: ?sytrd alone, then on its
+    tridiagonal ?stevd (divide and conquer, used) against ?stemr (MRRR); and torch's eigenvalues-only fp64
+    ``eigvalsh`` (MKL's reduction + root-free QR, a lower bound on any MKL route that also needs vectors)."""
+    from scipy.linalg import lapack
+
+    times = {}
+    times["torch_eigvalsh_fp64_s"], _ = timed(lambda: torch.linalg.eigvalsh(torch.from_numpy(gram.T), UPLO="U"))
+    lwork, _ = lapack.dsytrd_lwork(gram.shape[0], lower=1)
+    times["sytrd_s"], (_, diagonal, off_diagonal, _, _) = timed(
+        lambda: lapack.dsytrd(gram, lower=1, lwork=int(lwork), overwrite_a=1))
+    times["stevd_s"], _ = timed(lambda: lapack.dstevd(diagonal, off_diagonal, compute_v=1))
+    padded = np.append(off_diagonal, 0.0)
+    work, iwork, _ = lapack.dstemr_lwork(diagonal, padded, 0, 0.0, 0.0, 0, 0)
+    times["stemr_s"], _ = timed(lambda: lapack.dstemr(diagonal, padded.copy(), 0, 0.0, 0.0, 0, 0, compute_v=1,
+                                                      lwork=int(work), liwork=int(iwork)))
+    return times
+
+
 def time_split() -> dict:
     generator = torch.Generator().manual_seed(0)
     W0 = synthetic.random_weight(4096, 4096, generator=generator)
@@ -96,6 +117,7 @@ def time_split() -> dict:
     times["gram_fp64_s"], gram = timed(lambda: linalg._gram_upper(W0, torch.float64))
     times["sytrd_stevd_fp64_s"], _ = timed(lambda: linalg._lapack_tridiagonal_eigh(gram[0].clone().numpy().T))
     times["torch_eigh_fp64_s"], _ = timed(lambda: torch.linalg.eigh(gram, UPLO="U"))
+    times.update(tridiagonal_alternatives(gram[0].clone().numpy().T))
     basis = linalg.base_basis(W0)
     start = basis.top_vectors("left", 15)
     times["krylov_top10_s"], tuned = timed(lambda: linalg.truncated_svd(Wt, 10, start=start, block_size=20))
