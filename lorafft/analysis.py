@@ -84,18 +84,26 @@ def analyze(
     basis: linalg.BaseBasis | None = None,
     backend: str | None = None,
 ) -> dict[str, SideAnalysis]:
-    """Intruder analysis of one pair ``W0, Wt [m, n]`` or a stack of same-shape pairs ``W0, Wt [L, m, n]`` (a pair is treated as L = 1).
+    """Intruder analysis of one pair ``W0, Wt [m, n]`` or a stack of same-shape pairs ``[L, m, n]`` (a pair is
+    treated as L = 1).
 
-    The tuned matrix is ``Wt``, or ``W0 + s·B·A`` for ``lora=(B, A, s)`` (B ``[m, r]`` / ``[L, m, r]``, A ``[r, n]`` /
-    ``[L, r, n]``, s a number or one per matrix, or a :class:`lorafft.linalg.LowRank`): a LoRA fine-tune is then
-    analysed without forming Wt, every product being W0's plus two thin ones.
-    W0, Wt (and ``start``) are torch tensors or DLPack arrays (CuPy, NumPy, JAX: wrapped without a copy, on their
-    device). Weights may be fp32, fp64, or fp16/bf16 as stored (the Triton kernels read those without an fp32 copy; the
-    torch backend upcasts Wt once). ``start``: optional extra left-space vectors ``[L, m, c]`` for the tuned SVD's first block (a LoRA adapter's
-    B columns); the base's own top left singular vectors are always used. ``basis``: ``linalg.base_basis(W0)``
-    when the caller already has it (scans of several checkpoints of one run pay for it once). ``backend``: "torch",
-    "triton" or "auto" (:func:`lorafft.linalg.resolve_backend`): with Triton, the products of the truncated SVD run
-    in :mod:`lorafft.kernels.sketch` and the small side's max |cos| in :mod:`lorafft.kernels.cosine`.
+    Args:
+        W0, Wt: base and tuned weights: torch tensors, or DLPack arrays (CuPy, NumPy, JAX: wrapped without a copy,
+            on their device); fp32, fp64, or fp16/bf16 as stored (the Triton kernels read those without an fp32
+            copy; the torch backend upcasts Wt once).
+        lora: instead of Wt, a LoRA update ``(B, A, s)`` (B ``[m, r]`` / ``[L, m, r]``, A ``[r, n]`` / ``[L, r, n]``,
+            s a number or one per matrix) or a :class:`lorafft.linalg.LowRank`: the tuned matrix is ``W0 + s·B·A``,
+            never formed (each product is W0's plus two thin ones).
+        k, eps, tol: as in :func:`lorafft.scan`; sides: a tuple of "left" and/or "right".
+        start: optional extra left-space vectors ``[L, m, c]`` for the tuned SVD's first block (a LoRA adapter's
+            B columns); the base's own top left singular vectors are always used.
+        generator: for the random part of the start block (reproducible results).
+        basis: ``linalg.base_basis(W0)`` when the caller already has it (scans of several checkpoints of one run
+            pay for it once).
+        backend: "torch", "triton" or "auto" (:func:`lorafft.linalg.resolve_backend`): with Triton, the products of
+            the truncated SVD run in :mod:`lorafft.kernels.sketch` and the small side's max |cos| in
+            :mod:`lorafft.kernels.cosine`.
+
     Returns ``{side: SideAnalysis}``.
     """
     if (Wt is None) == (lora is None):
@@ -164,7 +172,8 @@ def _low_rank(lora, W0: torch.Tensor, single: bool) -> linalg.LowRank:
     r = lora.B.shape[-1]
     if lora.B.shape != (L, m, r) or lora.A.shape != (L, r, n) or lora.scale.shape != (L,):
         raise ValueError(f"lora must be B [{L}, {m}, r], A [{L}, r, {n}] and one scale per matrix for W0 "
-                         f"{tuple(W0.shape)}; got {tuple(lora.B.shape)}, {tuple(lora.A.shape)}, {tuple(lora.scale.shape)}")
+                         f"{tuple(W0.shape)}; got {tuple(lora.B.shape)}, {tuple(lora.A.shape)}, "
+                         f"{tuple(lora.scale.shape)}")
     return lora
 
 

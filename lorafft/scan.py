@@ -142,7 +142,9 @@ def adapter_update(batch: list[Pair]) -> linalg.LowRank | None:
     module is a plain LoRA module (no DoRA magnitude, no embedding) of one rank; None otherwise (the tuned weights
     are then merged, as PEFT merges them). The factors' shapes were checked against the base when pairing."""
     modules = [p.module for p in batch]
-    if any(m is None or m.embedding or m.magnitude is not None for m in modules) or len({m.lora_A.shape[0] for m in modules}) != 1:
+    if any(m is None or m.embedding or m.magnitude is not None for m in modules):
+        return None
+    if len({m.lora_A.shape[0] for m in modules}) != 1:
         return None
     return linalg.LowRank(B=torch.stack([m.lora_B for m in modules]), A=torch.stack([m.lora_A for m in modules]),
                           scale=torch.tensor([m.scaling for m in modules], dtype=torch.float64))
@@ -247,6 +249,9 @@ def scan(
         raise ValueError("scan needs at least one tuned checkpoint")
     if resume and journal is None:
         raise ValueError("resume needs the journal of the scan to finish")
+    device = distributed.local_device() if device is None else torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
     if split_fused and any(io.is_adapter(source) for source in tuned_list):
         warnings.warn("split_fused ignored: a PEFT adapter is merged onto whole fused projections, so they are "
                       "analysed whole", stacklevel=2)
@@ -282,9 +287,6 @@ def scan(
         if journal is not None and size > 1:
             journal = f"{os.fspath(journal)}.rank{rank}"
         record = None if journal is None else Journal(journal, {"inputs": inputs, "options": options}, resume=resume)
-        device = distributed.local_device() if device is None else torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device} requested but CUDA is not available")
         settings = dict(k=k, eps=eps, sides=sides, tol=tol, seed=seed, delta_ranks=delta_ranks, backend=backend,
                         device=device)
         try:
@@ -418,9 +420,9 @@ def _scan_rows(base: io.Checkpoint, sources: list, pairs_by_source: list[dict], 
             W0, tuned = W0.to(device), [entry.to(device) for entry in tuned]
             basis = _base_basis(W0, stored, batch, reader, writer)
             del stored
-            for checkpoint, (Wt, pairs) in enumerate(zip(tuned, pairs_by_source)):
+            for checkpoint, (entry, pairs) in enumerate(zip(tuned, pairs_by_source)):
                 here = [pairs[pair.name] for pair in batch]
-                Wt, update = (None, Wt) if isinstance(Wt, linalg.LowRank) else (Wt, None)
+                Wt, update = (None, entry) if isinstance(entry, linalg.LowRank) else (entry, None)
                 results = analysis.analyze(W0, Wt, lora=update, k=settings["k"], eps=settings["eps"], sides=sides,
                                            start=adapter_start(here), tol=settings["tol"], generator=generator,
                                            basis=basis, backend=settings["backend"])
@@ -467,8 +469,9 @@ def _open(source, role: str, *, split_fused: bool = False) -> io.Checkpoint:
     return io.open_checkpoint(source, split_fused=split_fused)
 
 
-def _delta_ranks(batch: list[Pair], W0: torch.Tensor, Wt: torch.Tensor) -> list[tuple[float, float]]:
-    """(effective rank, stable rank) of ΔW per matrix: from the LoRA factors when ΔW = s·B·A, else dense."""
+def _delta_ranks(batch: list[Pair], W0: torch.Tensor, Wt: torch.Tensor | None) -> list[tuple[float, float]]:
+    """(effective rank, stable rank) of ΔW per matrix: from the LoRA factors when ΔW = s·B·A (Wt is then None
+    when the whole batch is kept factored), else from the dense difference."""
     sigmas = []
     for index, pair in enumerate(batch):
         module = pair.module
