@@ -14,8 +14,9 @@ What it measures (each timing: median of CUDA events after warm-up, inputs rotat
 1. correctness of ``lorafft.kernels.sketch`` (fp32, fp16, bf16, fp8 e4m3 + scales) and ``lorafft.kernels.cosine``
    against torch fp64, and of a Triton-backend ``analyze`` against fp64 SVDs;
 2. device copy bandwidth (a large ``copy_``) and a large bf16 matmul rate, on the spot;
-3. the sketch kernel against its torch equivalent (upcast + cuBLAS), as GB/s of W read and as a fraction of the
-   copy bandwidth, at Llama-70B shapes;
+3. the sketch kernel (both products, W X and W^T X; default split-K with ieee products, no split, tf32x3) against
+   its torch equivalent (upcast + cuBLAS), as GB/s of W read and as a fraction of the copy bandwidth, at Llama-70B
+   shapes;
 4. the fused cosine kernel against materialize-then-reduce in torch;
 5. one 70B-shaped layer (q, k, v, o, gate, up, down; bf16 read as stored) end to end against a cached base:
    device seconds, for a LoRA adapter kept factored and for a full fine-tune;
@@ -85,8 +86,9 @@ def check_kernels(device, sizes) -> dict:
         X = torch.randn(L, n, b, generator=generator).to(device)
         scale = torch.rand(L, m, generator=generator).add(0.5).to(device) if dtype == torch.float8_e4m3fn else None
         reference = W.double() * (scale.double().unsqueeze(-1) if scale is not None else 1)
-        out = sketch(W, X, scale=scale)
-        results[f"sketch_{str(dtype)[6:]}_rel_error"] = relative_error(out, reference @ X.double())
+        for precision in ("ieee", "tf32x3"):
+            out = sketch(W, X, scale=scale, precision=precision)
+            results[f"sketch_{str(dtype)[6:]}_{precision}_rel_error"] = relative_error(out, reference @ X.double())
     Y = torch.linalg.qr(torch.randn(L, m, 10, generator=generator, dtype=torch.float64)).Q
     Xb = torch.linalg.qr(torch.randn(L, m, m, generator=generator, dtype=torch.float64)).Q
     max_cos, _, _ = max_abs_cos_fused(Xb.float().contiguous().to(device), Y.float().contiguous().to(device), (0.5,))
@@ -129,13 +131,19 @@ def time_kernels(device, shapes, repeats: int, copy_GBps: float) -> dict:
     for name, (m, n) in shapes.items():
         rotation = max(2, (256 << 20) // (2 * m * n) + 1)  # rotate inputs so the set exceeds L2
         weights = [torch.randn(1, m, n, device=device).to(dtype) for _ in range(rotation)]
-        X = torch.randn(1, n, 20, device=device)
+        X, X_t = torch.randn(1, n, 20, device=device), torch.randn(1, m, 20, device=device)
         counter = iter(range(10**9))
-        kernel_s = timed(lambda: sketch(weights[next(counter) % rotation], X), repeats=repeats)
-        torch_s = timed(lambda: weights[next(counter) % rotation].float() @ X, repeats=repeats)
-        gbps = 2 * m * n / kernel_s / 1e9
-        results[name] = {"shape": [m, n], "sketch_s": kernel_s, "torch_upcast_s": torch_s,
-                         "sketch_GBps": gbps, "fraction_of_copy": gbps / copy_GBps}
+        row = {"shape": [m, n]}
+        variants = {"default": {}, "no_split": {"split_k": 1}, "tf32x3": {"precision": "tf32x3"}}
+        for variant, options in variants.items():  # the default is auto split-K with ieee products
+            for transpose in (False, True):
+                seconds = timed(lambda: sketch(weights[next(counter) % rotation], X_t if transpose else X,
+                                               transpose=transpose, **options), repeats=repeats)
+                gbps = 2 * m * n / seconds / 1e9
+                key = f"{variant}{'_transposed' if transpose else ''}"
+                row[key] = {"s": seconds, "GBps": gbps, "fraction_of_copy": gbps / copy_GBps}
+        row["torch_upcast_s"] = timed(lambda: weights[next(counter) % rotation].float() @ X, repeats=repeats)
+        results[name] = row
     for s in (1024, 4096) if device.type == "cuda" else (64,):
         Xb = torch.linalg.qr(torch.randn(1, s, s, device=device)).Q.contiguous()
         Y = torch.linalg.qr(torch.randn(1, s, 10, device=device)).Q.contiguous()

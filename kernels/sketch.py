@@ -26,20 +26,26 @@ _NO_SCALE, _TENSOR, _ROW_CHANNEL, _RED_CHANNEL, _BLOCK = 0, 1, 2, 3, 4
 def _sketch_kernel(
     W, X, OUT, S,
     R, K, NB,
+    SPLITS, K_SPLIT,
     stride_wl, stride_wr, stride_wk,
     stride_xl, stride_xk, stride_xb,
-    stride_ol, stride_or, stride_ob,
+    stride_os, stride_ol, stride_or, stride_ob,
     stride_sl, stride_sr, stride_sk,
     SCALE_MODE: tl.constexpr,
     SCALE_BLOCK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """``OUT[l, r, c] = sum_k W'[l, r, k] X[l, k, c]`` where W' is W (or W^T: the launcher swaps the strides)."""
-    pid_l = tl.program_id(0).to(tl.int64)
+    """``OUT[s, l, r, c] = sum_{k in split s} W'[l, r, k] X[l, k, c]`` where W' is W (or W^T: the launcher swaps
+    the strides); split s covers ``[s K_SPLIT, (s + 1) K_SPLIT)`` of the reduction, K_SPLIT a multiple of BLOCK_K."""
+    pid_l = (tl.program_id(0) // SPLITS).to(tl.int64)
+    pid_s = (tl.program_id(0) % SPLITS).to(tl.int64)
     pid_r = tl.program_id(1).to(tl.int64)
     pid_b = tl.program_id(2).to(tl.int64)
+    k_start = pid_s * K_SPLIT
+    k_stop = tl.minimum(k_start + K_SPLIT, K)
 
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -51,9 +57,9 @@ def _sketch_kernel(
     s_base = S + pid_l * stride_sl
 
     acc = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        mask_k = offs_k < K
+        mask_k = offs_k < k_stop
         w = tl.load(w_base + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         x = tl.load(x_base + offs_k[:, None] * stride_xk + offs_b[None, :] * stride_xb,
@@ -61,9 +67,9 @@ def _sketch_kernel(
         if SCALE_MODE == 3:  # per-channel scale on W's rows, which are the reduction index of W^T X
             s = tl.load(s_base + offs_k * stride_sk, mask=mask_k, other=0.0)
             x = x * s[:, None]
-        # ieee, not tf32: tf32 keeps 10 mantissa bits (a relative rounding of 2^-11 per input), and the Krylov
-        # residuals that certify the SVD need these products to fp32 accuracy (~1e-6 relative).
-        part = tl.dot(w, x, input_precision="ieee")
+        # "ieee" or "tf32x3", never plain tf32: tf32 keeps 10 mantissa bits (a relative rounding of 2^-11 per
+        # input), and the Krylov residuals that certify the SVD need these products to fp32 accuracy (~1e-6).
+        part = tl.dot(w, x, input_precision=PRECISION)
         if SCALE_MODE == 4:  # BLOCK_R and BLOCK_K divide SCALE_BLOCK: the tile lies inside one scale block
             s = tl.load(s_base + (pid_r * BLOCK_R // SCALE_BLOCK) * stride_sr + (k0 // SCALE_BLOCK) * stride_sk)
             acc += s * part
@@ -76,8 +82,19 @@ def _sketch_kernel(
         s = tl.load(s_base + offs_r * stride_sr, mask=mask_r, other=0.0)
         acc = acc * s[:, None]
 
-    tl.store(OUT + pid_l * stride_ol + offs_r[:, None] * stride_or + offs_b[None, :] * stride_ob, acc,
+    out_base = OUT + pid_s * stride_os + pid_l * stride_ol
+    tl.store(out_base + offs_r[:, None] * stride_or + offs_b[None, :] * stride_ob, acc,
              mask=mask_r[:, None] & mask_b[None, :])
+
+
+def split_count(tiles: tuple[int, int, int], K: int, block_k: int, device: torch.device) -> int:
+    """How many parts to cut a reduction of length K into: on CUDA, enough for about four programs per SM
+    (``tiles``: programs without a split), each part keeping at least eight BLOCK_K tiles; 1 on the CPU."""
+    if device.type != "cuda":
+        return 1
+    programs = tiles[0] * tiles[1] * tiles[2]
+    wanted = triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
+    return max(1, min(wanted, K // (8 * block_k)))
 
 
 def sketch(
@@ -87,6 +104,8 @@ def sketch(
     transpose: bool = False,
     scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    split_k: int | None = None,
+    precision: str = "ieee",
 ) -> torch.Tensor:
     """Batched thin product ``W @ X`` (or ``W^T @ X``) with W read once in its stored dtype, fp32 accumulation.
 
@@ -98,6 +117,11 @@ def sketch(
             ``weight_dequant`` and compressed-tensors do): ``[L]`` per tensor, ``[L, m]`` per output channel
             (row of W), or ``[L, ceil(m/128), ceil(n/128)]`` per 128×128 block.
         out: optional fp32 ``[L, m, b]`` (``[L, n, b]``) output buffer; every entry is overwritten.
+        split_k: cut the reduction into this many parts, computed by separate programs and summed afterwards (a
+            fixed order: deterministic). Default :func:`split_count`: enough programs to keep every SM streaming W
+            when ``L · R / BLOCK_R`` alone would not (a 8192-row product has 128 row blocks for 132 SMs).
+        precision: ``tl.dot`` input precision, "ieee" (fp32 FMA) or "tf32x3" (three tf32 tensor-core passes,
+            fp32-level error; for fp16/bf16/fp8 weights, exact in tf32, the pass on W's low part multiplies zeros).
 
     Returns:
         ``out``, fp32 ``[L, m, b]`` (``[L, n, b]`` with ``transpose``).
@@ -125,6 +149,8 @@ def sketch(
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     if L == 0 or R == 0 or nb == 0:
         return out
+    if precision not in ("ieee", "tf32x3"):
+        raise ValueError(f"sketch: precision must be 'ieee' or 'tf32x3', got {precision!r}")
 
     # W'[r, k]: W[r, k] or W[k, r]; the scale's strides follow the same roles.
     stride_wr, stride_wk = (W.stride(2), W.stride(1)) if transpose else (W.stride(1), W.stride(2))
@@ -150,17 +176,27 @@ def sketch(
 
     if W.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("sketch: CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
-    grid = (L, triton.cdiv(R, block_r), triton.cdiv(nb, block_b))
-    _sketch_kernel[grid](
-        W, X, out, S,
+    tiles = (L, triton.cdiv(R, block_r), triton.cdiv(nb, block_b))
+    splits = split_count(tiles, K, block_k, W.device) if split_k is None else max(1, int(split_k))
+    k_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k  # whole tiles per split
+    splits = triton.cdiv(K, k_split)  # no empty split
+    target = out if splits == 1 else torch.empty(splits, L, R, nb, dtype=torch.float32, device=W.device)
+    split_stride = 0 if splits == 1 else target.stride(0)
+    t_strides = (out.stride(0), out.stride(1), out.stride(2)) if splits == 1 else target.stride()[1:]
+    _sketch_kernel[(L * splits, tiles[1], tiles[2])](
+        W, X, target, S,
         R, K, nb,
+        splits, k_split,
         W.stride(0), stride_wr, stride_wk,
         X.stride(0), X.stride(1), X.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        split_stride, *t_strides,
         *s_strides,
         SCALE_MODE=mode, SCALE_BLOCK=FP8_BLOCK,
         BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_B=block_b,
+        PRECISION=precision,
         num_warps=4,
     )
+    if splits > 1:
+        torch.sum(target, dim=0, out=out)
 
     return out

@@ -32,7 +32,7 @@ def _dequantized(W, scale):
     return W * s
 
 
-def _check(W, X, *, transpose=False, scale=None, rtol=RTOL):
+def _check(W, X, *, transpose=False, scale=None, split_k=None, rtol=RTOL):
     """Run sketch into a NaN-poisoned buffer and compare it entrywise against the fp64 product."""
     W, X = W.to(DEVICE), X.to(DEVICE)
     scale = None if scale is None else scale.to(DEVICE)
@@ -42,7 +42,7 @@ def _check(W, X, *, transpose=False, scale=None, rtol=RTOL):
     ref = Wd @ X.double()
     bound = Wd.abs() @ X.double().abs()  # each entry's rounding error is relative to sum |w x|, not to |sum w x|
     out = torch.full(ref.shape, float("nan"), dtype=torch.float32, device=W.device)
-    got = sketch(W, X, transpose=transpose, scale=scale, out=out)
+    got = sketch(W, X, transpose=transpose, scale=scale, out=out, split_k=split_k)
     assert got is out
     err = (got.double() - ref).abs()
     assert torch.isfinite(got).all()
@@ -111,3 +111,37 @@ def test_fp8_gpu(kind, transpose):
     shapes = {"tensor": (L,), "channel": (L, m), "block": (L, 3, 3)}
     scale = None if kind is None else torch.rand(shapes[kind], device="cuda") + 0.5
     _check(W, torch.randn(L, m if transpose else n, 20, device="cuda"), transpose=transpose, scale=scale)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("split_k", [2, 3, 7, 1000])
+def test_split_reduction_matches_fp64(split_k, transpose):
+    """The reduction cut into parts (the last one partial; more parts asked than tiles) sums to the fp64
+    product, also with 128×128 block scales (a part never straddles a scale block)."""
+    L, m, n = 2, 150, 300
+    W = torch.randn(L, m, n).to(torch.float16)
+    X = torch.randn(L, m if transpose else n, 5)
+    _check(W, X, transpose=transpose, split_k=split_k)
+    _check(W, X, transpose=transpose, split_k=split_k, scale=torch.rand(L, 2, 3) + 0.5)
+
+
+def test_split_count_keeps_the_gpu_busy_and_the_cpu_whole():
+    from lorafft.kernels.sketch import split_count
+
+    assert split_count((1, 128, 1), 28672, 64, torch.device("cpu")) == 1
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        splits = split_count((1, 128, 1), 28672, 64, torch.device("cuda"))
+        assert 128 * splits >= min(4 * sms, 128 * 28672 // 512)
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_precisions_keep_fp32_accuracy(precision):
+    """tf32x3 (tensor cores) and ieee both give fp32-level products; plain tf32 is refused."""
+    W = torch.randn(2, 90, 200).to(torch.float16)
+    X = torch.randn(2, 200, 7)
+    got = sketch(W.to(DEVICE), X.to(DEVICE), precision=precision).double().cpu()
+    ref = W.double() @ X.double()
+    assert ((got - ref).norm() <= RTOL * ref.norm()).item()
+    with pytest.raises(ValueError, match="precision"):
+        sketch(W.to(DEVICE), X.to(DEVICE), precision="tf32")
