@@ -7,6 +7,7 @@ launcher, the only name other modules import). These are the two products of eve
 W is read once, tile by tile, in its stored dtype (fp32, fp16, bf16, fp8 e4m3/e5m2) and converted to fp32 in
 registers: no upcast copy of W is ever made. Accumulation is fp32.
 """
+import functools
 import os
 
 import torch
@@ -93,8 +94,13 @@ def split_count(tiles: tuple[int, int, int], K: int, block_k: int, device: torch
     if device.type != "cuda":
         return 1
     programs = tiles[0] * tiles[1] * tiles[2]
-    wanted = triton.cdiv(4 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
+    wanted = triton.cdiv(4 * _multiprocessors(device.index or 0), programs)
     return max(1, min(wanted, K // (8 * block_k)))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def sketch(

@@ -183,7 +183,9 @@ def _match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps, backe
     if backend == "triton" and side == basis.small_side:
         from lorafft.kernels.cosine import max_abs_cos_fused
 
-        X = basis.top_vectors(side, basis.sigma.shape[-1]).float().contiguous()
+        # the explicit basis as it is held (a cached one is fp32 already), else formed from the reflectors
+        X = basis.Z if basis.reflectors is None else basis.top_vectors(side, basis.sigma.shape[-1])
+        X = X.float().contiguous()
         max_cos, argmax, counts = max_abs_cos_fused(X, vectors.float().contiguous(), eps)
         return linalg.CosineMatch(max_cos=max_cos, argmax=argmax, counts=counts)
     return linalg.max_abs_cos(basis.project(vectors, side), eps)
