@@ -16,6 +16,7 @@ This module is the only one that chooses algorithms; everything above it is devi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -79,8 +80,21 @@ def _product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str,
 
         product = sketch(W, X.float(), transpose=transpose).double()
     else:
-        product = ((W.mT if transpose else W) @ X.to(W.dtype)).double()
+        with _full_precision_fp32_matmul():
+            product = ((W.mT if transpose else W) @ X.to(W.dtype)).double()
     return product if low_rank is None else product + low_rank.times(X, transpose)
+
+
+@contextlib.contextmanager
+def _full_precision_fp32_matmul():
+    """fp32 matmuls in full fp32 (no TF32 passes on CUDA) whatever the caller set with
+    ``torch.set_float32_matmul_precision``: the certified residuals need fp32-accurate products."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -288,6 +288,24 @@ def test_truncated_svd_of_half_weights_with_torch_multiplies_in_fp32():
     assert torch.equal(half.S, single.S) and torch.equal(half.U, single.U)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_truncated_svd_ignores_a_tf32_matmul_setting(device):
+    """A caller's ``set_float32_matmul_precision("high")`` (TF32 on CUDA) must not reach the certified products, and
+    is the setting again afterwards."""
+    g = torch.Generator().manual_seed(16)
+    W = spectral_weight(300, 400, g, 1)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        result = linalg.truncated_svd(W.to(device), 10, generator=torch.Generator().manual_seed(0), backend="torch")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    on_cpu = linalg.TruncatedSVD(**{name: value.cpu() if torch.is_tensor(value) else value
+                                    for name, value in vars(result).items()})
+    check_truncated(on_cpu, W, 10)
+
+
 def test_truncated_svd_reproducible_with_generator():
     g = torch.Generator().manual_seed(14)
     W = spectral_weight(300, 300, g, 1)
