@@ -233,3 +233,26 @@ def test_merged_weight_shape_mismatch(tmp_path):
     module = _modules(_adapter(tmp_path))[0]
     with pytest.raises(InputError, match=rf"{module.base_name}: base weight has shape \[5, 6\]"):
         merged_weight(module, torch.zeros(5, 6))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scan_of_the_adapter_equals_scan_of_peft_merged_weights(peft, case, tmp_path):
+    """End to end: scanning the adapter directory (plain LoRA kept factored as s·B·A in the analysed [out, in]
+    orientation, Conv1D included; DoRA, embeddings and mixed ranks merged) gives the report of scanning the weights
+    PEFT's own merge_and_unload produced. A full checkpoint's Conv1D weight is analysed as stored, [in, out], so
+    its right side is the adapter scan's left side."""
+    import lorafft
+
+    base, merged = _peft_adapter(peft, case, tmp_path)
+    options = dict(k=5, embeddings=True, eps=(0.5, 0.9), side="both")
+    ours = lorafft.scan(base, tmp_path, **options)
+    theirs = lorafft.scan(base, {name: merged[name] for name in base}, **options)
+    flip = {"left": "right", "right": "left"}
+    by_key = {(row.name, row.side): row for row in theirs.rows}
+    assert ours.rows
+    for row in ours.rows:
+        conv1d = ".conv" in row.name
+        expected = by_key[(row.name, flip[row.side] if conv1d else row.side)]
+        assert row.counts == expected.counts, (row.name, row.side)
+        assert row.max_cos == pytest.approx(expected.max_cos, abs=1e-5), (row.name, row.side)
+        assert row.singular_values == pytest.approx(expected.singular_values, rel=1e-5), row.name
