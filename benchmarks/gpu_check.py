@@ -46,8 +46,7 @@ from lorafft.kernels.cosine import max_abs_cos_fused  # noqa: E402
 from lorafft.kernels.sketch import sketch  # noqa: E402
 
 HIDDEN, KV, INTERMEDIATE = 8192, 1024, 28672
-LAYER = {"q": (HIDDEN, HIDDEN), "k": (KV, HIDDEN), "v": (KV, HIDDEN), "o": (HIDDEN, HIDDEN),
-         "gate": (INTERMEDIATE, HIDDEN), "up": (INTERMEDIATE, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}
+LAYER = synthetic.llama_layer_shapes(HIDDEN, KV, INTERMEDIATE)
 
 
 def timed(function, *, repeats: int, warmup: int = 2) -> float:
@@ -208,7 +207,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
-    shapes = {"q": (256, 256), "gate": (688, 256)} if quick else LAYER
+    shapes = synthetic.llama_layer_shapes(256, 64, 688) if quick else LAYER
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
               "driver": _driver(), "torch": torch.__version__, "triton": _triton_version(),
               "date": time.strftime("%Y-%m-%d"), "quick": quick}

@@ -23,15 +23,7 @@ import torch
 from lorafft import synthetic
 
 HIDDEN, KV, INTERMEDIATE, LAYERS, RANK = 8192, 1024, 28672, 2, 16
-SHAPES = {
-    "self_attn.q_proj": (HIDDEN, HIDDEN),
-    "self_attn.k_proj": (KV, HIDDEN),
-    "self_attn.v_proj": (KV, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
-    "mlp.up_proj": (INTERMEDIATE, HIDDEN),
-    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
-}
+SHAPES = synthetic.llama_layer_shapes(HIDDEN, KV, INTERMEDIATE)
 
 
 def write(directory: Path) -> None:

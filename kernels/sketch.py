@@ -125,7 +125,7 @@ def sketch(
         out: optional fp32 ``[L, m, b]`` (``[L, n, b]``) output buffer; every entry is overwritten.
         split_k: cut the reduction into this many parts, computed by separate programs and summed afterwards (a
             fixed order: deterministic). Default :func:`split_count`: enough programs to keep every SM streaming W
-            when ``L · R / BLOCK_R`` alone would not (a 8192-row product has 128 row blocks for 132 SMs).
+            when ``L · R / BLOCK_R`` alone would not (an 8192-row product has only 128 row blocks of 64).
         precision: ``tl.dot`` input precision, "ieee" (fp32 FMA) or "tf32x3" (three tf32 tensor-core passes,
             fp32-level error; for fp16/bf16/fp8 weights, exact in tf32, the pass on W's low part multiplies zeros).
 

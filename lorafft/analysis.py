@@ -157,7 +157,6 @@ def analyze(
     return results
 
 
-
 def _low_rank(lora, W0: torch.Tensor, single: bool) -> linalg.LowRank:
     """``lora`` as a LowRank for ``W0 [L, m, n]``: a LowRank as is, or ``(B, A, s)`` with 2-D factors for a single
     pair (``single``) and 3-D ones for a stack; ValueError when the shapes do not make an ``[L, m, n]`` update."""

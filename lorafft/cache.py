@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from lorafft import linalg
 from lorafft.errors import InputError
-from lorafft.report import write_atomic
+from lorafft.report import atomic_path, write_atomic
 
 INDEX = "lorafft-base-cache.json"
 FORMAT_VERSION = 1
@@ -94,11 +94,9 @@ class BaseCache:
         """Write one entry (atomically) and the index: ``basis [s, s]`` stored fp32, ``sigma [s]`` fp64, for the
         base tensor ``name`` analysed as ``shape`` (``[out, in]``)."""
         file = _entry_file(name)
-        path = os.path.join(self.directory, file)
-        temporary = path + ".tmp"
-        save_file({"basis": basis.float().contiguous(), "sigma": sigma.double().contiguous()}, temporary,
-                  metadata={"name": name})
-        os.replace(temporary, path)
+        with atomic_path(os.path.join(self.directory, file)) as temporary:
+            save_file({"basis": basis.float().contiguous(), "sigma": sigma.double().contiguous()}, temporary,
+                      metadata={"name": name})
         self.entries[name] = {"file": file, "shape": list(shape), "fingerprint": fingerprint(W0_stored)}
         index = {"format_version": FORMAT_VERSION, "entries": self.entries}
         write_atomic(self.index_path, json.dumps(index, indent=1) + "\n")
@@ -107,5 +105,5 @@ class BaseCache:
 def cached_basis(W0: torch.Tensor, bases: list[torch.Tensor], sigmas: list[torch.Tensor]) -> linalg.BaseBasis:
     """A :class:`~lorafft.linalg.BaseBasis` for ``W0 [L, m, n]`` from cached explicit small-side bases
     ``[s, s]`` fp32 (``BaseBasis.project`` works in fp64 on the larger side, where it divides by sigma_i)."""
-    return linalg.BaseBasis(W0=W0, sigma=torch.stack(sigmas).double().to(W0.device), Z=torch.stack(bases).to(W0.device),
-                            reflectors=None, tau=None)
+    sigma, Z = torch.stack(sigmas).double().to(W0.device), torch.stack(bases).to(W0.device)
+    return linalg.BaseBasis(W0=W0, sigma=sigma, Z=Z, reflectors=None, tau=None)

@@ -230,11 +230,16 @@ def base_basis(W0: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> BaseB
             tau_g.numpy()[:] = tau_lapack
             lam_g.numpy()[:] = lam_lapack
             Z_g.numpy()[:] = Z_lapack[:, ::-1]  # columns by descending sigma
-        sigma = lam.flip(-1).double().clamp_min(0).sqrt()
-        return BaseBasis(W0=W0, sigma=sigma, Z=Z, reflectors=gram.mT, tau=tau)  # gram now holds the reflectors
-    lam, Z = torch.linalg.eigh(gram, UPLO="U")
-    sigma = lam.flip(-1).double().clamp_min(0).sqrt()
-    return BaseBasis(W0=W0, sigma=sigma, Z=Z.flip(-1), reflectors=None, tau=None)
+        reflectors = gram.mT  # LAPACK overwrote the Gram matrix with them
+    else:
+        lam, Z = torch.linalg.eigh(gram, UPLO="U")
+        Z, reflectors, tau = Z.flip(-1), None, None
+    return BaseBasis(W0=W0, sigma=_sigma(lam), Z=Z, reflectors=reflectors, tau=tau)
+
+
+def _sigma(lam: torch.Tensor) -> torch.Tensor:
+    """Singular values ``[L, s]`` fp64, descending, from a Gram matrix's ascending eigenvalues ``lam [L, s]``."""
+    return lam.flip(-1).double().clamp_min(0).sqrt()
 
 
 @dataclass
@@ -283,7 +288,8 @@ def _error_bounds(theta: torch.Tensor, residual: torch.Tensor, k: int) -> torch.
 def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None) -> TruncatedSVD:
     """fp64 LAPACK SVD of ``W`` (plus ``low_rank``), for matrices too small (or k too large) for Krylov iteration
     to pay off."""
-    U, S, Vh = torch.linalg.svd(W.double() if low_rank is None else W.double() + low_rank.dense(), full_matrices=False)
+    dense = W.double() if low_rank is None else W.double() + low_rank.dense()
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
     V = Vh.mT
     eps = torch.finfo(torch.float64).eps
     residual = (S[:, :1] * eps * math.sqrt(max(W.shape[-2:]))).expand_as(S).clone()
@@ -315,7 +321,7 @@ def truncated_svd(
     Stopping rule: after each iteration, the residual ``||W v_j - sigma_j u_j||`` of every Ritz pair is turned into
     the bound of :func:`_error_bounds` (``W^T u - sigma v`` is zero by construction after Rayleigh–Ritz, so it
     certifies nothing). A vector is finished when its bound is ``<= tol``, or when its residual is already small
-    (``<= sqrt(eps) sigma_1`` in W's dtype) and stopped falling (less than halved by the last iteration): it sits
+    (``<= sqrt(eps) sigma_1``, eps of the products' precision: fp32 or fp64) and stopped falling (less than halved by the last iteration): it sits
     at the rounding floor of the products with W, and its bound says how well W determines it. Iteration stops
     when all k are finished, or after ``max_iters``. When the Krylov space would outgrow ``min(m, n)`` first, a
     dense fp64 SVD is cheaper and exact, and is used instead.
@@ -406,8 +412,7 @@ def singular_values(W: torch.Tensor) -> torch.Tensor:
     """All singular values of ``W [L, m, n]``, ``[L, min(m, n)]`` fp64 descending, from the eigenvalues of the
     smaller side's fp64 Gram matrix (no vectors: LAPACK's tridiagonal reduction and a root-free QR)."""
     small = W if W.shape[-2] <= W.shape[-1] else W.mT
-    lam = torch.linalg.eigvalsh(_gram_upper(small, torch.float64), UPLO="U")
-    return lam.flip(-1).clamp_min(0).sqrt()
+    return _sigma(torch.linalg.eigvalsh(_gram_upper(small, torch.float64), UPLO="U"))
 
 
 def low_rank_singular_values(B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:

@@ -205,6 +205,21 @@ class Trio:
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def llama_layer_shapes(hidden: int, kv: int, intermediate: int) -> dict[str, tuple[int, int]]:
+    """The seven projection weights of one Llama decoder layer, ``{module: (out, in)}``: q, o ``[hidden, hidden]``,
+    k, v ``[kv, hidden]`` (kv = key/value heads × head dim), gate, up ``[intermediate, hidden]``, down
+    ``[hidden, intermediate]``."""
+    return {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv, hidden),
+        "self_attn.v_proj": (kv, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (intermediate, hidden),
+        "mlp.up_proj": (intermediate, hidden),
+        "mlp.down_proj": (hidden, intermediate),
+    }
+
+
 def write_trio(
     directory,
     *,
@@ -234,15 +249,7 @@ def write_trio(
     generator = torch.Generator().manual_seed(seed)
     head_dim = hidden // heads
     kv = kv_heads * head_dim
-    shapes = {
-        "self_attn.q_proj": (hidden, hidden),
-        "self_attn.k_proj": (kv, hidden),
-        "self_attn.v_proj": (kv, hidden),
-        "self_attn.o_proj": (hidden, hidden),
-        "mlp.gate_proj": (intermediate, hidden),
-        "mlp.up_proj": (intermediate, hidden),
-        "mlp.down_proj": (hidden, intermediate),
-    }
+    shapes = llama_layer_shapes(hidden, kv, intermediate)
     base = {"model.embed_tokens.weight": random_weight(vocab, hidden, generator=generator)}
     for layer in range(layers):
         prefix = f"model.layers.{layer}"
