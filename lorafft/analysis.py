@@ -33,7 +33,8 @@ class SideAnalysis:
     inf where the tuned singular value is not separated from its neighbours), counts ``[L, E]`` int64,
     near_threshold ``[L, k]`` bool (max_cos within max(1e-3, error_bound) of some ε), random_floor ``1/sqrt(d)``,
     random_reference: quantiles of max |cos| of a uniformly random unit vector of R^d against the side's basis
-    (see :func:`random_max_cos`), to read whether an ε means anything at this width.
+    (see :func:`random_max_cos`), to read whether an ε means anything at this width; vectors ``[L, d, k]`` fp64: the
+    tuned singular vectors y_j themselves (a tracker warm-starts the next step's iteration from them).
     """
 
     side: str
@@ -48,6 +49,7 @@ class SideAnalysis:
     random_floor: float
     random_reference: dict[str, float]
     iterations: int
+    vectors: torch.Tensor
 
 
 RANDOM_QUANTILES = (0.05, 0.5, 0.95, 0.99)
@@ -153,6 +155,7 @@ def analyze(
             random_floor=1.0 / math.sqrt(vectors.shape[-2]),
             random_reference=random_max_cos(vectors.shape[-2], basis.sigma.shape[-1]),
             iterations=tuned.iterations,
+            vectors=vectors,
         )
     return results
 
