@@ -20,7 +20,7 @@ import os
 import torch
 
 from lorafft import adapters, analysis, linalg, pairing
-from lorafft.cache import BaseCache
+from lorafft.cache import BaseCache, cached_basis
 from lorafft.errors import InputError
 from lorafft.report import MatrixRow, Report, eps_key
 from lorafft.scan import Pair, _base_basis, _load_tuned, _oriented, _rows, _versions, adapter_start, adapter_update
@@ -78,8 +78,8 @@ class Tracker:
             tracked) or a plain torch module (its 2-D weights are tracked against a snapshot taken now).
         k, eps, side, include, exclude: as in :func:`lorafft.scan` (regexes are searched in the report names).
         device: where the base bases live and the analysis runs ("cpu", "cuda:0", ...); default the device of the
-            model's first tracked weight. A basis takes about ``8 min(m, n)^2`` bytes per matrix (fp64) beside an
-            fp32 copy of W0.
+            model's first tracked weight. Held there per matrix: W0 in fp32 and the smaller side's basis in fp32,
+            ``4 (m n + min(m, n)^2)`` bytes.
         base_cache: a ``lorafft cache build`` directory of the base model: bases found there are read, not
             computed, and matrices are named by the cache's names (as a scan against that base names them).
         tol, seed: as in :func:`lorafft.scan`.
@@ -120,7 +120,7 @@ class Tracker:
         for group in pairing.group_by_shape(tracked, lambda t: t.shape).values():
             pairs = [t.pair() for t in group]
             W0 = torch.stack([_oriented(t.stored, p) for t, p in zip(group, pairs)]).to(self.device)
-            basis = _base_basis(W0, [t.stored for t in group], pairs, reader, None)
+            basis = _explicit(_base_basis(W0, [t.stored for t in group], pairs, reader, None))
             self.batches.append(_Batch(group, W0, basis))
         self.rows: dict[int, list[MatrixRow]] = {}
 
@@ -253,6 +253,16 @@ def _snapshot_matrices(model: torch.nn.Module, scope: pairing.Scope, names) -> l
         stored = parameter.detach().clone()
         tracked.append(_Tracked(report_name, tuple(stored.shape), stored, parameter=parameter))
     return tracked
+
+
+def _explicit(basis: linalg.BaseBasis) -> linalg.BaseBasis:
+    """The basis as a base cache holds it (:func:`lorafft.cache.cached_basis`): the small side's vectors explicit,
+    ``[L, s, s]`` fp32 (4 s^2 bytes per matrix instead of 16 s^2 for reflectors and eigenvectors in fp64; max|cos|
+    within 1.4e-8 of fp64, ``benchmarks/measure_claims.py``), so that every step's projection is one product."""
+    if basis.reflectors is None and basis.Z.dtype == torch.float32:
+        return basis
+    explicit = basis.top_vectors(basis.small_side, basis.sigma.shape[-1]).float()
+    return cached_basis(basis.W0, list(explicit), list(basis.sigma))
 
 
 def _tuned(tracked: _Tracked, pair: Pair, W0: torch.Tensor) -> torch.Tensor:
