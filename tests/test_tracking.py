@@ -143,6 +143,20 @@ def test_dora_rslora_equal_peft_merge(minilm_dir):
     assert_matches_reference(rows, base, merged)
 
 
+def test_gpt2_conv1d_fan_in_fan_out():
+    """GPT-2's Conv1D stores W0 as [in, out]: tracked as [out, in], equal to PEFT's merge (a small random GPT-2)."""
+    torch.manual_seed(4)
+    config = transformers.GPT2Config(n_embd=96, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel(config), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False))
+    rows = Tracker(model).step(0)
+    assert {(r.module, r.shape) for r in rows} == {("attn.c_attn", (288, 96)), ("mlp.c_fc", (384, 96))}
+    base = {n.replace("base_layer.", "").removeprefix("base_model.model."): p.detach().mT
+            for n, p in model.named_parameters() if p.dim() == 2}
+    merged = {n: p.detach().mT for n, p in copy.deepcopy(model).merge_and_unload().named_parameters() if p.dim() == 2}
+    assert_matches_reference(rows, base, merged)
+
+
 def test_plain_model_snapshot(minilm_dir):
     """Without PEFT the weights at creation are the base; a later step compares the live weights with them."""
     model = transformers.AutoModel.from_pretrained(minilm_dir)
