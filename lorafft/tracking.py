@@ -23,7 +23,8 @@ from lorafft import adapters, analysis, linalg, pairing
 from lorafft.cache import BaseCache, cached_basis
 from lorafft.errors import InputError
 from lorafft.report import MatrixRow, Report, eps_key
-from lorafft.scan import Pair, _base_basis, _load_tuned, _oriented, _rows, _versions, adapter_start, adapter_update
+from lorafft.scan import (DEFAULT_MAX_BATCH_BYTES, Pair, _base_basis, _load_tuned, _oriented, _rows, _versions,
+                          adapter_start, adapter_update, shape_batches)
 
 STEP_PREFIX = "step "  # a tracked step's checkpoint label in a report: "step 100"
 
@@ -61,7 +62,7 @@ class _Tracked:
 
 @dataclasses.dataclass
 class _Batch:
-    """Tracked matrices of one shape, analysed together: ``W0 [L, m, n]`` in the analysed orientation on the
+    """Tracked matrices of one shape (a scan's batch), analysed together: ``W0 [L, m, n]`` in the analysed orientation on the
     tracker's device, their base basis, and the left top vectors ``[L, m, k]`` of the last tracked step."""
 
     matrices: list[_Tracked]
@@ -117,33 +118,46 @@ class Tracker:
                         "exclude": list(exclude), "tol": tol, "seed": seed, "tracking": True,
                         "base_cache": None if base_cache is None else os.fspath(base_cache)}
         self.batches = []
-        for group in pairing.group_by_shape(tracked, lambda t: t.shape).values():
+        for group in shape_batches(tracked, DEFAULT_MAX_BATCH_BYTES):  # same-shape batches, cut as scan cuts them
             pairs = [t.pair() for t in group]
             W0 = torch.stack([_oriented(t.stored, p) for t, p in zip(group, pairs)]).to(self.device)
             basis = _explicit(_base_basis(W0, [t.stored for t in group], pairs, reader, None))
             self.batches.append(_Batch(group, W0, basis))
         self.rows: dict[int, list[MatrixRow]] = {}
 
-    def step(self, step: int) -> list[MatrixRow]:
-        """Analyse the weights as they are now and keep the rows under training step ``step``.
+    def capture(self) -> list[tuple]:
+        """The tracked weights as they are now, copied, for :meth:`step` to analyse later (say, in another thread
+        while training goes on): per batch, the LoRA updates kept factored (``linalg.LowRank``, r (m + n) numbers
+        per matrix) or the dense tuned matrices (a plain model, DoRA), and the adapter's B columns."""
+        captured = []
+        with torch.no_grad():
+            for batch in self.batches:
+                pairs = [t.pair(self.device) for t in batch.matrices]
+                update, Wt = adapter_update(pairs) if self.kind == "lora" else None, None  # stacked: copies
+                if update is None:
+                    Wt = torch.stack([_tuned(t, p, w0) for t, p, w0 in zip(batch.matrices, pairs, batch.W0)])
+                captured.append((pairs, update, Wt, adapter_start(pairs) if self.kind == "lora" else None))
+        return captured
+
+    def step(self, step: int, captured: list[tuple] | None = None) -> list[MatrixRow]:
+        """Analyse the weights as they are now (or as :meth:`capture` copied them) and keep the rows under
+        training step ``step``.
 
         Returns the rows of a :func:`lorafft.scan` of the same weights (one per matrix and side, same fields and
-        certificate), with ``checkpoint`` holding ``step``; :meth:`report` renumbers them.
+        certificate), with ``checkpoint`` holding ``step``; :meth:`report` renumbers them. Steps must be analysed
+        in training order for the warm starts to help (any order gives the same rows).
         """
+        captured = self.capture() if captured is None else captured
         rows = []
         with torch.no_grad():
-            for index, batch in enumerate(self.batches):
-                rows.extend(self._analyse(batch, index, step))
+            for index, (batch, entry) in enumerate(zip(self.batches, captured)):
+                rows.extend(self._analyse(batch, index, step, *entry))
         self.rows[int(step)] = rows
         return rows
 
-    def _analyse(self, batch: _Batch, index: int, step: int) -> list[MatrixRow]:
+    def _analyse(self, batch: _Batch, index: int, step: int, pairs, update, Wt, B) -> list[MatrixRow]:
         """One batch's rows at ``step``: the Krylov start is the previous step's top vectors, then the B columns."""
-        pairs = [t.pair(self.device) for t in batch.matrices]
-        update, Wt = adapter_update(pairs) if self.kind == "lora" else None, None
-        if update is None:
-            Wt = torch.stack([_tuned(t, p, w0) for t, p, w0 in zip(batch.matrices, pairs, batch.W0)])
-        extra = [batch.previous if self.warm_start else None, adapter_start(pairs) if self.kind == "lora" else None]
+        extra = [batch.previous if self.warm_start else None, B]
         extra = [e.to(self.device, torch.float64) for e in extra if e is not None]
         generator = torch.Generator().manual_seed(self.seed + 7919 * index)  # as scan seeds its batches
         results = analysis.analyze(batch.W0, None if Wt is None else Wt.to(self.device),

@@ -112,6 +112,23 @@ def test_callback_matches_posthoc_scan_and_resumes(minilm_dir, tmp_path):
     assert report.totals(checkpoint=2)["0.5"] > 0
 
 
+def test_background_tracking_equals_tracking_in_step(minilm_dir, tmp_path):
+    """``background=True`` analyses copies of the weights in a worker thread: the same rows as tracking in the
+    training step, and the counts logged later with ``intruders/step`` naming the step they describe."""
+    reports, histories = [], []
+    for background in (False, True):
+        out = tmp_path / f"background-{background}"
+        callback = IntruderCallback(every_n_steps=2, include=[r"layer\.[01]\."], background=background)
+        run = trainer(lora_model(minilm_dir, init_lora_weights=False), out, [callback], max_steps=4)
+        run.train()
+        reports.append(json.loads((out / "lorafft-trajectory.json").read_text()))
+        histories.append([entry for entry in run.state.log_history if "intruders/eps=0.5" in entry])
+    assert reports[0]["matrices"] == reports[1]["matrices"]
+    assert reports[1]["inputs"]["tuned"] == ["step 2", "step 4"]
+    assert [entry["intruders/step"] for entry in histories[1]] == [2, 4]
+    assert [e["intruders/eps=0.5"] for e in histories[0]] == [e["intruders/eps=0.5"] for e in histories[1]]
+
+
 def reference_max_cos(W0, Wt, k=K):
     """max_i |<y_j, x_i>| of the top-k left singular vectors of Wt against all of W0's, by fp64 LAPACK SVDs."""
     X = torch.linalg.svd(W0.double(), full_matrices=False)[0]

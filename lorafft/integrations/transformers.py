@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 
@@ -43,19 +44,27 @@ class IntruderCallback(TrainerCallback):
         k, eps, include, exclude, side, device, base_cache: as in :class:`~lorafft.tracking.Tracker`.
         on_evaluate: also track at each evaluation (if that step is not tracked already).
         report_name: file name of the report in ``args.output_dir``.
+        background: copy the weights at the tracked step (a LoRA model's factors only) and analyse them in one
+            worker thread while training goes on; the counts are logged at the first step after they are ready,
+            with ``intruders/step`` naming the step they describe. Costs no training time where a CPU core is
+            idle (GPU training); on a saturated CPU it competes with training.
     """
 
     def __init__(self, every_n_steps: int = 100, k: int = 10, eps=analysis.DEFAULT_EPS, include=(), exclude=(),
                  side: str = "left", on_evaluate: bool = True, report_name: str = "lorafft-trajectory.json",
-                 device=None, base_cache=None):
+                 device=None, base_cache=None, background: bool = False):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise InputError("IntruderCallback", f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         self.every_n_steps, self.track_evaluations, self.report_name = every_n_steps, on_evaluate, report_name
         self.settings = dict(k=k, eps=eps, include=include, exclude=exclude, side=side, device=device,
                              base_cache=base_cache)
+        self.background = background
         self.tracker: Tracker | None = None
         self.journal: Journal | None = None
-        self.pending: dict[str, int] = {}
+        self.scheduled: set[int] = set()  # steps tracked or being tracked
+        self.running: list[concurrent.futures.Future] = []  # background analyses, in step order
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.pending: list[dict[str, int]] = []  # counts not logged yet, one entry per tracked step
 
     def attach(self, trainer) -> IntruderCallback:
         """Place this callback right after transformers' ``DefaultFlowCallback`` (first) in ``trainer``'s callbacks,
@@ -71,12 +80,16 @@ class IntruderCallback(TrainerCallback):
             return
         if self.tracker is None:
             self.tracker = Tracker(model, **self.settings)
+            if self.tracker.kind == "full" and state.global_step > 0:
+                raise InputError(type(model).__name__, "a run resumed from a checkpoint cannot track a model without "
+                                                       "PEFT adapters: its base weights (the snapshot) are gone")
         path = os.path.join(args.output_dir, self.report_name)
         os.makedirs(args.output_dir, exist_ok=True)
         self.journal = _open_journal(path, self.tracker, resumed=state.global_step > 0)
         self.tracker.rows.clear()
         self.tracker.restore(list(self.journal.rows.values()))
         self.tracker.forget_after(state.global_step)
+        self.scheduled = set(self.tracker.rows)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._maybe_track(state, control, state.global_step % self.every_n_steps == 0)
@@ -86,46 +99,71 @@ class IntruderCallback(TrainerCallback):
 
     def _maybe_track(self, state, control, due: bool) -> None:
         """Track now when ``due`` or when the Trainer is about to evaluate (transformers' DefaultFlowCallback, which
-        runs first, has set ``control.should_evaluate``), and ask for a log at this step to carry the counts."""
-        if self.tracker is None or state.global_step in self.tracker.rows:
+        runs first, has set ``control.should_evaluate``); ask for a log at this step when counts are ready."""
+        if self.tracker is None:
             return
-        if due or (self.track_evaluations and control.should_evaluate):
-            self.pending = self._track(state.global_step)
+        if state.global_step not in self.scheduled and (due or (self.track_evaluations and control.should_evaluate)):
+            self._track(state.global_step)
+        if self._collect(wait=False):
             control.should_log = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.tracker is None or not self.track_evaluations:
             return
-        if state.global_step not in self.tracker.rows:  # an evaluation outside the training loop
+        if state.global_step not in self.scheduled:  # an evaluation outside the training loop
             self._track(state.global_step)
-        if metrics is not None:
+        self._collect(wait=not self.background)
+        if metrics is not None and state.global_step in self.tracker.rows:
             metrics.update(intruder_metrics(self.tracker.rows[state.global_step], self.tracker.eps))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.pending or logs is None:
             return
-        logs.update(self.pending)
+        entry = self.pending.pop(0)  # one tracked step per log; the next log takes the next one
+        logs.update(entry)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(self.pending)
-        self.pending = {}
+            state.log_history[-1].update(entry)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.tracker is None or self.journal is None:
             return
-        if self.pending:  # tracked after the last log (e.g. at an evaluation): into the history at least
-            state.log_history.append({**self.pending, "step": state.global_step})
-            self.pending = {}
+        self._collect(wait=True)
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
+        for entry in self.pending:  # ready after the last log: into the history at least
+            state.log_history.append({**entry, "step": state.global_step})
+        self.pending = []
         if self.tracker.rows:
             self.tracker.report().save(os.path.join(args.output_dir, self.report_name))
         self.journal.close(remove=True)
         self.journal = None
 
-    def _track(self, step: int) -> dict[str, int]:
-        """Analyse the weights now, journal the rows, and return the logger's scalars."""
-        rows = self.tracker.step(step)
+    def _track(self, step: int) -> None:
+        """Copy the weights at ``step`` and analyse them now, or in the worker thread (``background``)."""
+        self.scheduled.add(step)
+        captured = self.tracker.capture()
+        if not self.background:
+            self.pending.append(self._analyse(step, captured))
+            return
+        if self.executor is None:
+            self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafft-track")
+        self.running.append(self.executor.submit(self._analyse, step, captured))
+
+    def _analyse(self, step: int, captured) -> dict[str, int]:
+        """Rows of ``step`` (kept by the tracker), journaled; returns the logger's scalars."""
+        rows = self.tracker.step(step, captured)
         for row in rows:
             self.journal.append(row)
-        return intruder_metrics(rows, self.tracker.eps)
+        metrics = intruder_metrics(rows, self.tracker.eps)
+        return {**metrics, "intruders/step": step} if self.background else metrics
+
+    def _collect(self, *, wait: bool) -> bool:
+        """Move finished background analyses' counts to ``pending`` (all of them when ``wait``; an analysis that
+        failed raises here). True when counts wait to be logged."""
+        while self.running and (wait or self.running[0].done()):
+            self.pending.append(self.running.pop(0).result())
+        return bool(self.pending)
 
 
 def _open_journal(path: str, tracker: Tracker, *, resumed: bool) -> Journal:
