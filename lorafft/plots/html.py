@@ -23,10 +23,22 @@ figcaption { font-size: 0.85em; color: #555; max-width: 40em; }
 """
 
 
+def _text(value) -> str:
+    """A cell's text as a reader expects it: booleans ``yes``/``no``, a missing value (None, an empty list) ``—``,
+    a list its items joined by commas, anything else ``str(value)``."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return "—"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_text(item) for item in value)
+    return str(value)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     """An HTML table, every cell escaped; cells with letters left-aligned, numbers right-aligned."""
     def cell(value):
-        value = str(value)
+        value = _text(value)
         align = ' class="text"' if any(ch.isalpha() for ch in value) else ""
         return f"<td{align}>{escape(value)}</td>"
 
