@@ -1,6 +1,7 @@
 """The lorafft command: summaries, report files, and bad input (exit 2, one line naming the file, no report)."""
 
 import json
+import os
 import shutil
 import struct
 
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorafft.cli import main
+from lorafft.errors import InputError
 
 
 def _run(capsys, *argv):
@@ -171,3 +173,109 @@ def test_shape_mismatch_warns_or_fails_with_strict(tmp_path, capsys):
     assert code == 0 and "warning" in stderr and "layers.0.k.weight" in stderr and "1 matrices" in stdout
     code, _, stderr = _run(capsys, "scan", base, tuned, "--strict", "--quiet")
     assert code == 2 and "shape" in stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments checked before any work: one line, exit 2, nothing written
+
+
+def _exit_status(capsys, argv) -> tuple[int, str]:
+    """``main(argv)``'s exit status whether it returns (InputError) or argparse exits; and its stderr."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+BAD_SCAN_ARGUMENTS = {
+    "k zero": (["--k", "0"], "--k"),
+    "k negative": (["--k", "-3"], "--k"),
+    "k not an integer": (["--k", "2.5"], "--k"),
+    "eps above 1": (["--eps", "1.5"], "--eps"),
+    "eps zero": (["--eps", "0"], "--eps"),
+    "eps negative": (["--eps", "-1"], "--eps"),
+    "eps nan": (["--eps", "0.5", "nan"], "--eps"),
+    "eps inf": (["--eps", "inf"], "--eps"),
+    "include not a regex": (["--include", "("], "--include"),
+    "exclude not a regex": (["--exclude", "mlp", "[a"], "--exclude"),
+    "tol zero": (["--tol", "0"], "--tol"),
+    "batch bytes negative": (["--max-batch-bytes", "-1"], "--max-batch-bytes"),
+    "device unknown": (["--device", "tpu"], "--device"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SCAN_ARGUMENTS))
+def test_bad_scan_argument_exits_2_before_any_work(trio, case, tmp_path, capsys):
+    extra, named = BAD_SCAN_ARGUMENTS[case]
+    out = tmp_path / "report.json"
+    code, stderr = _exit_status(capsys, ["scan", trio.base, trio.lora, "--out", out, "--quiet", *extra])
+    assert code == 2
+    (line,) = stderr.splitlines()
+    assert line.startswith("lorafft: error: ") and named in line
+    assert os.listdir(tmp_path) == []  # no report, no journal
+
+
+def test_bad_output_paths_exit_2_naming_them(trio, tmp_path, capsys):
+    directory = tmp_path / "existing"
+    directory.mkdir()
+    (tmp_path / "a-file").write_text("mine")
+    cases = [
+        (["--out", directory], f"{directory}: is a directory"),
+        (["--out", tmp_path / "missing" / "r.json"], "does not exist"),
+        (["--out", tmp_path / "r.txt"], "must end in .json or .csv"),
+        (["--out", tmp_path / "r"], "must end in .json or .csv"),
+        (["--resume"], "--resume: needs the journal"),
+        (["--out", tmp_path / "r.json", "--journal", tmp_path / "missing" / "j"], f"{tmp_path / 'missing' / 'j'}: "),
+        (["--write-base-cache", tmp_path / "a-file"], "exists and is not a directory"),
+    ]
+    for extra, words in cases:
+        code, stderr = _exit_status(capsys, ["scan", trio.base, trio.lora, "--quiet", *extra])
+        assert code == 2, extra
+        (line,) = stderr.splitlines()
+        assert line.startswith("lorafft: error: ") and words in line, line
+        assert sorted(os.listdir(tmp_path)) == ["a-file", "existing"] and os.listdir(directory) == []
+
+
+def test_other_commands_check_their_outputs_first(trio, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    (tmp_path / "a-file").write_text("mine")
+    cases = [
+        (["cache", "build", trio.base, "--out", tmp_path / "a-file"], "exists and is not a directory"),
+        (["cache", "build", trio.base, "--out", tmp_path / "no" / "cache"], "does not exist"),
+        (["cache", "build", trio.base, "--out", tmp_path / "c", "--include", "("], "--include"),
+        (["plot", report, "--out", tmp_path / "a-file"], "exists and is not a directory"),
+        (["plot", report, "--out", tmp_path / "figures", "--eps", "nan"], "--eps"),
+        (["report", report, "--html", tmp_path / "page.pdf"], "must end in .html or .htm"),
+        (["report", report, "--html", tmp_path / "no" / "page.html"], "does not exist"),
+        (["intervene", trio.base, trio.lora, "--lambda", "0.5", "--out", tmp_path / "a-file"], "not a directory"),
+        (["intervene", trio.base, trio.lora, "--lambda", "0.5", "--out", tmp_path / "o", "--k", "0"], "--k"),
+        (["intervene", trio.base, trio.lora, "--lambda", "nan", "--out", tmp_path / "o"], "--lambda"),
+        (["demo", "--dir", tmp_path / "no" / "demo"], "does not exist"),
+    ]
+    for argv, words in cases:
+        code, stderr = _exit_status(capsys, argv)
+        assert code == 2, argv
+        (line,) = stderr.splitlines()
+        assert line.startswith("lorafft: error: ") and words in line, line
+        assert os.listdir(tmp_path) == ["a-file"]
+
+
+def test_checks_accept_exactly_the_valid_values():
+    from lorafft.cli import options
+
+    for value in [-2, 0, 1, 5, "7", "0", "x", 2.0, True, None]:
+        valid = isinstance(value, (int, str)) and not isinstance(value, bool) and str(value).lstrip("-").isdigit() \
+            and int(value) >= 1
+        try:
+            assert options.integer(value, "--k") == int(value) and valid, value
+        except InputError as error:
+            assert not valid and error.path == "--k", value
+    for value in [-1.0, 0.0, 1e-300, 0.5, 1.0, 1.0000001, float("nan"), float("inf"), "0.25", "abc", True]:
+        number = float(value) if isinstance(value, (int, float, str)) and value != "abc" else None
+        valid = not isinstance(value, bool) and number is not None and 0 < number <= 1  # NaN compares False
+        try:
+            assert options.threshold(value) == number and valid, value
+        except InputError:
+            assert not valid, value
+    assert options.output_file("R.CSV") == "R.CSV" and options.output_directory("fresh") == "fresh"

@@ -12,9 +12,13 @@ import os
 import re
 import sys
 
+from typing import TYPE_CHECKING
+
+from lorafft.cli import options
 from lorafft.errors import InputError
-from lorafft.io import read_json_object
-from lorafft.report import SCHEMA_VERSION, Report
+
+if TYPE_CHECKING:  # annotations only: the report module is imported when a command runs
+    from lorafft.report import Report
 
 PLOT_EPILOG = """\
 figures written into DIR (PNG):
@@ -50,15 +54,9 @@ example:
 """
 
 
-def _at_least(minimum: int):
+def _count(name: str, minimum: int):
     """An argparse type: an integer >= ``minimum``."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    parse.__name__ = "integer"
-    return parse
+    return options.argument(options.integer, name, minimum)
 
 
 def add_commands(subparsers) -> None:
@@ -72,19 +70,19 @@ def add_commands(subparsers) -> None:
     plot.add_argument("--out", required=True, metavar="DIR", help="directory for the PNG files (created if needed)")
     plot.add_argument("--side", choices=["left", "right"],
                       help="singular vectors to plot (default: left when every report has them, else right)")
-    plot.add_argument("--eps", type=float, metavar="EPS",
+    plot.add_argument("--eps", type=options.argument(options.threshold), metavar="EPS",
                       help="threshold of the per-layer, top-k and spectrum figures (default: each report's smallest)")
-    plot.add_argument("--spectra", type=_at_least(0), default=3, metavar="N",
+    plot.add_argument("--spectra", type=_count("--spectra", 0), default=3, metavar="N",
                       help="spectrum figures for the N matrices with most intruders (default: 3)")
-    plot.add_argument("--heatmaps", type=_at_least(0), default=1, metavar="N",
+    plot.add_argument("--heatmaps", type=_count("--heatmaps", 0), default=1, metavar="N",
                       help="similarity heatmaps for the N matrices with most intruders, read from the checkpoints "
                            "(default: 1; 0: none)")
-    plot.add_argument("--heatmap-size", type=_at_least(1), default=10, metavar="n",
+    plot.add_argument("--heatmap-size", type=_count("--heatmap-size", 1), default=10, metavar="n",
                       help="top n base and fine-tuned singular vectors per heatmap (default: 10, as the paper; "
                            "up to a few hundred)")
     plot.add_argument("--no-trajectory", action="store_true",
                       help="no intruder trajectory for a training-run scan (it reads every checkpoint)")
-    plot.add_argument("--dpi", type=_at_least(10), default=100, help="resolution of the PNG files (default: 100)")
+    plot.add_argument("--dpi", type=_count("--dpi", 10), default=100, help="resolution of the PNG files (default: 100)")
     plot.set_defaults(run=run_plot)
 
     report = subparsers.add_parser("report", help="write a saved report as one self-contained HTML page",
@@ -100,6 +98,9 @@ def add_commands(subparsers) -> None:
 
 def load_report(path) -> Report:
     """Read a JSON report; InputError(path, problem) when it is missing, unreadable or not a schema-1 report."""
+    from lorafft.io import read_json_object
+    from lorafft.report import SCHEMA_VERSION, Report
+
     data = read_json_object(path)
     try:
         return Report.from_dict(data)
@@ -114,7 +115,8 @@ def _side(reports: list[Report], paths: list[str], side: str | None) -> str:
     chosen = side or ("left" if all("left" in sides for sides in present) else "right")
     for path, sides in zip(paths, present):
         if chosen not in sides:
-            raise InputError(path, f"has no {chosen} singular vectors (scanned: {', '.join(sorted(sides))}); choose --side")
+            raise InputError(path, f"has no {chosen} singular vectors (scanned: {', '.join(sorted(sides))}); "
+                                   "choose --side")
     return chosen
 
 
@@ -157,6 +159,7 @@ def _checkpoint_figures(report: Report, side: str, eps: float, args):
 def run_plot(args) -> int:
     """``lorafft plot``: write every report-only figure into ``args.out`` and, when the checkpoints are on disk, the
     similarity heatmaps (and a training run's intruder trajectory); print the files written."""
+    options.output_directory(args.out)
     from lorafft.plots import figures
 
     reports = [load_report(path) for path in args.reports]
@@ -200,6 +203,7 @@ def run_plot(args) -> int:
 
 def run_report(args) -> int:
     """``lorafft report``: write the report as one HTML page."""
+    options.output_file(args.html, options.HTML_SUFFIXES)
     from lorafft.plots.html import write_html
 
     report = load_report(args.report)
