@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafft import linalg
+from lorafft import linalg, options
 from lorafft.arrays import as_tensor
 
-DEFAULT_EPS = (0.5,)
+DEFAULT_EPS = options.DEFAULT_EPS
 NEAR_THRESHOLD = 1e-3  # max|cos| this close to an ε is flagged: its count may flip under rounding
 
 
@@ -122,12 +122,9 @@ def analyze(
     for side in sides:
         if side not in linalg.SIDES:
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
-    eps = (float(eps),) if isinstance(eps, (int, float)) else tuple(float(e) for e in eps)
+    eps, k = options.thresholds(eps), options.positive_int(k)
     basis = linalg.base_basis(W0) if basis is None else basis
-    block = max(2 * k, k + 10)
-    guesses = basis.top_vectors("left", block - block // 4)
-    if start is not None:
-        guesses = torch.cat([start.to(guesses.device, torch.float64), guesses], dim=-1)
+    guesses, block = start_block(basis, k, start)
     tuned_matrix = W0 if Wt is None else Wt
     backend = linalg.resolve_backend(tuned_matrix.device, backend)
     tuned = linalg.truncated_svd(tuned_matrix, k, start=guesses, block_size=block, tol=tol, generator=generator,
@@ -155,6 +152,21 @@ def analyze(
             iterations=tuned.iterations,
         )
     return results
+
+
+def start_block(basis: linalg.BaseBasis, k: int, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The tuned SVD's start: ``(guesses [L, m, c] fp64, block size)`` for the top ``k`` left singular vectors.
+
+    The block holds ``max(2k, k + 10)`` vectors; the guesses are ``extra`` (a LoRA adapter's B columns, or the
+    previous vectors of a tracked matrix) followed by the base's top three quarters of a block of left singular
+    vectors, since a fine-tune mostly keeps them (DESIGN.md: block Krylov started there needs 2 iterations on a full
+    fine-tune); :func:`lorafft.linalg.truncated_svd` fills the rest of the block with random vectors.
+    """
+    block = max(2 * k, k + 10)
+    guesses = basis.top_vectors("left", block - block // 4)
+    if extra is not None:
+        guesses = torch.cat([extra.to(guesses.device, torch.float64), guesses], dim=-1)
+    return guesses, block
 
 
 def _low_rank(lora, W0: torch.Tensor, single: bool) -> linalg.LowRank:
@@ -203,3 +215,20 @@ def stable_rank(sigma: torch.Tensor) -> torch.Tensor:
     """Stable rank ``||M||_F^2 / ||M||_2^2`` from singular values ``sigma [L, s]``; ``[L]``, 0 for a zero matrix."""
     top = sigma.amax(dim=-1)
     return torch.where(top > 0, (sigma**2).sum(dim=-1) / top.clamp_min(torch.finfo(sigma.dtype).tiny) ** 2, 0.0)
+
+
+def delta_ranks(W0: torch.Tensor, Wt: torch.Tensor | None, modules: list) -> list[tuple[float, float]]:
+    """(effective rank, stable rank) of ΔW = Wt - W0 for each matrix of the stack ``W0 [L, m, n]``.
+
+    ``modules``: per matrix the PEFT LoRA module (:class:`lorafft.adapters.LoraModule`) or None. A LoRA module
+    without DoRA magnitude gives its singular values from the r×r core of its factors (``Wt`` may then be None: the
+    batch was kept factored); otherwise they come from the dense difference ``Wt[i] - W0[i]`` in fp32.
+    """
+    sigmas = []
+    for index, module in enumerate(modules):
+        if module is not None and module.magnitude is None:
+            sigma = linalg.low_rank_singular_values(module.lora_B[None], module.lora_A[None], module.scaling)
+        else:
+            sigma = linalg.singular_values((Wt[index].float() - W0[index].float())[None])
+        sigmas.append(sigma)
+    return [(float(effective_rank(s)[0]), float(stable_rank(s)[0])) for s in sigmas]

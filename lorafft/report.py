@@ -23,12 +23,10 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+from lorafft.options import eps_key
+from lorafft.pairing import Pair, layer_and_module
+
 SCHEMA_VERSION = 1
-
-
-def eps_key(eps: float) -> str:
-    """The string form of a threshold used as a key: 0.5 -> "0.5"."""
-    return f"{float(eps):g}"
 
 
 def _finite_or_none(values):
@@ -222,6 +220,10 @@ class Report:
             lines.append(f"{len(self.skipped)} skipped (see 'skipped' in the report)")
         return "\n".join(lines)
 
+    def threshold(self, eps: float | None = None) -> float:
+        """``eps``, or the report's smallest ε when None (the default of every figure)."""
+        return min(self.eps) if eps is None else eps
+
     # Pictures: thin wrappers over lorafft.plots (matplotlib is imported only when one is drawn). Each returns a
     # matplotlib Figure; ``eps=None`` means the report's smallest ε.
 
@@ -237,14 +239,14 @@ class Report:
         """Intruders among the top k versus k / min(m, n), up to the scan's k: the paper's Figure 15."""
         from lorafft.plots.figures import plot_counts_vs_k
 
-        eps = min(self.eps) if eps is None else eps
+        eps = self.threshold(eps)
         return plot_counts_vs_k(self, side, eps, per_module=per_module, checkpoint=checkpoint, ax=ax)
 
     def plot_layer_bars(self, side: str = "left", eps: float | None = None, *, checkpoint: int | None = None, ax=None):
         """Intruders per layer, stacked by module (Figure 4's totals split by layer and module)."""
         from lorafft.plots.figures import plot_layer_bars
 
-        eps = min(self.eps) if eps is None else eps
+        eps = self.threshold(eps)
         return plot_layer_bars(self, side, eps, checkpoint=checkpoint, ax=ax)
 
     def plot_spectra(self, name: str, side: str = "left", eps: float | None = None, *, checkpoint: int | None = None,
@@ -261,7 +263,7 @@ class Report:
         from lorafft.plots.heatmaps import plot_similarity, similarity
 
         checkpoint = len(self.checkpoints) - 1 if checkpoint is None else checkpoint
-        eps = min(self.eps) if eps is None else eps
+        eps = self.threshold(eps)
         drawn = similarity(self.inputs["base"], self.checkpoints[checkpoint], name, n=n, side=side, eps=eps,
                            k_intruders=self.options.get("k"), split_fused=self.options.get("split_fused", False))
         return plot_similarity(drawn, ax=ax)
@@ -272,7 +274,7 @@ class Report:
         read from its input paths: the paper's Figure 5."""
         from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
 
-        eps = min(self.eps) if eps is None else eps
+        eps = self.threshold(eps)
         drawn = intruder_trajectory(self.inputs["base"], self.checkpoints, name, side=side, eps=eps,
                                     k=self.options.get("k", 10), search=search,
                                     split_fused=self.options.get("split_fused", False))
@@ -283,6 +285,41 @@ class Report:
         from lorafft.plots.html import write_html
 
         write_html(self, path, **options)
+
+
+def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None) -> list[MatrixRow]:
+    """The report rows of one analysed batch: per matrix of ``pairs``, one row per side of ``results``
+    (``{side: lorafft.analysis.SideAnalysis}`` of the stack); ``ranks`` per matrix ``(effective, stable)`` of ΔW."""
+    rows = []
+    for index, pair in enumerate(pairs):
+        layer, module = layer_and_module(pair.name)
+        effective, stable = (None, None) if ranks is None else ranks[index]
+        for side, result in results.items():
+            rows.append(
+                MatrixRow(
+                    name=pair.name,
+                    tuned_name=pair.tuned_name,
+                    checkpoint=checkpoint,
+                    layer=layer,
+                    module=module,
+                    shape=pair.shape,
+                    side=side,
+                    k=result.max_cos.shape[-1],
+                    singular_values=result.singular_values[index].tolist(),
+                    base_singular_values=result.base_singular_values[index].tolist(),
+                    max_cos=result.max_cos[index].tolist(),
+                    argmax=result.argmax[index].tolist(),
+                    error_bound=result.error_bound[index].tolist(),
+                    near_threshold=result.near_threshold[index].tolist(),
+                    counts={eps_key(e): int(c) for e, c in zip(result.eps, result.counts[index].tolist())},
+                    random_floor=result.random_floor,
+                    random_reference=result.random_reference,
+                    delta_effective_rank=effective,
+                    delta_stable_rank=stable,
+                    iterations=result.iterations,
+                )
+            )
+    return rows
 
 
 @contextlib.contextmanager
