@@ -138,7 +138,7 @@ def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: boo
     scope = pairing.Scope(patterns(include, "include"), patterns(exclude, "exclude"), embeddings)
     with loading.open_base(base, split_fused=split_fused) as checkpoint:
         pairs = [pairing.Pair(name, name, tuple(checkpoint.shape(name))) for name in checkpoint.names()
-                 if len(checkpoint.shape(name)) == 2 and scope.admits(name)]
+                 if len(checkpoint.shape(name)) == 2 and 0 not in checkpoint.shape(name) and scope.admits(name)]
         if not pairs:
             raise InputError(checkpoint.path, "no 2-D weight matrices in scope")
         writer = BaseCache(directory, writable=True)

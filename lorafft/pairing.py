@@ -126,7 +126,7 @@ def find_pairs(base: io.Checkpoint, tuned: io.Checkpoint | io.Adapter, scope: Sc
     Raises InputError when nothing pairs, or (``strict``) when a paired name has a different shape.
     """
     if isinstance(tuned, io.Adapter):
-        pairs, skipped = _adapter_pairs(base, tuned, scope), []
+        pairs, skipped = _adapter_pairs(base, tuned, scope)
     else:
         pairs, skipped = _checkpoint_pairs(base, tuned, scope, strict)
     if not pairs:
@@ -134,15 +134,23 @@ def find_pairs(base: io.Checkpoint, tuned: io.Checkpoint | io.Adapter, scope: Sc
     return pairs, skipped
 
 
-def _adapter_pairs(base: io.Checkpoint, adapter: io.Adapter, scope: Scope) -> list[Pair]:
-    pairs = []
+def _adapter_pairs(base: io.Checkpoint, adapter: io.Adapter, scope: Scope):
+    pairs, skipped = [], []
     for module in adapters.lora_modules(adapter, NameIndex(base.names()), base.shape):
         if scope.admits(module.base_name):
             shape = tuple(base.shape(module.base_name))
             pair = Pair(module.base_name, module.base_name, shape, module)
             pair.shape = shape[::-1] if pair.transposed else shape
-            pairs.append(pair)
-    return pairs
+            _admit(pair, pairs, skipped)
+    return pairs, skipped
+
+
+def _admit(pair: Pair, pairs: list[Pair], skipped: list[dict]) -> None:
+    """Add ``pair``, or skip it with a reason when it has no entries (a ``[0, n]`` weight has no singular vectors)."""
+    if 0 in pair.shape:
+        skipped.append({"name": pair.name, "reason": f"empty matrix {list(pair.shape)}: no singular vectors"})
+    else:
+        pairs.append(pair)
 
 
 def _checkpoint_pairs(base: io.Checkpoint, tuned: io.Checkpoint, scope: Scope, strict: bool):
@@ -160,7 +168,7 @@ def _checkpoint_pairs(base: io.Checkpoint, tuned: io.Checkpoint, scope: Scope, s
             warnings.warn(f"{tuned.file_of(tuned_name)}: {problem}; skipped", stacklevel=3)
             skipped.append({"name": name, "reason": problem})
             continue
-        pairs.append(Pair(name, tuned_name, tuple(base_shape)))
+        _admit(Pair(name, tuned_name, tuple(base_shape)), pairs, skipped)
     return pairs, skipped
 
 

@@ -7,7 +7,8 @@ JSON schema (``schema_version`` 1; documented in the README):
 "totals_by_side": {side: {ε: count}}, "totals_by_checkpoint": [{ε: count}, ...], "skipped": [{"name", "reason"}]}``,
 where a row is ``{"name", "tuned_name", "checkpoint", "layer", "module", "shape", "side", "k", "singular_values",
 "base_singular_values", "max_cos", "argmax", "error_bound", "near_threshold", "counts": {ε: count}, "random_floor",
-"random_reference": {"p5", "p50", "p95", "p99"}, "delta_effective_rank", "delta_stable_rank", "iterations"}``. ε keys are strings
+"random_reference": {"p5", "p50", "p95", "p99"}, "delta_effective_rank", "delta_stable_rank", "iterations",
+"base_rank", "undetermined": {ε: count}}``. ε keys are strings
 (``"0.5"``); ``argmax`` is the 0-based rank of the best-matching base singular vector; ``error_bound`` is null
 where the tuned singular value is not separated from its neighbours (that vector is not determined by the matrix).
 """
@@ -57,6 +58,8 @@ class MatrixRow:
     delta_effective_rank: float | None
     delta_stable_rank: float | None
     iterations: int
+    base_rank: int | None = None  # numerical rank of W0; below min(shape): undefined base vectors beyond it
+    undetermined: dict[str, int] = field(default_factory=dict)  # per ε: left out of counts (analysis._defined_match)
 
     def to_dict(self) -> dict:
         row = dict(self.__dict__)
@@ -148,6 +151,8 @@ class Report:
                 "random_p99": r.random_reference.get("p99"),
                 "delta_effective_rank": r.delta_effective_rank,
                 "delta_stable_rank": r.delta_stable_rank,
+                "base_rank": r.base_rank,
+                **{f"undetermined@{key}": count for key, count in r.undetermined.items()},
                 "max_error_bound": max(r.error_bound) if r.error_bound else math.nan,
                 "near_threshold": sum(r.near_threshold),
                 "max_cos": " ".join(f"{v:.6g}" for v in r.max_cos),
@@ -190,12 +195,14 @@ class Report:
         (self.to_csv if str(path).endswith(".csv") else self.to_json)(path)
 
     def summary(self, worst: int = 5) -> str:
-        """A short text table: totals per ε (with the random floor range) and the rows with most intruders."""
-        lines = []
+        """A short text table: totals per ε (with the random floor range), what to read with care, and the rows with
+        most intruders."""
         keys = [eps_key(e) for e in self.eps]
         sides = sorted({r.side for r in self.rows})
-        matrices = len({r.name for r in self.rows})
-        lines.append(f"{matrices} matrices, k={self.options.get('k')}, side {'+'.join(sides)}")
+        analysed = sorted({r.k for r in self.rows})  # min(k, m, n) per matrix
+        k = f"{analysed[0]}" if len(analysed) == 1 else f"{analysed[0]}..{analysed[-1]} (min(k, m, n) per matrix)"
+        lines = [f"{len({r.name for r in self.rows})} matrices, k={k if analysed else self.options.get('k')}, "
+                 f"side {'+'.join(sides)}"]
         floors = sorted({round(r.random_floor, 4) for r in self.rows})
         if floors:
             lines.append(f"random-direction floor 1/sqrt(d): {floors[0]:g}" + (f" .. {floors[-1]:g}" if len(floors) > 1 else ""))
@@ -206,9 +213,7 @@ class Report:
             for index, label in enumerate(self.checkpoints):
                 counts = "  ".join(f"ε={key}: {count}" for key, count in self.totals(checkpoint=index).items())
                 lines.append(f"  [{index}] {label}:  {counts}")
-        flagged = sum(sum(r.near_threshold) for r in self.rows)
-        if flagged:
-            lines.append(f"{flagged} vectors lie within 1e-3 (or their error bound) of a threshold: see near_threshold")
+        lines.extend(self._caveats())
         ranked = sorted(self.rows, key=lambda r: (-r.counts[keys[0]], min(r.max_cos) if r.max_cos else 1.0))
         ranked = [r for r in ranked if r.counts[keys[0]] > 0][:worst]
         if ranked:
@@ -219,6 +224,24 @@ class Report:
         if self.skipped:
             lines.append(f"{len(self.skipped)} skipped (see 'skipped' in the report)")
         return "\n".join(lines)
+
+    def _caveats(self) -> list[str]:
+        """Summary lines for vectors whose count could flip, or is not a property of the matrices."""
+        lines = []
+        flagged = sum(sum(r.near_threshold) for r in self.rows)
+        if flagged:
+            lines.append(f"{flagged} vectors lie within 1e-3 (or their error bound) of a threshold: see near_threshold")
+        unbounded = sum(sum(not math.isfinite(b) for b in r.error_bound) for r in self.rows)
+        if unbounded:
+            lines.append(f"{unbounded} vectors have a repeated singular value, so no single vector and no error bound "
+                         "(error_bound null): their max|cos| depends on the choice within that subspace")
+        deficient = [r for r in self.rows if r.base_rank is not None and r.base_rank < min(r.shape)]
+        if deficient:
+            unsure = {key: sum(r.undetermined.get(key, 0) for r in deficient) for key in map(eps_key, self.eps)}
+            lines.append(f"{len(deficient)} rows have a rank-deficient base (basis undefined beyond its rank, "
+                         f"see base_rank); undetermined, not counted: "
+                         + "  ".join(f"ε={key}: {count}" for key, count in unsure.items()))
+        return lines
 
     def threshold(self, eps: float | None = None) -> float:
         """``eps``, or the report's smallest ε when None (the default of every figure)."""
@@ -317,6 +340,8 @@ def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None) -
                     delta_effective_rank=effective,
                     delta_stable_rank=stable,
                     iterations=result.iterations,
+                    base_rank=int(result.base_rank[index]),
+                    undetermined={eps_key(e): int(c) for e, c in zip(result.eps, result.undetermined[index].tolist())},
                 )
             )
     return rows

@@ -19,7 +19,7 @@ import torch
 from lorafft import analysis, distributed, io, linalg, loading, options, pairing
 from lorafft.cache import BaseCache, batch_basis
 from lorafft.errors import InputError
-from lorafft.journal import Journal, row_key
+from lorafft.journal import Journal, fingerprints, row_key
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
 from lorafft.report import MatrixRow, Report, matrix_rows
 
@@ -117,7 +117,7 @@ def scan(
         owners = distributed.assign([_cost(batch) * len(inputs.sources) for batch in batches], size)
         if journal is not None and size > 1:
             journal = f"{journal}.rank{rank}"
-        header = {"inputs": inputs.record, "options": settings.record()}
+        header = {"inputs": inputs.record, "options": settings.record(), "fingerprints": fingerprints([base, *tuned_list])}
         record = None if journal is None else Journal(journal, header, resume=resume)
         run = _Run(settings, device, backend, reader, writer, record)
         try:
