@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -9,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorafft.cli import main
-from lorafft.errors import InputError
+from lorafft.cli import build_parser, main
 
 
 def _run(capsys, *argv):
@@ -48,7 +48,8 @@ def test_help_is_readable(capsys):
 
 def _small_checkpoint(directory, **overrides):
     generator = torch.Generator().manual_seed(0)
-    tensors = {"layers.0.q.weight": torch.randn(24, 16, generator=generator), "layers.0.k.weight": torch.randn(24, 16, generator=generator)}
+    tensors = {"layers.0.q.weight": torch.randn(24, 16, generator=generator),
+               "layers.0.k.weight": torch.randn(24, 16, generator=generator)}
     tensors.update(overrides)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "model.safetensors")
@@ -97,7 +98,8 @@ def _break_missing_shard(path):
 
 def _break_tensor_missing_from_shard(path):
     shutil.move(path / "model.safetensors", path / "model-00001-of-00001.safetensors")
-    weight_map = {"layers.0.q.weight": "model-00001-of-00001.safetensors", "layers.0.v.weight": "model-00001-of-00001.safetensors"}
+    weight_map = {"layers.0.q.weight": "model-00001-of-00001.safetensors",
+                  "layers.0.v.weight": "model-00001-of-00001.safetensors"}
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path / "model-00001-of-00001.safetensors"
 
@@ -147,7 +149,8 @@ def test_input_problems_exit_2_naming_the_file(tmp_path, capsys):
     empty.mkdir()
     other = _small_checkpoint(tmp_path / "other")
     save_file({"unrelated.weight": torch.randn(3, 3)}, other / "model.safetensors")
-    lora = {"base_model.model.layers.0.nothere.lora_A.weight": torch.randn(2, 16), "base_model.model.layers.0.nothere.lora_B.weight": torch.randn(24, 2)}
+    lora = {"base_model.model.layers.0.nothere.lora_A.weight": torch.randn(2, 16),
+            "base_model.model.layers.0.nothere.lora_B.weight": torch.randn(24, 2)}
     stray = _adapter(tmp_path / "stray", {"peft_type": "LORA", "r": 2, "lora_alpha": 4}, lora)
     lora_ok = {k.replace("nothere", "q"): v for k, v in lora.items()}
     no_rank = _adapter(tmp_path / "norank", {"peft_type": "LORA", "lora_alpha": 4}, lora_ok)
@@ -217,7 +220,7 @@ def test_bad_scan_argument_exits_2_before_any_work(trio, case, tmp_path, capsys)
 
 
 def test_bad_output_paths_exit_2_naming_them(trio, tmp_path, capsys):
-    directory = tmp_path / "existing"
+    directory = tmp_path / "existing.json"
     directory.mkdir()
     (tmp_path / "a-file").write_text("mine")
     cases = [
@@ -234,7 +237,7 @@ def test_bad_output_paths_exit_2_naming_them(trio, tmp_path, capsys):
         assert code == 2, extra
         (line,) = stderr.splitlines()
         assert line.startswith("lorafft: error: ") and words in line, line
-        assert sorted(os.listdir(tmp_path)) == ["a-file", "existing"] and os.listdir(directory) == []
+        assert sorted(os.listdir(tmp_path)) == ["a-file", "existing.json"] and os.listdir(directory) == []
 
 
 def test_other_commands_check_their_outputs_first(trio, tmp_path, capsys):
@@ -261,21 +264,33 @@ def test_other_commands_check_their_outputs_first(trio, tmp_path, capsys):
         assert os.listdir(tmp_path) == ["a-file"]
 
 
-def test_checks_accept_exactly_the_valid_values():
-    from lorafft.cli import options
-
-    for value in [-2, 0, 1, 5, "7", "0", "x", 2.0, True, None]:
-        valid = isinstance(value, (int, str)) and not isinstance(value, bool) and str(value).lstrip("-").isdigit() \
-            and int(value) >= 1
+def test_parser_accepts_exactly_the_valid_values(capsys):
+    parser = build_parser()
+    for text in ["-2", "0", "1", "5", "2.5", "x", "1e3"]:
+        valid = text.isdigit() and int(text) >= 1
         try:
-            assert options.integer(value, "--k") == int(value) and valid, value
-        except InputError as error:
-            assert not valid and error.path == "--k", value
-    for value in [-1.0, 0.0, 1e-300, 0.5, 1.0, 1.0000001, float("nan"), float("inf"), "0.25", "abc", True]:
-        number = float(value) if isinstance(value, (int, float, str)) and value != "abc" else None
-        valid = not isinstance(value, bool) and number is not None and 0 < number <= 1  # NaN compares False
+            assert parser.parse_args(["scan", "a", "b", "--k", text]).k == int(text) and valid, text
+        except SystemExit as exit_info:
+            assert exit_info.code == 2 and not valid, text
+    for text in ["-1", "0", "1e-300", "0.5", "1", "1.0000001", "nan", "inf", "-inf", "abc"]:
         try:
-            assert options.threshold(value) == number and valid, value
-        except InputError:
-            assert not valid, value
-    assert options.output_file("R.CSV") == "R.CSV" and options.output_directory("fresh") == "fresh"
+            number = float(text)
+        except ValueError:
+            number = None
+        valid = number is not None and 0 < number <= 1  # NaN compares False
+        try:
+            assert parser.parse_args(["scan", "a", "b", "--eps", "0.9", text]).eps == [0.9, number] and valid, text
+        except SystemExit as exit_info:
+            assert exit_info.code == 2 and not valid, text
+    for pattern in ["layers\\.0\\.", "(", "[a-", "a{2,1}", "q|k"]:
+        try:
+            re.compile(pattern)
+            valid = True
+        except re.error:
+            valid = False
+        try:
+            assert parser.parse_args(["cache", "build", "a", "--out", "c", "--include", pattern]).include == [pattern]
+            assert valid, pattern
+        except SystemExit as exit_info:
+            assert exit_info.code == 2 and not valid, pattern
+    capsys.readouterr()

@@ -86,8 +86,8 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
     def run(*argv, **kwargs):
         return subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=120, **kwargs)
 
-    where = run(sys.executable, "-c", "import lorafft, lorafft.kernels.sketch as k; print(lorafft.__file__, k.__file__)",
-                check=True).stdout.split()
+    code = "import lorafft, lorafft.kernels.sketch as k; print(lorafft.__file__, k.__file__)"
+    where = run(sys.executable, "-c", code, check=True).stdout.split()
     assert where == [str(target / "lorafft" / "__init__.py"), str(target / "lorafft" / "kernels" / "sketch.py")]
     version = run(str(target / "bin" / "lorafft"), "--version", check=True)  # the console script
     assert version.stdout.strip() == f"lorafft {lorafft.__version__}"

@@ -16,7 +16,8 @@ HELP = [["--help"], ["--version"]] + [[*command, "--help"] for command in
 ERRORS = [["scan", "BASE", "TUNED", "--k", "0"], ["scan", "BASE", "TUNED", "--eps", "nan"],
           ["scan", "BASE", "TUNED", "--include", "("], ["scan", "BASE", "TUNED", "--resume"],
           ["scan", "BASE", "TUNED", "--out", "report.txt"], ["plot", "r.json", "--out", "figures", "--eps", "2"],
-          ["intervene", "BASE", "TUNED", "--lambda", "-1", "--out", "new"], ["no-such-command"]]
+          ["intervene", "BASE", "TUNED", "--lambda", "-1", "--out", "new"],
+          ["intervene", "BASE", "TUNED", "--lambda", "1", "--out", "new", "--eps", "0"], ["no-such-command"]]
 
 
 def _lorafft(argv, cwd) -> tuple[subprocess.CompletedProcess, float, set[str]]:

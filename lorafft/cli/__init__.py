@@ -13,7 +13,7 @@ import warnings
 
 from lorafft import __version__
 from lorafft.cli import demo, intervene, plot, scan
-from lorafft.cli.options import Parser
+from lorafft.cli.arguments import Parser
 from lorafft.errors import InputError
 
 DESCRIPTION = """\

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import tempfile
 
-from lorafft.cli import options
+from lorafft import options
+from lorafft.cli import arguments
 
 
 def add_command(subparsers) -> None:
@@ -15,7 +16,7 @@ def add_command(subparsers) -> None:
                                              "the base.")
     demo.add_argument("--dir", metavar="DIR",
                       help="write the checkpoints here and keep them (default: a temporary directory)")
-    options.add_quiet(demo)
+    arguments.add_quiet(demo)
     demo.set_defaults(run=run)
 
 

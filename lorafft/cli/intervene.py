@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from lorafft.cli import options
+from lorafft import options
+from lorafft.cli import arguments
 
 WHICH = ("top", "all")  # as lorafft.intervene.WHICH, which checks it again
 
@@ -50,16 +51,16 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
     parser.add_argument("--which", choices=WHICH, default="top",
                         help="top: only the highest-ranked intruder of each matrix (default); all: every intruder")
-    options.add_analysis(parser, several_eps=False)
-    options.add_scope(parser, split_fused=False)
-    options.add_quiet(parser)
+    arguments.add_analysis(parser, several_eps=False)
+    arguments.add_scope(parser, split_fused=False)
+    arguments.add_quiet(parser)
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args) -> int:
     """``lorafft intervene``: print the summary; InputError propagates (the CLI prints it and exits 2)."""
-    lam = options.real(args.lam, "--lambda", minimum=0.0)
+    lam = arguments.factor(args.lam)
     options.output_directory(args.out)
     from lorafft.intervene import intervene
 

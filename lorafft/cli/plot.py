@@ -14,7 +14,8 @@ import sys
 
 from typing import TYPE_CHECKING
 
-from lorafft.cli import options
+from lorafft import options
+from lorafft.cli import arguments
 from lorafft.errors import InputError
 
 if TYPE_CHECKING:  # annotations only: the report module is imported when a command runs
@@ -54,9 +55,15 @@ example:
 """
 
 
-def _count(name: str, minimum: int):
+def _at_least(minimum: int):
     """An argparse type: an integer >= ``minimum``."""
-    return options.argument(options.integer, name, minimum)
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
 
 
 def add_commands(subparsers) -> None:
@@ -70,19 +77,19 @@ def add_commands(subparsers) -> None:
     plot.add_argument("--out", required=True, metavar="DIR", help="directory for the PNG files (created if needed)")
     plot.add_argument("--side", choices=["left", "right"],
                       help="singular vectors to plot (default: left when every report has them, else right)")
-    plot.add_argument("--eps", type=options.argument(options.threshold), metavar="EPS",
+    plot.add_argument("--eps", type=arguments.checked(float, arguments.threshold, "--eps"), metavar="EPS",
                       help="threshold of the per-layer, top-k and spectrum figures (default: each report's smallest)")
-    plot.add_argument("--spectra", type=_count("--spectra", 0), default=3, metavar="N",
+    plot.add_argument("--spectra", type=_at_least(0), default=3, metavar="N",
                       help="spectrum figures for the N matrices with most intruders (default: 3)")
-    plot.add_argument("--heatmaps", type=_count("--heatmaps", 0), default=1, metavar="N",
+    plot.add_argument("--heatmaps", type=_at_least(0), default=1, metavar="N",
                       help="similarity heatmaps for the N matrices with most intruders, read from the checkpoints "
                            "(default: 1; 0: none)")
-    plot.add_argument("--heatmap-size", type=_count("--heatmap-size", 1), default=10, metavar="n",
+    plot.add_argument("--heatmap-size", type=_at_least(1), default=10, metavar="n",
                       help="top n base and fine-tuned singular vectors per heatmap (default: 10, as the paper; "
                            "up to a few hundred)")
     plot.add_argument("--no-trajectory", action="store_true",
                       help="no intruder trajectory for a training-run scan (it reads every checkpoint)")
-    plot.add_argument("--dpi", type=_count("--dpi", 10), default=100, help="resolution of the PNG files (default: 100)")
+    plot.add_argument("--dpi", type=_at_least(10), default=100, help="resolution of the PNG files (default: 100)")
     plot.set_defaults(run=run_plot)
 
     report = subparsers.add_parser("report", help="write a saved report as one self-contained HTML page",
@@ -203,7 +210,7 @@ def run_plot(args) -> int:
 
 def run_report(args) -> int:
     """``lorafft report``: write the report as one HTML page."""
-    options.output_file(args.html, options.HTML_SUFFIXES)
+    options.output_file(args.html, arguments.HTML_SUFFIXES)
     from lorafft.plots.html import write_html
 
     report = load_report(args.report)

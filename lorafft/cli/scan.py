@@ -1,11 +1,12 @@
 """The ``lorafft scan`` and ``lorafft cache build`` commands: arguments checked here, the work done by
-:func:`lorafft.scan` and :func:`lorafft.scan.build_base_cache` (imported only when a command runs)."""
+:func:`lorafft.scan` and :func:`lorafft.cache.build_base_cache` (imported only when a command runs)."""
 
 from __future__ import annotations
 
 import argparse
 
-from lorafft.cli import options
+from lorafft import options
+from lorafft.cli import arguments
 from lorafft.errors import InputError
 
 SCAN_EPILOG = """\
@@ -32,19 +33,19 @@ def add_commands(subparsers) -> None:
                       help="fine-tuned checkpoint or PEFT adapter directory; several (checkpoints along one run) give "
                            "one report with a checkpoint column, the base paid for once")
     scan.add_argument("--out", metavar="FILE", help="write the full report here: .json (schema in the README) or .csv")
-    options.add_analysis(scan, several_eps=True)
+    arguments.add_analysis(scan, several_eps=True)
     scan.add_argument("--side", choices=["left", "right", "both"], default="left",
                       help="singular vectors to compare: left = output space of a [out, in] weight (default, "
                            "the paper's choice), right = input space, or both")
-    scan.add_argument("--tol", type=options.argument(options.real, "--tol", minimum=0.0, open_minimum=True),
+    scan.add_argument("--tol", type=arguments.checked(float, options.positive_number, "--tol"),
                       default=1e-5, help="error bound to certify per max |cos| (default: 1e-5)")
     scan.add_argument("--delta-ranks", action="store_true",
                       help="also report the effective and stable rank of the update dW = TUNED - BASE per matrix")
-    options.add_scope(scan)
+    arguments.add_scope(scan)
     scan.add_argument("--strict", action="store_true",
                       help="a paired name with another shape is an error, not a warning")
     _add_resources(scan)
-    options.add_quiet(scan)
+    arguments.add_quiet(scan)
     scan.set_defaults(run=run_scan)
 
     cache = subparsers.add_parser("cache", help="build a base-spectrum cache reused by later scans",
@@ -56,8 +57,8 @@ def add_commands(subparsers) -> None:
                                description="Compute and store the singular basis of every 2-D weight of BASE.")
     build.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
     build.add_argument("--out", metavar="DIR", required=True, help="cache directory (created if needed)")
-    options.add_scope(build)
-    options.add_quiet(build)
+    arguments.add_scope(build)
+    arguments.add_quiet(build)
     build.set_defaults(run=run_cache)
 
 
@@ -72,10 +73,10 @@ def _add_resources(parser: argparse.ArgumentParser) -> None:
                        help="finish the scan recorded in the journal after a crash or kill (same arguments; needs "
                             "--out or --journal)")
     group.add_argument("--max-batch-bytes", metavar="GB", default=1.0,
-                       type=options.argument(options.real, "--max-batch-bytes", minimum=0.0, open_minimum=True),
+                       type=arguments.checked(float, options.positive_number, "--max-batch-bytes"),
                        help="cap on the fp32 base + tuned weights analysed at once, in GB (default: 1)")
     group.add_argument("--seed", type=int, default=0, help="seed of the random start blocks (default: 0)")
-    group.add_argument("--device", type=options.argument(options.device), metavar="DEVICE",
+    group.add_argument("--device", type=arguments.checked(str, arguments.device, "--device"), metavar="DEVICE",
                        help="cpu, cuda or cuda:N (default: the GPU when CUDA is available, else the CPU)")
     group.add_argument("--backend", choices=["auto", "torch", "triton"],
                        help="Triton kernels or torch ops for the products (default: auto = Triton on a GPU; "
@@ -118,7 +119,7 @@ def run_scan(args) -> int:
 def run_cache(args) -> int:
     """``lorafft cache build``: compute and store the base bases; print how many."""
     options.output_directory(args.out)
-    from lorafft.scan import build_base_cache
+    from lorafft.cache import build_base_cache
 
     cache = build_base_cache(args.base, args.out, include=args.include, exclude=args.exclude,
                              embeddings=args.embeddings, split_fused=args.split_fused, progress=not args.quiet)
