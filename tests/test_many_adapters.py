@@ -52,3 +52,13 @@ def test_each_adapter_rows_equal_its_own_scan_and_bases_are_computed_once(trio, 
     assert [t["0.5"] for t in totals] == [sum(r.counts["0.5"] for r in together.rows if r.checkpoint == c)
                                           for c in range(len(adapters))]
     assert len(names[2]) == 1
+
+
+def test_comparison_figure_draws_each_adapters_totals(trio, adapters):
+    pytest.importorskip("matplotlib")
+    report = lorafft.scan(trio.base, adapters, eps=(0.5, 0.9))
+    figure = report.plot_checkpoint_totals()
+    (ax,) = figure.axes
+    heights = [[bar.get_height() for bar in container] for container in ax.containers]
+    assert heights == [[report.totals(checkpoint=c)[key] for c in range(3)] for key in ("0.5", "0.9")]
+    assert [label.get_text() for label in ax.get_xticklabels()] == [f"lora: {a.name}" for a in adapters]
