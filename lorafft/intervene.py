@@ -252,14 +252,12 @@ def intervene(
 
 def _check_options(lam, which, eps) -> float:
     """λ as a float; ``which`` one of WHICH; ``eps`` one threshold (k, ε's range and the rest: ScanOptions)."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise InputError("lambda", f"must be a finite number >= 0 (the factor applied to each intruder's singular "
-                                   f"value), got {lam!r}")
+    lam = options.scale_factor(lam)
     if which not in WHICH:
         raise InputError("which", f"must be 'top' or 'all', got {which!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise InputError("eps", f"must be one threshold in (0, 1], got {eps!r}")
-    return float(lam)
+    return lam
 
 
 def _check_out_dir(out_dir: str) -> None:

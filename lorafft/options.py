@@ -69,14 +69,22 @@ def positive_number(value, what: str) -> float:
     return value
 
 
+def scale_factor(value, what: str = "lambda") -> float:
+    """A finite number >= 0 (the intervention's λ: the factor applied to each intruder's singular value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InputError(what, f"must be a finite number >= 0 (the factor applied to each intruder's singular "
+                               f"value), got {value!r}")
+    return float(value)
+
+
 def output_file(path, suffixes: tuple[str, ...] = REPORT_SUFFIXES) -> str:
     """A file lorafft may write: its directory exists and is writable, it is not a directory, and its suffix is one
     the writer knows. Returns the path as a string."""
     path = os.fspath(path)
-    if suffixes and not path.lower().endswith(suffixes):
-        raise InputError(path, f"unknown output format: the name must end in {' or '.join(suffixes)}")
     if os.path.isdir(path):
         raise InputError(path, "is a directory; name a file to write")
+    if suffixes and not path.lower().endswith(suffixes):
+        raise InputError(path, f"unknown output format: the name must end in {' or '.join(suffixes)}")
     _writable_parent(path)
     return path
 

@@ -243,6 +243,12 @@ class Report:
                          + "  ".join(f"ε={key}: {count}" for key, count in unsure.items()))
         return lines
 
+    def _repr_html_(self) -> str:
+        """Notebooks: the summary tables and, when matplotlib is installed, the counts-vs-ε figure."""
+        from lorafft.plots.html import summary_html
+
+        return summary_html(self, figure=True)
+
     def threshold(self, eps: float | None = None) -> float:
         """``eps``, or the report's smallest ε when None (the default of every figure)."""
         return min(self.eps) if eps is None else eps

@@ -62,3 +62,14 @@ def test_comparison_figure_draws_each_adapters_totals(trio, adapters):
     heights = [[bar.get_height() for bar in container] for container in ax.containers]
     assert heights == [[report.totals(checkpoint=c)[key] for c in range(3)] for key in ("0.5", "0.9")]
     assert [label.get_text() for label in ax.get_xticklabels()] == [f"lora: {a.name}" for a in adapters]
+
+
+def test_notebook_html_shows_the_summary_and_the_figure(trio, adapters):
+    pytest.importorskip("matplotlib")
+    report = lorafft.scan(trio.base, adapters[:2], eps=(0.5, 0.9))
+    page = report._repr_html_()
+    for checkpoint in range(2):
+        totals = report.totals("left", checkpoint)
+        assert f"<tr><td>{checkpoint}</td><td class=\"text\">left</td>" in page
+        assert all(f"<td>{totals[key]}</td>" in page for key in ("0.5", "0.9"))
+    assert page.count("<img") == 1 and "Figure 4" in page

@@ -8,7 +8,6 @@ argparse ``type=``, so a bad value is refused while parsing, before any work.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 
 from lorafft import options
@@ -25,13 +24,6 @@ def threshold(value: float, name: str = "--eps") -> float:
 def regex(pattern: str, name: str) -> str:
     """One tensor-name pattern, compiled now (:func:`lorafft.options.patterns`)."""
     return options.patterns(pattern, name)[0]
-
-
-def factor(value: float, name: str = "--lambda") -> float:
-    """A finite number >= 0 (intervene's λ)."""
-    if not (math.isfinite(value) and value >= 0):
-        raise InputError(name, f"must be a finite number >= 0, got {value!r}")
-    return value
 
 
 def device(value: str, name: str = "--device") -> str:

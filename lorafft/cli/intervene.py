@@ -60,7 +60,7 @@ def add_command(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """``lorafft intervene``: print the summary; InputError propagates (the CLI prints it and exits 2)."""
-    lam = arguments.factor(args.lam)
+    lam = options.scale_factor(args.lam, "--lambda")
     options.output_directory(args.out)
     from lorafft.intervene import intervene
 

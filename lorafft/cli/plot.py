@@ -185,7 +185,9 @@ def run_plot(args) -> int:
              "counts_vs_eps.png")
         for label, report in zip(labels, reports):
             prefix = f"{_filename(label)}-" if len(reports) > 1 else ""
-            eps = min(report.eps) if args.eps is None else args.eps
+            eps = report.threshold(args.eps)
+            if len(report.checkpoints) > 1:
+                save(figures.plot_checkpoint_totals(report, side), f"{prefix}checkpoint_totals.png")
             save(figures.plot_counts_vs_k(report, side, eps), f"{prefix}counts_vs_k.png")
             save(figures.plot_layer_bars(report, side, eps), f"{prefix}layer_bars.png")
             for row in figures.worst_rows(report, eps, args.spectra, side):

@@ -25,8 +25,8 @@ import statistics
 
 import numpy
 
-# ``Report`` and ``MatrixRow`` in annotations are lorafft.report's classes, named, never imported: plots draws any
-# report-shaped object, and the dependency runs one way (lorafft.report's plot_* methods call into plots).
+# ``report`` arguments are lorafft.report.Report objects and ``row``/``rows`` their MatrixRows, unannotated: plots
+# never imports lorafft.report, whose plot_* methods call into plots (the dependency runs one way).
 
 DEFAULT_EPS_GRID = tuple(i / 20 for i in range(2, 20))  # 0.1, 0.15, ..., 0.95
 
@@ -43,12 +43,12 @@ def new_axes(ax=None, size=(6.4, 4.2)):
     return figure, figure.add_subplot()
 
 
-def intruders(row: MatrixRow, eps: float) -> int:
+def intruders(row, eps: float) -> int:
     """Number of intruders at ``eps`` among the row's k tuned vectors."""
     return sum(value < eps for value in row.max_cos)
 
 
-def select_rows(report: Report, side: str, checkpoint: int | None = None) -> list[MatrixRow]:
+def select_rows(report, side: str, checkpoint: int | None = None):
     """The rows of one side and one checkpoint (default: the last one, the only one of a plain scan)."""
     checkpoint = len(report.checkpoints) - 1 if checkpoint is None else checkpoint
     rows = [r for r in report.rows if r.side == side and r.checkpoint == checkpoint]
@@ -59,7 +59,7 @@ def select_rows(report: Report, side: str, checkpoint: int | None = None) -> lis
     return rows
 
 
-def checkpoint_label(report: Report, checkpoint: int) -> str:
+def checkpoint_label(report, checkpoint: int) -> str:
     """``"lora: adapter-dir"``: the kind and file name of one tuned input."""
     kinds = report.inputs.get("tuned_kind")
     kind = kinds[checkpoint] if isinstance(kinds, list) else kinds
@@ -67,8 +67,8 @@ def checkpoint_label(report: Report, checkpoint: int) -> str:
     return f"{kind}: {name}" if kind else name
 
 
-def worst_rows(report: Report, eps: float, count: int = 5, side: str | None = None,
-               checkpoint: int | None = None) -> list[MatrixRow]:
+def worst_rows(report, eps: float, count: int = 5, side: str | None = None,
+               checkpoint: int | None = None):
     """The ``count`` rows with most intruders at ``eps``, ties broken by lowest max |cos| (rows of one side when
     given, of the last checkpoint by default); rows without intruders are included when fewer have any."""
     checkpoint = len(report.checkpoints) - 1 if checkpoint is None else checkpoint
@@ -76,7 +76,7 @@ def worst_rows(report: Report, eps: float, count: int = 5, side: str | None = No
     return sorted(rows, key=lambda r: (-intruders(r, eps), min(r.max_cos, default=1.0)))[:count]
 
 
-def find_row(report: Report, name: str, side: str = "left", checkpoint: int | None = None) -> MatrixRow:
+def find_row(report, name: str, side: str = "left", checkpoint: int | None = None):
     """The row of the matrix called ``name`` (base or tuned tensor name)."""
     rows = select_rows(report, side, checkpoint)
     for row in rows:
@@ -85,12 +85,12 @@ def find_row(report: Report, name: str, side: str = "left", checkpoint: int | No
     raise ValueError(f"no {side} row named {name!r} in the report (e.g. {', '.join(r.name for r in rows[:3])})")
 
 
-def _k_note(rows: list[MatrixRow]) -> str:
+def _k_note(rows) -> str:
     ks = sorted({r.k for r in rows})
     return f"top-k = {ks[0]}" if len(ks) == 1 else f"top-k = {ks[0]}..{ks[-1]}"
 
 
-def plot_counts_vs_eps(reports: Report | dict[str, Report], side: str = "left", eps_grid=None, *, ax=None):
+def plot_counts_vs_eps(reports, side: str = "left", eps_grid=None, *, ax=None):
     """Total intruder count (summed over matrices) versus ε — the paper's Figure 4.
 
     One curve per report (labelled by the dict key, e.g. per LoRA rank) and, in a report of several checkpoints,
@@ -121,7 +121,7 @@ def plot_counts_vs_eps(reports: Report | dict[str, Report], side: str = "left", 
     return figure
 
 
-def plot_checkpoint_totals(report: Report, side: str = "left", eps=None, *, ax=None):
+def plot_checkpoint_totals(report, side: str = "left", eps=None, *, ax=None):
     """Intruders per tuned input (x: adapters of one base, or checkpoints of one run), one bar per ε: which of these
     fine-tunes grew intruders. ``eps`` defaults to the report's thresholds; only each input's own matrices count."""
     eps = tuple(report.eps) if eps is None else tuple(sorted(float(e) for e in eps))
@@ -141,7 +141,7 @@ def plot_checkpoint_totals(report: Report, side: str = "left", eps=None, *, ax=N
     return figure
 
 
-def counts_vs_fraction(rows: list[MatrixRow], eps: float) -> tuple[list[float], list[int]]:
+def counts_vs_fraction(rows, eps: float) -> tuple[list[float], list[int]]:
     """``(x, y)``: x = k / min(m, n), y = intruders at ``eps`` among each matrix's top ⌊x·min(m, n)⌋ vectors, summed
     over ``rows``; x runs up to the smallest fraction every row's k covers (beyond it the report knows nothing)."""
     reach = min(r.k / min(r.shape) for r in rows)
@@ -154,7 +154,7 @@ def counts_vs_fraction(rows: list[MatrixRow], eps: float) -> tuple[list[float], 
     return [0.0, *xs.tolist()], [0, *ys.tolist()]
 
 
-def plot_counts_vs_k(report: Report, side: str = "left", eps: float = 0.5, *, per_module: bool = False,
+def plot_counts_vs_k(report, side: str = "left", eps: float = 0.5, *, per_module: bool = False,
                      checkpoint: int | None = None, ax=None):
     """Intruders among the top k tuned singular vectors as k grows, x = k / min(m, n) — the paper's Figure 15.
 
@@ -183,7 +183,7 @@ def plot_counts_vs_k(report: Report, side: str = "left", eps: float = 0.5, *, pe
     return figure
 
 
-def plot_layer_bars(report: Report, side: str = "left", eps: float = 0.5, *, checkpoint: int | None = None, ax=None):
+def plot_layer_bars(report, side: str = "left", eps: float = 0.5, *, checkpoint: int | None = None, ax=None):
     """Intruder count per layer (x) at ``eps``, stacked by module; matrices without a layer index (embeddings,
     ``lm_head``) form a last bar, "other"."""
     rows = select_rows(report, side, checkpoint)
@@ -213,12 +213,12 @@ def plot_layer_bars(report: Report, side: str = "left", eps: float = 0.5, *, che
     return figure
 
 
-def plot_spectra(report: Report, name: str, side: str = "left", eps: float | None = None, *,
+def plot_spectra(report, name: str, side: str = "left", eps: float | None = None, *,
                  checkpoint: int | None = None, ax=None):
     """One matrix's top-k fine-tuned singular values by rank, the base's top singular values beside them when the
     row has them, and the intruders at ``eps`` (default: the report's smallest ε) marked with their max |cos|."""
     row = find_row(report, name, side, checkpoint)
-    eps = min(report.eps) if eps is None else eps
+    eps = report.threshold(eps)
     ranks = list(range(1, len(row.singular_values) + 1))
     figure, ax = new_axes(ax)
     ax.plot(ranks, row.singular_values, marker="o", markersize=4, label="fine-tuned σ_j")
