@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorafft import io
+import lorafft.io.safetensors
 from lorafft.errors import InputError
 from lorafft.io import Checkpoint, is_adapter, open_adapter, open_checkpoint
 
@@ -151,7 +151,7 @@ def test_safetensors_shape_and_dtype_read_no_data(tmp_path, monkeypatch):
     def no_data(*args, **kwargs):
         raise AssertionError("tensor data was read")
 
-    monkeypatch.setattr(io, "safe_open", no_data)
+    monkeypatch.setattr(lorafft.io.safetensors, "safe_open", no_data)
     assert ckpt.shape("w") == (3, 4)
     assert ckpt.dtype("w") == torch.float8_e4m3fn
     with pytest.raises(AssertionError):
@@ -315,7 +315,7 @@ def test_index_lists_tensor_missing_from_shard(tmp_path, layout, index_name):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("{", "not valid JSON"),
+    ("{", "not valid UTF-8 JSON"),
     ("[]", "expected a JSON object, got list"),
     ('{"metadata": {}}', "no 'weight_map' object in the index"),
     ('{"weight_map": {"w": "../model.safetensors"}}', "weight_map entry for 'w' is not a file name"),
@@ -432,7 +432,7 @@ def test_adapter_without_weights(tmp_path):
 
 
 @pytest.mark.parametrize("config, fragment", [
-    ('{"r": 8,', "not valid JSON"),
+    ('{"r": 8,', "not valid UTF-8 JSON"),
     ('["r", 8]', "expected a JSON object, got list"),
 ], ids=["bad-json", "not-object"])
 def test_adapter_bad_config(tmp_path, config, fragment):
