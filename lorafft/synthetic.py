@@ -14,7 +14,9 @@ Gaussian and four [out, in]·[in, p]-sized products, about 0.3 s for 4096×4096 
 two CPU cores, with one temporary of the matrix's size.
 
 ``write_trio`` writes a small Llama-shaped base checkpoint, a full fine-tune of it, and a PEFT LoRA adapter
-whose merged update ΔW = s·B·A adds intruder dimensions (Shuttleworth et al. 2410.21228).
+whose merged update ΔW = s·B·A adds intruder dimensions (Shuttleworth et al. 2410.21228), all through
+:mod:`lorafft.io.writer` (``write_checkpoint`` is re-exported here for the tests and benchmarks that build their own
+checkpoints). Test-only builders (FP8, mixture-of-experts, Phi-3) live in ``tests/fixtures/checkpoints.py``.
 """
 
 from __future__ import annotations
@@ -197,7 +199,8 @@ def write_trio(
     ``random_weight`` (σ1 = SIGMA1), in ``dtype``, written in at least two shards with an index.
     full/: every 2-D weight + ``full_finetune_update`` (same layout and sharding); norms unchanged.
     lora/: a rank-``lora_rank`` PEFT adapter on q, k, v, o, gate, up, down with α = 2r (s = 2) whose update's
-    top singular value is LORA_SIGMA·σ1, so every adapted matrix gets ``lora_rank`` intruder dimensions; the full fine-tune has none
+    top singular value is LORA_SIGMA·σ1, so every adapted matrix gets ``lora_rank`` intruder dimensions; the full
+    fine-tune has none
     (``tests/test_synthetic.py::test_trio_demo_property`` checks both at the defaults against an fp64 SVD).
     """
     directory = Path(directory)

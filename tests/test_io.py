@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import save_file
 
 import lorafft.io.safetensors
-from lorafft.errors import InputError
 from lorafft.io import Checkpoint, is_adapter, open_adapter, open_checkpoint
+
+from fixtures.bad_files import Exploit, expect_input_error, write_raw_safetensors
 
 
 def reference_tensors() -> dict[str, torch.Tensor]:
@@ -31,23 +32,6 @@ def split(tensors):
 
 def write_index(path, weight_map):
     path.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
-
-
-def write_raw_safetensors(path, header, data: bytes):
-    """A safetensors file with the given header (a dict, or raw bytes) and data bytes, bypassing all checks."""
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
-
-
-def expect_input_error(call, file, fragment):
-    """``call()`` raises InputError whose single-line message names ``file`` and contains ``fragment``."""
-    with pytest.raises(InputError) as excinfo:
-        call()
-    message = str(excinfo.value)
-    assert "\n" not in message
-    assert message.startswith(f"{file}: "), message
-    assert fragment in message, message
-    return message
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -235,8 +219,8 @@ def test_safetensors_header_longer_than_file(tmp_path):
 
 
 @pytest.mark.parametrize("header, fragment", [
-    (b"{not json", "header is not valid UTF-8 JSON"),
-    (b'{"a": "\xff"}', "header is not valid UTF-8 JSON"),
+    (b"{not json", "header is not valid JSON"),
+    (b'{"a": "\xff"}', "header is not valid JSON"),
     (b"[1, 2]", "header is not a JSON object (got list)"),
 ], ids=["bad-json", "bad-utf8", "not-object"])
 def test_safetensors_header_not_json_object(tmp_path, header, fragment):
@@ -315,7 +299,7 @@ def test_index_lists_tensor_missing_from_shard(tmp_path, layout, index_name):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("{", "not valid UTF-8 JSON"),
+    ("{", "not valid JSON"),
     ("[]", "expected a JSON object, got list"),
     ('{"metadata": {}}', "no 'weight_map' object in the index"),
     ('{"weight_map": {"w": "../model.safetensors"}}', "weight_map entry for 'w' is not a file name"),
@@ -344,19 +328,9 @@ def test_garbage_bin(tmp_path):
     expect_input_error(lambda: open_checkpoint(path), path, "cannot read PyTorch checkpoint: ")
 
 
-class _Exploit:
-    """Unpickling this (without weights_only) would create a marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def test_bin_with_code_is_refused_not_run(tmp_path):
     path, marker = tmp_path / "evil.bin", tmp_path / "pwned"
-    torch.save({"w": torch.ones(1), "x": _Exploit(marker)}, path)
+    torch.save({"w": torch.ones(1), "x": Exploit(marker)}, path)
     expect_input_error(lambda: open_checkpoint(path), path,
                        "cannot read PyTorch checkpoint: refused by the weights_only unpickler")
     assert not marker.exists()
@@ -432,7 +406,7 @@ def test_adapter_without_weights(tmp_path):
 
 
 @pytest.mark.parametrize("config, fragment", [
-    ('{"r": 8,', "not valid UTF-8 JSON"),
+    ('{"r": 8,', "not valid JSON"),
     ('["r", 8]', "expected a JSON object, got list"),
 ], ids=["bad-json", "not-object"])
 def test_adapter_bad_config(tmp_path, config, fragment):

@@ -1,5 +1,6 @@
-"""Opening a checkpoint: a directory, a weights file, a shard index or a state dict as a :class:`Checkpoint` that
-hands out one tensor at a time, viewed the way the analysis needs it (:mod:`lorafft.io.views`).
+"""Opening checkpoints: a directory, weights file, shard index or state dict as a :class:`Checkpoint` of tensors.
+
+A Checkpoint hands out one tensor at a time, viewed the way the analysis needs it (:mod:`lorafft.io.views`).
 
 Directory layouts are those of Hugging Face: ``model.safetensors.index.json``, ``model.safetensors``,
 ``pytorch_model.bin.index.json`` or ``pytorch_model.bin``, the first found used. A shard index's ``weight_map``

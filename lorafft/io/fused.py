@@ -1,6 +1,7 @@
-"""Fused projections: which rows of a fused ``qkv_proj`` / ``gate_up_proj`` / ``query_key_value`` weight each
-projection applies, as the checkpoint directory's ``config.json`` says (``model_type`` and sizes), read as
-transformers' modeling code reads the fused output:
+"""Fused projections: the rows of a fused weight that each of its projections applies, from ``config.json``.
+
+A fused ``qkv_proj`` / ``gate_up_proj`` / ``query_key_value`` weight is split as the checkpoint directory's
+``config.json`` says (``model_type`` and sizes), the way transformers' modeling code reads the fused output:
 
 ======================  ===============  =================================================================
 model_type              tensor           rows (h = num_attention_heads, d = head_dim)

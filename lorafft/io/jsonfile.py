@@ -34,7 +34,7 @@ def parse_json(raw: bytes | str, source, *, max_bytes: int, what: str = ""):
         raw: the document, as bytes (decoded as UTF-8) or text.
         source: the file it came from.
         max_bytes: the largest document accepted (in UTF-8 bytes, or characters for text).
-        what: what the document is, to start messages (``"header"`` -> "header is not valid UTF-8 JSON: ...").
+        what: what the document is, to start messages (``"header"`` -> "header is not valid JSON: ...").
 
     Returns:
         The parsed value (any JSON type: callers check the type they need).
@@ -46,7 +46,7 @@ def parse_json(raw: bytes | str, source, *, max_bytes: int, what: str = ""):
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         value = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
-        raise InputError(source, f"{said}not valid UTF-8 JSON: {_one_line(e)}") from None
+        raise InputError(source, f"{said}not valid JSON: {_one_line(e)}") from None
     except RecursionError:
         raise InputError(source, f"{said}nested more than {MAX_DEPTH} levels deep") from None
     if _deeper_than(value, MAX_DEPTH):

@@ -1,5 +1,6 @@
-"""The reader interface: a :class:`Shard` is one file's tensors, and :class:`StoredTensors` maps every tensor name
-of a checkpoint to the shard that holds it, as the files store them.
+"""The reader interface: a :class:`Shard` (one file's tensors) and :class:`StoredTensors` (name -> shard).
+
+:class:`StoredTensors` maps every tensor name of a checkpoint to the shard that holds it, as the files store them.
 
 Two readers implement :class:`Shard`: :class:`~lorafft.io.safetensors.SafetensorsShard` and
 :class:`~lorafft.io.torch_bin.TensorsShard`. Opening one is cheap (a safetensors header, or nothing); its data is

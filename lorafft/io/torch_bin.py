@@ -1,8 +1,8 @@
-"""PyTorch checkpoints (``.bin``, ``.pt``, ``.pth``) and in-memory state dicts: unpickled only with
-``weights_only=True``, checked to map names to tensors, held as a lazily loaded shard.
+"""PyTorch checkpoints (``.bin``, ``.pt``, ``.pth``) and in-memory state dicts as lazily loaded shards.
 
-``torch.load(..., weights_only=True)`` refuses any pickle that would build an object other than tensors and plain
-containers, so a hostile file is an error, never code that runs.
+Files are unpickled only with ``torch.load(..., weights_only=True)``, which refuses any pickle that would build an
+object other than tensors and plain containers (a hostile file is an error, never code that runs), and checked to
+map names to tensors.
 """
 
 from __future__ import annotations
