@@ -4,6 +4,6 @@ never as a top-level ``kernels`` (another distribution owns that name). Metadata
 from setuptools import setup
 
 setup(
-    packages=["lorafft", "lorafft.kernels"],
+    packages=["lorafft", "lorafft.io", "lorafft.plots", "lorafft.kernels"],
     package_dir={"lorafft": "lorafft", "lorafft.kernels": "kernels"},
 )
