@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 import lorafft.io.safetensors
+from lorafft.errors import InputError
+from lorafft.io import writer
 from lorafft.io import Checkpoint, is_adapter, open_adapter, open_checkpoint
 
 from fixtures.bad_files import Exploit, expect_input_error, write_raw_safetensors
@@ -419,3 +421,60 @@ def test_adapter_dir_without_config(tmp_path):
     save_file({"w": torch.ones(1)}, str(tmp_path / "model.safetensors"))
     assert not is_adapter(tmp_path)
     expect_input_error(lambda: open_adapter(tmp_path), tmp_path, "not a PEFT adapter directory")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The writer
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "report.json"
+    writer.write_atomic(target, "old\n")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with writer.atomic_path(target) as temporary:
+            with open(temporary, "w") as handle:
+                handle.write("half of the new")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["report.json"]
+
+
+def test_new_directory_appears_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with writer.new_directory(str(out)) as temporary:
+            writer.write_json(os.path.join(temporary, "a.json"), {"a": 1})
+            raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="cannot create the output directory"):
+        with writer.new_directory(str(tmp_path / "taken")) as temporary:
+            writer.write_json(os.path.join(temporary, "a.json"), {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == ["taken"] and os.listdir(tmp_path / "taken") == ["keep.txt"]
+    with writer.new_directory(str(out)) as temporary:
+        writer.write_json(os.path.join(temporary, "a.json"), {"a": 1})
+    assert json.loads((out / "a.json").read_text()) == {"a": 1} and sorted(os.listdir(tmp_path)) == ["out", "taken"]
+
+
+def test_copy_checkpoint_replaces_only_the_named_tensors(tmp_path):
+    saved = reference_tensors()
+    (tmp_path / "in").mkdir()
+    source, files = layout_sharded_safetensors(tmp_path / "in", saved)
+    (source / "config.json").write_text('{"model_type": "x"}')
+    (source / "extra").mkdir()
+    name = "layers.1.q.weight"
+    out = tmp_path / "out"
+    out.mkdir()
+    with open_checkpoint(source) as checkpoint, pytest.warns(UserWarning, match="not copied.*extra"):
+        layout = writer.checkpoint_files(checkpoint, str(source))
+        written = writer.copy_checkpoint(checkpoint, layout, str(out), {name: lambda t: -t}, leave_out=("x",))
+    assert sorted(written) == sorted(os.listdir(out)) == sorted(
+        ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+         "model.safetensors.index.json"])
+    untouched = files["layers.0.q.weight"].name
+    assert (out / untouched).read_bytes() == (source / untouched).read_bytes()
+    assert (out / "model.safetensors.index.json").read_bytes() == (source / "model.safetensors.index.json").read_bytes()
+    with open_checkpoint(out) as copied:
+        assert copied.stored_names() == sorted(saved)
+        for key, expected in saved.items():
+            assert torch.equal(copied.get(key), -expected if key == name else expected)
