@@ -175,7 +175,7 @@ class _Settings:
 
     def _number(self, value, what: str, integer: bool = False):
         valid = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if not valid or isinstance(value, bool) or not value > 0:
+        if not valid or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
             kind = "a positive integer" if integer else "a positive number"
             raise InputError(self.path, f"adapter config '{what}' must be {kind}, got {value!r}")
         return value
@@ -222,6 +222,10 @@ def _module(tensors, module: str, roles: dict[str, str], base_name: str,
     if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != r or lora_b.shape[1] != r:
         raise InputError(file, f"adapter module '{module}': lora_A {list(lora_a.shape)} and lora_B "
                                f"{list(lora_b.shape)} do not have the rank r = {r} that {ADAPTER_CONFIG} gives")
+    largest = scaling * float(lora_b.abs().max()) * float(lora_a.abs().max()) * r  # bounds every entry of s·B·A
+    if not largest < torch.finfo(torch.float32).max:
+        raise InputError(file, f"adapter module '{module}': its update s·B·A (s = {scaling:g} from lora_alpha and r) "
+                               f"reaches {largest:g}, beyond float32: the tuned weight is not a number")
     magnitude = None
     if "magnitude" in roles:
         magnitude = tensors.get(roles["magnitude"])

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafft import linalg
+from lorafft import linalg, options
 from lorafft.arrays import as_tensor
 
-DEFAULT_EPS = (0.5,)
+DEFAULT_EPS = options.DEFAULT_EPS
 NEAR_THRESHOLD = 1e-3  # max|cos| this close to an ε is flagged: its count may flip under rounding
 
 
@@ -34,6 +34,9 @@ class SideAnalysis:
     near_threshold ``[L, k]`` bool (max_cos within max(1e-3, error_bound) of some ε), random_floor ``1/sqrt(d)``,
     random_reference: quantiles of max |cos| of a uniformly random unit vector of R^d against the side's basis
     (see :func:`random_max_cos`), to read whether an ε means anything at this width.
+    base_rank ``[L]`` int64: numerical rank ρ of W0 (:func:`base_rank`); undetermined ``[L, E]`` int64: vectors
+    whose intruder status at ε depends on how a rank-deficient base basis is completed (:func:`_defined_match`),
+    left out of ``counts``; zero when ρ = min(m, n).
     """
 
     side: str
@@ -48,6 +51,8 @@ class SideAnalysis:
     random_floor: float
     random_reference: dict[str, float]
     iterations: int
+    base_rank: torch.Tensor
+    undetermined: torch.Tensor
 
 
 RANDOM_QUANTILES = (0.05, 0.5, 0.95, 0.99)
@@ -122,24 +127,23 @@ def analyze(
     for side in sides:
         if side not in linalg.SIDES:
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
-    eps = (float(eps),) if isinstance(eps, (int, float)) else tuple(float(e) for e in eps)
+    eps, k = options.thresholds(eps), options.positive_int(k)
     basis = linalg.base_basis(W0) if basis is None else basis
-    block = max(2 * k, k + 10)
-    guesses = basis.top_vectors("left", block - block // 4)
-    if start is not None:
-        guesses = torch.cat([start.to(guesses.device, torch.float64), guesses], dim=-1)
+    guesses, block = start_block(basis, k, start)
     tuned_matrix = W0 if Wt is None else Wt
     backend = linalg.resolve_backend(tuned_matrix.device, backend)
     tuned = linalg.truncated_svd(tuned_matrix, k, start=guesses, block_size=block, tol=tol, generator=generator,
                                  backend=backend, low_rank=low_rank)
-    results = {}
+    results, rank = {}, base_rank(basis)
     for side in sides:
         vectors = tuned.U if side == "left" else tuned.V
-        match = _match(basis, vectors, side, eps, backend)
+        match, undetermined = _defined_match(basis, vectors, side, eps, _match(basis, vectors, side, eps, backend),
+                                             rank)
         max_cos = match.max_cos.double()
-        slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)
         thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
+        slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)  # vectors without a bound are not "near": see report
         near = ((max_cos.unsqueeze(-1) - thresholds).abs() < slack.unsqueeze(-1)).any(dim=-1)
+        near &= tuned.error_bound.isfinite()
         results[side] = SideAnalysis(
             side=side,
             eps=eps,
@@ -153,8 +157,64 @@ def analyze(
             random_floor=1.0 / math.sqrt(vectors.shape[-2]),
             random_reference=random_max_cos(vectors.shape[-2], basis.sigma.shape[-1]),
             iterations=tuned.iterations,
+            base_rank=rank,
+            undetermined=undetermined,
         )
     return results
+
+
+def base_rank(basis: linalg.BaseBasis) -> torch.Tensor:
+    """Numerical rank ρ ``[L]`` int64 of each base matrix: the σ_i above ``σ_1 · max(m, n) · ε_fp32`` (NumPy's
+    ``matrix_rank`` rule at the precision weights are stored in); 0 for an all-zero matrix."""
+    m, n = basis.W0.shape[-2:]
+    floor = basis.sigma[:, :1] * max(m, n) * torch.finfo(torch.float32).eps
+    return (basis.sigma > floor).sum(dim=-1)
+
+
+def _defined_match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps: tuple[float, ...],
+                   match: linalg.CosineMatch, rank: torch.Tensor) -> tuple[linalg.CosineMatch, torch.Tensor]:
+    """The match against the defined part of a rank-deficient base basis, and the undetermined vectors.
+
+    Beyond its rank ρ a base matrix's singular vectors are any orthonormal completion: the paper's max over
+    *all* x_i is then not a property of W0. For a tuned vector y (unit, ``vectors [L, d, k]``) let ``c`` be its
+    max |cos| over the ρ defined x_i and ``r = sqrt(1 - Σ_{i<ρ} cos_i²)`` its length outside their span. Some
+    completion has a vector at |cos| = r with y, another spreads r thinly, so y is an intruder at ε for every
+    completion iff ``max(c, r) < ε``, for none iff ``c >= ε``, and *undetermined* otherwise (``c < ε <= r``).
+    Rows of full rank keep ``match``; rank-deficient ones get max_cos = c and argmax over the defined x_i, and
+    counts of the certain intruders only. Returns ``(match, undetermined [L, E] int64)``.
+    """
+    undetermined = torch.zeros(match.counts.shape, dtype=torch.int64, device=match.counts.device)
+    deficient = (rank < basis.sigma.shape[-1]).nonzero().flatten().tolist()
+    if not deficient:
+        return match, undetermined
+    max_cos, argmax, counts = match.max_cos.clone(), match.argmax.clone(), match.counts.clone()
+    thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
+    cosines = basis.project(vectors.double(), side)  # [L, s, k], rows by descending σ_i
+    for index in deficient:
+        defined = cosines[index, : int(rank[index])]  # [ρ, k]
+        best, best_index = (defined.abs().max(dim=0) if defined.shape[0] else
+                            (torch.zeros_like(cosines[index, 0]), torch.zeros_like(argmax[index])))
+        outside = (1 - (defined**2).sum(dim=0)).clamp_min(0).sqrt()
+        below = best.unsqueeze(-1) < thresholds  # [k, E]
+        unsure = below & (outside.unsqueeze(-1) >= thresholds)
+        max_cos[index], argmax[index] = best.to(max_cos.dtype), best_index
+        counts[index], undetermined[index] = (below & ~unsure).sum(dim=0), unsure.sum(dim=0)
+    return linalg.CosineMatch(max_cos=max_cos, argmax=argmax, counts=counts), undetermined
+
+
+def start_block(basis: linalg.BaseBasis, k: int, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The tuned SVD's start: ``(guesses [L, m, c] fp64, block size)`` for the top ``k`` left singular vectors.
+
+    The block holds ``max(2k, k + 10)`` vectors; the guesses are ``extra`` (a LoRA adapter's B columns, or the
+    previous vectors of a tracked matrix) followed by the base's top three quarters of a block of left singular
+    vectors, since a fine-tune mostly keeps them (DESIGN.md: block Krylov started there needs 2 iterations on a full
+    fine-tune); :func:`lorafft.linalg.truncated_svd` fills the rest of the block with random vectors.
+    """
+    block = max(2 * k, k + 10)
+    guesses = basis.top_vectors("left", block - block // 4)
+    if extra is not None:
+        guesses = torch.cat([extra.to(guesses.device, torch.float64), guesses], dim=-1)
+    return guesses, block
 
 
 def _low_rank(lora, W0: torch.Tensor, single: bool) -> linalg.LowRank:
@@ -203,3 +263,20 @@ def stable_rank(sigma: torch.Tensor) -> torch.Tensor:
     """Stable rank ``||M||_F^2 / ||M||_2^2`` from singular values ``sigma [L, s]``; ``[L]``, 0 for a zero matrix."""
     top = sigma.amax(dim=-1)
     return torch.where(top > 0, (sigma**2).sum(dim=-1) / top.clamp_min(torch.finfo(sigma.dtype).tiny) ** 2, 0.0)
+
+
+def delta_ranks(W0: torch.Tensor, Wt: torch.Tensor | None, modules: list) -> list[tuple[float, float]]:
+    """(effective rank, stable rank) of ΔW = Wt - W0 for each matrix of the stack ``W0 [L, m, n]``.
+
+    ``modules``: per matrix the PEFT LoRA module (:class:`lorafft.adapters.LoraModule`) or None. A LoRA module
+    without DoRA magnitude gives its singular values from the r×r core of its factors (``Wt`` may then be None: the
+    batch was kept factored); otherwise they come from the dense difference ``Wt[i] - W0[i]`` in fp32.
+    """
+    sigmas = []
+    for index, module in enumerate(modules):
+        if module is not None and module.magnitude is None:
+            sigma = linalg.low_rank_singular_values(module.lora_B[None], module.lora_A[None], module.scaling)
+        else:
+            sigma = linalg.singular_values((Wt[index].float() - W0[index].float())[None])
+        sigmas.append(sigma)
+    return [(float(effective_rank(s)[0]), float(stable_rank(s)[0])) for s in sigmas]

@@ -163,7 +163,7 @@ def _run_scan(args) -> int:
 
 
 def _run_cache(args) -> int:
-    from lorafft.scan import build_base_cache
+    from lorafft.cache import build_base_cache
 
     cache = build_base_cache(args.base, args.out, include=args.include, exclude=args.exclude,
                              embeddings=args.embeddings, split_fused=args.split_fused, progress=not args.quiet)

@@ -57,10 +57,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lorafft import adapters, analysis, io, linalg, pairing
-from lorafft.scan import DEFAULT_MAX_BATCH_BYTES, Pair, adapter_start, shape_batches, find_pairs, load_pair
+from lorafft import adapters, analysis, io, linalg, loading, options, pairing
+from lorafft.cache import BaseCache, batch_basis
 from lorafft.errors import InputError
 from lorafft.io import writer
+from lorafft.options import DEFAULT_MAX_BATCH_BYTES
+from lorafft.pairing import Pair
 
 WHICH = ("top", "all")
 TRIPLET_TOL = 1e-8  # certified error bound of each rescaled singular vector (fp64 iteration)
@@ -167,6 +169,9 @@ def intervene(
     tol: float = 1e-5,
     seed: int = 0,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    base_cache=None,
+    device=None,
+    backend: str | None = None,
     progress: bool = False,
 ) -> InterventionSummary:
     """Rescale the intruder dimensions of ``tuned`` (relative to ``base``) by ``lam`` and write the result to
@@ -181,32 +186,38 @@ def intervene(
         eps, k: the intruder definition (max |cos| < eps, among the top k left singular vectors; the paper: 0.5, 10).
         include, exclude, embeddings: scope, as in :func:`lorafft.scan` (regexes searched in base tensor names).
         tol, seed, max_batch_bytes: the scan's analysis (certified max |cos| error, random starts, memory cap).
+        base_cache, device, backend: as in :func:`lorafft.scan` (a ``lorafft cache build`` directory; where and how
+            the analysis runs). LoRA updates are kept factored as the scan keeps them.
         progress: a progress bar on stderr.
 
     Returns an :class:`InterventionSummary`. Raises InputError on bad input or options; nothing is written then.
     """
-    lam = _check_options(lam, which, eps, k)
+    lam = _check_options(lam, which, eps)
+    settings = options.ScanOptions(k=k, eps=eps, include=include, exclude=exclude, embeddings=embeddings, tol=tol,
+                                   seed=seed, base_cache=base_cache, max_batch_bytes=max_batch_bytes)
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_out_dir(out_dir)
     if isinstance(tuned, dict):
         raise InputError(io.STATE_DICT, "intervene rewrites files: TUNED must be a checkpoint or adapter on disk")
-    if not isinstance(base, dict) and io.is_adapter(base):
-        raise InputError(base, "the base must be a model checkpoint, not a PEFT adapter")
-    tuned_source = io.open_adapter(tuned) if io.is_adapter(tuned) else io.open_checkpoint(tuned)
+    device = torch.device("cpu" if device is None else device)
+    reader = None if base_cache is None else BaseCache(base_cache)
+    tuned_source = loading.open_tuned(tuned)
     is_adapter = isinstance(tuned_source, io.Adapter)
     tuned_checkpoint = tuned_source.tensors if is_adapter else tuned_source
     layout = None if is_adapter else writer.checkpoint_files(tuned_checkpoint, os.fspath(tuned))
-    scope = pairing.Scope(tuple(include), tuple(exclude), embeddings)
-    with io.open_checkpoint(base) as base_checkpoint, tuned_checkpoint:
-        pairs, skipped = find_pairs(base_checkpoint, tuned_source, scope)
-        edits, matrices = _find_edits(base_checkpoint, tuned_source, pairs, lam, which, eps, k, tol, seed,
-                                      max_batch_bytes, progress)
+    scope = pairing.Scope(settings.include, settings.exclude, settings.embeddings)
+    with loading.open_base(base) as base_checkpoint, tuned_checkpoint:
+        pairs, skipped = pairing.find_pairs(base_checkpoint, tuned_source, scope)
+        loader = loading.BatchLoader(base_checkpoint, [tuned_source], [{pair.name: pair for pair in pairs}],
+                                     device=device, native=linalg.resolve_backend(device, backend) == "triton")
+        finder = _EditFinder(settings, lam, which, reader, backend)
+        edits, matrices = finder.find(loader, pairing.shape_batches(pairs, settings.max_batch_bytes), progress)
         views = [] if is_adapter else [e.pair.tuned_name for e in edits.values() if tuned_checkpoint.is_view(e.pair.tuned_name)]
         if views:
             raise InputError(tuned_checkpoint.file_of(views[0]), f"intervene cannot rewrite '{views[0]}': it is "
                                                                  "stored FP8-quantized or stacked per expert")
         summary = InterventionSummary(
-            base=os.fspath(base) if not isinstance(base, dict) else io.STATE_DICT, tuned=os.fspath(tuned),
+            base=loading.describe(base), tuned=os.fspath(tuned),
             out_dir=out_dir, tuned_kind="lora" if is_adapter else "full", lam=lam, which=which, eps=float(eps),
             k=k, matrices=matrices, skipped=skipped, files=[],
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -226,16 +237,15 @@ def intervene(
 # Finding the triplets
 
 
-def _check_options(lam, which, eps, k) -> float:
+def _check_options(lam, which, eps) -> float:
+    """λ as a float; ``which`` one of WHICH; ``eps`` one threshold (k, ε's range and the rest: ScanOptions)."""
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
         raise InputError("lambda", f"must be a finite number >= 0 (the factor applied to each intruder's singular "
                                    f"value), got {lam!r}")
     if which not in WHICH:
         raise InputError("which", f"must be 'top' or 'all', got {which!r}")
-    if not (isinstance(eps, (int, float)) and 0 < eps <= 1):
-        raise InputError("eps", f"must be a threshold in (0, 1], got {eps!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError("k", f"must be a positive integer, got {k!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise InputError("eps", f"must be one threshold in (0, 1], got {eps!r}")
     return float(lam)
 
 
@@ -247,58 +257,67 @@ def _check_out_dir(out_dir: str) -> None:
         raise InputError(out_dir, "output path exists and is not a directory (nothing written)")
 
 
-def _find_edits(base_checkpoint, tuned_source, pairs, lam, which, eps, k, tol, seed, max_batch_bytes, progress):
-    """Analyse every pair as ``scan`` does; return ``({name: _Edit}, [MatrixIntervention])`` (edits only for
-    matrices with something to rescale)."""
-    from tqdm.auto import tqdm
+@dataclass
+class _EditFinder:
+    """Finds the triplets to rescale: each batch analysed as :func:`lorafft.scan` analyses it (same loader, base
+    basis, start block and per-batch random stream), then the chosen intruders' triplets recomputed in fp64."""
 
-    generator = torch.Generator().manual_seed(seed)
-    edits, matrices = {}, []
-    with tqdm(total=len(pairs), unit="matrix", disable=not progress, desc="lorafft intervene") as bar:
-        for batch in shape_batches(pairs, max_batch_bytes):
-            loaded = [load_pair(base_checkpoint, tuned_source, pair) for pair in batch]
-            W0 = torch.stack([w0 for w0, _ in loaded])
-            Wt = torch.stack([wt for _, wt in loaded])
-            del loaded
-            basis = linalg.base_basis(W0)
-            start = adapter_start(batch)
-            result = analysis.analyze(W0, Wt, k=k, eps=(eps,), start=start, tol=tol, generator=generator,
-                                      basis=basis)["left"]
-            chosen = []
-            for index in range(len(batch)):
-                ranks = torch.nonzero(result.max_cos[index] < eps).flatten().tolist()
-                chosen.append(ranks[:1] if which == "top" else ranks)
-            rows = [index for index, ranks in enumerate(chosen) if ranks]
-            triplets = _triplets(Wt[rows], basis, rows, start, k, generator) if rows else None
-            for index, pair in enumerate(batch):
-                ranks = chosen[index]
-                matrix = MatrixIntervention(pair.name, pair.tuned_name, tuple(pair.shape),
-                                            intruders=len(torch.nonzero(result.max_cos[index] < eps)))
-                if pair.module is not None:
-                    r = pair.module.lora_A.shape[0]
-                    matrix.lora_rank = [r, r + (len(ranks) if lam != 1 else 0)]
-                matrices.append(matrix)
-                if not ranks:
-                    continue
-                row = rows.index(index)
-                S = triplets.S[row, ranks]
-                _check_agreement(pair, ranks, S, result.singular_values[index, ranks], result.error_bound[index])
-                for j, sigma in zip(ranks, S.tolist()):
-                    matrix.rescaled.append(RescaledDimension(j, float(result.max_cos[index, j]), sigma, lam * sigma))
-                edits[pair.name] = _Edit(pair, triplets.U[row][:, ranks], S, triplets.V[row][:, ranks])
-            bar.update(len(batch))
-    return edits, matrices
+    settings: options.ScanOptions
+    lam: float
+    which: str
+    reader: BaseCache | None
+    backend: str | None
 
+    def find(self, loader: loading.BatchLoader, batches: list[list[Pair]], progress: bool):
+        """``({name: _Edit}, [MatrixIntervention])``: edits only for matrices with something to rescale."""
+        from tqdm.auto import tqdm
 
-def _triplets(Wt, basis, rows, start, k, generator) -> linalg.TruncatedSVD:
-    """Top-k singular triplets of the rows' ``Wt [L', out, in]`` in fp64, certified to TRIPLET_TOL, started as
-    ``analyze`` starts (the adapter's B columns and the base's top left vectors), so a few iterations suffice."""
-    block = max(2 * k, k + 10)
-    guesses = basis.top_vectors("left", block - block // 4)[rows]
-    if start is not None:
-        guesses = torch.cat([start[rows].double(), guesses], dim=-1)
-    return linalg.truncated_svd(Wt.double(), k, start=guesses, block_size=block, tol=TRIPLET_TOL,
-                                generator=generator)
+        edits, matrices = {}, []
+        with tqdm(total=sum(map(len, batches)), unit="matrix", disable=not progress, desc="lorafft intervene") as bar:
+            for position, loaded in loader.batches(batches):
+                self._batch(position, loaded, edits, matrices)
+                bar.update(len(loaded.pairs[0]))
+        return edits, matrices
+
+    def _batch(self, position: int, loaded: loading.LoadedBatch, edits: dict, matrices: list) -> None:
+        settings, eps = self.settings, self.settings.eps[0]
+        batch, (entry,), (columns,) = loaded.pairs[0], loaded.tuned, loaded.columns
+        generator = torch.Generator().manual_seed(settings.seed + 7919 * position)
+        basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.reader)
+        Wt, update = (None, entry) if isinstance(entry, linalg.LowRank) else (entry, None)
+        result = analysis.analyze(loaded.W0, Wt, lora=update, k=settings.k, eps=settings.eps, start=columns,
+                                  tol=settings.tol, generator=generator, basis=basis, backend=self.backend)["left"]
+        intruders = [torch.nonzero(result.max_cos[index] < eps).flatten().tolist() for index in range(len(batch))]
+        chosen = [ranks[:1] if self.which == "top" else ranks for ranks in intruders]
+        rows = [index for index, ranks in enumerate(chosen) if ranks]
+        triplets = self._triplets(loaded, basis, rows, columns, generator) if rows else None
+        for index, pair in enumerate(batch):
+            ranks = chosen[index]
+            matrix = MatrixIntervention(pair.name, pair.tuned_name, tuple(pair.shape), intruders=len(intruders[index]))
+            if pair.adapter is not None:
+                r = pair.adapter.lora_A.shape[0]
+                matrix.lora_rank = [r, r + (len(ranks) if self.lam != 1 else 0)]
+            matrices.append(matrix)
+            if not ranks:
+                continue
+            row = rows.index(index)
+            S = triplets.S[row, ranks]
+            _check_agreement(pair, ranks, S, result.singular_values[index, ranks], result.error_bound[index])
+            for j, sigma in zip(ranks, S.tolist()):
+                matrix.rescaled.append(RescaledDimension(j, float(result.max_cos[index, j]), sigma, self.lam * sigma))
+            edits[pair.name] = _Edit(pair, triplets.U[row][:, ranks], S, triplets.V[row][:, ranks])
+
+    def _triplets(self, loaded: loading.LoadedBatch, basis, rows: list[int], columns, generator) -> linalg.TruncatedSVD:
+        """Top-k singular triplets of the tuned matrices ``rows`` of the batch in fp64, certified to TRIPLET_TOL,
+        started as ``analyze`` starts (:func:`lorafft.analysis.start_block`), so a few iterations suffice."""
+        guesses, block = analysis.start_block(basis, self.settings.k, columns)
+        entry = loaded.tuned[0]
+        if isinstance(entry, linalg.LowRank):
+            W, low_rank = loaded.W0[rows].double(), linalg.LowRank(entry.B[rows], entry.A[rows], entry.scale[rows])
+        else:
+            W, low_rank = entry[rows].double(), None
+        return linalg.truncated_svd(W, self.settings.k, start=guesses[rows], block_size=block, tol=TRIPLET_TOL,
+                                    generator=generator, low_rank=low_rank)
 
 
 def _check_agreement(pair, ranks, S, S_analysis, error_bound) -> None:
@@ -321,7 +340,7 @@ def _check_agreement(pair, ranks, S, S_analysis, error_bound) -> None:
 def _write_adapter(adapter: io.Adapter, base_checkpoint: io.Checkpoint, edits: dict[str, _Edit], lam: float,
                    directory: str) -> list[str]:
     """Write the adapter with every edit applied (module docstring; :func:`lorafft.adapters.write_adapter`)."""
-    triplets = {name: (edit.pair.module, edit.U, edit.S, edit.V) for name, edit in edits.items()}
+    triplets = {name: (edit.pair.adapter, edit.U, edit.S, edit.V) for name, edit in edits.items()}
     return adapters.write_adapter(adapter, base_checkpoint, pairing.NameIndex(base_checkpoint.names()), triplets, lam,
                                   directory, leave_out=(RECORD,))
 

@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 import lorafft
 from lorafft.cli import main
@@ -44,16 +46,7 @@ def test_killed_scan_resumes_to_the_uninterrupted_report(run, tmp_path):
 
     out = tmp_path / "report.json"
     journal = tmp_path / "report.json.journal"
-    process = _lorafft(*arguments, "--out", out)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if journal.exists() and journal.read_text().count("\n") >= 5:  # header + 2 matrices x 2 sides
-            break
-        time.sleep(0.005)
-    assert process.poll() is None, "the scan finished before it could be killed: make the fixture bigger"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not out.exists()
+    _kill_midway(arguments, out, journal)
     lines = journal.read_text().count("\n")
     total = 2 * 3 * 7  # sides x layers x projections
     assert 5 <= lines < 1 + total
@@ -76,6 +69,39 @@ def test_journal_of_other_options_is_refused_and_never_overwritten(run, tmp_path
     assert "other inputs or options" in capsys.readouterr().err
     assert main(arguments) == 2  # a fresh scan does not overwrite someone's journal either
     assert "--resume" in capsys.readouterr().err
+    assert journal.read_text() == before and not out.exists()
+
+
+def _kill_midway(arguments, out, journal) -> None:
+    """Run ``lorafft scan`` with ``--out out`` and SIGKILL it once the journal holds 4 rows."""
+    process = _lorafft(*arguments, "--out", out)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 5:  # header + 2 matrices x 2 sides
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "the scan finished before it could be killed: make the fixture bigger"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+
+
+def test_resume_after_the_adapter_changed_is_refused(run, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run.lora, adapter)
+    arguments = ["scan", run.base, adapter, "--side", "both", "--max-batch-bytes", ONE_MATRIX_PER_BATCH, "--quiet"]
+    out, journal = tmp_path / "report.json", tmp_path / "report.json.journal"
+    _kill_midway(arguments, out, journal)
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(key for key in tensors if "lora_B" in key)[-1]  # a module the killed scan had not reached
+    tensors[name] = 2 * tensors[name]
+    save_file(tensors, weights)  # the same size: only the content and the time tell
+    before = journal.read_text()
+    resumed = _lorafft(*arguments, "--out", out, "--resume")
+    _, stderr = resumed.communicate()
+    assert resumed.returncode == 2
+    assert stderr.count("\n") == 1 and str(weights) in stderr and "changed since" in stderr
     assert journal.read_text() == before and not out.exists()
 
 

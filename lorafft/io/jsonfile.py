@@ -2,9 +2,9 @@
 
 Python's :mod:`json` has neither limit: an array nested 100000 deep exhausts the interpreter's recursion limit
 (``RecursionError``) and a "config" of many gigabytes is read whole. Here a document is at most ``max_bytes`` long
-(one limit per kind below), nested at most :data:`MAX_DEPTH` levels, standard JSON only (``NaN`` and ``Infinity``
-are refused: no file lorafft writes or reads holds them), and each problem is one
-:class:`~lorafft.errors.InputError` naming the file.
+(one limit per kind below) and nested at most :data:`MAX_DEPTH` levels, and each problem is one
+:class:`~lorafft.errors.InputError` naming the file. Values are the callers' to check (Python's ``NaN`` and
+``Infinity`` literals parse, as :mod:`json` parses them, and are refused where a finite number is needed).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def parse_json(raw: bytes | str, source, *, max_bytes: int, what: str = ""):
         raise InputError(source, f"{said}too large: {len(raw)} bytes, more than the {max_bytes} lorafft reads")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text)
     except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
         raise InputError(source, f"{said}not valid JSON: {_one_line(e)}") from None
     except RecursionError:
@@ -71,10 +71,6 @@ def read_json_object(path, *, max_bytes: int = DOCUMENT_BYTES, what: str = "") -
     if not isinstance(value, dict):
         raise InputError(path, f"expected a JSON object, got {type(value).__name__}")
     return value
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _one_line(error: Exception) -> str:

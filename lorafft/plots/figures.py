@@ -24,7 +24,8 @@ import statistics
 
 import numpy
 
-from lorafft.report import MatrixRow, Report
+# ``Report`` and ``MatrixRow`` in annotations are lorafft.report's classes, named, never imported: plots draws any
+# report-shaped object, and the dependency runs one way (lorafft.report's plot_* methods call into plots).
 
 DEFAULT_EPS_GRID = tuple(i / 20 for i in range(2, 20))  # 0.1, 0.15, ..., 0.95
 

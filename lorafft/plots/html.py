@@ -12,7 +12,7 @@ from html import escape
 from lorafft.errors import InputError
 from lorafft.plots import figures as fig
 from lorafft.io.writer import write_atomic
-from lorafft.report import Report, eps_key
+from lorafft.options import eps_key
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 75em; padding: 0 1em; color: #222; }
