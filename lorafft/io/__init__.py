@@ -3,8 +3,8 @@
 Every file is untrusted: each problem with one is an :class:`~lorafft.errors.InputError` naming that file, raised
 before the data is used. Read in the order of the data flow:
 
-- ``jsonfile.py`` — the one parser of untrusted JSON (headers, indexes, configs, journals), with size and depth
-  limits;
+- ``jsonfile.py`` — the one parser of untrusted JSON (safetensors headers, shard indexes, model and adapter configs,
+  the base-cache index, reports), with size and depth limits;
 - ``safetensors.py`` — the safetensors header validated rule by rule, then a lazily mapped shard;
 - ``torch_bin.py`` — ``.bin``/``.pt``/``.pth`` files (``weights_only=True``) and in-memory state dicts;
 - ``shard.py`` — the reader interface (:class:`~lorafft.io.shard.Shard`) and a checkpoint's name -> shard map;
