@@ -97,17 +97,20 @@ def stack(matrices: list[torch.Tensor]) -> torch.Tensor:
 class LoadedBatch:
     """One batch of same-shape matrices, ``L`` of them, ready for the linear algebra.
 
-    pairs: per tuned source, its ``L`` pairs (base name order of the batch).
+    pairs: per tuned source, its pairs among the batch's (all ``L`` unless sources adapt different matrices).
+    rows: per tuned source, the positions of its pairs in the batch (``W0[rows]`` is what it is compared with).
     stored: the ``L`` base tensors as stored (dtype and orientation of the file: cache fingerprints).
     W0: ``[L, m, n]`` base stack in the analysed orientation, on the device.
-    tuned: per tuned source, ``Wt [L, m, n]`` or its update kept factored (:class:`~lorafft.linalg.LowRank`).
-    columns: per tuned source, the adapter's B columns ``[L, m, r]`` (:func:`adapter_columns`) or None.
+    tuned: per tuned source, ``Wt [L', m, n]`` (L' = len(rows)) or its update kept factored
+        (:class:`~lorafft.linalg.LowRank`); None for a source with no matrix in this batch.
+    columns: per tuned source, the adapter's B columns ``[L', m, r]`` (:func:`adapter_columns`) or None.
     """
 
     pairs: list[list[Pair]]
+    rows: list[list[int]]
     stored: list[torch.Tensor]
     W0: torch.Tensor
-    tuned: list[torch.Tensor | linalg.LowRank]
+    tuned: list[torch.Tensor | linalg.LowRank | None]
     columns: list[torch.Tensor | None]
 
 
@@ -134,7 +137,7 @@ class BatchLoader:
     Args:
         base: the opened base checkpoint.
         sources: the opened tuned inputs (Checkpoints or io.Adapters).
-        pairs_by_source: per source, ``{base name: Pair}`` for every matrix a batch may name.
+        pairs_by_source: per source, ``{base name: Pair}`` of the matrices it changes (a batch may name others).
         device: where loaded stacks go.
         native: keep fp16/bf16 weights as stored (the Triton kernels read them), else fp32.
         factored: keep LoRA updates factored (:func:`adapter_update`); False merges every adapter module.
@@ -162,24 +165,31 @@ class BatchLoader:
     def _load(self, batch: list[Pair], base: _ShardReleaser, tuned: list) -> LoadedBatch:
         stored = [base.get(pair.name) for pair in batch]
         W0 = stack([oriented(tensor, pair, native=self.native) for tensor, pair in zip(stored, batch)])
-        loaded = LoadedBatch(pairs=[], stored=stored, W0=W0, tuned=[], columns=[])
+        loaded = LoadedBatch(pairs=[], rows=[], stored=stored, W0=W0, tuned=[], columns=[])
         for source, pairs in zip(tuned, self.pairs_by_source):
-            here = [pairs[pair.name] for pair in batch]
-            update = adapter_update(here) if self.factored else None
-            if update is None:
-                update = stack([merged(pair, w0) if pair.adapter is not None
+            rows = [index for index, pair in enumerate(batch) if _same_matrix(pairs.get(pair.name), pair)]
+            here = [pairs[batch[index].name] for index in rows]
+            update = adapter_update(here) if self.factored and here else None
+            if update is None and here:
+                update = stack([merged(pair, W0[index]) if pair.adapter is not None
                                 else oriented(source.get(pair.tuned_name), pair, native=self.native)
-                                for pair, w0 in zip(here, W0)])
+                                for pair, index in zip(here, rows)])
             loaded.pairs.append(here)
+            loaded.rows.append(rows)
             loaded.tuned.append(update)
-            loaded.columns.append(adapter_columns(here))
+            loaded.columns.append(adapter_columns(here) if here else None)
         return loaded
 
     def _moved(self, loaded: LoadedBatch) -> LoadedBatch:
         device = self.device
-        return LoadedBatch(pairs=loaded.pairs, stored=loaded.stored, W0=loaded.W0.to(device),
-                           tuned=[entry.to(device) for entry in loaded.tuned],
+        return LoadedBatch(pairs=loaded.pairs, rows=loaded.rows, stored=loaded.stored, W0=loaded.W0.to(device),
+                           tuned=[None if entry is None else entry.to(device) for entry in loaded.tuned],
                            columns=[None if c is None else c.to(device) for c in loaded.columns])
+
+
+def _same_matrix(pair: Pair | None, reference: Pair) -> bool:
+    """True when a source's ``pair`` compares the batch's base matrix ``reference`` in the same orientation."""
+    return pair is not None and pair.shape == reference.shape and pair.transposed == reference.transposed
 
 
 def prefetched(load, items: list):

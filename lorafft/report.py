@@ -255,6 +255,12 @@ class Report:
 
         return plot_counts_vs_eps({label: self, **others} if others else self, side, eps_grid, ax=ax)
 
+    def plot_checkpoint_totals(self, side: str = "left", eps=None, *, ax=None):
+        """Intruders per tuned input, one bar per ε: which of several adapters (or checkpoints) grew intruders."""
+        from lorafft.plots.figures import plot_checkpoint_totals
+
+        return plot_checkpoint_totals(self, side, eps, ax=ax)
+
     def plot_counts_vs_k(self, side: str = "left", eps: float | None = None, *, per_module: bool = False,
                          checkpoint: int | None = None, ax=None):
         """Intruders among the top k versus k / min(m, n), up to the scan's k: the paper's Figure 15."""

@@ -112,8 +112,7 @@ def scan(
     rank, size = distributed.world()
     with contextlib.ExitStack() as stack:
         inputs = _Inputs.open(base, tuned_list, settings, stack)
-        batches = pairing.shape_batches(list(inputs.pairs_by_source[0].values()), settings.max_batch_bytes,
-                                        copies=1 + len(inputs.sources))
+        batches = pairing.shape_batches(inputs.matrices, settings.max_batch_bytes, copies=1 + len(inputs.sources))
         owners = distributed.assign([_cost(batch) * len(inputs.sources) for batch in batches], size)
         if journal is not None and size > 1:
             journal = f"{journal}.rank{rank}"
@@ -149,13 +148,26 @@ def _report(gathered: dict[int, list[MatrixRow]] | None, inputs: _Inputs, settin
 
 @dataclass
 class _Inputs:
-    """The opened base and tuned inputs, their pairs (per source, ``{base name: Pair}``), and what was skipped."""
+    """The opened base and tuned inputs, their pairs (per source, ``{base name: Pair}``), and what was skipped.
+
+    Sources may change different sets of matrices (adapters of one base on other modules): :attr:`matrices` is
+    their union, each base matrix once (per orientation), so its basis is computed once for all of them.
+    """
 
     base: io.Checkpoint
     sources: list
     pairs_by_source: list[dict[str, pairing.Pair]]
     skipped: list[dict]
     record: dict = field(default_factory=dict)
+
+    @property
+    def matrices(self) -> list[pairing.Pair]:
+        """Every base matrix some source changes, in the order the sources list them."""
+        union = {}
+        for pairs in self.pairs_by_source:
+            for pair in pairs.values():
+                union.setdefault((pair.name, pair.transposed), pair)
+        return list(union.values())
 
     @classmethod
     def open(cls, base, tuned_list: list, settings: ScanOptions, stack: contextlib.ExitStack) -> _Inputs:
@@ -170,12 +182,6 @@ class _Inputs:
             inputs.sources.append(opened)
             inputs.pairs_by_source.append({pair.name: pair for pair in pairs})
             inputs.skipped.extend(dict(entry, checkpoint=len(inputs.sources) - 1) for entry in skipped)
-        first = inputs.pairs_by_source[0]
-        for index, pairs in enumerate(inputs.pairs_by_source[1:], start=1):
-            if pairs.keys() != first.keys():
-                different = sorted(pairs.keys() ^ first.keys())[0]
-                raise InputError(loading.describe(tuned_list[index]), f"has another set of matrices than "
-                                 f"{loading.describe(tuned_list[0])} ('{different}' is in one only)")
         inputs.record = {"base": loading.describe(base), "tuned": [loading.describe(t) for t in tuned_list],
                          "tuned_kind": ["lora" if isinstance(s, io.Adapter) else "full" for s in inputs.sources]}
         return inputs
@@ -203,10 +209,11 @@ class _Run:
         rows already in the journal are taken from it, the others computed and appended to it."""
         from tqdm.auto import tqdm
 
-        sides, checkpoints, rows_by_batch = self.settings.sides, len(inputs.sources), {}
+        sides, rows_by_batch = self.settings.sides, {}
         to_compute = []
         for index in mine:
-            keys = [(pair.name, c, side) for c in range(checkpoints) for pair in batches[index] for side in sides]
+            keys = [(pair.name, c, side) for c, pairs in enumerate(inputs.pairs_by_source)
+                    for pair in batches[index] if pair.name in pairs for side in sides]
             if self.record is not None and all(key in self.record.rows for key in keys):
                 rows_by_batch[index] = [self.record.rows[key] for key in keys]
             else:
@@ -214,29 +221,34 @@ class _Run:
         native = linalg.resolve_backend(self.device, self.backend) == "triton"
         loader = loading.BatchLoader(inputs.base, inputs.sources, inputs.pairs_by_source, device=self.device,
                                      native=native)
-        total = sum(len(batches[index]) for index in to_compute) * checkpoints
+        total = sum(pair.name in pairs for index in to_compute for pairs in inputs.pairs_by_source
+                    for pair in batches[index])
         with tqdm(total=total, unit="matrix", disable=not progress, desc="lorafft scan") as bar:
             for position, loaded in loader.batches([batches[index] for index in to_compute]):
                 index = to_compute[position]
-                rows_by_batch[index] = self._batch_rows(index, loaded, bar)
+                rows_by_batch[index] = self._batch_rows(index, batches[index], loaded, bar)
                 del loaded  # before the next batch arrives: at most two batches in memory
         return dict(sorted(rows_by_batch.items()))
 
-    def _batch_rows(self, index: int, loaded: loading.LoadedBatch, bar) -> list[MatrixRow]:
+    def _batch_rows(self, index: int, batch: list[pairing.Pair], loaded: loading.LoadedBatch,
+                    bar) -> list[MatrixRow]:
         """Rows of one loaded batch, for every tuned source, journaled as they are made."""
         settings, rows = self.settings, []
         # one random stream per batch, so that a resumed (or distributed) scan draws exactly what one run draws
         generator = torch.Generator().manual_seed(settings.seed + 7919 * index)
-        basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in loaded.pairs[0]], self.reader,
-                            self.writer)
-        for checkpoint, (entry, pairs, columns) in enumerate(zip(loaded.tuned, loaded.pairs, loaded.columns)):
+        basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.reader, self.writer)
+        for checkpoint, (entry, pairs, positions, columns) in enumerate(
+                zip(loaded.tuned, loaded.pairs, loaded.rows, loaded.columns)):
+            if not pairs:
+                continue
+            W0 = loaded.W0 if len(positions) == len(batch) else loaded.W0[positions]
             Wt, update = (None, entry) if isinstance(entry, linalg.LowRank) else (entry, None)
-            results = analysis.analyze(loaded.W0, Wt, lora=update, k=settings.k, eps=settings.eps,
-                                       sides=settings.sides, start=columns, tol=settings.tol, generator=generator,
-                                       basis=basis, backend=self.backend)
+            results = analysis.analyze(W0, Wt, lora=update, k=settings.k, eps=settings.eps, sides=settings.sides,
+                                       start=columns, tol=settings.tol, generator=generator,
+                                       basis=basis.select(positions), backend=self.backend)
             ranks = None
             if settings.delta_ranks:
-                ranks = analysis.delta_ranks(loaded.W0, Wt, [pair.adapter for pair in pairs])
+                ranks = analysis.delta_ranks(W0, Wt, [pair.adapter for pair in pairs])
             for row in matrix_rows(pairs, results, checkpoint, ranks):
                 if self.record is not None and row_key(row) not in self.record.rows:
                     self.record.append(row)

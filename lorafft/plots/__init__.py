@@ -7,6 +7,7 @@ From a report alone (:mod:`lorafft.plots.figures`):
 * :func:`plot_counts_vs_k` — intruders among the top k versus k / min(m, n) (Figure 15);
 * :func:`plot_layer_bars` — intruders per layer, stacked by module;
 * :func:`plot_spectra` — one matrix's singular values, fine-tuned and base, intruders marked;
+* :func:`plot_checkpoint_totals` — intruders per tuned input and ε (which of many adapters grew intruders);
 * :func:`write_html` — all of them and the report's tables in one offline HTML page (:mod:`lorafft.plots.html`).
 
 From the checkpoints (they need the singular vectors, which a report does not keep):
@@ -17,13 +18,15 @@ From the checkpoints (they need the singular vectors, which a report does not ke
 The ``lorafft plot`` and ``lorafft report`` commands (:mod:`lorafft.plots.commands`) draw the report-only ones.
 """
 
-from lorafft.plots.figures import plot_counts_vs_eps, plot_counts_vs_k, plot_layer_bars, plot_spectra
+from lorafft.plots.figures import (plot_checkpoint_totals, plot_counts_vs_eps, plot_counts_vs_k, plot_layer_bars,
+                                   plot_spectra)
 from lorafft.plots.heatmaps import plot_similarity, similarity
 from lorafft.plots.html import write_html
 from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
 
 __all__ = [
     "intruder_trajectory",
+    "plot_checkpoint_totals",
     "plot_counts_vs_eps",
     "plot_counts_vs_k",
     "plot_layer_bars",

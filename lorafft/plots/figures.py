@@ -4,7 +4,8 @@
   (Shuttleworth et al. 2410.21228, Figure 4);
 * :func:`plot_counts_vs_k` — intruders among the top k as k grows, x = k / min(m, n) (Figure 15);
 * :func:`plot_layer_bars` — intruders per layer, stacked by module;
-* :func:`plot_spectra` — one matrix's fine-tuned singular values beside the base's, intruders marked.
+* :func:`plot_spectra` — one matrix's fine-tuned singular values beside the base's, intruders marked;
+* :func:`plot_checkpoint_totals` — intruders per tuned input and ε (many adapters of one base, or a run).
 
 Each takes an optional matplotlib ``ax`` and returns the Figure. Without ``ax`` the figure is a bare
 ``matplotlib.figure.Figure`` (never pyplot: no global state, no display needed; ``savefig`` renders with Agg).
@@ -117,6 +118,26 @@ def plot_counts_vs_eps(reports: Report | dict[str, Report], side: str = "left", 
     ax.set_title(f"Intruder dimensions vs ε ({side} singular vectors, {_k_note(everything)})")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+    return figure
+
+
+def plot_checkpoint_totals(report: Report, side: str = "left", eps=None, *, ax=None):
+    """Intruders per tuned input (x: adapters of one base, or checkpoints of one run), one bar per ε: which of these
+    fine-tunes grew intruders. ``eps`` defaults to the report's thresholds; only each input's own matrices count."""
+    eps = tuple(report.eps) if eps is None else tuple(sorted(float(e) for e in eps))
+    checkpoints = range(len(report.checkpoints))
+    totals = [[sum(intruders(r, e) for r in report.rows if r.side == side and r.checkpoint == c) for c in checkpoints]
+              for e in eps]
+    figure, ax = new_axes(ax, size=(max(6.4, 0.9 * len(report.checkpoints) * len(eps) ** 0.5 + 3), 4.2))
+    width = 0.8 / len(eps)
+    for index, (threshold, heights) in enumerate(zip(eps, totals)):
+        ax.bar([c + (index - (len(eps) - 1) / 2) * width for c in checkpoints], heights, width, label=f"ε = {threshold:g}")
+    ax.set_xticks(list(checkpoints), [checkpoint_label(report, c) for c in checkpoints], rotation=30, ha="right",
+                  fontsize="small")
+    ax.set_ylabel("intruder dimensions (sum over the input's matrices)")
+    ax.set_title(f"Intruders per fine-tune ({side} singular vectors)")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
     return figure
 
 
