@@ -18,17 +18,17 @@ of the sampled elements.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorafft import linalg, loading, pairing
 from lorafft.errors import InputError
+from lorafft.io.jsonfile import read_json_object
+from lorafft.io.writer import write_json, write_safetensors
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES, patterns
-from lorafft.report import atomic_path, write_atomic
 
 INDEX = "lorafft-base-cache.json"
 FORMAT_VERSION = 1
@@ -57,12 +57,8 @@ class BaseCache:
         self.index_path = os.path.join(self.directory, INDEX)
         self.entries: dict[str, dict] = {}
         if os.path.isfile(self.index_path):
-            try:
-                with open(self.index_path, encoding="utf-8") as handle:
-                    index = json.load(handle)
-            except (OSError, ValueError) as e:
-                raise InputError(self.index_path, f"unreadable base-cache index: {e}") from None
-            if not isinstance(index, dict) or index.get("format_version") != FORMAT_VERSION:
+            index = read_json_object(self.index_path, what="base-cache index")
+            if index.get("format_version") != FORMAT_VERSION:
                 raise InputError(self.index_path, f"not a lorafft base cache of format version {FORMAT_VERSION}")
             self.entries = index.get("entries", {})
         elif writable:
@@ -95,12 +91,10 @@ class BaseCache:
         """Write one entry (atomically) and the index: ``basis [s, s]`` stored fp32, ``sigma [s]`` fp64, for the
         base tensor ``name`` analysed as ``shape`` (``[out, in]``)."""
         file = _entry_file(name)
-        with atomic_path(os.path.join(self.directory, file)) as temporary:
-            save_file({"basis": basis.float().contiguous(), "sigma": sigma.double().contiguous()}, temporary,
-                      metadata={"name": name})
+        write_safetensors(os.path.join(self.directory, file), {"basis": basis.float(), "sigma": sigma.double()},
+                          metadata={"name": name})
         self.entries[name] = {"file": file, "shape": list(shape), "fingerprint": fingerprint(W0_stored)}
-        index = {"format_version": FORMAT_VERSION, "entries": self.entries}
-        write_atomic(self.index_path, json.dumps(index, indent=1) + "\n")
+        write_json(self.index_path, {"format_version": FORMAT_VERSION, "entries": self.entries}, indent=1)
 
 
 def cached_basis(W0: torch.Tensor, bases: list[torch.Tensor], sigmas: list[torch.Tensor]) -> linalg.BaseBasis:

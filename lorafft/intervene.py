@@ -48,12 +48,9 @@ Both kinds also get ``lorafft_intervention.json``: what was rescaled (the :class
 from __future__ import annotations
 
 import datetime
-import json
+import functools
 import math
 import os
-import re
-import shutil
-import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -62,15 +59,13 @@ import torch
 from lorafft import adapters, analysis, io, linalg, loading, options, pairing
 from lorafft.cache import BaseCache, batch_basis
 from lorafft.errors import InputError
+from lorafft.io import writer
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES
 from lorafft.pairing import Pair
 
 WHICH = ("top", "all")
 TRIPLET_TOL = 1e-8  # certified error bound of each rescaled singular vector (fp64 iteration)
 RECORD = "lorafft_intervention.json"
-_INDEX = "model.safetensors.index.json"
-_ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|\.index\.json$")
 _SIGMA_AGREEMENT = 1e-4  # relative agreement required between analyze's σ_j and the fp64 triplet's
 
 
@@ -208,7 +203,7 @@ def intervene(
     tuned_source = loading.open_tuned(tuned)
     is_adapter = isinstance(tuned_source, io.Adapter)
     tuned_checkpoint = tuned_source.tensors if is_adapter else tuned_source
-    layout = None if is_adapter else _safetensors_layout(tuned_checkpoint, os.fspath(tuned))
+    layout = None if is_adapter else writer.checkpoint_files(tuned_checkpoint, os.fspath(tuned))
     scope = pairing.Scope(settings.include, settings.exclude, settings.embeddings)
     with loading.open_base(base) as base_checkpoint, tuned_checkpoint:
         pairs, skipped = pairing.find_pairs(base_checkpoint, tuned_source, scope)
@@ -226,23 +221,14 @@ def intervene(
             k=k, matrices=matrices, skipped=skipped, files=[],
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
-        parent = os.path.dirname(out_dir)
-        os.makedirs(parent, exist_ok=True)
-        temporary = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
-        os.mkdir(temporary)
-        try:
+        with writer.new_directory(out_dir) as temporary:
+            changed = edits if lam != 1 else {}
             if is_adapter:
-                files = _write_adapter(tuned_source, base_checkpoint, edits, lam, temporary, matrices)
+                files = _write_adapter(tuned_source, base_checkpoint, changed, lam, temporary)
             else:
-                files = _write_checkpoint(tuned_checkpoint, layout, edits, lam, temporary)
+                files = _write_checkpoint(tuned_checkpoint, layout, changed, lam, temporary)
             summary.files = sorted(files + [RECORD])
-            with open(os.path.join(temporary, RECORD), "w", encoding="utf-8") as f:
-                json.dump(summary.to_dict(), f, indent=1)
-                f.write("\n")
-            _publish(temporary, out_dir)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
+            writer.write_json(os.path.join(temporary, RECORD), summary.to_dict(), indent=1)
     return summary
 
 
@@ -345,147 +331,22 @@ def _check_agreement(pair, ranks, S, S_analysis, error_bound) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Writing a PEFT adapter
+# Writing the output (lorafft.io.writer; the adapter-writing rules are in lorafft.adapters)
 
 
 def _write_adapter(adapter: io.Adapter, base_checkpoint: io.Checkpoint, edits: dict[str, _Edit], lam: float,
-                   directory: str, matrices: list[MatrixIntervention]) -> list[str]:
-    """Write the adapter with every edit applied (module docstring); return the file names written."""
-    config = json.loads(json.dumps(adapter.config))  # a deep copy; every field kept
-    use_rslora = bool(config.get("use_rslora", False))
-    base_index = pairing.NameIndex(base_checkpoint.names())
-    modules, _ = adapters.module_parts(adapter.tensors, use_dora=bool(config.get("use_dora")))  # key -> {role: name}
-    key_of = {base_index.resolve(key + ".weight"): key for key in modules}
-    tensors = {name: adapter.tensors.get(name) for name in adapter.tensors.names()}
-    if not adapter.tensors.file_of(next(iter(tensors))).endswith(".safetensors"):
-        tensors = {name: t.clone() for name, t in tensors.items()}  # .bin tensors may share storage
-    original_r = config["r"]
-    original_alpha = config["lora_alpha"]
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-
-    def old_rank_alpha(key):
-        return (adapters.pattern_value(rank_pattern, key, original_r),
-                adapters.pattern_value(alpha_pattern, key, original_alpha))
-
-    entries = {}  # PEFT key -> (r, alpha)
-    for name, edit in edits.items() if lam != 1 else ():
-        module, key = edit.pair.adapter, key_of[name]
-        roles = modules[key]
-        r, alpha = old_rank_alpha(key)
-        base_weight = base_checkpoint.get(name) if module.magnitude is not None else None
-        lora_a, lora_b, magnitude = _extended_factors(module, edit, lam, tensors[roles["A"]], tensors[roles["B"]],
-                                                      base_weight)
-        tensors[roles["A"]], tensors[roles["B"]] = lora_a, lora_b
-        if magnitude is not None:
-            tensors[roles["magnitude"]] = magnitude
-        r_new = lora_a.shape[0]
-        alpha_new = alpha * (math.sqrt(r_new / r) if use_rslora else r_new / r)  # keeps s = α/r (α/√r)
-        entries[key] = (r_new, int(alpha_new) if float(alpha_new).is_integer() else alpha_new)
-    for key in modules:  # a module whose name ends with a changed one's would match that key: pin its own values
-        if key not in entries and any(key.endswith("." + changed) for changed in list(entries)):
-            entries[key] = old_rank_alpha(key)
-    if entries:
-        ordered = sorted(entries, key=lambda key: (-len(key), key))  # a longer name's key before its suffixes'
-        config["rank_pattern"] = _merge_patterns({re.escape(key): entries[key][0] for key in ordered}, rank_pattern)
-        config["alpha_pattern"] = _merge_patterns({re.escape(key): entries[key][1] for key in ordered}, alpha_pattern)
-
-    from safetensors.torch import save_file
-
-    save_file({name: t.contiguous() for name, t in tensors.items()}, os.path.join(directory, _ADAPTER_WEIGHTS),
-              metadata=_safetensors_metadata(adapter.tensors.file_of(next(iter(tensors)))))
-    with open(os.path.join(directory, adapters.ADAPTER_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    skip = {adapters.ADAPTER_CONFIG, _ADAPTER_WEIGHTS, "adapter_model.bin"}
-    return [adapters.ADAPTER_CONFIG, _ADAPTER_WEIGHTS] + _copy_other_files(adapter.path, directory, skip)
+                   directory: str) -> list[str]:
+    """Write the adapter with every edit applied (module docstring; :func:`lorafft.adapters.write_adapter`)."""
+    triplets = {name: (edit.pair.adapter, edit.U, edit.S, edit.V) for name, edit in edits.items()}
+    return adapters.write_adapter(adapter, base_checkpoint, pairing.NameIndex(base_checkpoint.names()), triplets, lam,
+                                  directory, leave_out=(RECORD,))
 
 
-def _extended_factors(module: adapters.LoraModule, edit: _Edit, lam: float, lora_a: torch.Tensor,
-                      lora_b: torch.Tensor, base_weight: torch.Tensor | None):
-    """``(A' [r+c, in], B' [out, r+c], m' [out] or None)`` with s·B'·A' = s·B·A + (λ−1)·Σ u_j σ_j v_jᵀ (DoRA:
-    divided row-wise by D = m/‖V‖, and m' = D·‖V'‖), all in PEFT's B·A orientation ``[out, in]``. ``base_weight``
-    (W0 as stored) is needed for DoRA only."""
-    U, V = (edit.V, edit.U) if module.embedding else (edit.U, edit.V)  # embeddings are analysed as stored, [in, out]
-    coefficient = (abs(lam - 1) * edit.S / module.scaling).sqrt()  # [c]
-    b = U * (coefficient * math.copysign(1.0, lam - 1))  # [out, c]
-    a = V * coefficient  # [in, c]
-    dtype = torch.promote_types(lora_a.dtype, torch.float32)
-    W0 = None
-    if module.magnitude is not None:
-        W0 = (base_weight.T if module.fan_in_fan_out else base_weight).double()  # [out, in]
-        norm = torch.linalg.norm(W0 + module.scaling * (lora_b.double() @ lora_a.double()), dim=1)
-        D = module.magnitude.double() / norm
-        b = b / D[:, None]
-    lora_b_new = torch.cat([lora_b.to(dtype), b.to(dtype)], dim=1)
-    lora_a_new = torch.cat([lora_a.to(dtype), a.T.to(dtype)], dim=0)
-    magnitude = None
-    if W0 is not None:
-        V_new = W0 + module.scaling * (lora_b_new.double() @ lora_a_new.double())
-        magnitude = (D * torch.linalg.norm(V_new, dim=1)).to(torch.promote_types(module.magnitude.dtype,
-                                                                                   torch.float32))
-    return lora_a_new.contiguous(), lora_b_new.contiguous(), magnitude
-
-
-def _merge_patterns(new: dict, old: dict) -> dict:
-    """``new`` first (it must win PEFT's first-match rule), then the old entries not replaced."""
-    return {**new, **{key: value for key, value in old.items() if key not in new}}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing a full checkpoint
-
-
-@dataclass
-class _Layout:
-    """A safetensors checkpoint's files: ``shards`` (path -> tensor names), the ``index`` path or None, and the
-    ``directory`` whose other files are copied (None when the input was a single file or an index)."""
-
-    shards: dict[str, list[str]]
-    index: str | None
-    directory: str | None
-
-
-def _safetensors_layout(checkpoint: io.Checkpoint, source: str) -> _Layout:
-    shards: dict[str, list[str]] = {}
-    for name in checkpoint.stored_names():
-        shards.setdefault(checkpoint.file_of(name), []).append(name)
-    other = sorted(file for file in shards if not file.endswith(".safetensors"))
-    if other:
-        raise InputError(other[0], "intervene rewrites only safetensors checkpoints (a .bin one would change "
-                                   "format and file names); convert it to safetensors first")
-    if os.path.isdir(source):
-        index = os.path.join(source, _INDEX)
-        return _Layout(shards, index if os.path.isfile(index) else None, source)
-    return _Layout(shards, source if source.endswith(".json") else None, None)
-
-
-def _write_checkpoint(checkpoint: io.Checkpoint, layout: _Layout, edits: dict[str, _Edit], lam: float,
-                      directory: str) -> list[str]:
+def _write_checkpoint(checkpoint: io.Checkpoint, layout: writer.CheckpointFiles, edits: dict[str, _Edit],
+                      lam: float, directory: str) -> list[str]:
     """Write every shard (copied, or rewritten with its edited tensors), the index and the other files."""
-    from safetensors.torch import load_file, save_file
-
-    by_tuned_name = {edit.pair.tuned_name: edit for edit in edits.values()} if lam != 1 else {}
-    written = []
-    for shard, names in layout.shards.items():
-        target = os.path.join(directory, os.path.basename(shard))
-        changed = [name for name in names if name in by_tuned_name]
-        if not changed:
-            shutil.copyfile(shard, target)
-        else:
-            checkpoint.release(shard)
-            tensors = load_file(shard)
-            for name in changed:
-                tensors[name] = _rescaled(tensors[name], by_tuned_name[name], lam)
-            save_file(tensors, target, metadata=_safetensors_metadata(shard))
-            del tensors
-        written.append(os.path.basename(shard))
-    if layout.index is not None:
-        shutil.copyfile(layout.index, os.path.join(directory, os.path.basename(layout.index)))
-        written.append(os.path.basename(layout.index))
-    if layout.directory is not None:
-        written += _copy_other_files(layout.directory, directory, set(written))
-    return written
+    replace = {edit.pair.tuned_name: functools.partial(_rescaled, edit=edit, lam=lam) for edit in edits.values()}
+    return writer.copy_checkpoint(checkpoint, layout, directory, replace, leave_out=(RECORD,))
 
 
 def _rescaled(stored: torch.Tensor, edit: _Edit, lam: float) -> torch.Tensor:
@@ -495,45 +356,3 @@ def _rescaled(stored: torch.Tensor, edit: _Edit, lam: float) -> torch.Tensor:
     W = stored.double()
     W.addmm_(edit.U * edit.S, edit.V.T, alpha=lam - 1)
     return W.to(stored.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files
-
-
-def _safetensors_metadata(file: str) -> dict[str, str] | None:
-    """A safetensors file's ``__metadata__`` (``{"format": "pt"}`` for other formats, as transformers writes it)."""
-    if not file.endswith(".safetensors"):
-        return {"format": "pt"}
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as f:
-        return f.metadata()
-
-
-def _copy_other_files(source: str, directory: str, skip: set[str]) -> list[str]:
-    """Copy the regular files of ``source`` not in ``skip`` into ``directory``; other weight files and
-    subdirectories are left out with one warning (they would carry the unmodified weights)."""
-    copied, left_out = [], []
-    for entry in sorted(os.listdir(source)):
-        path = os.path.join(source, entry)
-        if entry in skip or entry == RECORD:
-            continue
-        if not os.path.isfile(path) or _WEIGHT_FILE.search(entry):
-            left_out.append(entry)
-            continue
-        shutil.copyfile(path, os.path.join(directory, entry))
-        copied.append(entry)
-    if left_out:
-        warnings.warn(f"{source}: not copied to the output (other weights or subdirectories): "
-                      f"{', '.join(left_out[:5])}" + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""),
-                      stacklevel=3)
-    return copied
-
-
-def _publish(temporary: str, out_dir: str) -> None:
-    """Rename the finished temporary directory to ``out_dir`` (which may exist only as an empty directory)."""
-    try:
-        os.rename(temporary, out_dir)
-    except OSError as e:
-        raise InputError(out_dir, f"cannot create the output directory: {e.strerror or e} (nothing written)") from e

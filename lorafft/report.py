@@ -15,15 +15,13 @@ where the tuned singular value is not separated from its neighbours (that vector
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 
+from lorafft.io.writer import write_atomic
 from lorafft.options import eps_key
 from lorafft.pairing import Pair, layer_and_module
 
@@ -357,31 +355,3 @@ def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None) -
                 )
             )
     return rows
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """A fresh temporary path beside ``path`` for the caller to write; when the block ends without an error it is
-    fsync'd and renamed over ``path``, else removed: readers see the old file or the new one, never a partial one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=".lorafft-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    umask = os.umask(0)  # mkstemp makes the file private (0600); give it the mode a plain open() would
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    try:
-        yield temporary
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
-def write_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
-    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)

@@ -11,8 +11,8 @@ from html import escape
 
 from lorafft.errors import InputError
 from lorafft.plots import figures as fig
+from lorafft.io.writer import write_atomic
 from lorafft.options import eps_key
-from lorafft.report import write_atomic
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 75em; padding: 0 1em; color: #222; }
