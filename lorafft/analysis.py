@@ -111,19 +111,9 @@ def analyze(
 
     Returns ``{side: SideAnalysis}``.
     """
-    if (Wt is None) == (lora is None):
-        raise ValueError("give the tuned matrix Wt or its LoRA update lora=(B, A, s), not both")
-    W0 = as_tensor(W0)
-    Wt = None if Wt is None else as_tensor(Wt)
+    W0, Wt, low_rank, single = _stacks(W0, Wt, lora)
     start = None if start is None else as_tensor(start)
-    if W0.dim() not in (2, 3) or (Wt is not None and W0.shape != Wt.shape):
-        raise ValueError(f"W0 and Wt must have one shape [m, n] or [L, m, n]; got {tuple(W0.shape)}, "
-                         f"{None if Wt is None else tuple(Wt.shape)}")
-    single = W0.dim() == 2
-    if single:
-        W0, Wt = W0.unsqueeze(0), None if Wt is None else Wt.unsqueeze(0)
-        start = None if start is None else start.unsqueeze(0)
-    low_rank = None if lora is None else _low_rank(lora, W0, single)
+    start = start.unsqueeze(0) if single and start is not None else start
     for side in sides:
         if side not in linalg.SIDES:
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
@@ -217,6 +207,22 @@ def start_block(basis: linalg.BaseBasis, k: int, extra: torch.Tensor | None = No
     return guesses, block
 
 
+def _stacks(W0, Wt, lora) -> tuple[torch.Tensor, torch.Tensor | None, linalg.LowRank | None, bool]:
+    """``(W0 [L, m, n], Wt [L, m, n] | None, LowRank | None, single)`` from a pair ``[m, n]`` (``single``: L = 1) or
+    stacks, with either Wt or ``lora`` (:func:`analyze`'s arguments); ValueError when they do not fit."""
+    if (Wt is None) == (lora is None):
+        raise ValueError("give the tuned matrix Wt or its LoRA update lora=(B, A, s), not both")
+    W0 = as_tensor(W0)
+    Wt = None if Wt is None else as_tensor(Wt)
+    if W0.dim() not in (2, 3) or (Wt is not None and W0.shape != Wt.shape):
+        raise ValueError(f"W0 and Wt must have one shape [m, n] or [L, m, n]; got {tuple(W0.shape)}, "
+                         f"{None if Wt is None else tuple(Wt.shape)}")
+    single = W0.dim() == 2
+    if single:
+        W0, Wt = W0.unsqueeze(0), None if Wt is None else Wt.unsqueeze(0)
+    return W0, Wt, None if lora is None else _low_rank(lora, W0, single), single
+
+
 def _low_rank(lora, W0: torch.Tensor, single: bool) -> linalg.LowRank:
     """``lora`` as a LowRank for ``W0 [L, m, n]``: a LowRank as is, or ``(B, A, s)`` with 2-D factors for a single
     pair (``single``) and 3-D ones for a stack; ValueError when the shapes do not make an ``[L, m, n]`` update."""
@@ -280,3 +286,71 @@ def delta_ranks(W0: torch.Tensor, Wt: torch.Tensor | None, modules: list) -> lis
             sigma = linalg.singular_values((Wt[index].float() - W0[index].float())[None])
         sigmas.append(sigma)
     return [(float(effective_rank(s)[0]), float(stable_rank(s)[0])) for s in sigmas]
+
+
+ROW_BLOCK = 1 << 18  # elements upcast to fp64 at a time by magnitude_direction: 2 MB temporaries stay in cache
+
+
+def magnitude_direction(W0, Wt=None, *, lora=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRA's weight decomposition analysis (Liu et al. 2024, Sec. 3.2, Figure 2): how much each matrix of a stack
+    changed its neurons' magnitudes and directions.
+
+    DoRA writes a weight as magnitude times direction, ``W = m · V / ||V||_c``; in the analysed torch orientation
+    ``[out, in]`` the paper's column n is row i, ``w_i`` (one output neuron: PEFT's ``lora_magnitude_vector`` has
+    one entry per row). For base rows ``w_0,i`` and tuned rows ``w_t,i``, i = 1..m:
+
+        ΔM = (1/m) Σ_i | ||w_t,i|| − ||w_0,i|| |,        ΔD = (1/m') Σ_i' (1 − cos(w_t,i', w_0,i')),
+
+    where the i' are the m' rows that are non-zero in both W0 and Wt: a zero row has no direction, so it is left out
+    of ΔD's mean (ΔD is NaN when no row has a direction); ΔM counts every row. The paper plots ΔD (x) against ΔM
+    (y) over layers and training steps: full fine-tuning shows a negative slope, LoRA a positive one.
+
+    Everything is accumulated in fp64. For a factored LoRA update ΔW = s·B·A the tuned matrix is not formed: with
+    rows b_i of B, ``||w_0,i + s b_i A||² = ||w_0,i||² + 2s <w_0,i, b_i A> + s² b_i (A Aᵀ) b_iᵀ`` and
+    ``<w_t,i, w_0,i> = ||w_0,i||² + s <w_0,i, b_i A>``, from ``W0 Aᵀ [m, r]`` and ``A Aᵀ [r, r]``.
+
+    Args:
+        W0: base weights ``[m, n]`` or a stack ``[L, m, n]`` (any float dtype; torch or DLPack arrays).
+        Wt: tuned weights of W0's shape, or None with ``lora``.
+        lora: instead of Wt, the update ``(B, A, s)`` or a :class:`lorafft.linalg.LowRank`, as in :func:`analyze`.
+
+    Returns:
+        ``(ΔM [L], ΔD [L])`` fp64 on W0's device (L = 1 for a pair).
+    """
+    W0, Wt, low_rank, _ = _stacks(W0, Wt, lora)
+    base, tuned, inner = _row_products(W0, Wt, low_rank)
+    base_norm, tuned_norm = base.sqrt(), tuned.sqrt()
+    magnitude = (tuned_norm - base_norm).abs().mean(dim=-1)
+    defined = (base > 0) & (tuned > 0)
+    cosine = inner / torch.where(defined, base_norm * tuned_norm, 1.0)
+    change = torch.where(defined, (1 - cosine).clamp(0, 2), 0.0)
+    direction = change.sum(dim=-1) / defined.sum(dim=-1)  # 0/0 = NaN where no row has a direction
+    return magnitude, direction
+
+
+def _row_products(W0: torch.Tensor, Wt: torch.Tensor | None,
+                  low_rank: linalg.LowRank | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(||w_0,i||², ||w_t,i||², <w_t,i, w_0,i>)``, each ``[L, m]`` fp64, for W0 ``[L, m, n]`` and Wt (or the
+    factored update ``low_rank``, see :func:`magnitude_direction`), upcast to fp64 a block of rows at a time."""
+    L, m, n = W0.shape
+    device = W0.device
+    if low_rank is not None:
+        A = low_rank.A.to(device, torch.float64)
+        B = low_rank.B.to(device, torch.float64)
+        scale = low_rank.scale.to(device, torch.float64)[:, None]
+        BG = B @ (A @ A.mT)  # [L, m, r]: b_i (A Aᵀ)
+    base, tuned, inner = (torch.empty(L, m, dtype=torch.float64, device=device) for _ in range(3))
+    step = max(1, ROW_BLOCK // max(1, L * n))
+    for start in range(0, m, step):
+        rows = slice(start, start + step)
+        w0 = W0[:, rows].double()
+        base[:, rows] = (w0 * w0).sum(dim=-1)
+        if low_rank is None:
+            wt = Wt[:, rows].double()
+            tuned[:, rows], inner[:, rows] = (wt * wt).sum(dim=-1), (wt * w0).sum(dim=-1)
+        else:
+            along = scale * ((w0 @ A.mT) * B[:, rows]).sum(dim=-1)  # s <w_0,i, b_i A>
+            squared = scale**2 * (BG[:, rows] * B[:, rows]).sum(dim=-1)  # s² b_i A Aᵀ b_iᵀ
+            tuned[:, rows] = (base[:, rows] + 2 * along + squared).clamp_min(0)
+            inner[:, rows] = base[:, rows] + along
+    return base, tuned, inner

@@ -8,7 +8,7 @@ JSON schema (``schema_version`` 1; documented in the README):
 where a row is ``{"name", "tuned_name", "checkpoint", "layer", "module", "shape", "side", "k", "singular_values",
 "base_singular_values", "max_cos", "argmax", "error_bound", "near_threshold", "counts": {ε: count}, "random_floor",
 "random_reference": {"p5", "p50", "p95", "p99"}, "delta_effective_rank", "delta_stable_rank", "iterations",
-"base_rank", "undetermined": {ε: count}}``. ε keys are strings
+"base_rank", "undetermined": {ε: count}, "delta_magnitude", "delta_direction"}``. ε keys are strings
 (``"0.5"``); ``argmax`` is the 0-based rank of the best-matching base singular vector; ``error_bound`` is null
 where the tuned singular value is not separated from its neighbours (that vector is not determined by the matrix).
 """
@@ -58,6 +58,10 @@ class MatrixRow:
     iterations: int
     base_rank: int | None = None  # numerical rank of W0; below min(shape): undefined base vectors beyond it
     undetermined: dict[str, int] = field(default_factory=dict)  # per ε: left out of counts (analysis._defined_match)
+    # DoRA's ΔM and ΔD of the matrix (analysis.magnitude_direction), the same on both sides' rows; None in reports
+    # written before they were added, and ΔD None when no row of W0 and Wt is non-zero in both
+    delta_magnitude: float | None = None
+    delta_direction: float | None = None
 
     def to_dict(self) -> dict:
         row = dict(self.__dict__)
@@ -149,6 +153,8 @@ class Report:
                 "random_p99": r.random_reference.get("p99"),
                 "delta_effective_rank": r.delta_effective_rank,
                 "delta_stable_rank": r.delta_stable_rank,
+                "delta_magnitude": r.delta_magnitude,
+                "delta_direction": r.delta_direction,
                 "base_rank": r.base_rank,
                 **{f"undetermined@{key}": count for key, count in r.undetermined.items()},
                 "max_error_bound": max(r.error_bound) if r.error_bound else math.nan,
@@ -313,6 +319,13 @@ class Report:
                                     split_fused=self.options.get("split_fused", False))
         return plot_trajectory(drawn, ax=ax)
 
+    def plot_magnitude_direction(self, *, ax=None):
+        """ΔD (x) against ΔM (y), one point per matrix and checkpoint, a least-squares line per checkpoint: DoRA's
+        Figure 2 (Liu et al. 2024; full fine-tuning slopes down, LoRA up)."""
+        from lorafft.plots.figures import plot_magnitude_direction
+
+        return plot_magnitude_direction(self, ax=ax)
+
     def to_html(self, path, **options) -> None:
         """Write one offline HTML page: tables, every figure and the worst matrix's heatmap (lorafft.plots.write_html)."""
         from lorafft.plots.html import write_html
@@ -320,13 +333,16 @@ class Report:
         write_html(self, path, **options)
 
 
-def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None) -> list[MatrixRow]:
+def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None, changes=None) -> list[MatrixRow]:
     """The report rows of one analysed batch: per matrix of ``pairs``, one row per side of ``results``
-    (``{side: lorafft.analysis.SideAnalysis}`` of the stack); ``ranks`` per matrix ``(effective, stable)`` of ΔW."""
+    (``{side: lorafft.analysis.SideAnalysis}`` of the stack); ``ranks`` per matrix ``(effective, stable)`` of ΔW;
+    ``changes`` the stack's ``(ΔM [L], ΔD [L])`` (:func:`lorafft.analysis.magnitude_direction`)."""
     rows = []
+    changes = [(None, None)] * len(pairs) if changes is None else list(zip(*(v.tolist() for v in changes)))
     for index, pair in enumerate(pairs):
         layer, module = layer_and_module(pair.name)
         effective, stable = (None, None) if ranks is None else ranks[index]
+        magnitude, direction = changes[index]
         for side, result in results.items():
             rows.append(
                 MatrixRow(
@@ -352,6 +368,8 @@ def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None) -
                     iterations=result.iterations,
                     base_rank=int(result.base_rank[index]),
                     undetermined={eps_key(e): int(c) for e, c in zip(result.eps, result.undetermined[index].tolist())},
+                    delta_magnitude=magnitude,
+                    delta_direction=direction if direction is None or math.isfinite(direction) else None,
                 )
             )
     return rows

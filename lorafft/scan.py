@@ -249,7 +249,8 @@ class _Run:
             ranks = None
             if settings.delta_ranks:
                 ranks = analysis.delta_ranks(W0, Wt, [pair.adapter for pair in pairs])
-            for row in matrix_rows(pairs, results, checkpoint, ranks):
+            changes = analysis.magnitude_direction(W0, Wt, lora=update)
+            for row in matrix_rows(pairs, results, checkpoint, ranks, changes):
                 if self.record is not None and row_key(row) not in self.record.rows:
                     self.record.append(row)
                 rows.append(row)

@@ -190,6 +190,8 @@ def run_plot(args) -> int:
                 save(figures.plot_checkpoint_totals(report, side), f"{prefix}checkpoint_totals.png")
             save(figures.plot_counts_vs_k(report, side, eps), f"{prefix}counts_vs_k.png")
             save(figures.plot_layer_bars(report, side, eps), f"{prefix}layer_bars.png")
+            if any(r.delta_magnitude is not None and r.delta_direction is not None for r in report.rows):
+                save(figures.plot_magnitude_direction(report), f"{prefix}magnitude_direction.png")
             for row in figures.worst_rows(report, eps, args.spectra, side):
                 save(figures.plot_spectra(report, row.name, side, eps), f"{prefix}spectrum-{_filename(row.name)}.png")
             wanted = args.heatmaps > 0 or (len(report.checkpoints) > 1 and not args.no_trajectory)

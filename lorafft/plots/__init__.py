@@ -8,6 +8,7 @@ From a report alone (:mod:`lorafft.plots.figures`):
 * :func:`plot_layer_bars` — intruders per layer, stacked by module;
 * :func:`plot_spectra` — one matrix's singular values, fine-tuned and base, intruders marked;
 * :func:`plot_checkpoint_totals` — intruders per tuned input and ε (which of many adapters grew intruders);
+* :func:`plot_magnitude_direction` — ΔD against ΔM per matrix, a slope per checkpoint (DoRA's Figure 2 reading);
 * :func:`write_html` — all of them and the report's tables in one offline HTML page (:mod:`lorafft.plots.html`).
 
 From the checkpoints (they need the singular vectors, which a report does not keep):
@@ -19,7 +20,7 @@ The ``lorafft plot`` and ``lorafft report`` commands (:mod:`lorafft.cli.plot`) d
 """
 
 from lorafft.plots.figures import (plot_checkpoint_totals, plot_counts_vs_eps, plot_counts_vs_k, plot_layer_bars,
-                                   plot_spectra)
+                                   plot_magnitude_direction, plot_spectra)
 from lorafft.plots.heatmaps import plot_similarity, similarity
 from lorafft.plots.html import write_html
 from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
@@ -30,6 +31,7 @@ __all__ = [
     "plot_counts_vs_eps",
     "plot_counts_vs_k",
     "plot_layer_bars",
+    "plot_magnitude_direction",
     "plot_similarity",
     "plot_spectra",
     "plot_trajectory",

@@ -5,7 +5,9 @@
 * :func:`plot_counts_vs_k` — intruders among the top k as k grows, x = k / min(m, n) (Figure 15);
 * :func:`plot_layer_bars` — intruders per layer, stacked by module;
 * :func:`plot_spectra` — one matrix's fine-tuned singular values beside the base's, intruders marked;
-* :func:`plot_checkpoint_totals` — intruders per tuned input and ε (many adapters of one base, or a run).
+* :func:`plot_checkpoint_totals` — intruders per tuned input and ε (many adapters of one base, or a run);
+* :func:`plot_magnitude_direction` — each matrix's change of direction ΔD against magnitude ΔM, a line fitted per
+  checkpoint (DoRA, Liu et al. 2024, Figure 2).
 
 Each takes an optional matplotlib ``ax`` and returns the Figure. Without ``ax`` the figure is a bare
 ``matplotlib.figure.Figure`` (never pyplot: no global state, no display needed; ``savefig`` renders with Agg).
@@ -237,6 +239,55 @@ def plot_spectra(report, name: str, side: str = "left", eps: float | None = None
     ax.set_ylabel("singular value")
     ax.set_title(f"{row.name}\n{side} side, {row.shape[0]}×{row.shape[1]}, {len(marked)} intruder(s) at ε = {eps:g}",
                  fontsize="medium")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def magnitude_direction_points(report) -> dict[int, list]:
+    """Per checkpoint, one row per matrix that has DoRA's ΔM and ΔD (the sides' rows carry the same values)."""
+    points = {}
+    for row in report.rows:
+        if row.delta_magnitude is not None and row.delta_direction is not None:
+            points.setdefault(row.checkpoint, {}).setdefault(row.name, row)
+    if not points:
+        raise ValueError("the report has no delta_magnitude / delta_direction (written before lorafft measured them, "
+                         "or no matrix has a direction): scan again")
+    return {checkpoint: list(rows.values()) for checkpoint, rows in sorted(points.items())}
+
+
+def plot_magnitude_direction(report, *, ax=None):
+    """DoRA's weight decomposition analysis (Liu et al. 2024, Figure 2): each matrix's mean change of direction ΔD
+    (x) against its mean change of magnitude ΔM (y), one point per matrix and checkpoint, coloured by layer (grey
+    without one), a marker per checkpoint, and per checkpoint the least-squares line ``ΔM ≈ a + b·ΔD`` with its
+    slope b in the legend. The paper reads the sign of b: full fine-tuning negative, LoRA positive (DoRA's slope is
+    negative too). A checkpoint whose points share one ΔD gets no line (its slope is undefined)."""
+    points = magnitude_direction_points(report)
+    figure, ax = new_axes(ax, size=(7.2, 4.8))
+    from matplotlib import cm, colormaps, colors  # present: new_axes checked
+
+    layers = [row.layer for rows in points.values() for row in rows if row.layer is not None]
+    scale = colors.Normalize(min(layers, default=0), max(layers, default=0) + (0 if len(set(layers)) > 1 else 1))
+    cmap = colormaps["viridis"]
+    markers = "os^Dv<>Pp*hX"
+    for index, (checkpoint, rows) in enumerate(points.items()):
+        x = numpy.array([row.delta_direction for row in rows])
+        y = numpy.array([row.delta_magnitude for row in rows])
+        shades = [cmap(scale(row.layer)) if row.layer is not None else "grey" for row in rows]
+        label = checkpoint_label(report, checkpoint)
+        ax.scatter(x, y, c=shades, marker=markers[index % len(markers)], s=24, edgecolors="none", zorder=3,
+                   label=f"{label} ({len(rows)} matrices)")
+        if numpy.ptp(x) > 0:
+            slope, intercept = numpy.polyfit(x, y, 1)
+            ends = numpy.array([x.min(), x.max()])
+            ax.plot(ends, intercept + slope * ends, linestyle="--", color=f"C{index}",
+                    label=f"{label}: slope {slope:.3g}")
+    if layers:
+        ticks = sorted(set(layers)) if len(set(layers)) <= 12 else None
+        figure.colorbar(cm.ScalarMappable(norm=scale, cmap=cmap), ax=ax, label="layer", ticks=ticks)
+    ax.set_xlabel("ΔD: mean over rows of 1 − cos(w_t,i, w_0,i)")
+    ax.set_ylabel("ΔM: mean over rows of | ||w_t,i|| − ||w_0,i|| |")
+    ax.set_title("Magnitude vs direction change per matrix (DoRA, Liu et al. 2024, Fig. 2)")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return figure

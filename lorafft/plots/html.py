@@ -169,6 +169,11 @@ def _figures(report, spectra: list) -> list[str]:
                              f"Intruders among the top k versus k / min(m, n), {side} (paper Figure 15); the "
                              f"report holds only its top k per matrix."))
         parts.append(_figure(fig.plot_layer_bars(report, side, eps), f"Intruders per layer and module, {side}."))
+    if any(r.delta_magnitude is not None and r.delta_direction is not None for r in report.rows):
+        parts.append(_figure(fig.plot_magnitude_direction(report),
+                             "Change of direction ΔD against change of magnitude ΔM per matrix, a least-squares "
+                             "slope per checkpoint (DoRA, Liu et al. 2024, Figure 2: full fine-tuning negative, "
+                             "LoRA positive)."))
     for row in spectra:
         parts.append(_figure(fig.plot_spectra(report, row.name, row.side, eps, checkpoint=row.checkpoint),
                              f"Singular values of {row.name} ({row.side}), fine-tuned and base; intruders ringed."))
