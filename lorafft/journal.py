@@ -14,6 +14,8 @@ import json
 import os
 
 from lorafft.errors import InputError
+from lorafft.io.jsonfile import JOURNAL_LINE_BYTES, parse_json
+from lorafft.io.writer import DurableLog
 from lorafft.report import MatrixRow
 
 FORMAT_VERSION = 1
@@ -76,16 +78,17 @@ class Journal:
             self._read()
         elif exists:
             self._refuse_overwrite()
-        self._handle = open(self.path, "a" if resume else "w", encoding="utf-8")
+        self._log = DurableLog(self.path, fresh=not resume)
         if not resume:
             self._write(self.header)
 
-    def _read_lines(self) -> list[str]:
+    def _read_lines(self) -> list:
+        """``[header, line, line, ...]``: the parsed header and the raw row lines (bytes) after it."""
+        with open(self.path, "rb") as handle:
+            lines = handle.read().split(b"\n")
         try:
-            with open(self.path, encoding="utf-8") as handle:
-                lines = handle.read().split("\n")
-            header = json.loads(lines[0])
-        except (UnicodeDecodeError, ValueError, RecursionError):
+            header = parse_json(lines[0], self.path, max_bytes=JOURNAL_LINE_BYTES, what="journal header")
+        except InputError:
             raise InputError(self.path, "not a lorafft journal (unreadable header); remove it") from None
         if not isinstance(header, dict) or header.get("lorafft_journal") != FORMAT_VERSION:
             raise InputError(self.path, "not a lorafft journal (no lorafft_journal header); remove it")
@@ -118,17 +121,15 @@ class Journal:
             if not line:
                 continue
             try:
-                row = MatrixRow.from_dict(json.loads(line))
-            except (ValueError, TypeError, KeyError):
+                row = MatrixRow.from_dict(parse_json(line, self.path, max_bytes=JOURNAL_LINE_BYTES))
+            except (InputError, ValueError, TypeError, KeyError, AttributeError):
                 if number == len(lines):
                     break  # after the last newline: a write cut short by the crash
                 raise InputError(self.path, f"line {number} is not a report row") from None
             self.rows[row_key(row)] = row
 
     def _write(self, record: dict) -> None:
-        self._handle.write(json.dumps(record, allow_nan=False) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        self._log.append(json.dumps(record, allow_nan=False))
 
     def append(self, row: MatrixRow) -> None:
         """Record one finished row durably (written, flushed and fsync'd before returning)."""
@@ -137,6 +138,4 @@ class Journal:
 
     def close(self, *, remove: bool) -> None:
         """Close; ``remove`` deletes the file (the scan finished and its report is written)."""
-        self._handle.close()
-        if remove:
-            os.unlink(self.path)
+        self._log.close(remove=remove)

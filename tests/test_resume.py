@@ -115,3 +115,15 @@ def test_partial_last_line_is_ignored(run, tmp_path):
     journal.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # a write cut short by the crash
     resumed = lorafft.scan(run.base, run.full, include=include, journal=journal, resume=True)
     assert [r.to_dict() for r in resumed.rows] == [r.to_dict() for r in first.rows]
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
+                                     b'{"lorafft_journal": 1}\n{"name": ' + b"[" * 5000 + b"\n"])
+def test_a_journal_that_is_not_one_is_a_one_line_error(run, tmp_path, capsys, content):
+    out, journal = tmp_path / "report.json", tmp_path / "report.json.journal"
+    journal.write_bytes(content)
+    for extra in (["--resume"], []):
+        assert main(["scan", str(run.base), str(run.full), "--out", str(out), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(journal) in err and "Traceback" not in err
+    assert journal.read_bytes() == content and not out.exists()

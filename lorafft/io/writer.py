@@ -3,6 +3,7 @@
 - single files (:func:`atomic_path`, :func:`write_atomic`, :func:`write_json`, :func:`write_safetensors`): written
   to a temporary name beside the target, fsync'd, renamed over it;
 - a directory (:func:`new_directory`): built in a temporary directory beside it, renamed into place;
+- an append-only log (:class:`DurableLog`, the scan journal): each line written, flushed and fsync'd at once;
 - checkpoints: a state dict in the Hugging Face layout (:func:`write_checkpoint`: one file, or shards with an
   index), or an existing safetensors checkpoint copied with some tensors replaced (:func:`copy_checkpoint`: same
   shard names, tensor order, metadata and other files).
@@ -59,6 +60,26 @@ def write_atomic(path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (:func:`atomic_path`), UTF-8."""
     with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text)
+
+
+class DurableLog:
+    """A text file appended one line at a time, each on disk (fsync'd) before :meth:`append` returns, so a crash
+    or ``kill -9`` loses at most a partly written last line. ``fresh`` truncates the file first."""
+
+    def __init__(self, path, *, fresh: bool):
+        self.path = os.fspath(path)
+        self._handle = open(self.path, "w" if fresh else "a", encoding="utf-8")
+
+    def append(self, line: str) -> None:
+        self._handle.write(line + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self, *, remove: bool = False) -> None:
+        """Close; ``remove`` deletes the file."""
+        self._handle.close()
+        if remove:
+            os.unlink(self.path)
 
 
 def write_json(path, value, *, indent: int = 2) -> None:
