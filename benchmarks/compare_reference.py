@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 import lorafft
 from lorafft import linalg, synthetic
-from lorafft.scan import build_base_cache
+from lorafft.cache import build_base_cache
 
 EPS = (0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -5,13 +5,42 @@ Three levels of API (Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion
 * :func:`scan` — checkpoints (or state dicts, or a PEFT adapter) in, a :class:`Report` out;
 * :func:`analyze` — the intruder analysis on tensors you hold: one pair ``[m, n]`` or stacks ``[L, m, n]``;
 * :mod:`lorafft.linalg` — the batched primitives: exact base basis, certified truncated SVD, max |cos|.
+
+The names above are imported on first use (PEP 562), so ``import lorafft`` and ``lorafft --help`` do not load torch.
 """
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from lorafft.analysis import analyze
-from lorafft.errors import InputError
-from lorafft.report import Report
-from lorafft.scan import scan
+_LAZY = {"analyze": "lorafft.analysis", "InputError": "lorafft.errors", "Report": "lorafft.report",
+         "scan": "lorafft.scan"}
 
 __all__ = ["InputError", "Report", "analyze", "scan", "__version__"]
+
+
+def __getattr__(name: str):
+    """``lorafft.scan`` and the other names of ``__all__``, imported from their module on first access."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lorafft' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """The package module, keeping ``lorafft.scan`` the function: importing the submodule ``lorafft.scan`` makes the
+    import system set the package attribute of that name to the submodule, which would hide the function."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (name in _LAZY and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,3 +1,5 @@
+"""``python -m lorafft``: the ``lorafft`` command."""
+
 import sys
 
 from lorafft.cli import main

@@ -21,16 +21,18 @@ here:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from lorafft.errors import InputError
+from lorafft.io import writer
 
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_PREFIX = "base_model.model."  # prefix PeftModel puts before the wrapped model's module names
@@ -173,7 +175,7 @@ class _Settings:
 
     def _number(self, value, what: str, integer: bool = False):
         valid = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if not valid or isinstance(value, bool) or not value > 0:
+        if not valid or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
             kind = "a positive integer" if integer else "a positive number"
             raise InputError(self.path, f"adapter config '{what}' must be {kind}, got {value!r}")
         return value
@@ -220,6 +222,10 @@ def _module(tensors, module: str, roles: dict[str, str], base_name: str,
     if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != r or lora_b.shape[1] != r:
         raise InputError(file, f"adapter module '{module}': lora_A {list(lora_a.shape)} and lora_B "
                                f"{list(lora_b.shape)} do not have the rank r = {r} that {ADAPTER_CONFIG} gives")
+    largest = scaling * float(lora_b.abs().max()) * float(lora_a.abs().max()) * r  # bounds every entry of s·B·A
+    if not largest < torch.finfo(torch.float32).max:
+        raise InputError(file, f"adapter module '{module}': its update s·B·A (s = {scaling:g} from lora_alpha and r) "
+                               f"reaches {largest:g}, beyond float32: the tuned weight is not a number")
     magnitude = None
     if "magnitude" in roles:
         magnitude = tensors.get(roles["magnitude"])
@@ -250,3 +256,114 @@ def _listing(names: list[str]) -> str:
     """The first few names, quoted, with a count of the rest."""
     shown = ", ".join(f"'{n}'" for n in names[:_SHOWN])
     return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing an adapter with rescaled singular triplets (lorafft.intervene), beside the reading rules it inverts
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def write_adapter(adapter, base_checkpoint, base_index, triplets: Mapping[str, tuple], lam: float, directory: str,
+                  leave_out=()) -> list[str]:
+    """Write ``adapter`` into ``directory`` with λ applied to the given singular triplets of its merged updates:
+    s·B'·A' = s·B·A + (λ−1)·Σ u_j σ_j v_jᵀ per module, each module keeping its scaling s (the rules:
+    :mod:`lorafft.intervene`'s docstring). Return the file names written.
+
+    Args:
+        adapter: the PEFT adapter (``lorafft.io.Adapter``).
+        base_checkpoint: the base (``lorafft.io.Checkpoint``), read only for DoRA modules' W0.
+        base_index: a ``lorafft.pairing.NameIndex`` of the base names, resolving PEFT keys to base tensors.
+        triplets: base tensor name -> ``(LoraModule, U [out, c], S [c], V [in, c])``, fp64, in the analysed
+            orientation; modules not named are written unchanged.
+        lam: λ.
+        directory: an existing, empty directory.
+        leave_out: names of other files of the adapter directory not to copy.
+
+    Returns:
+        ``adapter_config.json``, ``adapter_model.safetensors`` (also when the input was ``.bin``; with the input's
+        safetensors metadata) and the copied other files.
+    """
+    config = copy.deepcopy(adapter.config)  # every field kept
+    use_rslora = bool(config.get("use_rslora", False))
+    modules, _ = module_parts(adapter.tensors, use_dora=bool(config.get("use_dora")))  # key -> {role: name}
+    key_of = {base_index.resolve(key + ".weight"): key for key in modules}
+    tensors = {name: adapter.tensors.get(name) for name in adapter.tensors.names()}
+    first_file = adapter.tensors.file_of(next(iter(tensors)))
+    if not first_file.endswith(".safetensors"):
+        tensors = {name: t.clone() for name, t in tensors.items()}  # .bin tensors may share storage
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+
+    def old_rank_alpha(key):
+        return (pattern_value(rank_pattern, key, config["r"]), pattern_value(alpha_pattern, key, config["lora_alpha"]))
+
+    entries = {}  # PEFT key -> (r, alpha)
+    for name, (module, U, S, V) in triplets.items():
+        key = key_of[name]
+        roles = modules[key]
+        r, alpha = old_rank_alpha(key)
+        base_weight = base_checkpoint.get(name) if module.magnitude is not None else None
+        lora_a, lora_b, magnitude = extended_factors(module, U, S, V, lam, tensors[roles["A"]], tensors[roles["B"]],
+                                                     base_weight)
+        tensors[roles["A"]], tensors[roles["B"]] = lora_a, lora_b
+        if magnitude is not None:
+            tensors[roles["magnitude"]] = magnitude
+        r_new = lora_a.shape[0]
+        alpha_new = alpha * (math.sqrt(r_new / r) if use_rslora else r_new / r)  # keeps s = α/r (α/√r)
+        entries[key] = (r_new, int(alpha_new) if float(alpha_new).is_integer() else alpha_new)
+    for key in modules:  # a module whose name ends with a changed one's would match that key: pin its own values
+        if key not in entries and any(key.endswith("." + changed) for changed in list(entries)):
+            entries[key] = old_rank_alpha(key)
+    if entries:
+        ordered = sorted(entries, key=lambda key: (-len(key), key))  # a longer name's key before its suffixes'
+        config["rank_pattern"] = _merge_patterns({re.escape(key): entries[key][0] for key in ordered}, rank_pattern)
+        config["alpha_pattern"] = _merge_patterns({re.escape(key): entries[key][1] for key in ordered}, alpha_pattern)
+
+    metadata = writer.safetensors_metadata(first_file)
+    writer.write_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), tensors, metadata)
+    writer.write_json(os.path.join(directory, ADAPTER_CONFIG), config)
+    skip = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", *leave_out}
+    return [ADAPTER_CONFIG, ADAPTER_WEIGHTS] + writer.copy_other_files(adapter.path, directory, skip)
+
+
+def extended_factors(module: LoraModule, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, lam: float,
+                     lora_a: torch.Tensor, lora_b: torch.Tensor, base_weight: torch.Tensor | None):
+    """The factors of one module with (λ−1)·U diag(S) Vᵀ added to its update.
+
+    Args:
+        module: the module (its scaling s, orientation, DoRA magnitude m).
+        U, S, V: the triplets, ``[out, c]``, ``[c]``, ``[in, c]`` fp64 in the analysed orientation (embeddings are
+            analysed as stored, ``[in, out]``).
+        lam: λ.
+        lora_a, lora_b: the stored factors A ``[r, in]``, B ``[out, r]``.
+        base_weight: W0 as stored, needed for DoRA only.
+
+    Returns:
+        ``(A' [r+c, in], B' [out, r+c], m' [out] or None)`` with s·B'·A' = s·B·A + (λ−1)·Σ u_j σ_j v_jᵀ in PEFT's
+        B·A orientation ``[out, in]`` (DoRA: the new columns divided row-wise by D = m/‖V‖, and m' = D·‖V'‖).
+    """
+    if module.embedding:
+        U, V = V, U
+    coefficient = (abs(lam - 1) * S / module.scaling).sqrt()  # [c]
+    b = U * (coefficient * math.copysign(1.0, lam - 1))  # [out, c]
+    a = V * coefficient  # [in, c]
+    dtype = torch.promote_types(lora_a.dtype, torch.float32)
+    W0 = None
+    if module.magnitude is not None:
+        W0 = (base_weight.T if module.fan_in_fan_out else base_weight).double()  # [out, in]
+        norm = torch.linalg.norm(W0 + module.scaling * (lora_b.double() @ lora_a.double()), dim=1)
+        D = module.magnitude.double() / norm
+        b = b / D[:, None]
+    lora_b_new = torch.cat([lora_b.to(dtype), b.to(dtype)], dim=1)
+    lora_a_new = torch.cat([lora_a.to(dtype), a.T.to(dtype)], dim=0)
+    magnitude = None
+    if W0 is not None:
+        V_new = W0 + module.scaling * (lora_b_new.double() @ lora_a_new.double())
+        magnitude = (D * torch.linalg.norm(V_new, dim=1)).to(torch.promote_types(module.magnitude.dtype,
+                                                                                   torch.float32))
+    return lora_a_new.contiguous(), lora_b_new.contiguous(), magnitude
+
+
+def _merge_patterns(new: dict, old: dict) -> dict:
+    """``new`` first (it must win PEFT's first-match rule), then the old entries not replaced."""
+    return {**new, **{key: value for key, value in old.items() if key not in new}}

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafft import linalg
+from lorafft import linalg, options
 from lorafft.arrays import as_tensor
 
-DEFAULT_EPS = (0.5,)
+DEFAULT_EPS = options.DEFAULT_EPS
 NEAR_THRESHOLD = 1e-3  # max|cos| this close to an ε is flagged: its count may flip under rounding
 
 
@@ -33,8 +33,11 @@ class SideAnalysis:
     inf where the tuned singular value is not separated from its neighbours), counts ``[L, E]`` int64,
     near_threshold ``[L, k]`` bool (max_cos within max(1e-3, error_bound) of some ε), random_floor ``1/sqrt(d)``,
     random_reference: quantiles of max |cos| of a uniformly random unit vector of R^d against the side's basis
-    (see :func:`random_max_cos`), to read whether an ε means anything at this width; vectors ``[L, d, k]`` fp64: the
-    tuned singular vectors y_j themselves (a tracker warm-starts the next step's iteration from them).
+    (see :func:`random_max_cos`), to read whether an ε means anything at this width.
+    base_rank ``[L]`` int64: numerical rank ρ of W0 (:func:`base_rank`); undetermined ``[L, E]`` int64: vectors
+    whose intruder status at ε depends on how a rank-deficient base basis is completed (:func:`_defined_match`),
+    left out of ``counts``; zero when ρ = min(m, n). vectors ``[L, d, k]`` fp64: the tuned singular vectors y_j
+    themselves (a tracker warm-starts the next step's iteration from them).
     """
 
     side: str
@@ -49,6 +52,8 @@ class SideAnalysis:
     random_floor: float
     random_reference: dict[str, float]
     iterations: int
+    base_rank: torch.Tensor
+    undetermined: torch.Tensor
     vectors: torch.Tensor
 
 
@@ -108,40 +113,29 @@ def analyze(
 
     Returns ``{side: SideAnalysis}``.
     """
-    if (Wt is None) == (lora is None):
-        raise ValueError("give the tuned matrix Wt or its LoRA update lora=(B, A, s), not both")
-    W0 = as_tensor(W0)
-    Wt = None if Wt is None else as_tensor(Wt)
+    W0, Wt, low_rank, single = _stacks(W0, Wt, lora)
     start = None if start is None else as_tensor(start)
-    if W0.dim() not in (2, 3) or (Wt is not None and W0.shape != Wt.shape):
-        raise ValueError(f"W0 and Wt must have one shape [m, n] or [L, m, n]; got {tuple(W0.shape)}, "
-                         f"{None if Wt is None else tuple(Wt.shape)}")
-    single = W0.dim() == 2
-    if single:
-        W0, Wt = W0.unsqueeze(0), None if Wt is None else Wt.unsqueeze(0)
-        start = None if start is None else start.unsqueeze(0)
-    low_rank = None if lora is None else _low_rank(lora, W0, single)
+    start = start.unsqueeze(0) if single and start is not None else start
     for side in sides:
         if side not in linalg.SIDES:
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
-    eps = (float(eps),) if isinstance(eps, (int, float)) else tuple(float(e) for e in eps)
+    eps, k = options.thresholds(eps), options.positive_int(k)
     basis = linalg.base_basis(W0) if basis is None else basis
-    block = max(2 * k, k + 10)
-    guesses = basis.top_vectors("left", block - block // 4)
-    if start is not None:
-        guesses = torch.cat([start.to(guesses.device, torch.float64), guesses], dim=-1)
+    guesses, block = start_block(basis, k, start)
     tuned_matrix = W0 if Wt is None else Wt
     backend = linalg.resolve_backend(tuned_matrix.device, backend)
     tuned = linalg.truncated_svd(tuned_matrix, k, start=guesses, block_size=block, tol=tol, generator=generator,
                                  backend=backend, low_rank=low_rank)
-    results = {}
+    results, rank = {}, base_rank(basis)
     for side in sides:
         vectors = tuned.U if side == "left" else tuned.V
-        match = _match(basis, vectors, side, eps, backend)
+        match, undetermined = _defined_match(basis, vectors, side, eps, _match(basis, vectors, side, eps, backend),
+                                             rank)
         max_cos = match.max_cos.double()
-        slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)
         thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
+        slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)  # vectors without a bound are not "near": see report
         near = ((max_cos.unsqueeze(-1) - thresholds).abs() < slack.unsqueeze(-1)).any(dim=-1)
+        near &= tuned.error_bound.isfinite()
         results[side] = SideAnalysis(
             side=side,
             eps=eps,
@@ -155,9 +149,81 @@ def analyze(
             random_floor=1.0 / math.sqrt(vectors.shape[-2]),
             random_reference=random_max_cos(vectors.shape[-2], basis.sigma.shape[-1]),
             iterations=tuned.iterations,
+            base_rank=rank,
+            undetermined=undetermined,
             vectors=vectors,
         )
     return results
+
+
+def base_rank(basis: linalg.BaseBasis) -> torch.Tensor:
+    """Numerical rank ρ ``[L]`` int64 of each base matrix: the σ_i above ``σ_1 · max(m, n) · ε_fp32`` (NumPy's
+    ``matrix_rank`` rule at the precision weights are stored in); 0 for an all-zero matrix."""
+    m, n = basis.W0.shape[-2:]
+    floor = basis.sigma[:, :1] * max(m, n) * torch.finfo(torch.float32).eps
+    return (basis.sigma > floor).sum(dim=-1)
+
+
+def _defined_match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps: tuple[float, ...],
+                   match: linalg.CosineMatch, rank: torch.Tensor) -> tuple[linalg.CosineMatch, torch.Tensor]:
+    """The match against the defined part of a rank-deficient base basis, and the undetermined vectors.
+
+    Beyond its rank ρ a base matrix's singular vectors are any orthonormal completion: the paper's max over
+    *all* x_i is then not a property of W0. For a tuned vector y (unit, ``vectors [L, d, k]``) let ``c`` be its
+    max |cos| over the ρ defined x_i and ``r = sqrt(1 - Σ_{i<ρ} cos_i²)`` its length outside their span. Some
+    completion has a vector at |cos| = r with y, another spreads r thinly, so y is an intruder at ε for every
+    completion iff ``max(c, r) < ε``, for none iff ``c >= ε``, and *undetermined* otherwise (``c < ε <= r``).
+    Rows of full rank keep ``match``; rank-deficient ones get max_cos = c and argmax over the defined x_i, and
+    counts of the certain intruders only. Returns ``(match, undetermined [L, E] int64)``.
+    """
+    undetermined = torch.zeros(match.counts.shape, dtype=torch.int64, device=match.counts.device)
+    deficient = (rank < basis.sigma.shape[-1]).nonzero().flatten().tolist()
+    if not deficient:
+        return match, undetermined
+    max_cos, argmax, counts = match.max_cos.clone(), match.argmax.clone(), match.counts.clone()
+    thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
+    cosines = basis.project(vectors.double(), side)  # [L, s, k], rows by descending σ_i
+    for index in deficient:
+        defined = cosines[index, : int(rank[index])]  # [ρ, k]
+        best, best_index = (defined.abs().max(dim=0) if defined.shape[0] else
+                            (torch.zeros_like(cosines[index, 0]), torch.zeros_like(argmax[index])))
+        outside = (1 - (defined**2).sum(dim=0)).clamp_min(0).sqrt()
+        below = best.unsqueeze(-1) < thresholds  # [k, E]
+        unsure = below & (outside.unsqueeze(-1) >= thresholds)
+        max_cos[index], argmax[index] = best.to(max_cos.dtype), best_index
+        counts[index], undetermined[index] = (below & ~unsure).sum(dim=0), unsure.sum(dim=0)
+    return linalg.CosineMatch(max_cos=max_cos, argmax=argmax, counts=counts), undetermined
+
+
+def start_block(basis: linalg.BaseBasis, k: int, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The tuned SVD's start: ``(guesses [L, m, c] fp64, block size)`` for the top ``k`` left singular vectors.
+
+    The block holds ``max(2k, k + 10)`` vectors; the guesses are ``extra`` (a LoRA adapter's B columns, or the
+    previous vectors of a tracked matrix) followed by the base's top three quarters of a block of left singular
+    vectors, since a fine-tune mostly keeps them (DESIGN.md: block Krylov started there needs 2 iterations on a full
+    fine-tune); :func:`lorafft.linalg.truncated_svd` fills the rest of the block with random vectors.
+    """
+    block = max(2 * k, k + 10)
+    guesses = basis.top_vectors("left", block - block // 4)
+    if extra is not None:
+        guesses = torch.cat([extra.to(guesses.device, torch.float64), guesses], dim=-1)
+    return guesses, block
+
+
+def _stacks(W0, Wt, lora) -> tuple[torch.Tensor, torch.Tensor | None, linalg.LowRank | None, bool]:
+    """``(W0 [L, m, n], Wt [L, m, n] | None, LowRank | None, single)`` from a pair ``[m, n]`` (``single``: L = 1) or
+    stacks, with either Wt or ``lora`` (:func:`analyze`'s arguments); ValueError when they do not fit."""
+    if (Wt is None) == (lora is None):
+        raise ValueError("give the tuned matrix Wt or its LoRA update lora=(B, A, s), not both")
+    W0 = as_tensor(W0)
+    Wt = None if Wt is None else as_tensor(Wt)
+    if W0.dim() not in (2, 3) or (Wt is not None and W0.shape != Wt.shape):
+        raise ValueError(f"W0 and Wt must have one shape [m, n] or [L, m, n]; got {tuple(W0.shape)}, "
+                         f"{None if Wt is None else tuple(Wt.shape)}")
+    single = W0.dim() == 2
+    if single:
+        W0, Wt = W0.unsqueeze(0), None if Wt is None else Wt.unsqueeze(0)
+    return W0, Wt, None if lora is None else _low_rank(lora, W0, single), single
 
 
 def _low_rank(lora, W0: torch.Tensor, single: bool) -> linalg.LowRank:
@@ -206,3 +272,88 @@ def stable_rank(sigma: torch.Tensor) -> torch.Tensor:
     """Stable rank ``||M||_F^2 / ||M||_2^2`` from singular values ``sigma [L, s]``; ``[L]``, 0 for a zero matrix."""
     top = sigma.amax(dim=-1)
     return torch.where(top > 0, (sigma**2).sum(dim=-1) / top.clamp_min(torch.finfo(sigma.dtype).tiny) ** 2, 0.0)
+
+
+def delta_ranks(W0: torch.Tensor, Wt: torch.Tensor | None, modules: list) -> list[tuple[float, float]]:
+    """(effective rank, stable rank) of ΔW = Wt - W0 for each matrix of the stack ``W0 [L, m, n]``.
+
+    ``modules``: per matrix the PEFT LoRA module (:class:`lorafft.adapters.LoraModule`) or None. A LoRA module
+    without DoRA magnitude gives its singular values from the r×r core of its factors (``Wt`` may then be None: the
+    batch was kept factored); otherwise they come from the dense difference ``Wt[i] - W0[i]`` in fp32.
+    """
+    sigmas = []
+    for index, module in enumerate(modules):
+        if module is not None and module.magnitude is None:
+            sigma = linalg.low_rank_singular_values(module.lora_B[None], module.lora_A[None], module.scaling)
+        else:
+            sigma = linalg.singular_values((Wt[index].float() - W0[index].float())[None])
+        sigmas.append(sigma)
+    return [(float(effective_rank(s)[0]), float(stable_rank(s)[0])) for s in sigmas]
+
+
+ROW_BLOCK = 1 << 18  # elements upcast to fp64 at a time by magnitude_direction: 2 MB temporaries stay in cache
+
+
+def magnitude_direction(W0, Wt=None, *, lora=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRA's weight decomposition analysis (Liu et al. 2024, Sec. 3.2, Figure 2): how much each matrix of a stack
+    changed its neurons' magnitudes and directions.
+
+    DoRA writes a weight as magnitude times direction, ``W = m · V / ||V||_c``; in the analysed torch orientation
+    ``[out, in]`` the paper's column n is row i, ``w_i`` (one output neuron: PEFT's ``lora_magnitude_vector`` has
+    one entry per row). For base rows ``w_0,i`` and tuned rows ``w_t,i``, i = 1..m:
+
+        ΔM = (1/m) Σ_i | ||w_t,i|| − ||w_0,i|| |,        ΔD = (1/m') Σ_i' (1 − cos(w_t,i', w_0,i')),
+
+    where the i' are the m' rows that are non-zero in both W0 and Wt: a zero row has no direction, so it is left out
+    of ΔD's mean (ΔD is NaN when no row has a direction); ΔM counts every row. The paper plots ΔD (x) against ΔM
+    (y) over layers and training steps: full fine-tuning shows a negative slope, LoRA a positive one.
+
+    Everything is accumulated in fp64. For a factored LoRA update ΔW = s·B·A the tuned matrix is not formed: with
+    rows b_i of B, ``||w_0,i + s b_i A||² = ||w_0,i||² + 2s <w_0,i, b_i A> + s² b_i (A Aᵀ) b_iᵀ`` and
+    ``<w_t,i, w_0,i> = ||w_0,i||² + s <w_0,i, b_i A>``, from ``W0 Aᵀ [m, r]`` and ``A Aᵀ [r, r]``.
+
+    Args:
+        W0: base weights ``[m, n]`` or a stack ``[L, m, n]`` (any float dtype; torch or DLPack arrays).
+        Wt: tuned weights of W0's shape, or None with ``lora``.
+        lora: instead of Wt, the update ``(B, A, s)`` or a :class:`lorafft.linalg.LowRank`, as in :func:`analyze`.
+
+    Returns:
+        ``(ΔM [L], ΔD [L])`` fp64 on W0's device (L = 1 for a pair).
+    """
+    W0, Wt, low_rank, _ = _stacks(W0, Wt, lora)
+    base, tuned, inner = _row_products(W0, Wt, low_rank)
+    base_norm, tuned_norm = base.sqrt(), tuned.sqrt()
+    magnitude = (tuned_norm - base_norm).abs().mean(dim=-1)
+    defined = (base > 0) & (tuned > 0)
+    cosine = inner / torch.where(defined, base_norm * tuned_norm, 1.0)
+    change = torch.where(defined, (1 - cosine).clamp(0, 2), 0.0)
+    direction = change.sum(dim=-1) / defined.sum(dim=-1)  # 0/0 = NaN where no row has a direction
+    return magnitude, direction
+
+
+def _row_products(W0: torch.Tensor, Wt: torch.Tensor | None,
+                  low_rank: linalg.LowRank | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(||w_0,i||², ||w_t,i||², <w_t,i, w_0,i>)``, each ``[L, m]`` fp64, for W0 ``[L, m, n]`` and Wt (or the
+    factored update ``low_rank``, see :func:`magnitude_direction`), upcast to fp64 a block of rows at a time."""
+    L, m, n = W0.shape
+    device = W0.device
+    if low_rank is not None:
+        A = low_rank.A.to(device, torch.float64)
+        B = low_rank.B.to(device, torch.float64)
+        scale = low_rank.scale.to(device, torch.float64)[:, None]
+        BG = B @ (A @ A.mT)  # [L, m, r]: b_i (A Aᵀ)
+    base, tuned, inner = (torch.empty(L, m, dtype=torch.float64, device=device) for _ in range(3))
+    step = max(1, ROW_BLOCK // max(1, L * n))
+    for start in range(0, m, step):
+        rows = slice(start, start + step)
+        w0 = W0[:, rows].double()
+        base[:, rows] = (w0 * w0).sum(dim=-1)
+        if low_rank is None:
+            wt = Wt[:, rows].double()
+            tuned[:, rows], inner[:, rows] = (wt * wt).sum(dim=-1), (wt * w0).sum(dim=-1)
+        else:
+            along = scale * ((w0 @ A.mT) * B[:, rows]).sum(dim=-1)  # s <w_0,i, b_i A>
+            squared = scale**2 * (BG[:, rows] * B[:, rows]).sum(dim=-1)  # s² b_i A Aᵀ b_iᵀ
+            tuned[:, rows] = (base[:, rows] + 2 * along + squared).clamp_min(0)
+            inner[:, rows] = base[:, rows] + along
+    return base, tuned, inner

@@ -18,16 +18,17 @@ of the sampled elements.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from lorafft import linalg
+from lorafft import linalg, loading, pairing
 from lorafft.errors import InputError
-from lorafft.report import atomic_path, write_atomic
+from lorafft.io.jsonfile import read_json_object
+from lorafft.io.writer import write_json, write_safetensors
+from lorafft.options import DEFAULT_MAX_BATCH_BYTES, patterns
 
 INDEX = "lorafft-base-cache.json"
 FORMAT_VERSION = 1
@@ -56,12 +57,8 @@ class BaseCache:
         self.index_path = os.path.join(self.directory, INDEX)
         self.entries: dict[str, dict] = {}
         if os.path.isfile(self.index_path):
-            try:
-                with open(self.index_path, encoding="utf-8") as handle:
-                    index = json.load(handle)
-            except (OSError, ValueError) as e:
-                raise InputError(self.index_path, f"unreadable base-cache index: {e}") from None
-            if not isinstance(index, dict) or index.get("format_version") != FORMAT_VERSION:
+            index = read_json_object(self.index_path, what="base-cache index")
+            if index.get("format_version") != FORMAT_VERSION:
                 raise InputError(self.index_path, f"not a lorafft base cache of format version {FORMAT_VERSION}")
             self.entries = index.get("entries", {})
         elif writable:
@@ -94,12 +91,10 @@ class BaseCache:
         """Write one entry (atomically) and the index: ``basis [s, s]`` stored fp32, ``sigma [s]`` fp64, for the
         base tensor ``name`` analysed as ``shape`` (``[out, in]``)."""
         file = _entry_file(name)
-        with atomic_path(os.path.join(self.directory, file)) as temporary:
-            save_file({"basis": basis.float().contiguous(), "sigma": sigma.double().contiguous()}, temporary,
-                      metadata={"name": name})
+        write_safetensors(os.path.join(self.directory, file), {"basis": basis.float(), "sigma": sigma.double()},
+                          metadata={"name": name})
         self.entries[name] = {"file": file, "shape": list(shape), "fingerprint": fingerprint(W0_stored)}
-        index = {"format_version": FORMAT_VERSION, "entries": self.entries}
-        write_atomic(self.index_path, json.dumps(index, indent=1) + "\n")
+        write_json(self.index_path, {"format_version": FORMAT_VERSION, "entries": self.entries}, indent=1)
 
 
 def cached_basis(W0: torch.Tensor, bases: list[torch.Tensor], sigmas: list[torch.Tensor]) -> linalg.BaseBasis:
@@ -107,3 +102,44 @@ def cached_basis(W0: torch.Tensor, bases: list[torch.Tensor], sigmas: list[torch
     ``[s, s]`` fp32 (``BaseBasis.project`` works in fp64 on the larger side, where it divides by sigma_i)."""
     sigma, Z = torch.stack(sigmas).double().to(W0.device), torch.stack(bases).to(W0.device)
     return linalg.BaseBasis(W0=W0, sigma=sigma, Z=Z, reflectors=None, tau=None)
+
+
+def batch_basis(W0: torch.Tensor, stored: list[torch.Tensor], names: list[str], reader: BaseCache | None = None,
+                writer: BaseCache | None = None) -> linalg.BaseBasis:
+    """The base basis of a batch ``W0 [L, m, n]`` (analysed orientation) of the base tensors ``names`` (``stored``
+    as their checkpoint holds them): read from ``reader`` when every matrix is there in this orientation, else
+    computed (:func:`lorafft.linalg.base_basis`) and stored in ``writer`` when given."""
+    shape = tuple(W0.shape[1:])
+    if reader is not None:
+        found = [reader.lookup(name, tensor, shape) for name, tensor in zip(names, stored)]
+        if all(entry is not None for entry in found):
+            return cached_basis(W0, [basis for basis, _ in found], [sigma for _, sigma in found])
+    basis = linalg.base_basis(W0)
+    if writer is not None:
+        explicit = basis.top_vectors(basis.small_side, basis.sigma.shape[-1])
+        for index, (name, tensor) in enumerate(zip(names, stored)):
+            writer.store(name, tensor, explicit[index].cpu(), basis.sigma[index].cpu(), shape)
+    return basis
+
+
+def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: bool = False, split_fused: bool = False,
+                     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, progress: bool = False) -> BaseCache:
+    """Compute and store the basis of every 2-D base weight in scope (as stored, ``[out, in]``) in ``directory``:
+    ``lorafft cache build``. Entries already there with the right fingerprint are kept. ``split_fused``: the parts
+    of fused projections, as ``scan(..., split_fused=True)`` reads them. Returns the cache."""
+    from tqdm.auto import tqdm
+
+    scope = pairing.Scope(patterns(include, "include"), patterns(exclude, "exclude"), embeddings)
+    with loading.open_base(base, split_fused=split_fused) as checkpoint:
+        pairs = [pairing.Pair(name, name, tuple(checkpoint.shape(name))) for name in checkpoint.names()
+                 if len(checkpoint.shape(name)) == 2 and 0 not in checkpoint.shape(name) and scope.admits(name)]
+        if not pairs:
+            raise InputError(checkpoint.path, "no 2-D weight matrices in scope")
+        writer = BaseCache(directory, writable=True)
+        batches = pairing.shape_batches(pairs, max_batch_bytes, copies=1)
+        loader = loading.BatchLoader(checkpoint, [], [])
+        with tqdm(total=len(batches), unit="batch", disable=not progress, desc="lorafft cache") as bar:
+            for position, loaded in loader.batches(batches):
+                batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batches[position]], writer, writer)
+                bar.update(1)
+    return writer

@@ -47,29 +47,25 @@ Both kinds also get ``lorafft_intervention.json``: what was rescaled (the :class
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
+import functools
 import math
 import os
-import re
-import shutil
-import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lorafft import adapters, analysis, io, linalg, pairing
-from lorafft.scan import DEFAULT_MAX_BATCH_BYTES, Pair, adapter_start, shape_batches, find_pairs, load_pair
+from lorafft import adapters, analysis, io, linalg, loading, options, pairing
+from lorafft.cache import BaseCache, batch_basis
 from lorafft.errors import InputError
+from lorafft.io import writer
+from lorafft.options import DEFAULT_MAX_BATCH_BYTES
+from lorafft.pairing import Pair
 
 WHICH = ("top", "all")
 TRIPLET_TOL = 1e-8  # certified error bound of each rescaled singular vector (fp64 iteration)
 RECORD = "lorafft_intervention.json"
-_INDEX = "model.safetensors.index.json"
-_ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_WEIGHT_FILE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|\.index\.json$")
 _SIGMA_AGREEMENT = 1e-4  # relative agreement required between analyze's σ_j and the fp64 triplet's
 
 
@@ -172,6 +168,9 @@ def intervene(
     tol: float = 1e-5,
     seed: int = 0,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    base_cache=None,
+    device=None,
+    backend: str | None = None,
     progress: bool = False,
 ) -> InterventionSummary:
     """Rescale the intruder dimensions of ``tuned`` (relative to ``base``) by ``lam`` and write the result to
@@ -186,53 +185,50 @@ def intervene(
         eps, k: the intruder definition (max |cos| < eps, among the top k left singular vectors; the paper: 0.5, 10).
         include, exclude, embeddings: scope, as in :func:`lorafft.scan` (regexes searched in base tensor names).
         tol, seed, max_batch_bytes: the scan's analysis (certified max |cos| error, random starts, memory cap).
+        base_cache, device, backend: as in :func:`lorafft.scan` (a ``lorafft cache build`` directory; where and how
+            the analysis runs). LoRA updates are kept factored as the scan keeps them.
         progress: a progress bar on stderr.
 
     Returns an :class:`InterventionSummary`. Raises InputError on bad input or options; nothing is written then.
     """
-    lam = _check_options(lam, which, eps, k)
+    lam = _check_options(lam, which, eps)
+    settings = options.ScanOptions(k=k, eps=eps, include=include, exclude=exclude, embeddings=embeddings, tol=tol,
+                                   seed=seed, base_cache=base_cache, max_batch_bytes=max_batch_bytes)
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_out_dir(out_dir)
     if isinstance(tuned, dict):
         raise InputError(io.STATE_DICT, "intervene rewrites files: TUNED must be a checkpoint or adapter on disk")
-    if not isinstance(base, dict) and io.is_adapter(base):
-        raise InputError(base, "the base must be a model checkpoint, not a PEFT adapter")
-    tuned_source = io.open_adapter(tuned) if io.is_adapter(tuned) else io.open_checkpoint(tuned)
+    device = torch.device("cpu" if device is None else device)
+    reader = None if base_cache is None else BaseCache(base_cache)
+    tuned_source = loading.open_tuned(tuned)
     is_adapter = isinstance(tuned_source, io.Adapter)
     tuned_checkpoint = tuned_source.tensors if is_adapter else tuned_source
-    layout = None if is_adapter else _safetensors_layout(tuned_checkpoint, os.fspath(tuned))
-    scope = pairing.Scope(tuple(include), tuple(exclude), embeddings)
-    with io.open_checkpoint(base) as base_checkpoint, tuned_checkpoint:
-        pairs, skipped = find_pairs(base_checkpoint, tuned_source, scope)
-        edits, matrices = _find_edits(base_checkpoint, tuned_source, pairs, lam, which, eps, k, tol, seed,
-                                      max_batch_bytes, progress)
+    layout = None if is_adapter else writer.checkpoint_files(tuned_checkpoint, os.fspath(tuned))
+    scope = pairing.Scope(settings.include, settings.exclude, settings.embeddings)
+    with loading.open_base(base) as base_checkpoint, tuned_checkpoint:
+        pairs, skipped = pairing.find_pairs(base_checkpoint, tuned_source, scope)
+        loader = loading.BatchLoader(base_checkpoint, [tuned_source], [{pair.name: pair for pair in pairs}],
+                                     device=device, native=linalg.resolve_backend(device, backend) == "triton")
+        finder = _EditFinder(settings, lam, which, reader, backend)
+        edits, matrices = finder.find(loader, pairing.shape_batches(pairs, settings.max_batch_bytes), progress)
         views = [] if is_adapter else [e.pair.tuned_name for e in edits.values() if tuned_checkpoint.is_view(e.pair.tuned_name)]
         if views:
             raise InputError(tuned_checkpoint.file_of(views[0]), f"intervene cannot rewrite '{views[0]}': it is "
                                                                  "stored FP8-quantized or stacked per expert")
         summary = InterventionSummary(
-            base=os.fspath(base) if not isinstance(base, dict) else io.STATE_DICT, tuned=os.fspath(tuned),
+            base=loading.describe(base), tuned=os.fspath(tuned),
             out_dir=out_dir, tuned_kind="lora" if is_adapter else "full", lam=lam, which=which, eps=float(eps),
             k=k, matrices=matrices, skipped=skipped, files=[],
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
-        parent = os.path.dirname(out_dir)
-        os.makedirs(parent, exist_ok=True)
-        temporary = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
-        os.mkdir(temporary)
-        try:
+        with writer.new_directory(out_dir) as temporary:
+            changed = edits if lam != 1 else {}
             if is_adapter:
-                files = _write_adapter(tuned_source, base_checkpoint, edits, lam, temporary, matrices)
+                files = _write_adapter(tuned_source, base_checkpoint, changed, lam, temporary)
             else:
-                files = _write_checkpoint(tuned_checkpoint, layout, edits, lam, temporary)
+                files = _write_checkpoint(tuned_checkpoint, layout, changed, lam, temporary)
             summary.files = sorted(files + [RECORD])
-            with open(os.path.join(temporary, RECORD), "w", encoding="utf-8") as f:
-                json.dump(summary.to_dict(), f, indent=1)
-                f.write("\n")
-            _publish(temporary, out_dir)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
+            writer.write_json(os.path.join(temporary, RECORD), summary.to_dict(), indent=1)
     return summary
 
 
@@ -240,17 +236,14 @@ def intervene(
 # Finding the triplets
 
 
-def _check_options(lam, which, eps, k) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise InputError("lambda", f"must be a finite number >= 0 (the factor applied to each intruder's singular "
-                                   f"value), got {lam!r}")
+def _check_options(lam, which, eps) -> float:
+    """λ as a float; ``which`` one of WHICH; ``eps`` one threshold (k, ε's range and the rest: ScanOptions)."""
+    lam = options.scale_factor(lam)
     if which not in WHICH:
         raise InputError("which", f"must be 'top' or 'all', got {which!r}")
-    if not (isinstance(eps, (int, float)) and 0 < eps <= 1):
-        raise InputError("eps", f"must be a threshold in (0, 1], got {eps!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError("k", f"must be a positive integer, got {k!r}")
-    return float(lam)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise InputError("eps", f"must be one threshold in (0, 1], got {eps!r}")
+    return lam
 
 
 def _check_out_dir(out_dir: str) -> None:
@@ -261,58 +254,67 @@ def _check_out_dir(out_dir: str) -> None:
         raise InputError(out_dir, "output path exists and is not a directory (nothing written)")
 
 
-def _find_edits(base_checkpoint, tuned_source, pairs, lam, which, eps, k, tol, seed, max_batch_bytes, progress):
-    """Analyse every pair as ``scan`` does; return ``({name: _Edit}, [MatrixIntervention])`` (edits only for
-    matrices with something to rescale)."""
-    from tqdm.auto import tqdm
+@dataclass
+class _EditFinder:
+    """Finds the triplets to rescale: each batch analysed as :func:`lorafft.scan` analyses it (same loader, base
+    basis, start block and per-batch random stream), then the chosen intruders' triplets recomputed in fp64."""
 
-    generator = torch.Generator().manual_seed(seed)
-    edits, matrices = {}, []
-    with tqdm(total=len(pairs), unit="matrix", disable=not progress, desc="lorafft intervene") as bar:
-        for batch in shape_batches(pairs, max_batch_bytes):
-            loaded = [load_pair(base_checkpoint, tuned_source, pair) for pair in batch]
-            W0 = torch.stack([w0 for w0, _ in loaded])
-            Wt = torch.stack([wt for _, wt in loaded])
-            del loaded
-            basis = linalg.base_basis(W0)
-            start = adapter_start(batch)
-            result = analysis.analyze(W0, Wt, k=k, eps=(eps,), start=start, tol=tol, generator=generator,
-                                      basis=basis)["left"]
-            chosen = []
-            for index in range(len(batch)):
-                ranks = torch.nonzero(result.max_cos[index] < eps).flatten().tolist()
-                chosen.append(ranks[:1] if which == "top" else ranks)
-            rows = [index for index, ranks in enumerate(chosen) if ranks]
-            triplets = _triplets(Wt[rows], basis, rows, start, k, generator) if rows else None
-            for index, pair in enumerate(batch):
-                ranks = chosen[index]
-                matrix = MatrixIntervention(pair.name, pair.tuned_name, tuple(pair.shape),
-                                            intruders=len(torch.nonzero(result.max_cos[index] < eps)))
-                if pair.module is not None:
-                    r = pair.module.lora_A.shape[0]
-                    matrix.lora_rank = [r, r + (len(ranks) if lam != 1 else 0)]
-                matrices.append(matrix)
-                if not ranks:
-                    continue
-                row = rows.index(index)
-                S = triplets.S[row, ranks]
-                _check_agreement(pair, ranks, S, result.singular_values[index, ranks], result.error_bound[index])
-                for j, sigma in zip(ranks, S.tolist()):
-                    matrix.rescaled.append(RescaledDimension(j, float(result.max_cos[index, j]), sigma, lam * sigma))
-                edits[pair.name] = _Edit(pair, triplets.U[row][:, ranks], S, triplets.V[row][:, ranks])
-            bar.update(len(batch))
-    return edits, matrices
+    settings: options.ScanOptions
+    lam: float
+    which: str
+    reader: BaseCache | None
+    backend: str | None
 
+    def find(self, loader: loading.BatchLoader, batches: list[list[Pair]], progress: bool):
+        """``({name: _Edit}, [MatrixIntervention])``: edits only for matrices with something to rescale."""
+        from tqdm.auto import tqdm
 
-def _triplets(Wt, basis, rows, start, k, generator) -> linalg.TruncatedSVD:
-    """Top-k singular triplets of the rows' ``Wt [L', out, in]`` in fp64, certified to TRIPLET_TOL, started as
-    ``analyze`` starts (the adapter's B columns and the base's top left vectors), so a few iterations suffice."""
-    block = max(2 * k, k + 10)
-    guesses = basis.top_vectors("left", block - block // 4)[rows]
-    if start is not None:
-        guesses = torch.cat([start[rows].double(), guesses], dim=-1)
-    return linalg.truncated_svd(Wt.double(), k, start=guesses, block_size=block, tol=TRIPLET_TOL,
-                                generator=generator)
+        edits, matrices = {}, []
+        with tqdm(total=sum(map(len, batches)), unit="matrix", disable=not progress, desc="lorafft intervene") as bar:
+            for position, loaded in loader.batches(batches):
+                self._batch(position, loaded, edits, matrices)
+                bar.update(len(loaded.pairs[0]))
+        return edits, matrices
+
+    def _batch(self, position: int, loaded: loading.LoadedBatch, edits: dict, matrices: list) -> None:
+        settings, eps = self.settings, self.settings.eps[0]
+        batch, (entry,), (columns,) = loaded.pairs[0], loaded.tuned, loaded.columns
+        generator = torch.Generator().manual_seed(settings.seed + 7919 * position)
+        basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.reader)
+        Wt, update = (None, entry) if isinstance(entry, linalg.LowRank) else (entry, None)
+        result = analysis.analyze(loaded.W0, Wt, lora=update, k=settings.k, eps=settings.eps, start=columns,
+                                  tol=settings.tol, generator=generator, basis=basis, backend=self.backend)["left"]
+        intruders = [torch.nonzero(result.max_cos[index] < eps).flatten().tolist() for index in range(len(batch))]
+        chosen = [ranks[:1] if self.which == "top" else ranks for ranks in intruders]
+        rows = [index for index, ranks in enumerate(chosen) if ranks]
+        triplets = self._triplets(loaded, basis, rows, columns, generator) if rows else None
+        for index, pair in enumerate(batch):
+            ranks = chosen[index]
+            matrix = MatrixIntervention(pair.name, pair.tuned_name, tuple(pair.shape), intruders=len(intruders[index]))
+            if pair.adapter is not None:
+                r = pair.adapter.lora_A.shape[0]
+                matrix.lora_rank = [r, r + (len(ranks) if self.lam != 1 else 0)]
+            matrices.append(matrix)
+            if not ranks:
+                continue
+            row = rows.index(index)
+            S = triplets.S[row, ranks]
+            _check_agreement(pair, ranks, S, result.singular_values[index, ranks], result.error_bound[index])
+            for j, sigma in zip(ranks, S.tolist()):
+                matrix.rescaled.append(RescaledDimension(j, float(result.max_cos[index, j]), sigma, self.lam * sigma))
+            edits[pair.name] = _Edit(pair, triplets.U[row][:, ranks], S, triplets.V[row][:, ranks])
+
+    def _triplets(self, loaded: loading.LoadedBatch, basis, rows: list[int], columns, generator) -> linalg.TruncatedSVD:
+        """Top-k singular triplets of the tuned matrices ``rows`` of the batch in fp64, certified to TRIPLET_TOL,
+        started as ``analyze`` starts (:func:`lorafft.analysis.start_block`), so a few iterations suffice."""
+        guesses, block = analysis.start_block(basis, self.settings.k, columns)
+        entry = loaded.tuned[0]
+        if isinstance(entry, linalg.LowRank):
+            W, low_rank = loaded.W0[rows].double(), linalg.LowRank(entry.B[rows], entry.A[rows], entry.scale[rows])
+        else:
+            W, low_rank = entry[rows].double(), None
+        return linalg.truncated_svd(W, self.settings.k, start=guesses[rows], block_size=block, tol=TRIPLET_TOL,
+                                    generator=generator, low_rank=low_rank)
 
 
 def _check_agreement(pair, ranks, S, S_analysis, error_bound) -> None:
@@ -329,147 +331,22 @@ def _check_agreement(pair, ranks, S, S_analysis, error_bound) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Writing a PEFT adapter
+# Writing the output (lorafft.io.writer; the adapter-writing rules are in lorafft.adapters)
 
 
 def _write_adapter(adapter: io.Adapter, base_checkpoint: io.Checkpoint, edits: dict[str, _Edit], lam: float,
-                   directory: str, matrices: list[MatrixIntervention]) -> list[str]:
-    """Write the adapter with every edit applied (module docstring); return the file names written."""
-    config = json.loads(json.dumps(adapter.config))  # a deep copy; every field kept
-    use_rslora = bool(config.get("use_rslora", False))
-    base_index = pairing.NameIndex(base_checkpoint.names())
-    modules, _ = adapters.module_parts(adapter.tensors, use_dora=bool(config.get("use_dora")))  # key -> {role: name}
-    key_of = {base_index.resolve(key + ".weight"): key for key in modules}
-    tensors = {name: adapter.tensors.get(name) for name in adapter.tensors.names()}
-    if not adapter.tensors.file_of(next(iter(tensors))).endswith(".safetensors"):
-        tensors = {name: t.clone() for name, t in tensors.items()}  # .bin tensors may share storage
-    original_r = config["r"]
-    original_alpha = config["lora_alpha"]
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-
-    def old_rank_alpha(key):
-        return (adapters.pattern_value(rank_pattern, key, original_r),
-                adapters.pattern_value(alpha_pattern, key, original_alpha))
-
-    entries = {}  # PEFT key -> (r, alpha)
-    for name, edit in edits.items() if lam != 1 else ():
-        module, key = edit.pair.module, key_of[name]
-        roles = modules[key]
-        r, alpha = old_rank_alpha(key)
-        base_weight = base_checkpoint.get(name) if module.magnitude is not None else None
-        lora_a, lora_b, magnitude = _extended_factors(module, edit, lam, tensors[roles["A"]], tensors[roles["B"]],
-                                                      base_weight)
-        tensors[roles["A"]], tensors[roles["B"]] = lora_a, lora_b
-        if magnitude is not None:
-            tensors[roles["magnitude"]] = magnitude
-        r_new = lora_a.shape[0]
-        alpha_new = alpha * (math.sqrt(r_new / r) if use_rslora else r_new / r)  # keeps s = α/r (α/√r)
-        entries[key] = (r_new, int(alpha_new) if float(alpha_new).is_integer() else alpha_new)
-    for key in modules:  # a module whose name ends with a changed one's would match that key: pin its own values
-        if key not in entries and any(key.endswith("." + changed) for changed in list(entries)):
-            entries[key] = old_rank_alpha(key)
-    if entries:
-        ordered = sorted(entries, key=lambda key: (-len(key), key))  # a longer name's key before its suffixes'
-        config["rank_pattern"] = _merge_patterns({re.escape(key): entries[key][0] for key in ordered}, rank_pattern)
-        config["alpha_pattern"] = _merge_patterns({re.escape(key): entries[key][1] for key in ordered}, alpha_pattern)
-
-    from safetensors.torch import save_file
-
-    save_file({name: t.contiguous() for name, t in tensors.items()}, os.path.join(directory, _ADAPTER_WEIGHTS),
-              metadata=_safetensors_metadata(adapter.tensors.file_of(next(iter(tensors)))))
-    with open(os.path.join(directory, adapters.ADAPTER_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    skip = {adapters.ADAPTER_CONFIG, _ADAPTER_WEIGHTS, "adapter_model.bin"}
-    return [adapters.ADAPTER_CONFIG, _ADAPTER_WEIGHTS] + _copy_other_files(adapter.path, directory, skip)
+                   directory: str) -> list[str]:
+    """Write the adapter with every edit applied (module docstring; :func:`lorafft.adapters.write_adapter`)."""
+    triplets = {name: (edit.pair.adapter, edit.U, edit.S, edit.V) for name, edit in edits.items()}
+    return adapters.write_adapter(adapter, base_checkpoint, pairing.NameIndex(base_checkpoint.names()), triplets, lam,
+                                  directory, leave_out=(RECORD,))
 
 
-def _extended_factors(module: adapters.LoraModule, edit: _Edit, lam: float, lora_a: torch.Tensor,
-                      lora_b: torch.Tensor, base_weight: torch.Tensor | None):
-    """``(A' [r+c, in], B' [out, r+c], m' [out] or None)`` with s·B'·A' = s·B·A + (λ−1)·Σ u_j σ_j v_jᵀ (DoRA:
-    divided row-wise by D = m/‖V‖, and m' = D·‖V'‖), all in PEFT's B·A orientation ``[out, in]``. ``base_weight``
-    (W0 as stored) is needed for DoRA only."""
-    U, V = (edit.V, edit.U) if module.embedding else (edit.U, edit.V)  # embeddings are analysed as stored, [in, out]
-    coefficient = (abs(lam - 1) * edit.S / module.scaling).sqrt()  # [c]
-    b = U * (coefficient * math.copysign(1.0, lam - 1))  # [out, c]
-    a = V * coefficient  # [in, c]
-    dtype = torch.promote_types(lora_a.dtype, torch.float32)
-    W0 = None
-    if module.magnitude is not None:
-        W0 = (base_weight.T if module.fan_in_fan_out else base_weight).double()  # [out, in]
-        norm = torch.linalg.norm(W0 + module.scaling * (lora_b.double() @ lora_a.double()), dim=1)
-        D = module.magnitude.double() / norm
-        b = b / D[:, None]
-    lora_b_new = torch.cat([lora_b.to(dtype), b.to(dtype)], dim=1)
-    lora_a_new = torch.cat([lora_a.to(dtype), a.T.to(dtype)], dim=0)
-    magnitude = None
-    if W0 is not None:
-        V_new = W0 + module.scaling * (lora_b_new.double() @ lora_a_new.double())
-        magnitude = (D * torch.linalg.norm(V_new, dim=1)).to(torch.promote_types(module.magnitude.dtype,
-                                                                                   torch.float32))
-    return lora_a_new.contiguous(), lora_b_new.contiguous(), magnitude
-
-
-def _merge_patterns(new: dict, old: dict) -> dict:
-    """``new`` first (it must win PEFT's first-match rule), then the old entries not replaced."""
-    return {**new, **{key: value for key, value in old.items() if key not in new}}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing a full checkpoint
-
-
-@dataclass
-class _Layout:
-    """A safetensors checkpoint's files: ``shards`` (path -> tensor names), the ``index`` path or None, and the
-    ``directory`` whose other files are copied (None when the input was a single file or an index)."""
-
-    shards: dict[str, list[str]]
-    index: str | None
-    directory: str | None
-
-
-def _safetensors_layout(checkpoint: io.Checkpoint, source: str) -> _Layout:
-    shards: dict[str, list[str]] = {}
-    for name in checkpoint.stored_names():
-        shards.setdefault(checkpoint.file_of(name), []).append(name)
-    other = sorted(file for file in shards if not file.endswith(".safetensors"))
-    if other:
-        raise InputError(other[0], "intervene rewrites only safetensors checkpoints (a .bin one would change "
-                                   "format and file names); convert it to safetensors first")
-    if os.path.isdir(source):
-        index = os.path.join(source, _INDEX)
-        return _Layout(shards, index if os.path.isfile(index) else None, source)
-    return _Layout(shards, source if source.endswith(".json") else None, None)
-
-
-def _write_checkpoint(checkpoint: io.Checkpoint, layout: _Layout, edits: dict[str, _Edit], lam: float,
-                      directory: str) -> list[str]:
+def _write_checkpoint(checkpoint: io.Checkpoint, layout: writer.CheckpointFiles, edits: dict[str, _Edit],
+                      lam: float, directory: str) -> list[str]:
     """Write every shard (copied, or rewritten with its edited tensors), the index and the other files."""
-    from safetensors.torch import load_file, save_file
-
-    by_tuned_name = {edit.pair.tuned_name: edit for edit in edits.values()} if lam != 1 else {}
-    written = []
-    for shard, names in layout.shards.items():
-        target = os.path.join(directory, os.path.basename(shard))
-        changed = [name for name in names if name in by_tuned_name]
-        if not changed:
-            shutil.copyfile(shard, target)
-        else:
-            checkpoint.release(shard)
-            tensors = load_file(shard)
-            for name in changed:
-                tensors[name] = _rescaled(tensors[name], by_tuned_name[name], lam)
-            save_file(tensors, target, metadata=_safetensors_metadata(shard))
-            del tensors
-        written.append(os.path.basename(shard))
-    if layout.index is not None:
-        shutil.copyfile(layout.index, os.path.join(directory, os.path.basename(layout.index)))
-        written.append(os.path.basename(layout.index))
-    if layout.directory is not None:
-        written += _copy_other_files(layout.directory, directory, set(written))
-    return written
+    replace = {edit.pair.tuned_name: functools.partial(_rescaled, edit=edit, lam=lam) for edit in edits.values()}
+    return writer.copy_checkpoint(checkpoint, layout, directory, replace, leave_out=(RECORD,))
 
 
 def _rescaled(stored: torch.Tensor, edit: _Edit, lam: float) -> torch.Tensor:
@@ -479,110 +356,3 @@ def _rescaled(stored: torch.Tensor, edit: _Edit, lam: float) -> torch.Tensor:
     W = stored.double()
     W.addmm_(edit.U * edit.S, edit.V.T, alpha=lam - 1)
     return W.to(stored.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files
-
-
-def _safetensors_metadata(file: str) -> dict[str, str] | None:
-    """A safetensors file's ``__metadata__`` (``{"format": "pt"}`` for other formats, as transformers writes it)."""
-    if not file.endswith(".safetensors"):
-        return {"format": "pt"}
-    from safetensors import safe_open
-
-    with safe_open(file, framework="pt") as f:
-        return f.metadata()
-
-
-def _copy_other_files(source: str, directory: str, skip: set[str]) -> list[str]:
-    """Copy the regular files of ``source`` not in ``skip`` into ``directory``; other weight files and
-    subdirectories are left out with one warning (they would carry the unmodified weights)."""
-    copied, left_out = [], []
-    for entry in sorted(os.listdir(source)):
-        path = os.path.join(source, entry)
-        if entry in skip or entry == RECORD:
-            continue
-        if not os.path.isfile(path) or _WEIGHT_FILE.search(entry):
-            left_out.append(entry)
-            continue
-        shutil.copyfile(path, os.path.join(directory, entry))
-        copied.append(entry)
-    if left_out:
-        warnings.warn(f"{source}: not copied to the output (other weights or subdirectories): "
-                      f"{', '.join(left_out[:5])}" + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""),
-                      stacklevel=3)
-    return copied
-
-
-def _publish(temporary: str, out_dir: str) -> None:
-    """Rename the finished temporary directory to ``out_dir`` (which may exist only as an empty directory)."""
-    try:
-        os.rename(temporary, out_dir)
-    except OSError as e:
-        raise InputError(out_dir, f"cannot create the output directory: {e.strerror or e} (nothing written)") from e
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-
-DESCRIPTION = """\
-Rescale the intruder dimensions of a fine-tune (Shuttleworth et al., arXiv 2410.21228, Sec. 6).
-
-For every weight matrix, the top-k singular triplets (u_j, sigma_j, v_j) of the tuned Wt = W0 + dW whose u_j
-has max |cos| < EPS against every singular vector of the base W0 (the intruders `lorafft scan` counts) get
-sigma_j -> LAMBDA * sigma_j:
-
-    W' = W0 + dW + (LAMBDA - 1) * u_j sigma_j v_j^T
-
-Every other singular value and vector of Wt stays as it is. LAMBDA < 1 shrinks the intruders (the paper:
-less forgetting of the pre-training data), 0 removes them, 1 changes nothing.
-
-What is written to --out DIR (a new or empty directory; written atomically, or not at all):
-  TUNED a PEFT LoRA adapter  -> a PEFT adapter; each changed module gets rank r + (intruders rescaled) and
-                                keeps its scaling (rank_pattern / alpha_pattern). Nothing of the original
-                                update is lost. Load it with PeftModel.from_pretrained(model, DIR).
-  TUNED a full fine-tune     -> the same safetensors shards, index, dtypes and other files (config.json, ...);
-                                only the changed matrices differ. (.bin checkpoints: convert to safetensors.)
-DIR/lorafft_intervention.json lists every rescaled intruder (rank, max |cos|, sigma before and after).
-"""
-
-EPILOG = """\
-examples:
-  lorafft intervene ./base ./lora-adapter --lambda 0.5 --out ./lora-lambda0.5
-  lorafft intervene ./base ./finetune --lambda 0 --which all --eps 0.6 --out ./finetune-no-intruders
-  lorafft intervene ./base ./lora-adapter --lambda 0.25 --include 'layers\\.(0|1)\\.' --out ./early-layers
-"""
-
-
-def add_command(subparsers) -> argparse.ArgumentParser:
-    """Register ``lorafft intervene`` on the CLI's subparsers; the parsed args carry ``run`` (:func:`run`), as
-    in ``lorafft.plots.commands``."""
-    parser = subparsers.add_parser(
-        "intervene", help="rescale intruder dimensions by lambda and write a new adapter or checkpoint",
-        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
-    parser.add_argument("tuned", metavar="TUNED", help="PEFT LoRA adapter directory, or a safetensors fine-tune")
-    parser.add_argument("--lambda", dest="lam", type=float, required=True, metavar="LAMBDA",
-                        help="factor for each rescaled singular value, >= 0 (e.g. 0.5 halves it, 0 removes it)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
-    parser.add_argument("--which", choices=WHICH, default="top",
-                        help="top: only the highest-ranked intruder of each matrix (default); all: every intruder")
-    parser.add_argument("--eps", type=float, default=0.5,
-                        help="intruder threshold: max |cos| < EPS (default: 0.5, as the paper)")
-    parser.add_argument("--k", type=int, default=10, help="top singular vectors searched per matrix (default: 10)")
-    parser.add_argument("--include", nargs="+", default=[], metavar="REGEX", help="only tensors whose name matches one")
-    parser.add_argument("--exclude", nargs="+", default=[], metavar="REGEX", help="skip tensors whose name matches one")
-    parser.add_argument("--embeddings", action="store_true", help="also embeddings and lm_head (left out by default)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=run)
-    return parser
-
-
-def run(args) -> int:
-    """``lorafft intervene``: print the summary; InputError propagates (the CLI prints it and exits 2)."""
-    summary = intervene(args.base, args.tuned, args.out, lam=args.lam, which=args.which, eps=args.eps, k=args.k,
-                        include=args.include, exclude=args.exclude, embeddings=args.embeddings,
-                        progress=not args.quiet)
-    print(summary.summary())
-    return 0

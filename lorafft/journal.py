@@ -1,24 +1,62 @@
 """The scan journal: every finished row on disk at once, so a crashed or killed scan resumes where it stopped.
 
-Format: JSON lines. The first line is the header ``{"lorafft_journal": 1, "inputs": ..., "options": ...}``; each
-further line is one report row (``MatrixRow.to_dict()``), appended and fsync'd as soon as its matrix is done. A
-crash can leave at most a partial last line, which is ignored on resume. A journal whose header names other inputs
-or options than the resuming scan is refused: its rows would not belong in the report.
+Format: JSON lines. The first line is the header ``{"lorafft_journal": 1, "inputs": ..., "options": ...,
+"fingerprints": {file: digest}}``; each further line is one report row (``MatrixRow.to_dict()``), appended and
+fsync'd as soon as its matrix is done. A crash can leave at most a partial last line, which is ignored on resume. A
+journal whose header names other inputs or options than the resuming scan is refused, and so is one whose input
+files changed since (:func:`fingerprints`): its rows would not belong in the report.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 from lorafft.errors import InputError
+from lorafft.io.jsonfile import JOURNAL_LINE_BYTES, parse_json
+from lorafft.io.writer import DurableLog
 from lorafft.report import MatrixRow
 
 FORMAT_VERSION = 1
+_HEAD_BYTES = 1 << 20  # a safetensors header, an adapter or model config: read whole
+_SAMPLES, _SAMPLE_BYTES = 64, 4096  # and strided samples of the rest
+_INPUT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
 
 
 def row_key(row: MatrixRow) -> tuple[str, int, str]:
     return row.name, row.checkpoint, row.side
+
+
+def fingerprints(sources) -> dict[str, str]:
+    """``{file: digest}`` of every file the inputs ``sources`` (paths or in-memory state dicts, which have none)
+    are read from: a checkpoint file, or the weights, indexes and configs directly in a directory (or beside an
+    index). The digest covers the size, the modification time, the first MiB (headers, configs) and 64 strided
+    4 KiB samples of the rest, so an input edited in place is told from the one a journal was written for."""
+    files = []
+    for source in sources:
+        if isinstance(source, dict):
+            continue
+        path = os.fspath(source)
+        folder = path if os.path.isdir(path) else os.path.dirname(path) if path.endswith(".json") else None
+        if folder is None:
+            files.append(path)
+        else:
+            files.extend(os.path.join(folder, name) for name in sorted(os.listdir(folder))
+                         if name.endswith(_INPUT_SUFFIXES) and os.path.isfile(os.path.join(folder, name)))
+    return {file: _digest(file) for file in files}
+
+
+def _digest(file: str) -> str:
+    status = os.stat(file)
+    digest = hashlib.blake2b(f"{status.st_size}|{status.st_mtime_ns}".encode(), digest_size=16)
+    with open(file, "rb") as handle:
+        digest.update(handle.read(_HEAD_BYTES))
+        stride = max(_SAMPLE_BYTES, (status.st_size - _HEAD_BYTES) // _SAMPLES)
+        for offset in range(_HEAD_BYTES, status.st_size, stride):
+            handle.seek(offset)
+            digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 class Journal:
@@ -30,45 +68,68 @@ class Journal:
 
     def __init__(self, path, header: dict, *, resume: bool):
         self.path = os.fspath(path)
-        self.header = {"lorafft_journal": FORMAT_VERSION, **header}
+        self.header = json.loads(json.dumps({"lorafft_journal": FORMAT_VERSION, **header}))
         self.rows: dict[tuple[str, int, str], MatrixRow] = {}
         exists = os.path.isfile(self.path) and os.path.getsize(self.path) > 0
         if resume:
             if not exists:
                 raise InputError(self.path, "no journal to resume from")
+            self._check_header(self._read_lines()[0])
             self._read()
         elif exists:
-            raise InputError(self.path, "a journal from an earlier scan is here: pass --resume to finish that scan, "
-                                        "or remove the file")
-        self._handle = open(self.path, "a" if resume else "w", encoding="utf-8")
+            self._refuse_overwrite()
+        self._log = DurableLog(self.path, fresh=not resume)
         if not resume:
             self._write(self.header)
 
-    def _read(self) -> None:
-        with open(self.path, encoding="utf-8") as handle:
-            lines = handle.read().split("\n")
+    def _read_lines(self) -> list:
+        """``[header, line, line, ...]``: the parsed header and the raw row lines (bytes) after it."""
+        with open(self.path, "rb") as handle:
+            lines = handle.read().split(b"\n")
         try:
-            header = json.loads(lines[0])
-        except ValueError:
-            raise InputError(self.path, "not a lorafft journal (unreadable header)") from None
-        if header != json.loads(json.dumps(self.header)):
+            header = parse_json(lines[0], self.path, max_bytes=JOURNAL_LINE_BYTES, what="journal header")
+        except InputError:
+            raise InputError(self.path, "not a lorafft journal (unreadable header); remove it") from None
+        if not isinstance(header, dict) or header.get("lorafft_journal") != FORMAT_VERSION:
+            raise InputError(self.path, "not a lorafft journal (no lorafft_journal header); remove it")
+        return [header, *lines[1:]]
+
+    def _check_header(self, header: dict) -> None:
+        """The journal must be this scan's: same inputs and options, and input files unchanged since."""
+        if {**header, "fingerprints": None} != {**self.header, "fingerprints": None}:
             raise InputError(self.path, "this journal was written by a scan with other inputs or options; "
                                         "remove it or rerun that scan")
+        recorded, current = header.get("fingerprints") or {}, self.header.get("fingerprints") or {}
+        for file in sorted(recorded.keys() | current.keys()):
+            if recorded.get(file) != current.get(file):
+                raise InputError(file, f"changed since the interrupted scan of journal {self.path} (size, time or "
+                                       "content): its rows would mix two versions; remove the journal to rescan")
+
+    def _refuse_overwrite(self) -> None:
+        """An earlier scan's journal is here: say how to go on, never overwrite it."""
+        header = self._read_lines()[0]
+        if {**header, "fingerprints": None} == {**self.header, "fingerprints": None}:
+            raise InputError(self.path, "an interrupted run of this scan left this journal: pass --resume to "
+                                        "finish it, or remove the file to start over")
+        raise InputError(self.path, "an interrupted scan of other inputs or options left this journal: remove it "
+                                    "to start this scan, name another (--journal), or finish that scan with its "
+                                    "own arguments and --resume")
+
+    def _read(self) -> None:
+        lines = self._read_lines()
         for number, line in enumerate(lines[1:], start=2):
             if not line:
                 continue
             try:
-                row = MatrixRow.from_dict(json.loads(line))
-            except (ValueError, TypeError, KeyError):
+                row = MatrixRow.from_dict(parse_json(line, self.path, max_bytes=JOURNAL_LINE_BYTES))
+            except (InputError, ValueError, TypeError, KeyError, AttributeError):
                 if number == len(lines):
                     break  # after the last newline: a write cut short by the crash
                 raise InputError(self.path, f"line {number} is not a report row") from None
             self.rows[row_key(row)] = row
 
     def _write(self, record: dict) -> None:
-        self._handle.write(json.dumps(record, allow_nan=False) + "\n")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        self._log.append(json.dumps(record, allow_nan=False))
 
     def append(self, row: MatrixRow) -> None:
         """Record one finished row durably (written, flushed and fsync'd before returning)."""
@@ -77,6 +138,4 @@ class Journal:
 
     def close(self, *, remove: bool) -> None:
         """Close; ``remove`` deletes the file (the scan finished and its report is written)."""
-        self._handle.close()
-        if remove:
-            os.unlink(self.path)
+        self._log.close(remove=remove)

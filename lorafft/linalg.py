@@ -164,6 +164,14 @@ class BaseBasis:
     def small_side(self) -> str:
         return "left" if self.W0.shape[-2] <= self.W0.shape[-1] else "right"
 
+    def select(self, rows: list[int]) -> BaseBasis:
+        """The bases of the matrices ``rows`` of the stack (the same object when that is all of them)."""
+        if rows == list(range(self.sigma.shape[0])):
+            return self
+        pick = (lambda t: None if t is None else t[rows])
+        return BaseBasis(W0=self.W0[rows], sigma=self.sigma[rows], Z=self.Z[rows], reflectors=pick(self.reflectors),
+                         tau=pick(self.tau))
+
     def _reflect(self, Y: torch.Tensor, transpose: bool) -> torch.Tensor:
         """``Q^T Y`` (``transpose``) or ``Q Y`` for ``Y [L, s, k]``; Q = I when there are no reflectors."""
         if self.reflectors is None:

@@ -1,18 +1,22 @@
-"""Pairing: which base tensor each tuned matrix is compared with, and which matrices are in scope.
+"""Pairing: which base tensor each tuned matrix is compared with, which matrices are in scope, and their batches.
 
 Names are matched tolerantly of leading prefixes (``base_model.model.``, ``model.``, ``bert.``, ...): two names
 pair when they are equal or one is the other with leading dot-separated components removed, and the match is
 unique. Scope: every 2-D weight present in both with equal shape; embeddings and ``lm_head`` only when asked;
 ``include`` / ``exclude`` regular expressions (``re.search``) narrow it further. Biases are never in scope, even
 2-D ones (GPT-OSS stores its experts' biases stacked, ``experts.gate_up_proj_bias [E, 2I]``). Matrices of one
-shape form one batch for the linear algebra.
+shape form one batch for the linear algebra (:func:`shape_batches`).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+
+from lorafft import adapters, io
+from lorafft.errors import InputError
 
 EMBEDDING_PATTERN = re.compile(r"(^|\.)(embed\w*|wte|wpe|\w*embeddings|lm_head|shared)(\.|$)")
 BIAS_PATTERN = re.compile(r"(^|[._])bias$")  # GPT-OSS's stacked expert biases ``experts.gate_up_proj_bias`` are 2-D
@@ -95,3 +99,84 @@ def group_by_shape(items, shape_of):
     for item in items:
         groups.setdefault(tuple(shape_of(item)), []).append(item)
     return groups
+
+
+@dataclass
+class Pair:
+    """One matrix to analyse: the base tensor name, where the tuned matrix comes from, and its analysed shape.
+
+    ``shape`` is ``[out, in]``: PEFT ``fan_in_fan_out`` weights (GPT-2 Conv1D) are stored ``[in, out]`` and
+    transposed (:attr:`transposed`); embeddings are analysed as stored, whether the tuned side is an adapter or a
+    full fine-tune. ``adapter`` is the PEFT LoRA module when the tuned side is an adapter, else None.
+    """
+
+    name: str
+    tuned_name: str
+    shape: tuple[int, int]
+    adapter: adapters.LoraModule | None = None
+
+    @property
+    def transposed(self) -> bool:
+        return self.adapter is not None and self.adapter.fan_in_fan_out and not self.adapter.embedding
+
+
+def find_pairs(base: io.Checkpoint, tuned: io.Checkpoint | io.Adapter, scope: Scope, *, strict: bool = False):
+    """``(pairs, skipped)``: the pairs in scope, and the skipped names with reasons (``{"name", "reason"}``).
+
+    Raises InputError when nothing pairs, or (``strict``) when a paired name has a different shape.
+    """
+    if isinstance(tuned, io.Adapter):
+        pairs, skipped = _adapter_pairs(base, tuned, scope)
+    else:
+        pairs, skipped = _checkpoint_pairs(base, tuned, scope, strict)
+    if not pairs:
+        raise InputError(tuned.path, f"no 2-D weight matrices in scope in common with the base checkpoint {base.path}")
+    return pairs, skipped
+
+
+def _adapter_pairs(base: io.Checkpoint, adapter: io.Adapter, scope: Scope):
+    pairs, skipped = [], []
+    for module in adapters.lora_modules(adapter, NameIndex(base.names()), base.shape):
+        if scope.admits(module.base_name):
+            shape = tuple(base.shape(module.base_name))
+            pair = Pair(module.base_name, module.base_name, shape, module)
+            pair.shape = shape[::-1] if pair.transposed else shape
+            _admit(pair, pairs, skipped)
+    return pairs, skipped
+
+
+def _admit(pair: Pair, pairs: list[Pair], skipped: list[dict]) -> None:
+    """Add ``pair``, or skip it with a reason when it has no entries (a ``[0, n]`` weight has no singular vectors)."""
+    if 0 in pair.shape:
+        skipped.append({"name": pair.name, "reason": f"empty matrix {list(pair.shape)}: no singular vectors"})
+    else:
+        pairs.append(pair)
+
+
+def _checkpoint_pairs(base: io.Checkpoint, tuned: io.Checkpoint, scope: Scope, strict: bool):
+    tuned_index = NameIndex(tuned.names())
+    pairs, skipped = [], []
+    for name in base.names():
+        tuned_name = tuned_index.resolve(name)
+        if tuned_name is None or len(base.shape(name)) != 2 or not scope.admits(name):
+            continue
+        base_shape, tuned_shape = list(base.shape(name)), list(tuned.shape(tuned_name))
+        if base_shape != tuned_shape:
+            problem = f"tensor '{tuned_name}' has shape {tuned_shape} but base '{name}' has {base_shape}"
+            if strict:
+                raise InputError(tuned.file_of(tuned_name), problem)
+            warnings.warn(f"{tuned.file_of(tuned_name)}: {problem}; skipped", stacklevel=3)
+            skipped.append({"name": name, "reason": problem})
+            continue
+        _admit(Pair(name, tuned_name, tuple(base_shape)), pairs, skipped)
+    return pairs, skipped
+
+
+def shape_batches(pairs: list[Pair], max_batch_bytes: int, copies: int = 2) -> list[list[Pair]]:
+    """Same-shape groups of ``pairs``, cut so that a batch's fp32 stacks (``copies`` per matrix: the base and each
+    tuned checkpoint) fit ``max_batch_bytes``; in first-seen order."""
+    batches = []
+    for shape, group in group_by_shape(pairs, lambda p: p.shape).items():
+        size = max(1, max_batch_bytes // (copies * 4 * shape[0] * shape[1]))
+        batches.extend(group[start : start + size] for start in range(0, len(group), size))
+    return batches

@@ -7,28 +7,25 @@ JSON schema (``schema_version`` 1; documented in the README):
 "totals_by_side": {side: {ε: count}}, "totals_by_checkpoint": [{ε: count}, ...], "skipped": [{"name", "reason"}]}``,
 where a row is ``{"name", "tuned_name", "checkpoint", "layer", "module", "shape", "side", "k", "singular_values",
 "base_singular_values", "max_cos", "argmax", "error_bound", "near_threshold", "counts": {ε: count}, "random_floor",
-"random_reference": {"p5", "p50", "p95", "p99"}, "delta_effective_rank", "delta_stable_rank", "iterations"}``. ε keys are strings
+"random_reference": {"p5", "p50", "p95", "p99"}, "delta_effective_rank", "delta_stable_rank", "iterations",
+"base_rank", "undetermined": {ε: count}, "delta_magnitude", "delta_direction"}``. ε keys are strings
 (``"0.5"``); ``argmax`` is the 0-based rank of the best-matching base singular vector; ``error_bound`` is null
 where the tuned singular value is not separated from its neighbours (that vector is not determined by the matrix).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 
+from lorafft.io.writer import write_atomic
+from lorafft.options import eps_key
+from lorafft.pairing import Pair, layer_and_module
+
 SCHEMA_VERSION = 1
-
-
-def eps_key(eps: float) -> str:
-    """The string form of a threshold used as a key: 0.5 -> "0.5"."""
-    return f"{float(eps):g}"
 
 
 def _finite_or_none(values):
@@ -59,6 +56,12 @@ class MatrixRow:
     delta_effective_rank: float | None
     delta_stable_rank: float | None
     iterations: int
+    base_rank: int | None = None  # numerical rank of W0; below min(shape): undefined base vectors beyond it
+    undetermined: dict[str, int] = field(default_factory=dict)  # per ε: left out of counts (analysis._defined_match)
+    # DoRA's ΔM and ΔD of the matrix (analysis.magnitude_direction), the same on both sides' rows; None in reports
+    # written before they were added, and ΔD None when no row of W0 and Wt is non-zero in both
+    delta_magnitude: float | None = None
+    delta_direction: float | None = None
 
     def to_dict(self) -> dict:
         row = dict(self.__dict__)
@@ -150,6 +153,10 @@ class Report:
                 "random_p99": r.random_reference.get("p99"),
                 "delta_effective_rank": r.delta_effective_rank,
                 "delta_stable_rank": r.delta_stable_rank,
+                "delta_magnitude": r.delta_magnitude,
+                "delta_direction": r.delta_direction,
+                "base_rank": r.base_rank,
+                **{f"undetermined@{key}": count for key, count in r.undetermined.items()},
                 "max_error_bound": max(r.error_bound) if r.error_bound else math.nan,
                 "near_threshold": sum(r.near_threshold),
                 "max_cos": " ".join(f"{v:.6g}" for v in r.max_cos),
@@ -192,12 +199,14 @@ class Report:
         (self.to_csv if str(path).endswith(".csv") else self.to_json)(path)
 
     def summary(self, worst: int = 5) -> str:
-        """A short text table: totals per ε (with the random floor range) and the rows with most intruders."""
-        lines = []
+        """A short text table: totals per ε (with the random floor range), what to read with care, and the rows with
+        most intruders."""
         keys = [eps_key(e) for e in self.eps]
         sides = sorted({r.side for r in self.rows})
-        matrices = len({r.name for r in self.rows})
-        lines.append(f"{matrices} matrices, k={self.options.get('k')}, side {'+'.join(sides)}")
+        analysed = sorted({r.k for r in self.rows})  # min(k, m, n) per matrix
+        k = f"{analysed[0]}" if len(analysed) == 1 else f"{analysed[0]}..{analysed[-1]} (min(k, m, n) per matrix)"
+        lines = [f"{len({r.name for r in self.rows})} matrices, k={k if analysed else self.options.get('k')}, "
+                 f"side {'+'.join(sides)}"]
         floors = sorted({round(r.random_floor, 4) for r in self.rows})
         if floors:
             lines.append(f"random-direction floor 1/sqrt(d): {floors[0]:g}" + (f" .. {floors[-1]:g}" if len(floors) > 1 else ""))
@@ -208,9 +217,7 @@ class Report:
             for index, label in enumerate(self.checkpoints):
                 counts = "  ".join(f"ε={key}: {count}" for key, count in self.totals(checkpoint=index).items())
                 lines.append(f"  [{index}] {label}:  {counts}")
-        flagged = sum(sum(r.near_threshold) for r in self.rows)
-        if flagged:
-            lines.append(f"{flagged} vectors lie within 1e-3 (or their error bound) of a threshold: see near_threshold")
+        lines.extend(self._caveats())
         ranked = sorted(self.rows, key=lambda r: (-r.counts[keys[0]], min(r.max_cos) if r.max_cos else 1.0))
         ranked = [r for r in ranked if r.counts[keys[0]] > 0][:worst]
         if ranked:
@@ -222,6 +229,34 @@ class Report:
             lines.append(f"{len(self.skipped)} skipped (see 'skipped' in the report)")
         return "\n".join(lines)
 
+    def _caveats(self) -> list[str]:
+        """Summary lines for vectors whose count could flip, or is not a property of the matrices."""
+        lines = []
+        flagged = sum(sum(r.near_threshold) for r in self.rows)
+        if flagged:
+            lines.append(f"{flagged} vectors lie within 1e-3 (or their error bound) of a threshold: see near_threshold")
+        unbounded = sum(sum(not math.isfinite(b) for b in r.error_bound) for r in self.rows)
+        if unbounded:
+            lines.append(f"{unbounded} vectors have a repeated singular value, so no single vector and no error bound "
+                         "(error_bound null): their max|cos| depends on the choice within that subspace")
+        deficient = [r for r in self.rows if r.base_rank is not None and r.base_rank < min(r.shape)]
+        if deficient:
+            unsure = {key: sum(r.undetermined.get(key, 0) for r in deficient) for key in map(eps_key, self.eps)}
+            lines.append(f"{len(deficient)} rows have a rank-deficient base (basis undefined beyond its rank, "
+                         f"see base_rank); undetermined, not counted: "
+                         + "  ".join(f"ε={key}: {count}" for key, count in unsure.items()))
+        return lines
+
+    def _repr_html_(self) -> str:
+        """Notebooks: the summary tables and, when matplotlib is installed, the counts-vs-ε figure."""
+        from lorafft.plots.html import summary_html
+
+        return summary_html(self, figure=True)
+
+    def threshold(self, eps: float | None = None) -> float:
+        """``eps``, or the report's smallest ε when None (the default of every figure)."""
+        return min(self.eps) if eps is None else eps
+
     # Pictures: thin wrappers over lorafft.plots (matplotlib is imported only when one is drawn). Each returns a
     # matplotlib Figure; ``eps=None`` means the report's smallest ε.
 
@@ -232,19 +267,25 @@ class Report:
 
         return plot_counts_vs_eps({label: self, **others} if others else self, side, eps_grid, ax=ax)
 
+    def plot_checkpoint_totals(self, side: str = "left", eps=None, *, ax=None):
+        """Intruders per tuned input, one bar per ε: which of several adapters (or checkpoints) grew intruders."""
+        from lorafft.plots.figures import plot_checkpoint_totals
+
+        return plot_checkpoint_totals(self, side, eps, ax=ax)
+
     def plot_counts_vs_k(self, side: str = "left", eps: float | None = None, *, per_module: bool = False,
                          checkpoint: int | None = None, ax=None):
         """Intruders among the top k versus k / min(m, n), up to the scan's k: the paper's Figure 15."""
         from lorafft.plots.figures import plot_counts_vs_k
 
-        eps = min(self.eps) if eps is None else eps
+        eps = self.threshold(eps)
         return plot_counts_vs_k(self, side, eps, per_module=per_module, checkpoint=checkpoint, ax=ax)
 
     def plot_layer_bars(self, side: str = "left", eps: float | None = None, *, checkpoint: int | None = None, ax=None):
         """Intruders per layer, stacked by module (Figure 4's totals split by layer and module)."""
         from lorafft.plots.figures import plot_layer_bars
 
-        eps = min(self.eps) if eps is None else eps
+        eps = self.threshold(eps)
         return plot_layer_bars(self, side, eps, checkpoint=checkpoint, ax=ax)
 
     def plot_spectra(self, name: str, side: str = "left", eps: float | None = None, *, checkpoint: int | None = None,
@@ -261,7 +302,7 @@ class Report:
         from lorafft.plots.heatmaps import plot_similarity, similarity
 
         checkpoint = len(self.checkpoints) - 1 if checkpoint is None else checkpoint
-        eps = min(self.eps) if eps is None else eps
+        eps = self.threshold(eps)
         drawn = similarity(self.inputs["base"], self.checkpoints[checkpoint], name, n=n, side=side, eps=eps,
                            k_intruders=self.options.get("k"), split_fused=self.options.get("split_fused", False))
         return plot_similarity(drawn, ax=ax)
@@ -272,11 +313,18 @@ class Report:
         read from its input paths: the paper's Figure 5."""
         from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
 
-        eps = min(self.eps) if eps is None else eps
+        eps = self.threshold(eps)
         drawn = intruder_trajectory(self.inputs["base"], self.checkpoints, name, side=side, eps=eps,
                                     k=self.options.get("k", 10), search=search,
                                     split_fused=self.options.get("split_fused", False))
         return plot_trajectory(drawn, ax=ax)
+
+    def plot_magnitude_direction(self, *, ax=None):
+        """ΔD (x) against ΔM (y), one point per matrix and checkpoint, a least-squares line per checkpoint: DoRA's
+        Figure 2 (Liu et al. 2024; full fine-tuning slopes down, LoRA up)."""
+        from lorafft.plots.figures import plot_magnitude_direction
+
+        return plot_magnitude_direction(self, ax=ax)
 
     def to_html(self, path, **options) -> None:
         """Write one offline HTML page: tables, every figure and the worst matrix's heatmap (lorafft.plots.write_html)."""
@@ -285,29 +333,43 @@ class Report:
         write_html(self, path, **options)
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """A fresh temporary path beside ``path`` for the caller to write; when the block ends without an error it is
-    fsync'd and renamed over ``path``, else removed: readers see the old file or the new one, never a partial one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=".lorafft-", suffix=".tmp", dir=directory)
-    os.close(fd)
-    umask = os.umask(0)  # mkstemp makes the file private (0600); give it the mode a plain open() would
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    try:
-        yield temporary
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
-def write_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
-    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
+def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None, changes=None) -> list[MatrixRow]:
+    """The report rows of one analysed batch: per matrix of ``pairs``, one row per side of ``results``
+    (``{side: lorafft.analysis.SideAnalysis}`` of the stack); ``ranks`` per matrix ``(effective, stable)`` of ΔW;
+    ``changes`` the stack's ``(ΔM [L], ΔD [L])`` (:func:`lorafft.analysis.magnitude_direction`)."""
+    rows = []
+    changes = [(None, None)] * len(pairs) if changes is None else list(zip(*(v.tolist() for v in changes)))
+    for index, pair in enumerate(pairs):
+        layer, module = layer_and_module(pair.name)
+        effective, stable = (None, None) if ranks is None else ranks[index]
+        magnitude, direction = changes[index]
+        for side, result in results.items():
+            rows.append(
+                MatrixRow(
+                    name=pair.name,
+                    tuned_name=pair.tuned_name,
+                    checkpoint=checkpoint,
+                    layer=layer,
+                    module=module,
+                    shape=pair.shape,
+                    side=side,
+                    k=result.max_cos.shape[-1],
+                    singular_values=result.singular_values[index].tolist(),
+                    base_singular_values=result.base_singular_values[index].tolist(),
+                    max_cos=result.max_cos[index].tolist(),
+                    argmax=result.argmax[index].tolist(),
+                    error_bound=result.error_bound[index].tolist(),
+                    near_threshold=result.near_threshold[index].tolist(),
+                    counts={eps_key(e): int(c) for e, c in zip(result.eps, result.counts[index].tolist())},
+                    random_floor=result.random_floor,
+                    random_reference=result.random_reference,
+                    delta_effective_rank=effective,
+                    delta_stable_rank=stable,
+                    iterations=result.iterations,
+                    base_rank=int(result.base_rank[index]),
+                    undetermined={eps_key(e): int(c) for e, c in zip(result.eps, result.undetermined[index].tolist())},
+                    delta_magnitude=magnitude,
+                    delta_direction=direction if direction is None or math.isfinite(direction) else None,
+                )
+            )
+    return rows

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 
 import torch
 
-from lorafft import adapters, analysis, linalg, pairing
-from lorafft.cache import BaseCache, cached_basis
+from lorafft import adapters, analysis, linalg, loading, pairing
+from lorafft.cache import BaseCache, batch_basis, cached_basis
 from lorafft.errors import InputError
-from lorafft.report import MatrixRow, Report, eps_key
-from lorafft.scan import (DEFAULT_MAX_BATCH_BYTES, Pair, _base_basis, _load_tuned, _oriented, _rows, _versions,
-                          adapter_start, adapter_update, shape_batches)
+from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
+from lorafft.pairing import Pair
+from lorafft.report import MatrixRow, Report, eps_key, matrix_rows
+from lorafft.scan import _versions
 
 STEP_PREFIX = "step "  # a tracked step's checkpoint label in a report: "step 100"
 
@@ -42,7 +42,7 @@ class _Tracked:
     parameter: torch.nn.Parameter | None = None
 
     def pair(self, device=None) -> Pair:
-        """The scan's view of this matrix now: a Pair whose module holds the live LoRA factors (on ``device``;
+        """The scan's view of this matrix now: a Pair whose adapter holds the live LoRA factors (on ``device``;
         not copied when they are there already)."""
         if self.layer is None:
             return Pair(self.name, self.name, self.shape)
@@ -62,8 +62,9 @@ class _Tracked:
 
 @dataclasses.dataclass
 class _Batch:
-    """Tracked matrices of one shape (a scan's batch), analysed together: ``W0 [L, m, n]`` in the analysed orientation on the
-    tracker's device, their base basis, and the left top vectors ``[L, m, k]`` of the last tracked step."""
+    """Tracked matrices of one shape (a scan's batch), analysed together: ``W0 [L, m, n]`` in the analysed
+    orientation on the tracker's device, their base basis, and the left top vectors ``[L, m, k]`` of the last
+    tracked step."""
 
     matrices: list[_Tracked]
     W0: torch.Tensor
@@ -98,13 +99,11 @@ class Tracker:
     def __init__(self, model: torch.nn.Module, k: int = 10, eps=analysis.DEFAULT_EPS, include=(), exclude=(),
                  side: str = "left", device=None, base_cache=None, tol: float = 1e-5, seed: int = 0,
                  warm_start: bool = True):
-        self.sides = ("left", "right") if side == "both" else (side,)
-        if any(s not in linalg.SIDES for s in self.sides):
-            raise ValueError(f"side must be 'left', 'right' or 'both', got {side!r}")
-        self.k, self.tol, self.seed, self.warm_start = k, tol, seed, warm_start
-        self.eps = (float(eps),) if isinstance(eps, (int, float)) else tuple(sorted({float(e) for e in eps}))
+        self.settings = ScanOptions(k=k, eps=eps, side=side, include=include, exclude=exclude, tol=tol, seed=seed,
+                                    base_cache=base_cache)  # validated as a scan's options are
+        self.sides, self.eps, self.warm_start = self.settings.sides, self.settings.eps, warm_start
         reader = None if base_cache is None else BaseCache(base_cache)
-        scope = pairing.Scope(tuple(include), tuple(exclude))
+        scope = pairing.Scope(self.settings.include, self.settings.exclude)
         names = None if reader is None else pairing.NameIndex(reader.entries)
         lora = _lora_layers(model)
         tracked = _lora_matrices(lora, scope, names) if lora else _snapshot_matrices(model, scope, names)
@@ -114,14 +113,12 @@ class Tracker:
         self.kind = "lora" if lora else "full"
         self.base = f"{type(model).__name__} " + ("(PEFT base weights)" if lora else "(weights at tracker creation)")
         self.device = torch.device(device) if device is not None else tracked[0].stored.device
-        self.options = {"k": k, "eps": list(self.eps), "side": side, "include": list(include),
-                        "exclude": list(exclude), "tol": tol, "seed": seed, "tracking": True,
-                        "base_cache": None if base_cache is None else os.fspath(base_cache)}
+        self.options = {**self.settings.record(), "tracking": True}
         self.batches = []
-        for group in shape_batches(tracked, DEFAULT_MAX_BATCH_BYTES):  # same-shape batches, cut as scan cuts them
+        for group in pairing.shape_batches(tracked, DEFAULT_MAX_BATCH_BYTES):  # cut as a scan cuts its batches
             pairs = [t.pair() for t in group]
-            W0 = torch.stack([_oriented(t.stored, p) for t, p in zip(group, pairs)]).to(self.device)
-            basis = _explicit(_base_basis(W0, [t.stored for t in group], pairs, reader, None))
+            W0 = torch.stack([loading.oriented(t.stored, p) for t, p in zip(group, pairs)]).to(self.device)
+            basis = _explicit(batch_basis(W0, [t.stored for t in group], [t.name for t in group], reader))
             self.batches.append(_Batch(group, W0, basis))
         self.rows: dict[int, list[MatrixRow]] = {}
 
@@ -133,10 +130,10 @@ class Tracker:
         with torch.no_grad():
             for batch in self.batches:
                 pairs = [t.pair(self.device) for t in batch.matrices]
-                update, Wt = adapter_update(pairs) if self.kind == "lora" else None, None  # stacked: copies
+                update, Wt = loading.adapter_update(pairs) if self.kind == "lora" else None, None  # stacked: copies
                 if update is None:
                     Wt = torch.stack([_tuned(t, p, w0) for t, p, w0 in zip(batch.matrices, pairs, batch.W0)])
-                captured.append((pairs, update, Wt, adapter_start(pairs) if self.kind == "lora" else None))
+                captured.append((pairs, update, Wt, loading.adapter_columns(pairs) if self.kind == "lora" else None))
         return captured
 
     def step(self, step: int, captured: list[tuple] | None = None) -> list[MatrixRow]:
@@ -159,14 +156,15 @@ class Tracker:
         """One batch's rows at ``step``: the Krylov start is the previous step's top vectors, then the B columns."""
         extra = [batch.previous if self.warm_start else None, B]
         extra = [e.to(self.device, torch.float64) for e in extra if e is not None]
-        generator = torch.Generator().manual_seed(self.seed + 7919 * index)  # as scan seeds its batches
-        results = analysis.analyze(batch.W0, None if Wt is None else Wt.to(self.device),
-                                   lora=None if update is None else update.to(self.device), k=self.k, eps=self.eps,
+        generator = torch.Generator().manual_seed(self.settings.seed + 7919 * index)  # as scan seeds its batches
+        Wt, update = None if Wt is None else Wt.to(self.device), None if update is None else update.to(self.device)
+        results = analysis.analyze(batch.W0, Wt, lora=update, k=self.settings.k, eps=self.eps,
                                    sides=tuple(dict.fromkeys(("left", *self.sides))),
-                                   start=torch.cat(extra, dim=-1) if extra else None, tol=self.tol,
+                                   start=torch.cat(extra, dim=-1) if extra else None, tol=self.settings.tol,
                                    generator=generator, basis=batch.basis)
         batch.previous = results["left"].vectors
-        return build_rows(pairs, {side: results[side] for side in self.sides}, step)
+        changes = analysis.magnitude_direction(batch.W0, Wt, lora=update)  # ΔM, ΔD: as a scan's rows have them
+        return matrix_rows(pairs, {side: results[side] for side in self.sides}, step, changes=changes)
 
     def restore(self, rows: list[MatrixRow]) -> None:
         """Keep rows tracked earlier (a resumed run's journal), ``checkpoint`` holding their step."""
@@ -185,11 +183,6 @@ class Tracker:
                   "tuned_kind": [self.kind] * len(steps)}
         return Report(eps=self.eps, rows=rows, inputs=inputs, options=dict(self.options), versions=_versions(),
                       created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-
-
-def build_rows(pairs: list[Pair], results: dict[str, analysis.SideAnalysis], step: int) -> list[MatrixRow]:
-    """Report rows of one analysed batch, exactly as a scan builds them (``checkpoint`` = ``step``)."""
-    return _rows(pairs, results, step, None)
 
 
 def intruder_metrics(rows: list[MatrixRow], eps) -> dict[str, int]:
@@ -284,4 +277,4 @@ def _tuned(tracked: _Tracked, pair: Pair, W0: torch.Tensor) -> torch.Tensor:
     weight merged the way PEFT merges it (DoRA) onto ``W0``."""
     if tracked.parameter is not None:
         return tracked.parameter.detach().float().to(W0.device)
-    return _load_tuned(None, pair, W0)
+    return loading.merged(pair, W0)

@@ -1,6 +1,8 @@
 """The lorafft command: summaries, report files, and bad input (exit 2, one line naming the file, no report)."""
 
 import json
+import os
+import re
 import shutil
 import struct
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorafft.cli import main
+from lorafft.cli import build_parser, main
 
 
 def _run(capsys, *argv):
@@ -46,7 +48,8 @@ def test_help_is_readable(capsys):
 
 def _small_checkpoint(directory, **overrides):
     generator = torch.Generator().manual_seed(0)
-    tensors = {"layers.0.q.weight": torch.randn(24, 16, generator=generator), "layers.0.k.weight": torch.randn(24, 16, generator=generator)}
+    tensors = {"layers.0.q.weight": torch.randn(24, 16, generator=generator),
+               "layers.0.k.weight": torch.randn(24, 16, generator=generator)}
     tensors.update(overrides)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "model.safetensors")
@@ -95,7 +98,8 @@ def _break_missing_shard(path):
 
 def _break_tensor_missing_from_shard(path):
     shutil.move(path / "model.safetensors", path / "model-00001-of-00001.safetensors")
-    weight_map = {"layers.0.q.weight": "model-00001-of-00001.safetensors", "layers.0.v.weight": "model-00001-of-00001.safetensors"}
+    weight_map = {"layers.0.q.weight": "model-00001-of-00001.safetensors",
+                  "layers.0.v.weight": "model-00001-of-00001.safetensors"}
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path / "model-00001-of-00001.safetensors"
 
@@ -145,7 +149,8 @@ def test_input_problems_exit_2_naming_the_file(tmp_path, capsys):
     empty.mkdir()
     other = _small_checkpoint(tmp_path / "other")
     save_file({"unrelated.weight": torch.randn(3, 3)}, other / "model.safetensors")
-    lora = {"base_model.model.layers.0.nothere.lora_A.weight": torch.randn(2, 16), "base_model.model.layers.0.nothere.lora_B.weight": torch.randn(24, 2)}
+    lora = {"base_model.model.layers.0.nothere.lora_A.weight": torch.randn(2, 16),
+            "base_model.model.layers.0.nothere.lora_B.weight": torch.randn(24, 2)}
     stray = _adapter(tmp_path / "stray", {"peft_type": "LORA", "r": 2, "lora_alpha": 4}, lora)
     lora_ok = {k.replace("nothere", "q"): v for k, v in lora.items()}
     no_rank = _adapter(tmp_path / "norank", {"peft_type": "LORA", "lora_alpha": 4}, lora_ok)
@@ -171,3 +176,121 @@ def test_shape_mismatch_warns_or_fails_with_strict(tmp_path, capsys):
     assert code == 0 and "warning" in stderr and "layers.0.k.weight" in stderr and "1 matrices" in stdout
     code, _, stderr = _run(capsys, "scan", base, tuned, "--strict", "--quiet")
     assert code == 2 and "shape" in stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments checked before any work: one line, exit 2, nothing written
+
+
+def _exit_status(capsys, argv) -> tuple[int, str]:
+    """``main(argv)``'s exit status whether it returns (InputError) or argparse exits; and its stderr."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+BAD_SCAN_ARGUMENTS = {
+    "k zero": (["--k", "0"], "--k"),
+    "k negative": (["--k", "-3"], "--k"),
+    "k not an integer": (["--k", "2.5"], "--k"),
+    "eps above 1": (["--eps", "1.5"], "--eps"),
+    "eps zero": (["--eps", "0"], "--eps"),
+    "eps negative": (["--eps", "-1"], "--eps"),
+    "eps nan": (["--eps", "0.5", "nan"], "--eps"),
+    "eps inf": (["--eps", "inf"], "--eps"),
+    "include not a regex": (["--include", "("], "--include"),
+    "exclude not a regex": (["--exclude", "mlp", "[a"], "--exclude"),
+    "tol zero": (["--tol", "0"], "--tol"),
+    "batch bytes negative": (["--max-batch-bytes", "-1"], "--max-batch-bytes"),
+    "device unknown": (["--device", "tpu"], "--device"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SCAN_ARGUMENTS))
+def test_bad_scan_argument_exits_2_before_any_work(trio, case, tmp_path, capsys):
+    extra, named = BAD_SCAN_ARGUMENTS[case]
+    out = tmp_path / "report.json"
+    code, stderr = _exit_status(capsys, ["scan", trio.base, trio.lora, "--out", out, "--quiet", *extra])
+    assert code == 2
+    (line,) = stderr.splitlines()
+    assert line.startswith("lorafft: error: ") and named in line
+    assert os.listdir(tmp_path) == []  # no report, no journal
+
+
+def test_bad_output_paths_exit_2_naming_them(trio, tmp_path, capsys):
+    directory = tmp_path / "existing.json"
+    directory.mkdir()
+    (tmp_path / "a-file").write_text("mine")
+    cases = [
+        (["--out", directory], f"{directory}: is a directory"),
+        (["--out", tmp_path / "missing" / "r.json"], "does not exist"),
+        (["--out", tmp_path / "r.txt"], "must end in .json or .csv"),
+        (["--out", tmp_path / "r"], "must end in .json or .csv"),
+        (["--resume"], "--resume: needs the journal"),
+        (["--out", tmp_path / "r.json", "--journal", tmp_path / "missing" / "j"], f"{tmp_path / 'missing' / 'j'}: "),
+        (["--write-base-cache", tmp_path / "a-file"], "exists and is not a directory"),
+    ]
+    for extra, words in cases:
+        code, stderr = _exit_status(capsys, ["scan", trio.base, trio.lora, "--quiet", *extra])
+        assert code == 2, extra
+        (line,) = stderr.splitlines()
+        assert line.startswith("lorafft: error: ") and words in line, line
+        assert sorted(os.listdir(tmp_path)) == ["a-file", "existing.json"] and os.listdir(directory) == []
+
+
+def test_other_commands_check_their_outputs_first(trio, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    (tmp_path / "a-file").write_text("mine")
+    cases = [
+        (["cache", "build", trio.base, "--out", tmp_path / "a-file"], "exists and is not a directory"),
+        (["cache", "build", trio.base, "--out", tmp_path / "no" / "cache"], "does not exist"),
+        (["cache", "build", trio.base, "--out", tmp_path / "c", "--include", "("], "--include"),
+        (["plot", report, "--out", tmp_path / "a-file"], "exists and is not a directory"),
+        (["plot", report, "--out", tmp_path / "figures", "--eps", "nan"], "--eps"),
+        (["report", report, "--html", tmp_path / "page.pdf"], "must end in .html or .htm"),
+        (["report", report, "--html", tmp_path / "no" / "page.html"], "does not exist"),
+        (["intervene", trio.base, trio.lora, "--lambda", "0.5", "--out", tmp_path / "a-file"], "not a directory"),
+        (["intervene", trio.base, trio.lora, "--lambda", "0.5", "--out", tmp_path / "o", "--k", "0"], "--k"),
+        (["intervene", trio.base, trio.lora, "--lambda", "nan", "--out", tmp_path / "o"], "--lambda"),
+        (["demo", "--dir", tmp_path / "no" / "demo"], "does not exist"),
+    ]
+    for argv, words in cases:
+        code, stderr = _exit_status(capsys, argv)
+        assert code == 2, argv
+        (line,) = stderr.splitlines()
+        assert line.startswith("lorafft: error: ") and words in line, line
+        assert os.listdir(tmp_path) == ["a-file"]
+
+
+def test_parser_accepts_exactly_the_valid_values(capsys):
+    parser = build_parser()
+    for text in ["-2", "0", "1", "5", "2.5", "x", "1e3"]:
+        valid = text.isdigit() and int(text) >= 1
+        try:
+            assert parser.parse_args(["scan", "a", "b", "--k", text]).k == int(text) and valid, text
+        except SystemExit as exit_info:
+            assert exit_info.code == 2 and not valid, text
+    for text in ["-1", "0", "1e-300", "0.5", "1", "1.0000001", "nan", "inf", "-inf", "abc"]:
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        valid = number is not None and 0 < number <= 1  # NaN compares False
+        try:
+            assert parser.parse_args(["scan", "a", "b", "--eps", "0.9", text]).eps == [0.9, number] and valid, text
+        except SystemExit as exit_info:
+            assert exit_info.code == 2 and not valid, text
+    for pattern in ["layers\\.0\\.", "(", "[a-", "a{2,1}", "q|k"]:
+        try:
+            re.compile(pattern)
+            valid = True
+        except re.error:
+            valid = False
+        try:
+            assert parser.parse_args(["cache", "build", "a", "--out", "c", "--include", pattern]).include == [pattern]
+            assert valid, pattern
+        except SystemExit as exit_info:
+            assert exit_info.code == 2 and not valid, pattern
+    capsys.readouterr()

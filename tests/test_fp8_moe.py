@@ -7,7 +7,10 @@ from safetensors.torch import load_file, save_file
 import lorafft
 from lorafft import io, synthetic
 from lorafft.errors import InputError
+from lorafft.io.safetensors import SafetensorsShard
 from lorafft.pairing import Scope, layer_and_module
+
+from fixtures import checkpoints
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -124,7 +127,7 @@ def raw_dequantized(directory) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_fp8_checkpoint_reads_dequantized_and_hides_scales(tmp_path, scheme):
     model = small_model(torch.Generator().manual_seed(1))
-    directory = synthetic.write_fp8_checkpoint(model, tmp_path / "fp8", scheme=scheme, max_shard_bytes=40_000)
+    directory = checkpoints.write_fp8_checkpoint(model, tmp_path / "fp8", scheme=scheme, max_shard_bytes=40_000)
     assert (directory / "model.safetensors.index.json").is_file()  # sharded: a scale may sit in another shard
     expected = raw_dequantized(directory)
     with io.open_checkpoint(directory) as ckpt:
@@ -155,7 +158,7 @@ def load_index(directory) -> dict[str, str]:
 def test_scan_of_fp8_base_equals_scan_of_its_dequantized_fp32(tmp_path, scheme):
     g = torch.Generator().manual_seed(2)
     model = small_model(g)
-    directory = synthetic.write_fp8_checkpoint(model, tmp_path / "fp8", scheme=scheme)
+    directory = checkpoints.write_fp8_checkpoint(model, tmp_path / "fp8", scheme=scheme)
     dequantized = raw_dequantized(directory)
     tuned = {}
     for name, W in dequantized.items():
@@ -259,7 +262,7 @@ E, H, I = 4, 64, 48
 
 
 def test_stacked_experts_are_read_one_matrix_per_expert(tmp_path):
-    state = synthetic.moe_state_dict(hidden=H, intermediate=I, experts=E)
+    state = checkpoints.moe_state_dict(hidden=H, intermediate=I, experts=E)
     directory = synthetic.write_checkpoint(state, tmp_path / "moe", max_shard_bytes=200_000)
     with io.open_checkpoint(directory) as ckpt:
         names = ckpt.names()
@@ -285,17 +288,17 @@ def test_stacked_experts_are_read_one_matrix_per_expert(tmp_path):
 
 
 def test_stacked_expert_reads_only_its_slice(tmp_path, monkeypatch):
-    state = synthetic.moe_state_dict(hidden=H, intermediate=I, experts=E)
+    state = checkpoints.moe_state_dict(hidden=H, intermediate=I, experts=E)
     directory = synthetic.write_checkpoint(state, tmp_path / "moe")
     ckpt = io.open_checkpoint(directory)
-    monkeypatch.setattr(io._SafetensorsShard, "tensor", lambda *a: pytest.fail("whole stacked tensor read"))
+    monkeypatch.setattr(SafetensorsShard, "tensor", lambda *a: pytest.fail("whole stacked tensor read"))
     name = "model.layers.2.mlp.experts.down_proj"
     assert torch.equal(ckpt.get(f"{name}.1"), state[name][1])
 
 
 def test_moe_scan_pairs_expert_by_expert_and_matches_fp64(tmp_path):
     g = torch.Generator().manual_seed(3)
-    base = synthetic.moe_state_dict(hidden=H, intermediate=I, experts=E, seed=3)
+    base = checkpoints.moe_state_dict(hidden=H, intermediate=I, experts=E, seed=3)
     # analysed [out, in] matrices of the intruded experts, by (stored name, expert or None)
     intruded = {("model.layers.0.block_sparse_moe.experts.1.w1.weight", None),
                 ("model.layers.1.mlp.experts.gate_up_proj", 2),   # stored [E, in, out]

@@ -11,8 +11,11 @@ from safetensors.torch import load_file
 import lorafft
 from lorafft import io, synthetic
 from lorafft.errors import InputError
+from lorafft.io.safetensors import SafetensorsShard
 
-CONFIG = synthetic.phi3_config()  # hidden 128, 4 heads of 32, 2 key/value heads, intermediate 96
+from fixtures import checkpoints
+
+CONFIG = checkpoints.phi3_config()  # hidden 128, 4 heads of 32, 2 key/value heads, intermediate 96
 HIDDEN, Q_ROWS, KV_ROWS, INTER = 128, 4 * 32, 2 * 32, 96
 QKV = "model.layers.0.self_attn.qkv_proj.weight"
 GATE_UP = "model.layers.0.mlp.gate_up_proj.weight"
@@ -32,8 +35,8 @@ def phi3_blocks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def phi3(tmp_path_factory):
-    state = synthetic.phi3_state_dict(CONFIG)
-    return synthetic.write_phi3_checkpoint(tmp_path_factory.mktemp("phi3"), state, config=CONFIG), state
+    state = checkpoints.phi3_state_dict(CONFIG)
+    return checkpoints.write_phi3_checkpoint(tmp_path_factory.mktemp("phi3"), state, config=CONFIG), state
 
 
 def fp64_counts(W0: torch.Tensor, Wt: torch.Tensor, k: int = 10, eps: float = 0.5) -> int:
@@ -68,15 +71,15 @@ def test_phi3_parts_are_the_row_blocks_and_the_fused_names_are_hidden(phi3):
 def test_phi3_part_reads_only_its_rows(phi3, monkeypatch):
     directory, state = phi3
     ckpt = io.open_checkpoint(directory, split_fused=True)
-    monkeypatch.setattr(io._SafetensorsShard, "tensor", lambda *a: pytest.fail("whole fused tensor read"))
+    monkeypatch.setattr(SafetensorsShard, "tensor", lambda *a: pytest.fail("whole fused tensor read"))
     assert torch.equal(ckpt.get("model.layers.0.self_attn.qkv_proj.v.weight"), state[QKV][192:])
 
 
 def test_phi3_head_dim_from_config_and_sharded_bf16(tmp_path):
-    config = synthetic.phi3_config(hidden=64, heads=4, kv_heads=1) | {"head_dim": 24}  # heads·head_dim != hidden
-    state = synthetic.phi3_state_dict(config, dtype=torch.bfloat16)
+    config = checkpoints.phi3_config(hidden=64, heads=4, kv_heads=1) | {"head_dim": 24}  # heads·head_dim != hidden
+    state = checkpoints.phi3_state_dict(config, dtype=torch.bfloat16)
     assert state[QKV].shape == (4 * 24 + 2 * 24, 64)
-    directory = synthetic.write_phi3_checkpoint(tmp_path / "phi3", state, config=config, max_shard_bytes=20_000)
+    directory = checkpoints.write_phi3_checkpoint(tmp_path / "phi3", state, config=config, max_shard_bytes=20_000)
     with io.open_checkpoint(directory, split_fused=True) as ckpt:
         for part, rows in (("q", slice(0, 96)), ("k", slice(96, 120)), ("v", slice(120, 144))):
             name = f"model.layers.0.self_attn.qkv_proj.{part}.weight"
@@ -86,7 +89,7 @@ def test_phi3_head_dim_from_config_and_sharded_bf16(tmp_path):
 def test_fp8_fused_weight_is_dequantized_then_split(tmp_path, phi3):
     _, state = phi3
     # per 128x128 block: the k/v boundary (row 192) lies inside the second row of blocks
-    directory = synthetic.write_fp8_checkpoint(state, tmp_path / "fp8", scheme="block", config=CONFIG)
+    directory = checkpoints.write_fp8_checkpoint(state, tmp_path / "fp8", scheme="block", config=CONFIG)
     stored = load_file(str(directory / "model.safetensors"))
     whole = io.dequantize(stored[QKV], stored[QKV + "_scale_inv"], "block")
     with io.open_checkpoint(directory, split_fused=True) as ckpt:
@@ -193,7 +196,7 @@ def test_config_that_cannot_split_is_an_input_error_naming_it(tmp_path, phi3, ca
     _, state = phi3
     changes, message = BAD_CONFIGS[case]
     config = {key: value for key, value in (CONFIG | changes).items() if value is not None}
-    directory = synthetic.write_phi3_checkpoint(tmp_path / "phi3", state, config=config)
+    directory = checkpoints.write_phi3_checkpoint(tmp_path / "phi3", state, config=config)
     ckpt = io.open_checkpoint(directory, split_fused=True)
     with pytest.raises(InputError, match=message) as error:
         ckpt.names()
@@ -233,7 +236,7 @@ def phi3_pair(tmp_path_factory, phi3):
     tuned = dict(state)
     tuned[QKV] = state[QKV].clone()
     tuned[QKV][Q_ROWS + KV_ROWS :] += 2.0 * (b @ a)
-    tuned_dir = synthetic.write_phi3_checkpoint(tmp_path_factory.mktemp("tuned"), tuned, config=CONFIG)
+    tuned_dir = checkpoints.write_phi3_checkpoint(tmp_path_factory.mktemp("tuned"), tuned, config=CONFIG)
     expected = {name: fp64_counts(W0, phi3_blocks(tuned)[name]) for name, W0 in phi3_blocks(state).items()}
     assert expected == {name: int(name.endswith(".v.weight")) for name in PARTS}
     return base_dir, tuned_dir, expected

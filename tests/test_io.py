@@ -7,9 +7,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorafft import io
+import lorafft.io.safetensors
 from lorafft.errors import InputError
+from lorafft.io import writer
 from lorafft.io import Checkpoint, is_adapter, open_adapter, open_checkpoint
+
+from fixtures.bad_files import Exploit, expect_input_error, write_raw_safetensors
 
 
 def reference_tensors() -> dict[str, torch.Tensor]:
@@ -31,23 +34,6 @@ def split(tensors):
 
 def write_index(path, weight_map):
     path.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
-
-
-def write_raw_safetensors(path, header, data: bytes):
-    """A safetensors file with the given header (a dict, or raw bytes) and data bytes, bypassing all checks."""
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
-
-
-def expect_input_error(call, file, fragment):
-    """``call()`` raises InputError whose single-line message names ``file`` and contains ``fragment``."""
-    with pytest.raises(InputError) as excinfo:
-        call()
-    message = str(excinfo.value)
-    assert "\n" not in message
-    assert message.startswith(f"{file}: "), message
-    assert fragment in message, message
-    return message
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,7 +137,7 @@ def test_safetensors_shape_and_dtype_read_no_data(tmp_path, monkeypatch):
     def no_data(*args, **kwargs):
         raise AssertionError("tensor data was read")
 
-    monkeypatch.setattr(io, "safe_open", no_data)
+    monkeypatch.setattr(lorafft.io.safetensors, "safe_open", no_data)
     assert ckpt.shape("w") == (3, 4)
     assert ckpt.dtype("w") == torch.float8_e4m3fn
     with pytest.raises(AssertionError):
@@ -235,8 +221,8 @@ def test_safetensors_header_longer_than_file(tmp_path):
 
 
 @pytest.mark.parametrize("header, fragment", [
-    (b"{not json", "header is not valid UTF-8 JSON"),
-    (b'{"a": "\xff"}', "header is not valid UTF-8 JSON"),
+    (b"{not json", "header is not valid JSON"),
+    (b'{"a": "\xff"}', "header is not valid JSON"),
     (b"[1, 2]", "header is not a JSON object (got list)"),
 ], ids=["bad-json", "bad-utf8", "not-object"])
 def test_safetensors_header_not_json_object(tmp_path, header, fragment):
@@ -344,19 +330,9 @@ def test_garbage_bin(tmp_path):
     expect_input_error(lambda: open_checkpoint(path), path, "cannot read PyTorch checkpoint: ")
 
 
-class _Exploit:
-    """Unpickling this (without weights_only) would create a marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def test_bin_with_code_is_refused_not_run(tmp_path):
     path, marker = tmp_path / "evil.bin", tmp_path / "pwned"
-    torch.save({"w": torch.ones(1), "x": _Exploit(marker)}, path)
+    torch.save({"w": torch.ones(1), "x": Exploit(marker)}, path)
     expect_input_error(lambda: open_checkpoint(path), path,
                        "cannot read PyTorch checkpoint: refused by the weights_only unpickler")
     assert not marker.exists()
@@ -445,3 +421,60 @@ def test_adapter_dir_without_config(tmp_path):
     save_file({"w": torch.ones(1)}, str(tmp_path / "model.safetensors"))
     assert not is_adapter(tmp_path)
     expect_input_error(lambda: open_adapter(tmp_path), tmp_path, "not a PEFT adapter directory")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The writer
+
+
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "report.json"
+    writer.write_atomic(target, "old\n")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with writer.atomic_path(target) as temporary:
+            with open(temporary, "w") as handle:
+                handle.write("half of the new")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["report.json"]
+
+
+def test_new_directory_appears_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with writer.new_directory(str(out)) as temporary:
+            writer.write_json(os.path.join(temporary, "a.json"), {"a": 1})
+            raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="cannot create the output directory"):
+        with writer.new_directory(str(tmp_path / "taken")) as temporary:
+            writer.write_json(os.path.join(temporary, "a.json"), {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == ["taken"] and os.listdir(tmp_path / "taken") == ["keep.txt"]
+    with writer.new_directory(str(out)) as temporary:
+        writer.write_json(os.path.join(temporary, "a.json"), {"a": 1})
+    assert json.loads((out / "a.json").read_text()) == {"a": 1} and sorted(os.listdir(tmp_path)) == ["out", "taken"]
+
+
+def test_copy_checkpoint_replaces_only_the_named_tensors(tmp_path):
+    saved = reference_tensors()
+    (tmp_path / "in").mkdir()
+    source, files = layout_sharded_safetensors(tmp_path / "in", saved)
+    (source / "config.json").write_text('{"model_type": "x"}')
+    (source / "extra").mkdir()
+    name = "layers.1.q.weight"
+    out = tmp_path / "out"
+    out.mkdir()
+    with open_checkpoint(source) as checkpoint, pytest.warns(UserWarning, match="not copied.*extra"):
+        layout = writer.checkpoint_files(checkpoint, str(source))
+        written = writer.copy_checkpoint(checkpoint, layout, str(out), {name: lambda t: -t}, leave_out=("x",))
+    assert sorted(written) == sorted(os.listdir(out)) == sorted(
+        ["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+         "model.safetensors.index.json"])
+    untouched = files["layers.0.q.weight"].name
+    assert (out / untouched).read_bytes() == (source / untouched).read_bytes()
+    assert (out / "model.safetensors.index.json").read_bytes() == (source / "model.safetensors.index.json").read_bytes()
+    with open_checkpoint(out) as copied:
+        assert copied.stored_names() == sorted(saved)
+        for key, expected in saved.items():
+            assert torch.equal(copied.get(key), -expected if key == name else expected)

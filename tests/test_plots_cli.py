@@ -2,6 +2,7 @@
 the ``Report.plot_*`` methods, checked for content against the lorafft.plots functions they wrap."""
 
 import dataclasses
+from html.parser import HTMLParser
 
 import numpy
 import pytest
@@ -11,6 +12,7 @@ import lorafft
 from lorafft import cli, synthetic
 from lorafft.plots import figures
 from lorafft.plots.heatmaps import plot_similarity, similarity
+from lorafft.plots.html import write_html
 from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
 
 image = pytest.importorskip("matplotlib.image")
@@ -145,3 +147,47 @@ def test_report_plot_trajectory(run):
     assert [line.get_ydata()[-1] for line in rank_ax.lines if line.get_label().startswith("y_")] == [0, 1]
     (ax,) = run.plot_counts_vs_eps().axes
     assert len([line for line in ax.lines if not line.get_label().startswith("random floor")]) == 3
+
+
+class _Cells(HTMLParser):
+    """Every table row of a page as a list of cell texts."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self._cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.rows[-1].append(self._cell)
+            self._cell = None
+
+
+def test_html_shows_booleans_and_missing_values_as_words(reports, tmp_path):
+    scanned = reports["lora"]  # one option of each kind, whatever scan records:
+    report = dataclasses.replace(scanned, options={**scanned.options, "base_cache": None, "embeddings": False,
+                                                   "strict": True})
+    path = tmp_path / "page.html"
+    write_html(report, path, figures=False)
+    parser = _Cells()
+    parser.feed(path.read_text(encoding="utf-8"))
+    options = {row[0][len("option "):]: row[1] for row in parser.rows if row and row[0].startswith("option ")}
+    assert set(options) == set(report.options)
+    for key, value in report.options.items():
+        if isinstance(value, bool):
+            assert options[key] == ("yes" if value else "no"), key
+        elif value is None or value == []:
+            assert options[key] == "—", key
+        elif isinstance(value, list):
+            assert options[key].split(", ") == [str(v) for v in value], key
+    assert options["strict"] == "yes" and options["embeddings"] == "no" and options["base_cache"] == "—"
+    assert not {"True", "False", "None", "[]"} & {cell.strip() for row in parser.rows for cell in row}

@@ -13,7 +13,8 @@ import pytest
 import lorafft
 from lorafft import cli
 from lorafft.errors import InputError
-from lorafft.plots import commands, figures
+from lorafft.cli import plot as commands
+from lorafft.plots import figures
 from lorafft.plots.html import write_html
 
 EPS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -207,6 +208,6 @@ def test_cli_exit_status(reports, tmp_path, capsys):
 
 
 def test_matplotlib_is_not_imported_with_lorafft():
-    code = "import sys, lorafft, lorafft.cli, lorafft.plots, lorafft.plots.commands; print('matplotlib' in sys.modules)"
+    code = "import sys, lorafft, lorafft.cli, lorafft.plots, lorafft.cli.plot; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 

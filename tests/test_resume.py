@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 import lorafft
 from lorafft.cli import main
@@ -44,16 +46,7 @@ def test_killed_scan_resumes_to_the_uninterrupted_report(run, tmp_path):
 
     out = tmp_path / "report.json"
     journal = tmp_path / "report.json.journal"
-    process = _lorafft(*arguments, "--out", out)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if journal.exists() and journal.read_text().count("\n") >= 5:  # header + 2 matrices x 2 sides
-            break
-        time.sleep(0.005)
-    assert process.poll() is None, "the scan finished before it could be killed: make the fixture bigger"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not out.exists()
+    _kill_midway(arguments, out, journal)
     lines = journal.read_text().count("\n")
     total = 2 * 3 * 7  # sides x layers x projections
     assert 5 <= lines < 1 + total
@@ -79,6 +72,39 @@ def test_journal_of_other_options_is_refused_and_never_overwritten(run, tmp_path
     assert journal.read_text() == before and not out.exists()
 
 
+def _kill_midway(arguments, out, journal) -> None:
+    """Run ``lorafft scan`` with ``--out out`` and SIGKILL it once the journal holds 4 rows."""
+    process = _lorafft(*arguments, "--out", out)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 5:  # header + 2 matrices x 2 sides
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "the scan finished before it could be killed: make the fixture bigger"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+
+
+def test_resume_after_the_adapter_changed_is_refused(run, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run.lora, adapter)
+    arguments = ["scan", run.base, adapter, "--side", "both", "--max-batch-bytes", ONE_MATRIX_PER_BATCH, "--quiet"]
+    out, journal = tmp_path / "report.json", tmp_path / "report.json.journal"
+    _kill_midway(arguments, out, journal)
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(key for key in tensors if "lora_B" in key)[-1]  # a module the killed scan had not reached
+    tensors[name] = 2 * tensors[name]
+    save_file(tensors, weights)  # the same size: only the content and the time tell
+    before = journal.read_text()
+    resumed = _lorafft(*arguments, "--out", out, "--resume")
+    _, stderr = resumed.communicate()
+    assert resumed.returncode == 2
+    assert stderr.count("\n") == 1 and str(weights) in stderr and "changed since" in stderr
+    assert journal.read_text() == before and not out.exists()
+
+
 def test_partial_last_line_is_ignored(run, tmp_path):
     journal = tmp_path / "scan.journal"
     include = ["layers\\.0\\.self_attn"]
@@ -89,3 +115,15 @@ def test_partial_last_line_is_ignored(run, tmp_path):
     journal.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # a write cut short by the crash
     resumed = lorafft.scan(run.base, run.full, include=include, journal=journal, resume=True)
     assert [r.to_dict() for r in resumed.rows] == [r.to_dict() for r in first.rows]
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 4, b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
+                                     b'{"lorafft_journal": 1}\n{"name": ' + b"[" * 5000 + b"\n"])
+def test_a_journal_that_is_not_one_is_a_one_line_error(run, tmp_path, capsys, content):
+    out, journal = tmp_path / "report.json", tmp_path / "report.json.journal"
+    journal.write_bytes(content)
+    for extra in (["--resume"], []):
+        assert main(["scan", str(run.base), str(run.full), "--out", str(out), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(journal) in err and "Traceback" not in err
+    assert journal.read_bytes() == content and not out.exists()

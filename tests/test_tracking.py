@@ -13,7 +13,7 @@ import torch
 import lorafft
 from lorafft.errors import InputError
 from lorafft.report import MatrixRow
-from lorafft.scan import build_base_cache
+from lorafft.cache import build_base_cache
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -67,8 +67,10 @@ def assert_rows_match(tracked, scanned):
     compared = 0
     for row in tracked:
         other = by_name[row.name]
-        assert (row.layer, row.module, row.shape, row.side, row.k) == (other.layer, other.module, other.shape,
-                                                                        other.side, other.k)
+        assert (row.layer, row.module, row.shape, row.side, row.k, row.base_rank, row.undetermined) == (
+            other.layer, other.module, other.shape, other.side, other.k, other.base_rank, other.undetermined)
+        assert row.delta_magnitude is not None and (row.delta_magnitude, row.delta_direction) == pytest.approx(
+            (other.delta_magnitude, other.delta_direction), rel=1e-9, abs=1e-12)
         assert row.counts == other.counts or any(row.near_threshold)
         for a, b, e1, e2 in zip(row.max_cos, other.max_cos, row.error_bound, other.error_bound):
             if e1 + e2 < 1e-3:

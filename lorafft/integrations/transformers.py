@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from lorafft import analysis
 from lorafft.errors import InputError
 from lorafft.journal import Journal
+from lorafft.options import positive_int
 from lorafft.report import Report
 from lorafft.tracking import STEP_PREFIX, Tracker, intruder_metrics
 
@@ -53,9 +54,8 @@ class IntruderCallback(TrainerCallback):
     def __init__(self, every_n_steps: int = 100, k: int = 10, eps=analysis.DEFAULT_EPS, include=(), exclude=(),
                  side: str = "left", on_evaluate: bool = True, report_name: str = "lorafft-trajectory.json",
                  device=None, base_cache=None, background: bool = False):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise InputError("IntruderCallback", f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-        self.every_n_steps, self.track_evaluations, self.report_name = every_n_steps, on_evaluate, report_name
+        self.every_n_steps = positive_int(every_n_steps, "every_n_steps")
+        self.track_evaluations, self.report_name = on_evaluate, report_name
         self.settings = dict(k=k, eps=eps, include=include, exclude=exclude, side=side, device=device,
                              base_cache=base_cache)
         self.background = background

@@ -7,6 +7,8 @@ From a report alone (:mod:`lorafft.plots.figures`):
 * :func:`plot_counts_vs_k` — intruders among the top k versus k / min(m, n) (Figure 15);
 * :func:`plot_layer_bars` — intruders per layer, stacked by module;
 * :func:`plot_spectra` — one matrix's singular values, fine-tuned and base, intruders marked;
+* :func:`plot_checkpoint_totals` — intruders per tuned input and ε (which of many adapters grew intruders);
+* :func:`plot_magnitude_direction` — ΔD against ΔM per matrix, a slope per checkpoint (DoRA's Figure 2 reading);
 * :func:`write_html` — all of them and the report's tables in one offline HTML page (:mod:`lorafft.plots.html`).
 
 From the checkpoints (they need the singular vectors, which a report does not keep):
@@ -14,19 +16,22 @@ From the checkpoints (they need the singular vectors, which a report does not ke
 * :func:`similarity` / :func:`plot_similarity` — |cos| heatmap of one matrix's top singular vectors (Figures 1–3);
 * :func:`intruder_trajectory` / :func:`plot_trajectory` — the last checkpoint's intruders along a run (Figure 5).
 
-The ``lorafft plot`` and ``lorafft report`` commands (:mod:`lorafft.plots.commands`) draw the report-only ones.
+The ``lorafft plot`` and ``lorafft report`` commands (:mod:`lorafft.cli.plot`) draw the report-only ones.
 """
 
-from lorafft.plots.figures import plot_counts_vs_eps, plot_counts_vs_k, plot_layer_bars, plot_spectra
+from lorafft.plots.figures import (plot_checkpoint_totals, plot_counts_vs_eps, plot_counts_vs_k, plot_layer_bars,
+                                   plot_magnitude_direction, plot_spectra)
 from lorafft.plots.heatmaps import plot_similarity, similarity
 from lorafft.plots.html import write_html
 from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
 
 __all__ = [
     "intruder_trajectory",
+    "plot_checkpoint_totals",
     "plot_counts_vs_eps",
     "plot_counts_vs_k",
     "plot_layer_bars",
+    "plot_magnitude_direction",
     "plot_similarity",
     "plot_spectra",
     "plot_trajectory",

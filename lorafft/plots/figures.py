@@ -4,7 +4,10 @@
   (Shuttleworth et al. 2410.21228, Figure 4);
 * :func:`plot_counts_vs_k` — intruders among the top k as k grows, x = k / min(m, n) (Figure 15);
 * :func:`plot_layer_bars` — intruders per layer, stacked by module;
-* :func:`plot_spectra` — one matrix's fine-tuned singular values beside the base's, intruders marked.
+* :func:`plot_spectra` — one matrix's fine-tuned singular values beside the base's, intruders marked;
+* :func:`plot_checkpoint_totals` — intruders per tuned input and ε (many adapters of one base, or a run);
+* :func:`plot_magnitude_direction` — each matrix's change of direction ΔD against magnitude ΔM, a line fitted per
+  checkpoint (DoRA, Liu et al. 2024, Figure 2).
 
 Each takes an optional matplotlib ``ax`` and returns the Figure. Without ``ax`` the figure is a bare
 ``matplotlib.figure.Figure`` (never pyplot: no global state, no display needed; ``savefig`` renders with Agg).
@@ -24,7 +27,8 @@ import statistics
 
 import numpy
 
-from lorafft.report import MatrixRow, Report
+# ``report`` arguments are lorafft.report.Report objects and ``row``/``rows`` their MatrixRows, unannotated: plots
+# never imports lorafft.report, whose plot_* methods call into plots (the dependency runs one way).
 
 DEFAULT_EPS_GRID = tuple(i / 20 for i in range(2, 20))  # 0.1, 0.15, ..., 0.95
 
@@ -41,12 +45,12 @@ def new_axes(ax=None, size=(6.4, 4.2)):
     return figure, figure.add_subplot()
 
 
-def intruders(row: MatrixRow, eps: float) -> int:
+def intruders(row, eps: float) -> int:
     """Number of intruders at ``eps`` among the row's k tuned vectors."""
     return sum(value < eps for value in row.max_cos)
 
 
-def select_rows(report: Report, side: str, checkpoint: int | None = None) -> list[MatrixRow]:
+def select_rows(report, side: str, checkpoint: int | None = None):
     """The rows of one side and one checkpoint (default: the last one, the only one of a plain scan)."""
     checkpoint = len(report.checkpoints) - 1 if checkpoint is None else checkpoint
     rows = [r for r in report.rows if r.side == side and r.checkpoint == checkpoint]
@@ -57,7 +61,7 @@ def select_rows(report: Report, side: str, checkpoint: int | None = None) -> lis
     return rows
 
 
-def checkpoint_label(report: Report, checkpoint: int) -> str:
+def checkpoint_label(report, checkpoint: int) -> str:
     """``"lora: adapter-dir"``: the kind and file name of one tuned input."""
     kinds = report.inputs.get("tuned_kind")
     kind = kinds[checkpoint] if isinstance(kinds, list) else kinds
@@ -65,8 +69,8 @@ def checkpoint_label(report: Report, checkpoint: int) -> str:
     return f"{kind}: {name}" if kind else name
 
 
-def worst_rows(report: Report, eps: float, count: int = 5, side: str | None = None,
-               checkpoint: int | None = None) -> list[MatrixRow]:
+def worst_rows(report, eps: float, count: int = 5, side: str | None = None,
+               checkpoint: int | None = None):
     """The ``count`` rows with most intruders at ``eps``, ties broken by lowest max |cos| (rows of one side when
     given, of the last checkpoint by default); rows without intruders are included when fewer have any."""
     checkpoint = len(report.checkpoints) - 1 if checkpoint is None else checkpoint
@@ -74,7 +78,7 @@ def worst_rows(report: Report, eps: float, count: int = 5, side: str | None = No
     return sorted(rows, key=lambda r: (-intruders(r, eps), min(r.max_cos, default=1.0)))[:count]
 
 
-def find_row(report: Report, name: str, side: str = "left", checkpoint: int | None = None) -> MatrixRow:
+def find_row(report, name: str, side: str = "left", checkpoint: int | None = None):
     """The row of the matrix called ``name`` (base or tuned tensor name)."""
     rows = select_rows(report, side, checkpoint)
     for row in rows:
@@ -83,12 +87,12 @@ def find_row(report: Report, name: str, side: str = "left", checkpoint: int | No
     raise ValueError(f"no {side} row named {name!r} in the report (e.g. {', '.join(r.name for r in rows[:3])})")
 
 
-def _k_note(rows: list[MatrixRow]) -> str:
+def _k_note(rows) -> str:
     ks = sorted({r.k for r in rows})
     return f"top-k = {ks[0]}" if len(ks) == 1 else f"top-k = {ks[0]}..{ks[-1]}"
 
 
-def plot_counts_vs_eps(reports: Report | dict[str, Report], side: str = "left", eps_grid=None, *, ax=None):
+def plot_counts_vs_eps(reports, side: str = "left", eps_grid=None, *, ax=None):
     """Total intruder count (summed over matrices) versus ε — the paper's Figure 4.
 
     One curve per report (labelled by the dict key, e.g. per LoRA rank) and, in a report of several checkpoints,
@@ -119,7 +123,27 @@ def plot_counts_vs_eps(reports: Report | dict[str, Report], side: str = "left", 
     return figure
 
 
-def counts_vs_fraction(rows: list[MatrixRow], eps: float) -> tuple[list[float], list[int]]:
+def plot_checkpoint_totals(report, side: str = "left", eps=None, *, ax=None):
+    """Intruders per tuned input (x: adapters of one base, or checkpoints of one run), one bar per ε: which of these
+    fine-tunes grew intruders. ``eps`` defaults to the report's thresholds; only each input's own matrices count."""
+    eps = tuple(report.eps) if eps is None else tuple(sorted(float(e) for e in eps))
+    checkpoints = range(len(report.checkpoints))
+    totals = [[sum(intruders(r, e) for r in report.rows if r.side == side and r.checkpoint == c) for c in checkpoints]
+              for e in eps]
+    figure, ax = new_axes(ax, size=(max(6.4, 0.9 * len(report.checkpoints) * len(eps) ** 0.5 + 3), 4.2))
+    width = 0.8 / len(eps)
+    for index, (threshold, heights) in enumerate(zip(eps, totals)):
+        ax.bar([c + (index - (len(eps) - 1) / 2) * width for c in checkpoints], heights, width, label=f"ε = {threshold:g}")
+    ax.set_xticks(list(checkpoints), [checkpoint_label(report, c) for c in checkpoints], rotation=30, ha="right",
+                  fontsize="small")
+    ax.set_ylabel("intruder dimensions (sum over the input's matrices)")
+    ax.set_title(f"Intruders per fine-tune ({side} singular vectors)")
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def counts_vs_fraction(rows, eps: float) -> tuple[list[float], list[int]]:
     """``(x, y)``: x = k / min(m, n), y = intruders at ``eps`` among each matrix's top ⌊x·min(m, n)⌋ vectors, summed
     over ``rows``; x runs up to the smallest fraction every row's k covers (beyond it the report knows nothing)."""
     reach = min(r.k / min(r.shape) for r in rows)
@@ -132,7 +156,7 @@ def counts_vs_fraction(rows: list[MatrixRow], eps: float) -> tuple[list[float], 
     return [0.0, *xs.tolist()], [0, *ys.tolist()]
 
 
-def plot_counts_vs_k(report: Report, side: str = "left", eps: float = 0.5, *, per_module: bool = False,
+def plot_counts_vs_k(report, side: str = "left", eps: float = 0.5, *, per_module: bool = False,
                      checkpoint: int | None = None, ax=None):
     """Intruders among the top k tuned singular vectors as k grows, x = k / min(m, n) — the paper's Figure 15.
 
@@ -161,7 +185,7 @@ def plot_counts_vs_k(report: Report, side: str = "left", eps: float = 0.5, *, pe
     return figure
 
 
-def plot_layer_bars(report: Report, side: str = "left", eps: float = 0.5, *, checkpoint: int | None = None, ax=None):
+def plot_layer_bars(report, side: str = "left", eps: float = 0.5, *, checkpoint: int | None = None, ax=None):
     """Intruder count per layer (x) at ``eps``, stacked by module; matrices without a layer index (embeddings,
     ``lm_head``) form a last bar, "other"."""
     rows = select_rows(report, side, checkpoint)
@@ -191,12 +215,12 @@ def plot_layer_bars(report: Report, side: str = "left", eps: float = 0.5, *, che
     return figure
 
 
-def plot_spectra(report: Report, name: str, side: str = "left", eps: float | None = None, *,
+def plot_spectra(report, name: str, side: str = "left", eps: float | None = None, *,
                  checkpoint: int | None = None, ax=None):
     """One matrix's top-k fine-tuned singular values by rank, the base's top singular values beside them when the
     row has them, and the intruders at ``eps`` (default: the report's smallest ε) marked with their max |cos|."""
     row = find_row(report, name, side, checkpoint)
-    eps = min(report.eps) if eps is None else eps
+    eps = report.threshold(eps)
     ranks = list(range(1, len(row.singular_values) + 1))
     figure, ax = new_axes(ax)
     ax.plot(ranks, row.singular_values, marker="o", markersize=4, label="fine-tuned σ_j")
@@ -215,6 +239,55 @@ def plot_spectra(report: Report, name: str, side: str = "left", eps: float | Non
     ax.set_ylabel("singular value")
     ax.set_title(f"{row.name}\n{side} side, {row.shape[0]}×{row.shape[1]}, {len(marked)} intruder(s) at ε = {eps:g}",
                  fontsize="medium")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return figure
+
+
+def magnitude_direction_points(report) -> dict[int, list]:
+    """Per checkpoint, one row per matrix that has DoRA's ΔM and ΔD (the sides' rows carry the same values)."""
+    points = {}
+    for row in report.rows:
+        if row.delta_magnitude is not None and row.delta_direction is not None:
+            points.setdefault(row.checkpoint, {}).setdefault(row.name, row)
+    if not points:
+        raise ValueError("the report has no delta_magnitude / delta_direction (written before lorafft measured them, "
+                         "or no matrix has a direction): scan again")
+    return {checkpoint: list(rows.values()) for checkpoint, rows in sorted(points.items())}
+
+
+def plot_magnitude_direction(report, *, ax=None):
+    """DoRA's weight decomposition analysis (Liu et al. 2024, Figure 2): each matrix's mean change of direction ΔD
+    (x) against its mean change of magnitude ΔM (y), one point per matrix and checkpoint, coloured by layer (grey
+    without one), a marker per checkpoint, and per checkpoint the least-squares line ``ΔM ≈ a + b·ΔD`` with its
+    slope b in the legend. The paper reads the sign of b: full fine-tuning negative, LoRA positive (DoRA's slope is
+    negative too). A checkpoint whose points share one ΔD gets no line (its slope is undefined)."""
+    points = magnitude_direction_points(report)
+    figure, ax = new_axes(ax, size=(7.2, 4.8))
+    from matplotlib import cm, colormaps, colors  # present: new_axes checked
+
+    layers = [row.layer for rows in points.values() for row in rows if row.layer is not None]
+    scale = colors.Normalize(min(layers, default=0), max(layers, default=0) + (0 if len(set(layers)) > 1 else 1))
+    cmap = colormaps["viridis"]
+    markers = "os^Dv<>Pp*hX"
+    for index, (checkpoint, rows) in enumerate(points.items()):
+        x = numpy.array([row.delta_direction for row in rows])
+        y = numpy.array([row.delta_magnitude for row in rows])
+        shades = [cmap(scale(row.layer)) if row.layer is not None else "grey" for row in rows]
+        label = checkpoint_label(report, checkpoint)
+        ax.scatter(x, y, c=shades, marker=markers[index % len(markers)], s=24, edgecolors="none", zorder=3,
+                   label=f"{label} ({len(rows)} matrices)")
+        if numpy.ptp(x) > 0:
+            slope, intercept = numpy.polyfit(x, y, 1)
+            ends = numpy.array([x.min(), x.max()])
+            ax.plot(ends, intercept + slope * ends, linestyle="--", color=f"C{index}",
+                    label=f"{label}: slope {slope:.3g}")
+    if layers:
+        ticks = sorted(set(layers)) if len(set(layers)) <= 12 else None
+        figure.colorbar(cm.ScalarMappable(norm=scale, cmap=cmap), ax=ax, label="layer", ticks=ticks)
+    ax.set_xlabel("ΔD: mean over rows of 1 − cos(w_t,i, w_0,i)")
+    ax.set_ylabel("ΔM: mean over rows of | ||w_t,i|| − ||w_0,i|| |")
+    ax.set_title("Magnitude vs direction change per matrix (DoRA, Liu et al. 2024, Fig. 2)")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return figure

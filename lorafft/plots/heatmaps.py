@@ -12,16 +12,16 @@ The matrix is paired and merged exactly as :func:`lorafft.scan` does (tolerant n
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
 import numpy
 import torch
 
-from lorafft import io, linalg, pairing
+from lorafft import analysis, io, linalg, loading, pairing
 from lorafft.errors import InputError
 from lorafft.plots.figures import new_axes
-from lorafft.scan import find_pairs, load_pair, open_tuned
 
 CELL_TEXT_MAX = 12  # heatmaps up to this size print each |cos| in its cell
 
@@ -35,19 +35,21 @@ def load_weights(base, tuned: list, name: str, *, split_fused: bool = False) -> 
     Wt are fp32 ``[out, in]`` (the analysed orientation). Raises InputError when a tuned input has no such matrix of
     the base's shape (or none: an adapter that does not adapt it).
     """
-    with io.open_checkpoint(base, split_fused=split_fused) as base_checkpoint:
+    with contextlib.ExitStack() as stack:
+        base_checkpoint = stack.enter_context(loading.open_base(base, split_fused=split_fused))
         base_name = pairing.NameIndex(base_checkpoint.names()).resolve(name)
         if base_name is None:
             raise InputError(base_checkpoint.path, f"no tensor named '{name}'")
         scope = pairing.Scope(include=(f"^{re.escape(base_name)}$",), embeddings=True)
-        W0, weights = None, []
+        sources, pairs = [], []
         for source in tuned:
-            opened = open_tuned(source, split_fused=split_fused)
-            with opened.tensors if isinstance(opened, io.Adapter) else opened:
-                pairs, _ = find_pairs(base_checkpoint, opened, scope, strict=True)
-                W0, Wt = load_pair(base_checkpoint, opened, pairs[0])
-            weights.append(Wt)
-    return base_name, W0, weights
+            opened = loading.open_tuned(source, split_fused=split_fused)
+            stack.enter_context(opened.tensors if isinstance(opened, io.Adapter) else opened)
+            sources.append(opened)
+            pairs.append({base_name: pairing.find_pairs(base_checkpoint, opened, scope, strict=True)[0][0]})
+        loader = loading.BatchLoader(base_checkpoint, sources, pairs, factored=False)
+        ((_, loaded),) = loader.batches([[pairs[0][base_name]]])
+    return base_name, loaded.W0[0], [Wt[0] for Wt in loaded.tuned]
 
 
 @dataclass
@@ -85,7 +87,10 @@ def similarity(base, tuned, name: str, *, n: int = 10, side: str = "left", eps: 
         raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
     base_name, W0, (Wt,) = load_weights(base, [tuned], name, split_fused=split_fused)
     basis = linalg.base_basis(W0.unsqueeze(0))
-    tuned_svd = linalg.truncated_svd(Wt.unsqueeze(0), n, generator=torch.Generator().manual_seed(0))
+    n = min(n, *W0.shape)
+    guesses, block = analysis.start_block(basis, n)
+    tuned_svd = linalg.truncated_svd(Wt.unsqueeze(0), n, start=guesses, block_size=block,
+                                     generator=torch.Generator().manual_seed(0))
     vectors = tuned_svd.U if side == "left" else tuned_svd.V  # [1, d, n] fp64
     every_base = basis.project(vectors, side)  # [1, s, n]: each y_j against every x_i
     max_cos = linalg.max_abs_cos(every_base, (eps,)).max_cos[0]

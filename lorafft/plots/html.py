@@ -11,7 +11,8 @@ from html import escape
 
 from lorafft.errors import InputError
 from lorafft.plots import figures as fig
-from lorafft.report import Report, eps_key, write_atomic
+from lorafft.io.writer import write_atomic
+from lorafft.options import eps_key
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 75em; padding: 0 1em; color: #222; }
@@ -23,10 +24,22 @@ figcaption { font-size: 0.85em; color: #555; max-width: 40em; }
 """
 
 
+def _text(value) -> str:
+    """A cell's text as a reader expects it: booleans ``yes``/``no``, a missing value (None, an empty list) ``—``,
+    a list its items joined by commas, anything else ``str(value)``."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return "—"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_text(item) for item in value)
+    return str(value)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     """An HTML table, every cell escaped; cells with letters left-aligned, numbers right-aligned."""
     def cell(value):
-        value = str(value)
+        value = _text(value)
         align = ' class="text"' if any(ch.isalpha() for ch in value) else ""
         return f"<td{align}>{escape(value)}</td>"
 
@@ -50,7 +63,7 @@ def _bound(row) -> str:
     return "not separated" if math.isinf(worst) else f"{worst:.1e}"
 
 
-def _heatmap(report: Report, row) -> str:
+def _heatmap(report, row) -> str:
     """The similarity heatmap of ``row``'s matrix when both checkpoints are still on disk, else a note."""
     from lorafft.plots.heatmaps import plot_similarity, similarity
 
@@ -69,7 +82,13 @@ def _heatmap(report: Report, row) -> str:
                                            f"(paper Figures 1–3).")
 
 
-def write_html(report: Report, path, *, figures: bool = True, spectra: int = 3, worst: int = 10,
+INTRODUCTION = ("<p>A tuned singular vector y<sub>j</sub> is an <em>intruder</em> at threshold ε when "
+                "max<sub>i</sub> |⟨y<sub>j</sub>, x<sub>i</sub>⟩| &lt; ε over every singular vector x<sub>i</sub> of "
+                "the base matrix (Shuttleworth et al., arXiv 2410.21228). Any unit vector has max |cos| ≥ 1/√d "
+                "against a complete basis of R<sup>d</sup>: the random floor.</p>\n")
+
+
+def write_html(report, path, *, figures: bool = True, spectra: int = 3, worst: int = 10,
                heatmap: bool = True) -> None:
     """Write ``report`` as one offline HTML page at ``path`` (atomically).
 
@@ -78,18 +97,10 @@ def write_html(report: Report, path, *, figures: bool = True, spectra: int = 3, 
     :mod:`lorafft.plots.figures` per side, the spectra of the ``spectra`` worst matrices and, with ``heatmap`` and the
     checkpoints still on disk, the similarity heatmap of the worst one; last, one table row per matrix and side.
     """
-    eps = min(report.eps)
-    keys = [eps_key(e) for e in report.eps]
-    sides = sorted({r.side for r in report.rows})
-    trajectory = len(report.checkpoints) > 1
+    eps = report.threshold()
     ranked = fig.worst_rows(report, eps, worst)
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>lorafft report</title>"
-             f"<style>{STYLE}</style></head><body>\n<h1>lorafft: intruder dimensions</h1>\n"
-             "<p>A tuned singular vector y<sub>j</sub> is an <em>intruder</em> at threshold ε when "
-             "max<sub>i</sub> |⟨y<sub>j</sub>, x<sub>i</sub>⟩| &lt; ε over every singular vector x<sub>i</sub> of the "
-             "base matrix (Shuttleworth et al., arXiv 2410.21228). Any unit vector has max |cos| ≥ 1/√d against a "
-             "complete basis of R<sup>d</sup>: the random floor.</p>\n"]
-
+             f"<style>{STYLE}</style></head><body>\n<h1>lorafft: intruder dimensions</h1>\n", INTRODUCTION]
     parts.append("<h2>Inputs</h2>\n")
     inputs = []
     for key, value in report.inputs.items():
@@ -99,48 +110,83 @@ def write_html(report: Report, path, *, figures: bool = True, spectra: int = 3, 
     inputs += [[f"option {key}", value] for key, value in report.options.items()]
     inputs += [[f"version {key}", value] for key, value in report.versions.items()]
     parts.append(_table(["", "value"], inputs))
-
     parts.append("<h2>Summary</h2>\n")
+    parts.append(summary_html(report, ranked))
+    parts.append("<h3>Skipped</h3>\n")
+    parts.append(_table(["matrix", "reason"], [[s.get("name"), s.get("reason")] for s in report.skipped])
+                 if report.skipped else "<p>none</p>\n")
+    if figures:
+        parts.append("<h2>Figures</h2>\n")
+        parts.extend(_figures(report, ranked[:spectra]))
+        if heatmap and ranked:
+            parts.append(_heatmap(report, ranked[0]))
+    parts.append("<h2>Every matrix</h2>\n")
+    parts.append(_every_matrix(report))
+    parts.append("</body></html>\n")
+    write_atomic(path, "".join(parts))
+
+
+def summary_html(report, ranked=None, *, figure: bool = False) -> str:
+    """The summary as HTML: intruders per ε, side and checkpoint beside the random floor, then the matrices with most
+    intruders (``ranked``, default the 10 worst at the smallest ε); with ``figure`` (and matplotlib installed) the
+    counts-vs-ε figure too. :meth:`lorafft.report.Report._repr_html_` shows this in notebooks."""
+    eps, keys = report.threshold(), [eps_key(e) for e in report.eps]
+    ranked = fig.worst_rows(report, eps, 10) if ranked is None else ranked
+    trajectory = len(report.checkpoints) > 1
     summary = []
     for c in range(len(report.checkpoints)):
-        for side in sides:
+        for side in sorted({r.side for r in report.rows}):
             rows = fig.select_rows(report, side, c)
             floors = sorted(r.random_floor for r in rows)
             floor = f"{floors[0]:.3g}" if floors[0] == floors[-1] else f"{floors[0]:.3g} .. {floors[-1]:.3g}"
             totals = report.totals(side, c)
             summary.append(([c] if trajectory else []) + [side, len(rows), floor, *(totals[key] for key in keys)])
     header = (["checkpoint"] if trajectory else []) + ["side", "matrices", "random floor 1/√d"]
-    parts.append("<p>Intruders (max |cos| &lt; ε), summed over matrices:</p>\n")
-    parts.append(_table(header + [f"ε = {key}" for key in keys], summary))
-    parts.append(f"<h3>Most intruders at ε = {eps:g}{' (last checkpoint)' if trajectory else ''}</h3>\n")
-    parts.append(_table(["matrix", "side", f"intruders at {eps:g}", "min max|cos|"],
-                        [[r.name, r.side, f"{fig.intruders(r, eps)}/{r.k}", f"{min(r.max_cos):.3f}"] for r in ranked]))
-    parts.append("<h3>Skipped</h3>\n")
-    parts.append(_table(["matrix", "reason"], [[s.get("name"), s.get("reason")] for s in report.skipped])
-                 if report.skipped else "<p>none</p>\n")
+    parts = ["<p>Intruders (max |cos| &lt; ε), summed over matrices:</p>\n",
+             _table(header + [f"ε = {key}" for key in keys], summary),
+             f"<h3>Most intruders at ε = {eps:g}{' (last checkpoint)' if trajectory else ''}</h3>\n",
+             _table(["matrix", "side", f"intruders at {eps:g}", "min max|cos|"],
+                    [[r.name, r.side, f"{fig.intruders(r, eps)}/{r.k}", f"{min(r.max_cos):.3f}"] for r in ranked])]
+    if figure:
+        try:
+            parts.append(_figure(fig.plot_counts_vs_eps(report, sorted({r.side for r in report.rows})[0]),
+                                 "Total intruders versus ε (paper Figure 4)."))
+        except ImportError:  # matplotlib is an optional extra: the tables alone then
+            pass
+    return "".join(parts)
 
-    if figures:
-        parts.append("<h2>Figures</h2>\n")
-        for side in sides:
-            parts.append(_figure(fig.plot_counts_vs_eps(report, side),
-                                 f"Total intruders versus ε, {side} singular vectors (paper Figure 4)."))
-            parts.append(_figure(fig.plot_counts_vs_k(report, side, eps),
-                                 f"Intruders among the top k versus k / min(m, n), {side} (paper Figure 15); the "
-                                 f"report holds only its top k per matrix."))
-            parts.append(_figure(fig.plot_layer_bars(report, side, eps), f"Intruders per layer and module, {side}."))
-        for row in ranked[:spectra]:
-            parts.append(_figure(fig.plot_spectra(report, row.name, row.side, eps, checkpoint=row.checkpoint),
-                                 f"Singular values of {row.name} ({row.side}), fine-tuned and base; intruders ringed."))
-        if heatmap and ranked:
-            parts.append(_heatmap(report, ranked[0]))
 
-    parts.append("<h2>Every matrix</h2>\n")
+def _figures(report, spectra: list) -> list[str]:
+    """Every report-only figure per side, and the spectra of the rows ``spectra``."""
+    eps, parts = report.threshold(), []
+    for side in sorted({r.side for r in report.rows}):
+        parts.append(_figure(fig.plot_counts_vs_eps(report, side),
+                             f"Total intruders versus ε, {side} singular vectors (paper Figure 4)."))
+        if len(report.checkpoints) > 1:
+            parts.append(_figure(fig.plot_checkpoint_totals(report, side),
+                                 f"Intruders per fine-tune and ε, {side} singular vectors."))
+        parts.append(_figure(fig.plot_counts_vs_k(report, side, eps),
+                             f"Intruders among the top k versus k / min(m, n), {side} (paper Figure 15); the "
+                             f"report holds only its top k per matrix."))
+        parts.append(_figure(fig.plot_layer_bars(report, side, eps), f"Intruders per layer and module, {side}."))
+    if any(r.delta_magnitude is not None and r.delta_direction is not None for r in report.rows):
+        parts.append(_figure(fig.plot_magnitude_direction(report),
+                             "Change of direction ΔD against change of magnitude ΔM per matrix, a least-squares "
+                             "slope per checkpoint (DoRA, Liu et al. 2024, Figure 2: full fine-tuning negative, "
+                             "LoRA positive)."))
+    for row in spectra:
+        parts.append(_figure(fig.plot_spectra(report, row.name, row.side, eps, checkpoint=row.checkpoint),
+                             f"Singular values of {row.name} ({row.side}), fine-tuned and base; intruders ringed."))
+    return parts
+
+
+def _every_matrix(report) -> str:
+    """One table row per matrix, side (and checkpoint)."""
+    keys, trajectory = [eps_key(e) for e in report.eps], len(report.checkpoints) > 1
     header = ["matrix"] + (["checkpoint"] if trajectory else []) + ["layer", "module", "shape", "side"]
     header += [f"ε = {key}" for key in keys] + ["min max|cos|", "max error bound", "near ε"]
     table = [[r.name] + ([r.checkpoint] if trajectory else [])
              + ["" if r.layer is None else r.layer, r.module, f"{r.shape[0]}×{r.shape[1]}", r.side]
              + [r.counts[key] for key in keys] + [f"{min(r.max_cos):.4f}", _bound(r), sum(r.near_threshold)]
              for r in report.rows]
-    parts.append(_table(header, table))
-    parts.append("</body></html>\n")
-    write_atomic(path, "".join(parts))
+    return _table(header, table)

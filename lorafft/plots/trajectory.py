@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafft import linalg
+from lorafft import analysis, linalg
 from lorafft.plots.figures import new_axes
 from lorafft.plots.heatmaps import load_weights
 
@@ -75,7 +75,10 @@ def intruder_trajectory(base, checkpoints: list, name: str, *, side: str = "left
     base_name, W0, weights = load_weights(base, list(checkpoints), name, split_fused=split_fused)
     search = max(k, SEARCH_FACTOR * k if search is None else search)
     basis = linalg.base_basis(W0.unsqueeze(0))
-    tuned = linalg.truncated_svd(torch.stack(weights), search, generator=torch.Generator().manual_seed(0))
+    search = min(search, *W0.shape)
+    guesses, block = analysis.start_block(basis, search)
+    tuned = linalg.truncated_svd(torch.stack(weights), search, start=guesses.expand(len(weights), -1, -1),
+                                 block_size=block, generator=torch.Generator().manual_seed(0))
     vectors = tuned.U if side == "left" else tuned.V  # [C, d, K] fp64
     last = vectors[-1:, :, :k]
     max_cos = linalg.max_abs_cos(basis.project(last, side), (eps,)).max_cos[0]

@@ -12,9 +12,14 @@ import os
 import re
 import sys
 
+from typing import TYPE_CHECKING
+
+from lorafft import options
+from lorafft.cli import arguments
 from lorafft.errors import InputError
-from lorafft.io import read_json_object
-from lorafft.report import SCHEMA_VERSION, Report
+
+if TYPE_CHECKING:  # annotations only: the report module is imported when a command runs
+    from lorafft.report import Report
 
 PLOT_EPILOG = """\
 figures written into DIR (PNG):
@@ -72,7 +77,7 @@ def add_commands(subparsers) -> None:
     plot.add_argument("--out", required=True, metavar="DIR", help="directory for the PNG files (created if needed)")
     plot.add_argument("--side", choices=["left", "right"],
                       help="singular vectors to plot (default: left when every report has them, else right)")
-    plot.add_argument("--eps", type=float, metavar="EPS",
+    plot.add_argument("--eps", type=arguments.checked(float, arguments.threshold, "--eps"), metavar="EPS",
                       help="threshold of the per-layer, top-k and spectrum figures (default: each report's smallest)")
     plot.add_argument("--spectra", type=_at_least(0), default=3, metavar="N",
                       help="spectrum figures for the N matrices with most intruders (default: 3)")
@@ -100,6 +105,9 @@ def add_commands(subparsers) -> None:
 
 def load_report(path) -> Report:
     """Read a JSON report; InputError(path, problem) when it is missing, unreadable or not a schema-1 report."""
+    from lorafft.io import read_json_object
+    from lorafft.report import SCHEMA_VERSION, Report
+
     data = read_json_object(path)
     try:
         return Report.from_dict(data)
@@ -114,7 +122,8 @@ def _side(reports: list[Report], paths: list[str], side: str | None) -> str:
     chosen = side or ("left" if all("left" in sides for sides in present) else "right")
     for path, sides in zip(paths, present):
         if chosen not in sides:
-            raise InputError(path, f"has no {chosen} singular vectors (scanned: {', '.join(sorted(sides))}); choose --side")
+            raise InputError(path, f"has no {chosen} singular vectors (scanned: {', '.join(sorted(sides))}); "
+                                   "choose --side")
     return chosen
 
 
@@ -157,6 +166,7 @@ def _checkpoint_figures(report: Report, side: str, eps: float, args):
 def run_plot(args) -> int:
     """``lorafft plot``: write every report-only figure into ``args.out`` and, when the checkpoints are on disk, the
     similarity heatmaps (and a training run's intruder trajectory); print the files written."""
+    options.output_directory(args.out)
     from lorafft.plots import figures
 
     reports = [load_report(path) for path in args.reports]
@@ -175,9 +185,13 @@ def run_plot(args) -> int:
              "counts_vs_eps.png")
         for label, report in zip(labels, reports):
             prefix = f"{_filename(label)}-" if len(reports) > 1 else ""
-            eps = min(report.eps) if args.eps is None else args.eps
+            eps = report.threshold(args.eps)
+            if len(report.checkpoints) > 1:
+                save(figures.plot_checkpoint_totals(report, side), f"{prefix}checkpoint_totals.png")
             save(figures.plot_counts_vs_k(report, side, eps), f"{prefix}counts_vs_k.png")
             save(figures.plot_layer_bars(report, side, eps), f"{prefix}layer_bars.png")
+            if any(r.delta_magnitude is not None and r.delta_direction is not None for r in report.rows):
+                save(figures.plot_magnitude_direction(report), f"{prefix}magnitude_direction.png")
             for row in figures.worst_rows(report, eps, args.spectra, side):
                 save(figures.plot_spectra(report, row.name, side, eps), f"{prefix}spectrum-{_filename(row.name)}.png")
             wanted = args.heatmaps > 0 or (len(report.checkpoints) > 1 and not args.no_trajectory)
@@ -200,6 +214,7 @@ def run_plot(args) -> int:
 
 def run_report(args) -> int:
     """``lorafft report``: write the report as one HTML page."""
+    options.output_file(args.html, arguments.HTML_SUFFIXES)
     from lorafft.plots.html import write_html
 
     report = load_report(args.report)

@@ -1,0 +1,71 @@
+"""The ``lorafft intervene`` command: arguments checked here, the work done by :func:`lorafft.intervene.intervene`
+(imported only when the command runs)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lorafft import options
+from lorafft.cli import arguments
+
+WHICH = ("top", "all")  # as lorafft.intervene.WHICH, which checks it again
+
+DESCRIPTION = """\
+Rescale the intruder dimensions of a fine-tune (Shuttleworth et al., arXiv 2410.21228, Sec. 6).
+
+For every weight matrix, the top-k singular triplets (u_j, sigma_j, v_j) of the tuned Wt = W0 + dW whose u_j
+has max |cos| < EPS against every singular vector of the base W0 (the intruders `lorafft scan` counts) get
+sigma_j -> LAMBDA * sigma_j:
+
+    W' = W0 + dW + (LAMBDA - 1) * u_j sigma_j v_j^T
+
+Every other singular value and vector of Wt stays as it is. LAMBDA < 1 shrinks the intruders (the paper:
+less forgetting of the pre-training data), 0 removes them, 1 changes nothing.
+
+What is written to --out DIR (a new or empty directory; written atomically, or not at all):
+  TUNED a PEFT LoRA adapter  -> a PEFT adapter; each changed module gets rank r + (intruders rescaled) and
+                                keeps its scaling (rank_pattern / alpha_pattern). Nothing of the original
+                                update is lost. Load it with PeftModel.from_pretrained(model, DIR).
+  TUNED a full fine-tune     -> the same safetensors shards, index, dtypes and other files (config.json, ...);
+                                only the changed matrices differ. (.bin checkpoints: convert to safetensors.)
+DIR/lorafft_intervention.json lists every rescaled intruder (rank, max |cos|, sigma before and after).
+"""
+
+EPILOG = """\
+examples:
+  lorafft intervene ./base ./lora-adapter --lambda 0.5 --out ./lora-lambda0.5
+  lorafft intervene ./base ./finetune --lambda 0 --which all --eps 0.6 --out ./finetune-no-intruders
+  lorafft intervene ./base ./lora-adapter --lambda 0.25 --include 'layers\\.(0|1)\\.' --out ./early-layers
+"""
+
+
+def add_command(subparsers) -> argparse.ArgumentParser:
+    """Register ``lorafft intervene`` on the CLI's subparsers; the parsed args carry ``run`` (:func:`run`)."""
+    parser = subparsers.add_parser(
+        "intervene", help="rescale intruder dimensions by lambda and write a new adapter or checkpoint",
+        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
+    parser.add_argument("tuned", metavar="TUNED", help="PEFT LoRA adapter directory, or a safetensors fine-tune")
+    parser.add_argument("--lambda", dest="lam", type=float, required=True, metavar="LAMBDA",
+                        help="factor for each rescaled singular value, >= 0 (e.g. 0.5 halves it, 0 removes it)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
+    parser.add_argument("--which", choices=WHICH, default="top",
+                        help="top: only the highest-ranked intruder of each matrix (default); all: every intruder")
+    arguments.add_analysis(parser, several_eps=False)
+    arguments.add_scope(parser, split_fused=False)
+    arguments.add_quiet(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args) -> int:
+    """``lorafft intervene``: print the summary; InputError propagates (the CLI prints it and exits 2)."""
+    lam = options.scale_factor(args.lam, "--lambda")
+    options.output_directory(args.out)
+    from lorafft.intervene import intervene
+
+    summary = intervene(args.base, args.tuned, args.out, lam=lam, which=args.which, eps=args.eps, k=args.k,
+                        include=args.include, exclude=args.exclude, embeddings=args.embeddings,
+                        progress=not args.quiet)
+    print(summary.summary())
+    return 0

@@ -1,0 +1,127 @@
+"""The ``lorafft scan`` and ``lorafft cache build`` commands: arguments checked here, the work done by
+:func:`lorafft.scan` and :func:`lorafft.cache.build_base_cache` (imported only when a command runs)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lorafft import options
+from lorafft.cli import arguments
+from lorafft.errors import InputError
+
+SCAN_EPILOG = """\
+BASE and TUNED: a Hugging Face checkpoint directory (model.safetensors, sharded with
+model.safetensors.index.json, pytorch_model.bin or its sharded index), a single .safetensors/.bin file;
+TUNED may also be a PEFT adapter directory (adapter_config.json + adapter_model.safetensors/.bin).
+
+examples:
+  lorafft scan ./llama-base ./my-finetune --out report.json
+  lorafft scan ./base ./lora-adapter --eps 0.5 0.6 0.7 0.8 0.9 --side both --out report.csv
+  lorafft scan ./base ./tuned --include 'layers\\.(0|1)\\.' --exclude 'mlp' --k 20
+  lorafft scan ./base ./run/checkpoint-100 ./run/checkpoint-200 ./run/checkpoint-300 --out trajectory.json
+  lorafft scan ./phi-3-base ./phi-3-finetune --split-fused --out report.json   # q, k, v, gate, up apart
+"""
+
+
+def add_commands(subparsers) -> None:
+    """Register ``scan`` and ``cache build`` on the ``lorafft`` command's subparsers; the parsed args carry ``run``."""
+    scan = subparsers.add_parser("scan", help="compare a base checkpoint with a fine-tune or a LoRA adapter",
+                                 description="Intruder-dimension scan of every weight matrix BASE and TUNED share.",
+                                 epilog=SCAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    scan.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
+    scan.add_argument("tuned", metavar="TUNED", nargs="+",
+                      help="fine-tuned checkpoint or PEFT adapter directory; several (checkpoints along one run) give "
+                           "one report with a checkpoint column, the base paid for once")
+    scan.add_argument("--out", metavar="FILE", help="write the full report here: .json (schema in the README) or .csv")
+    arguments.add_analysis(scan, several_eps=True)
+    scan.add_argument("--side", choices=["left", "right", "both"], default="left",
+                      help="singular vectors to compare: left = output space of a [out, in] weight (default, "
+                           "the paper's choice), right = input space, or both")
+    scan.add_argument("--tol", type=arguments.checked(float, options.positive_number, "--tol"),
+                      default=1e-5, help="error bound to certify per max |cos| (default: 1e-5)")
+    scan.add_argument("--delta-ranks", action="store_true",
+                      help="also report the effective and stable rank of the update dW = TUNED - BASE per matrix")
+    arguments.add_scope(scan)
+    scan.add_argument("--strict", action="store_true",
+                      help="a paired name with another shape is an error, not a warning")
+    _add_resources(scan)
+    arguments.add_quiet(scan)
+    scan.set_defaults(run=run_scan)
+
+    cache = subparsers.add_parser("cache", help="build a base-spectrum cache reused by later scans",
+                                  description="Compute every base singular basis once and store it (safetensors, "
+                                              "fp32, fingerprinted); then 'lorafft scan --base-cache DIR' skips that "
+                                              "work.")
+    actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    build = actions.add_parser("build", help="compute and store the bases of BASE",
+                               description="Compute and store the singular basis of every 2-D weight of BASE.")
+    build.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
+    build.add_argument("--out", metavar="DIR", required=True, help="cache directory (created if needed)")
+    arguments.add_scope(build)
+    arguments.add_quiet(build)
+    build.set_defaults(run=run_cache)
+
+
+def _add_resources(parser: argparse.ArgumentParser) -> None:
+    """Where and how ``scan`` computes: caches, journal, memory, seed, device, backend."""
+    group = parser.add_argument_group("computation")
+    group.add_argument("--base-cache", metavar="DIR", help="read base bases from this cache ('lorafft cache build')")
+    group.add_argument("--write-base-cache", metavar="DIR", help="store every base basis this scan computes here")
+    group.add_argument("--journal", metavar="FILE",
+                       help="append every finished matrix here, fsync'd (default with --out: OUT.journal)")
+    group.add_argument("--resume", action="store_true",
+                       help="finish the scan recorded in the journal after a crash or kill (same arguments; needs "
+                            "--out or --journal)")
+    group.add_argument("--max-batch-bytes", metavar="GB", default=1.0,
+                       type=arguments.checked(float, options.positive_number, "--max-batch-bytes"),
+                       help="cap on the fp32 base + tuned weights analysed at once, in GB (default: 1)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random start blocks (default: 0)")
+    group.add_argument("--device", type=arguments.checked(str, arguments.device, "--device"), metavar="DEVICE",
+                       help="cpu, cuda or cuda:N (default: the GPU when CUDA is available, else the CPU)")
+    group.add_argument("--backend", choices=["auto", "torch", "triton"],
+                       help="Triton kernels or torch ops for the products (default: auto = Triton on a GPU; "
+                            "$LORAFFT_BACKEND also sets it)")
+
+
+def _journal(args) -> str | None:
+    """The journal path ``scan`` writes (``--journal``, else ``OUT.journal`` with ``--out``), checked as an output
+    file; InputError when ``--resume`` has none to resume from."""
+    journal = args.journal or (args.out + ".journal" if args.out else None)
+    if args.resume and journal is None:
+        raise InputError("--resume", "needs the journal of the interrupted scan: give the same --out "
+                                     "(journal OUT.journal) or --journal FILE")
+    return None if journal is None else options.output_file(journal, suffixes=None)
+
+
+def run_scan(args) -> int:
+    """``lorafft scan``: check the output paths, scan, print the summary (and where the report went)."""
+    if args.out is not None:
+        options.output_file(args.out)
+    journal = _journal(args)
+    if args.write_base_cache is not None:
+        options.output_directory(args.write_base_cache)
+    from lorafft.scan import scan
+
+    report = scan(args.base, args.tuned if len(args.tuned) > 1 else args.tuned[0], k=args.k, eps=args.eps,
+                  side=args.side, include=args.include, exclude=args.exclude, embeddings=args.embeddings,
+                  strict=args.strict, split_fused=args.split_fused, delta_ranks=args.delta_ranks,
+                  base_cache=args.base_cache, write_base_cache=args.write_base_cache, journal=journal,
+                  resume=args.resume, out=args.out, max_batch_bytes=int(args.max_batch_bytes * 2**30), tol=args.tol,
+                  seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
+    if report is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
+    print(report.summary())
+    if args.out:
+        print(f"full report: {args.out}")
+    return 0
+
+
+def run_cache(args) -> int:
+    """``lorafft cache build``: compute and store the base bases; print how many."""
+    options.output_directory(args.out)
+    from lorafft.cache import build_base_cache
+
+    cache = build_base_cache(args.base, args.out, include=args.include, exclude=args.exclude,
+                             embeddings=args.embeddings, split_fused=args.split_fused, progress=not args.quiet)
+    print(f"{len(cache.entries)} base bases in {cache.directory}")
+    return 0

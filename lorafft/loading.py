@@ -1,0 +1,230 @@
+"""The one loader: batches of pairs read from checkpoints into ``(W0, Wt | LowRank)`` stacks on a device.
+
+Every consumer of weights (scan, intervene, ``lorafft cache build``, the similarity and trajectory figures) reads
+through :class:`BatchLoader`, so orientation, merging of adapters, dtypes, read-ahead and the release of shards
+are decided here and nowhere else:
+
+* orientation: the analysed ``[out, in]`` (PEFT ``fan_in_fan_out`` weights are transposed, :class:`Pair`);
+* a PEFT LoRA adapter's update is kept factored as :class:`~lorafft.linalg.LowRank` (``ΔW = s·B·A``) when every
+  module of a batch is a plain LoRA module of one rank, else merged the way PEFT merges it (DoRA, embeddings);
+* dtypes: fp32, or fp16/bf16 as stored when the kernels read them natively (``native``);
+* one reader thread prefetches the next batch while the device works on this one (at most two in memory), and
+  each shard is released right after the last tensor read from it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from lorafft import adapters, io, linalg
+from lorafft.errors import InputError
+from lorafft.pairing import Pair
+
+NATIVE_DTYPES = (torch.float16, torch.bfloat16)  # read as stored by the Triton kernels
+
+
+def describe(source) -> str:
+    """How an input is named in reports and messages: its path, or ``<state dict>``."""
+    return io.STATE_DICT if isinstance(source, dict) else os.fspath(source)
+
+
+def open_base(source, *, split_fused: bool = False) -> io.Checkpoint:
+    """The base checkpoint opened (a PEFT adapter is refused: it has no base weights)."""
+    if not isinstance(source, dict) and io.is_adapter(source):
+        raise InputError(source, "the base must be a model checkpoint, not a PEFT adapter")
+    return io.open_checkpoint(source, split_fused=split_fused)
+
+
+def open_tuned(source, *, split_fused: bool = False) -> io.Checkpoint | io.Adapter:
+    """A tuned input opened: a PEFT adapter directory as an io.Adapter, anything else as a Checkpoint (its fused
+    projections split when ``split_fused``)."""
+    return io.open_adapter(source) if io.is_adapter(source) else io.open_checkpoint(source, split_fused=split_fused)
+
+
+def _analysed_dtype(stored: torch.Tensor, native: bool) -> torch.dtype:
+    """fp32, or the stored fp16/bf16 when ``native`` (the Triton backend: half the memory and transfer)."""
+    return stored.dtype if native and stored.dtype in NATIVE_DTYPES else torch.float32
+
+
+def oriented(stored: torch.Tensor, pair: Pair, *, native: bool = False) -> torch.Tensor:
+    """A stored tensor in the analysed orientation ``[out, in]``: fp32 (or fp16/bf16 as stored when ``native``)."""
+    W = stored.to(_analysed_dtype(stored, native))
+    return (W.T if pair.transposed else W).contiguous()
+
+
+def merged(pair: Pair, W0: torch.Tensor) -> torch.Tensor:
+    """The tuned matrix of an adapter pair merged onto ``W0`` (analysed orientation) as PEFT merges it, fp32."""
+    stored = W0.T if pair.transposed else W0
+    Wt = adapters.merged_weight(pair.adapter, stored)
+    return (Wt.T if pair.transposed else Wt).contiguous()
+
+
+def adapter_update(pairs: list[Pair]) -> linalg.LowRank | None:
+    """The pairs' LoRA updates kept factored, ``ΔW = s·B·A`` in the analysed orientation ``[out, in]``, when every
+    module is a plain LoRA module (no DoRA magnitude, no embedding) of one rank; None otherwise (the tuned weights
+    are then merged, as PEFT merges them). The factors' shapes were checked against the base when pairing."""
+    modules = [pair.adapter for pair in pairs]
+    if any(m is None or m.embedding or m.magnitude is not None for m in modules):
+        return None
+    if len({m.lora_A.shape[0] for m in modules}) != 1:
+        return None
+    return linalg.LowRank(B=torch.stack([m.lora_B for m in modules]), A=torch.stack([m.lora_A for m in modules]),
+                          scale=torch.tensor([m.scaling for m in modules], dtype=torch.float64))
+
+
+def adapter_columns(pairs: list[Pair]) -> torch.Tensor | None:
+    """LoRA B columns ``[L, out, r]`` fp32 (B spans the output space, where intruders appear), when every pair is a
+    non-embedding adapter module of one rank; else None. Extra start vectors for the tuned SVD."""
+    modules = [pair.adapter for pair in pairs]
+    if any(m is None or m.embedding for m in modules) or len({m.lora_B.shape for m in modules}) != 1:
+        return None
+    return torch.stack([m.lora_B.float() for m in modules])
+
+
+def stack(matrices: list[torch.Tensor]) -> torch.Tensor:
+    """``[L, m, n]`` from L matrices; a view, not a copy, when L = 1 (the usual case for big matrices)."""
+    return matrices[0].unsqueeze(0) if len(matrices) == 1 else torch.stack(matrices)
+
+
+@dataclass
+class LoadedBatch:
+    """One batch of same-shape matrices, ``L`` of them, ready for the linear algebra.
+
+    pairs: per tuned source, its pairs among the batch's (all ``L`` unless sources adapt different matrices).
+    rows: per tuned source, the positions of its pairs in the batch (``W0[rows]`` is what it is compared with).
+    stored: the ``L`` base tensors as stored (dtype and orientation of the file: cache fingerprints).
+    W0: ``[L, m, n]`` base stack in the analysed orientation, on the device.
+    tuned: per tuned source, ``Wt [L', m, n]`` (L' = len(rows)) or its update kept factored
+        (:class:`~lorafft.linalg.LowRank`); None for a source with no matrix in this batch.
+    columns: per tuned source, the adapter's B columns ``[L', m, r]`` (:func:`adapter_columns`) or None.
+    """
+
+    pairs: list[list[Pair]]
+    rows: list[list[int]]
+    stored: list[torch.Tensor]
+    W0: torch.Tensor
+    tuned: list[torch.Tensor | linalg.LowRank | None]
+    columns: list[torch.Tensor | None]
+
+
+class _ShardReleaser:
+    """Reads tensors of one checkpoint in a planned order and releases each shard right after the last tensor the
+    plan reads from it, so a scan holds only the shards it still needs."""
+
+    def __init__(self, checkpoint: io.Checkpoint, names: list[str]):
+        self.checkpoint = checkpoint
+        self.remaining = collections.Counter(checkpoint.file_of(name) for name in names)
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.checkpoint.get(name)
+        file = self.checkpoint.file_of(name)
+        self.remaining[file] -= 1
+        if self.remaining[file] == 0:
+            self.checkpoint.release(file)
+        return tensor
+
+
+class BatchLoader:
+    """Loads batches of pairs of one base and any number of tuned sources (none: base only, for a base cache).
+
+    Args:
+        base: the opened base checkpoint.
+        sources: the opened tuned inputs (Checkpoints or io.Adapters).
+        pairs_by_source: per source, ``{base name: Pair}`` of the matrices it changes (a batch may name others).
+        device: where loaded stacks go.
+        native: keep fp16/bf16 weights as stored (the Triton kernels read them), else fp32.
+        factored: keep LoRA updates factored (:func:`adapter_update`); False merges every adapter module.
+    """
+
+    def __init__(self, base: io.Checkpoint, sources: list, pairs_by_source: list[dict[str, Pair]], *,
+                 device: torch.device | str = "cpu", native: bool = False, factored: bool = True):
+        self.base, self.sources, self.pairs_by_source = base, sources, pairs_by_source
+        self.device, self.native, self.factored = torch.device(device), native, factored
+
+    def batches(self, batches: list[list[Pair]]) -> Iterator[tuple[int, LoadedBatch]]:
+        """``(position, LoadedBatch)`` for each batch in order, read ahead by one thread, on the device."""
+        names = [pair.name for batch in batches for pair in batch]
+        base = _ShardReleaser(self.base, names)
+        tuned = [source if isinstance(source, io.Adapter) else
+                 _ShardReleaser(source, [pairs[name].tuned_name for name in names])
+                 for source, pairs in zip(self.sources, self.pairs_by_source)]
+
+        def load(position: int) -> LoadedBatch:
+            return self._load(batches[position], base, tuned)
+
+        for position, loaded in prefetched(load, list(range(len(batches)))):
+            yield position, self._moved(loaded)
+
+    def _load(self, batch: list[Pair], base: _ShardReleaser, tuned: list) -> LoadedBatch:
+        stored = [base.get(pair.name) for pair in batch]
+        W0 = stack([oriented(tensor, pair, native=self.native) for tensor, pair in zip(stored, batch)])
+        loaded = LoadedBatch(pairs=[], rows=[], stored=stored, W0=W0, tuned=[], columns=[])
+        for source, pairs in zip(tuned, self.pairs_by_source):
+            rows = [index for index, pair in enumerate(batch) if _same_matrix(pairs.get(pair.name), pair)]
+            here = [pairs[batch[index].name] for index in rows]
+            update = adapter_update(here) if self.factored and here else None
+            if update is None and here:
+                update = stack([merged(pair, W0[index]) if pair.adapter is not None
+                                else oriented(source.get(pair.tuned_name), pair, native=self.native)
+                                for pair, index in zip(here, rows)])
+            loaded.pairs.append(here)
+            loaded.rows.append(rows)
+            loaded.tuned.append(update)
+            loaded.columns.append(adapter_columns(here) if here else None)
+        return loaded
+
+    def _moved(self, loaded: LoadedBatch) -> LoadedBatch:
+        device = self.device
+        return LoadedBatch(pairs=loaded.pairs, rows=loaded.rows, stored=loaded.stored, W0=loaded.W0.to(device),
+                           tuned=[None if entry is None else entry.to(device) for entry in loaded.tuned],
+                           columns=[None if c is None else c.to(device) for c in loaded.columns])
+
+
+def _same_matrix(pair: Pair | None, reference: Pair) -> bool:
+    """True when a source's ``pair`` compares the batch's base matrix ``reference`` in the same orientation."""
+    return pair is not None and pair.shape == reference.shape and pair.transposed == reference.transposed
+
+
+def prefetched(load, items: list):
+    """Yield ``(item, load(item))`` while one reader thread loads the next item: reading the next batch overlaps the
+    analysis of this one. The reader starts on the next item only once the consumer has taken the previous one, so
+    at most two loaded items exist at a time (the one analysed and the one being read)."""
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    taken = threading.Semaphore(0)
+    stop = threading.Event()
+
+    def read() -> None:
+        for item in items:
+            try:
+                entry = (item, load(item), None)
+            except BaseException as error:  # handed to the consumer, which raises it
+                entry = (item, None, error)
+            handoff.put(entry)  # never blocks: the consumer has taken the previous item
+            failed = entry[2] is not None
+            del entry
+            while not taken.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            if failed or stop.is_set():
+                return
+
+    thread = threading.Thread(target=read, name="lorafft-reader", daemon=True)
+    thread.start()
+    try:
+        for _ in items:
+            item, value, error = handoff.get()
+            taken.release()
+            if error is not None:
+                raise error
+            yield item, value
+            del value
+    finally:
+        stop.set()
+        thread.join()

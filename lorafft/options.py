@@ -1,0 +1,164 @@
+"""The scan's options: validated once, before any file is read, and recorded in the report and the journal.
+
+Every check here is torch-free, so the command line can run them before it imports torch. Each raises
+:class:`~lorafft.errors.InputError` naming the option (or the file) and the problem in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+
+from lorafft.errors import InputError
+
+SIDES = ("left", "right")
+SIDE_CHOICES = (*SIDES, "both")
+DEFAULT_EPS = (0.5,)
+DEFAULT_MAX_BATCH_BYTES = 1 << 30  # fp32 weights (base + tuned) held at once per batch; the basis adds ~4x
+REPORT_SUFFIXES = (".json", ".csv")
+
+
+def eps_key(eps: float) -> str:
+    """The string form of a threshold used as a key in reports: 0.5 -> "0.5"."""
+    return f"{float(eps):g}"
+
+
+def positive_int(value, what: str = "k") -> int:
+    """``value`` as an int >= 1 (bools and fractions refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(what, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def thresholds(eps) -> tuple[float, ...]:
+    """ε as a sorted tuple of distinct floats, each finite in (0, 1]: a number or an iterable of numbers."""
+    values = (eps,) if isinstance(eps, (int, float)) else tuple(eps)
+    if not values:
+        raise InputError("eps", "needs at least one threshold")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise InputError("eps", f"each threshold must be a number in (0, 1] (a max |cos|), got {value!r}")
+    return tuple(sorted({float(value) for value in values}))
+
+
+def side(value: str) -> tuple[str, ...]:
+    """The sides a ``side`` option names: ``"left"``, ``"right"`` or ``"both"`` -> a tuple of ``SIDES``."""
+    if value not in SIDE_CHOICES:
+        raise InputError("side", f"must be 'left', 'right' or 'both', got {value!r}")
+    return SIDES if value == "both" else (value,)
+
+
+def patterns(values, what: str) -> tuple[str, ...]:
+    """Regular expressions (``re.search`` in tensor names), each compiled now so a bad one fails before any work."""
+    values = (values,) if isinstance(values, str) else tuple(values)
+    for pattern in values:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as e:
+            raise InputError(what, f"{pattern!r} is not a regular expression: {e}") from None
+    return values
+
+
+def positive_number(value, what: str) -> float:
+    """A finite number > 0 (a tolerance, a byte budget)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError(what, f"must be a finite number > 0, got {value!r}")
+    return value
+
+
+def scale_factor(value, what: str = "lambda") -> float:
+    """A finite number >= 0 (the intervention's λ: the factor applied to each intruder's singular value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InputError(what, f"must be a finite number >= 0 (the factor applied to each intruder's singular "
+                               f"value), got {value!r}")
+    return float(value)
+
+
+def output_file(path, suffixes: tuple[str, ...] = REPORT_SUFFIXES) -> str:
+    """A file lorafft may write: its directory exists and is writable, it is not a directory, and its suffix is one
+    the writer knows. Returns the path as a string."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(path, "is a directory; name a file to write")
+    if suffixes and not path.lower().endswith(suffixes):
+        raise InputError(path, f"unknown output format: the name must end in {' or '.join(suffixes)}")
+    _writable_parent(path)
+    return path
+
+
+def output_directory(path) -> str:
+    """A directory lorafft may create or fill: not an existing file, its parent exists and is writable."""
+    path = os.fspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise InputError(path, "exists and is not a directory")
+    if not os.path.isdir(path):
+        _writable_parent(path)
+    elif not os.access(path, os.W_OK):
+        raise InputError(path, "directory is not writable")
+    return path
+
+
+def _writable_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise InputError(path, f"directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(path, f"directory {parent} is not writable")
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """What a scan computes (not how or where: device, backend, journal and output are arguments of the run).
+
+    Constructing one validates and normalises every field (see the module's checkers); :meth:`record` is the dict
+    a report and a journal store, so two scans with equal records compute equal rows.
+    """
+
+    k: int = 10
+    eps: tuple[float, ...] = DEFAULT_EPS
+    side: str = "left"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    embeddings: bool = False
+    strict: bool = False
+    split_fused: bool = False
+    delta_ranks: bool = False
+    tol: float = 1e-5
+    seed: int = 0
+    base_cache: str | None = None
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+
+    def __post_init__(self):
+        normalised = {
+            "k": positive_int(self.k),
+            "eps": thresholds(self.eps),
+            "include": patterns(self.include, "include"),
+            "exclude": patterns(self.exclude, "exclude"),
+            "tol": positive_number(self.tol, "tol"),
+            "max_batch_bytes": int(positive_number(self.max_batch_bytes, "max_batch_bytes")),
+            "base_cache": None if self.base_cache is None else os.fspath(self.base_cache),
+        }
+        side(self.side)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InputError("seed", f"must be an integer, got {self.seed!r}")
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """The analysed sides, ``("left",)``, ``("right",)`` or ``("left", "right")``."""
+        return side(self.side)
+
+    def replace(self, **changes) -> ScanOptions:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def record(self) -> dict:
+        """The options as the report's ``options`` and the journal's header store them (JSON types)."""
+        record = dataclasses.asdict(self)
+        for name in ("eps", "include", "exclude"):
+            record[name] = list(record[name])
+        return record
