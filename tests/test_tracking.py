@@ -197,6 +197,9 @@ def test_plain_model_snapshot(minilm_dir):
     assert_matches_reference(first, base, current)  # cold, then warm-started from those vectors
     report = tracker.report()
     assert report.checkpoints == ["step 0", "step 1"] and report.inputs["tuned_kind"] == ["full", "full"]
+    pytest.importorskip("matplotlib")
+    figure = report.plot_checkpoint_totals()  # what `lorafft plot` draws for a run: one group of bars per step
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["full: step 0", "full: step 1"]
 
 
 def test_bad_use_is_one_line_input_error(minilm_dir):

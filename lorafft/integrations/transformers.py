@@ -47,8 +47,8 @@ class IntruderCallback(TrainerCallback):
         report_name: file name of the report in ``args.output_dir``.
         background: copy the weights at the tracked step (a LoRA model's factors only) and analyse them in one
             worker thread while training goes on; the counts are logged at the first step after they are ready,
-            with ``intruders/step`` naming the step they describe. Costs no training time where a CPU core is
-            idle (GPU training); on a saturated CPU it competes with training.
+            with ``intruders/step`` naming the step they describe. Meant for GPU training, where CPU cores are idle;
+            on a busy CPU it competes with training for the cores.
     """
 
     def __init__(self, every_n_steps: int = 100, k: int = 10, eps=analysis.DEFAULT_EPS, include=(), exclude=(),
