@@ -1,7 +1,7 @@
 """Static check of the sketch kernel for Hopper (sm_90), compiled on this CPU with Triton's bundled ptxas: no
 spills, tensor-core MMA, and an issue-time ratio that keeps up with H200 HBM (``benchmarks/static_sm90.py``).
 
-To keep the suite fast this compiles one shape (8192×28672, gate/up of Llama-70B), both orientations, of each
+To keep the suite fast this compiles one shape (8192×28672, down_proj of Llama-70B), both orientations, of each
 weight dtype; ``python benchmarks/static_sm90.py`` runs every shape and scale (the committed table)."""
 
 import sys
