@@ -69,7 +69,7 @@ def launch_arguments(variant: Variant, shape: tuple[int, int], transpose: bool):
 
     m, n = shape
     R, K = (n, m) if transpose else (m, n)
-    block_r, block_k, block_b = module.tiles_for(R, K, COLUMNS)
+    block_r, block_k, block_b = module.tiles_for(R, K, TORCH_DTYPES[variant.dtype])
     tiles = (1, triton.cdiv(R, block_r), triton.cdiv(COLUMNS, block_b))
     splits = max(1, min(triton.cdiv(4 * SMS, tiles[0] * tiles[1] * tiles[2]), K // (8 * block_k)))
     k_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
@@ -169,8 +169,7 @@ def analyse(variant: Variant, shape: tuple[int, int], transpose: bool, out_dir: 
     from lorafft.kernels import sketch as module
 
     args, constexprs, (block_r, block_k, _) = launch_arguments(variant, shape, transpose)
-    stages = module.num_stages(TORCH_DTYPES[variant.dtype])
-    compiled = _compile((tuple(args), tuple(sorted(constexprs.items())), stages))
+    compiled = _compile((tuple(args), tuple(sorted(constexprs.items())), module.NUM_STAGES))
     instructions = parse_sass(compiled["sass"])
     loop = count(main_loop(instructions))
     whole = count(instructions)

@@ -41,15 +41,12 @@ COLUMN_TOP = 14  # X's columns are scaled so that their largest entry lies in [2
 PRECISIONS = ("split", "tf32x3")
 X_PARTS = 3
 
-# Tiles chosen from the sm_90 static analysis (benchmarks/static_sm90.py): a 128-row W tile and 64-deep reduction
-# step keep the per-tile instruction count under the HBM budget with 4 warps and no spills. fp8 tiles are widened
-# in registers, where the copy pipeline through shared memory (num_stages > 1) costs more instructions than it saves.
-BLOCK_R, BLOCK_K, NUM_WARPS = 128, 64, 4
+# Tiles chosen from the sm_90 static analysis (benchmarks/results/static_sm90.md): W tiles of 128 rows × 128 bytes
+# (64 deep for 16-bit weights, 128 for fp8) against a 64-column X^T tile (one warpgroup MMA is 64 rows high; a
+# 32-column tile made Triton emit 8× the MMA instructions), 4 warps, 3 pipeline stages: no spills, and the fewest
+# issue cycles per byte of W among the tiles tried.
+BLOCK_R, BLOCK_B, NUM_WARPS, NUM_STAGES = 128, 64, 4, 3
 
-
-def num_stages(dtype: torch.dtype) -> int:
-    """Software-pipelining depth of the kernel for weights of ``dtype``."""
-    return 1 if dtype.itemsize == 1 else 3
 
 # SCALE_MODE values; a per-channel scale on the reduction index (W^T X) is folded into X before the split
 _NO_SCALE, _TENSOR, _ROW_CHANNEL, _BLOCK = 0, 1, 2, 4
@@ -66,12 +63,13 @@ def _mma(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _split_dots(w, XP_tile, stride_xp, acc, W_PARTS: tl.constexpr, UPCAST: tl.constexpr):
-    """``acc + sum_{i + j <= 2} W_i X_j``: w a [BLOCK_R, BLOCK_K] tile in its stored dtype, XP_tile the pointer
-    block of X_0's [BLOCK_K, BLOCK_B] tile (X_j sits j * stride_xp further; W's parts take X's part dtype)."""
-    x0 = tl.load(XP_tile)
-    x1 = tl.load(XP_tile + stride_xp)
-    x2 = tl.load(XP_tile + 2 * stride_xp)
+def _split_dots(x_tile, stride_xp, w, acc, W_PARTS: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + sum_{i + j <= 2} X_j^T W_i``: x_tile the pointer block of X_0^T's [BLOCK_B, BLOCK_K] tile (X_j sits
+    j * stride_xp further), w a [BLOCK_K, BLOCK_R] tile of W'^T in its stored dtype (W's parts take X's part
+    dtype)."""
+    x0 = tl.load(x_tile)
+    x1 = tl.load(x_tile + stride_xp)
+    x2 = tl.load(x_tile + 2 * stride_xp)
     if W_PARTS == 1:  # exact in X's part dtype
         w0 = w.to(x0.dtype)
     else:  # fp32: three bf16 parts
@@ -80,13 +78,13 @@ def _split_dots(w, XP_tile, stride_xp, acc, W_PARTS: tl.constexpr, UPCAST: tl.co
         rest = wf - w0.to(tl.float32)
         w1 = rest.to(tl.bfloat16)
         w2 = (rest - w1.to(tl.float32)).to(tl.bfloat16)
-    acc = _mma(w0, x0, acc, UPCAST)
-    acc = _mma(w0, x1, acc, UPCAST)
-    acc = _mma(w0, x2, acc, UPCAST)
+    acc = _mma(x0, w0, acc, UPCAST)
+    acc = _mma(x1, w0, acc, UPCAST)
+    acc = _mma(x2, w0, acc, UPCAST)
     if W_PARTS == 3:
-        acc = _mma(w1, x0, acc, UPCAST)
-        acc = _mma(w1, x1, acc, UPCAST)
-        acc = _mma(w2, x0, acc, UPCAST)
+        acc = _mma(x0, w1, acc, UPCAST)
+        acc = _mma(x1, w1, acc, UPCAST)
+        acc = _mma(x0, w2, acc, UPCAST)
     return acc
 
 
@@ -110,6 +108,8 @@ def _sketch_kernel(
 ):
     """``OUT[s, l, r, c] = sum_{k in split s} W'[l, r, k] X[l, k, c]`` where W' is W (or W^T: the launcher swaps
     the strides); split s covers ``[s K_SPLIT, (s + 1) K_SPLIT)`` of the reduction, K_SPLIT a multiple of BLOCK_K.
+    Computed transposed, ``OUT^T = X^T W'^T``: the thin X^T is the MMA's M side (BLOCK_B = 64, one Hopper
+    warpgroup MMA) and the W tile, widened in registers and stored once to shared memory, its N side.
     XP holds X's parts ``[L, parts, K_pad, B_pad]``, zero-padded to whole tiles (row stride stride_xk, unit column
     stride), so only W's loads need masks; COLUMN ``[L, B_pad]`` fp32 undoes X's column scaling on the output.
     PRECISION "split": 16-bit parts; "tf32x3": one fp32 part, fp32 W."""
@@ -128,36 +128,36 @@ def _sketch_kernel(
     x_base = XP + pid_l * stride_xl
     s_base = S + pid_l * stride_sl
 
-    acc = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)  # OUT^T tile
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        w = tl.load(w_base + offs_r[:, None] * stride_wr + offs_k[None, :] * stride_wk,
-                    mask=mask_r[:, None] & (offs_k < k_stop)[None, :], other=0.0)
-        x_tile = x_base + offs_k[:, None] * stride_xk + offs_b[None, :]
+        w = tl.load(w_base + offs_k[:, None] * stride_wk + offs_r[None, :] * stride_wr,
+                    mask=(offs_k < k_stop)[:, None] & mask_r[None, :], other=0.0)
+        x_tile = x_base + offs_b[:, None] + offs_k[None, :] * stride_xk
         if SCALE_MODE == 4:  # BLOCK_R and BLOCK_K divide SCALE_BLOCK: the tile lies inside one scale block
-            part = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
+            part = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
         else:
             part = acc
         if PRECISION == "tf32x3":
-            part = tl.dot(w.to(tl.float32), tl.load(x_tile), part, input_precision="tf32x3")
+            part = tl.dot(tl.load(x_tile), w.to(tl.float32), part, input_precision="tf32x3")
         else:
-            part = _split_dots(w, x_tile, stride_xp, part, W_PARTS, UPCAST)
+            part = _split_dots(x_tile, stride_xp, w, part, W_PARTS, UPCAST)
         if SCALE_MODE == 4:
             s = tl.load(s_base + (pid_r * BLOCK_R // SCALE_BLOCK) * stride_sr + (k0 // SCALE_BLOCK) * stride_sk)
             acc += s * part
         else:
             acc = part
 
-    acc = acc * tl.load(COLUMN + pid_l * stride_xk + offs_b)[None, :]  # COLUMN rows are B_pad = stride_xk long
+    acc = acc * tl.load(COLUMN + pid_l * stride_xk + offs_b)[:, None]  # COLUMN rows are B_pad = stride_xk long
     if SCALE_MODE == 1:
         acc = acc * tl.load(s_base)
     if SCALE_MODE == 2:  # per-channel scale on W's rows, which are the output rows of W X
         s = tl.load(s_base + offs_r * stride_sr, mask=mask_r, other=0.0)
-        acc = acc * s[:, None]
+        acc = acc * s[None, :]
 
     out_base = OUT + pid_s * stride_os + pid_l * stride_ol
-    tl.store(out_base + offs_r[:, None] * stride_or + offs_b[None, :], acc,
-             mask=mask_r[:, None] & (offs_b < NB)[None, :])
+    tl.store(out_base + offs_r[None, :] * stride_or + offs_b[:, None], acc,
+             mask=(offs_b < NB)[:, None] & mask_r[None, :])
 
 
 def split_parts(X: torch.Tensor, dtype: torch.dtype, parts: int = X_PARTS) -> list[torch.Tensor]:
@@ -201,10 +201,10 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def tiles_for(R: int, K: int, nb: int) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_K, BLOCK_B)`` for an ``[R, K] x [K, nb]`` product: the static-analysis tile, smaller
-    (>= 16, ``tl.dot``'s minimum) only for smaller matrices."""
-    return _block(R, BLOCK_R), _block(K, BLOCK_K), _block(nb, 64)
+def tiles_for(R: int, K: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_K, BLOCK_B)`` for an ``[R, K]`` product with weights of ``dtype``: the static-analysis
+    tile, smaller (>= 16, ``tl.dot``'s minimum) only for smaller matrices. BLOCK_R and BLOCK_K divide FP8_BLOCK."""
+    return _block(R, BLOCK_R), _block(K, 128 if dtype.itemsize == 1 else 64), BLOCK_B
 
 
 def _block(n: int, cap: int) -> int:
@@ -316,7 +316,7 @@ def sketch(
 
     # W'[r, k]: W[r, k] or W[k, r]; the scale's strides follow the same roles.
     stride_wr, stride_wk = (W.stride(2), W.stride(1)) if transpose else (W.stride(1), W.stride(2))
-    block_r, block_k, block_b = tiles_for(R, K, nb)
+    block_r, block_k, block_b = tiles_for(R, K, W.dtype)
     tiles = (L, triton.cdiv(R, block_r), triton.cdiv(nb, block_b))
     splits = split_count(tiles, K, block_k, W.device) if split_k is None else max(1, int(split_k))
     k_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k  # whole tiles per split
@@ -339,7 +339,7 @@ def sketch(
             SCALE_MODE=mode, SCALE_BLOCK=FP8_BLOCK,
             BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_B=block_b,
             W_PARTS=W_PARTS[W.dtype], PRECISION=precision, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-            num_warps=NUM_WARPS, num_stages=num_stages(W.dtype),
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
         if splits > 1:
             torch.sum(target, dim=0, out=out)

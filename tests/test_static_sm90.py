@@ -1,51 +1,59 @@
 """Static check of the sketch kernel for Hopper (sm_90), compiled on this CPU with Triton's bundled ptxas: no
 spills, tensor-core MMA, and an issue-time ratio that keeps up with H200 HBM (``benchmarks/static_sm90.py``).
 
-To keep the suite fast this compiles one shape (8192×28672, down_proj of Llama-70B), both orientations, of each
-weight dtype; ``python benchmarks/static_sm90.py`` runs every shape and scale (the committed table)."""
+To keep the suite fast this compiles one shape (8192×28672, down_proj of Llama-70B; the code does not depend on the
+shape), both orientations, of six of the ten variants (every weight dtype; fp8 with each scale kind), in one subprocess: compiling needs Triton without its
+interpreter, which the other kernel tests switch on in this process. ``python benchmarks/static_sm90.py`` runs
+every shape (the committed table)."""
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import static_sm90  # noqa: E402
 
-SHAPE = (8192, 28672)
-VARIANTS = [static_sm90.Variant("bf16"), static_sm90.Variant("fp16"), static_sm90.Variant("fp32"),
-            static_sm90.Variant("fp8e4nv", "tensor"), static_sm90.Variant("fp8e5", "channel"),
-            static_sm90.Variant("fp8e4nv", "block")]
+SHAPE = "8192x28672"
+SUBSET = ("bf16", "fp16", "fp32", "fp8e4m3_tensor", "fp8e5m2_channel", "fp8e4m3_block")
 
 
-@pytest.fixture(autouse=True)
-def compiled_not_interpreted(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("static_sm90")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "static_sm90.py"), "--shapes", SHAPE, "--out", str(out),
+                    "--only", *SUBSET],
+                   env=env, check=True, capture_output=True, text=True)
+    rows = json.loads((out / "static_sm90.json").read_text())["variants"]
+    return {(row["dtype"], row["orientation"]): row for row in rows}
 
 
-@pytest.mark.parametrize("transpose", [False, True], ids=["WX", "WtX"])
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
-def test_sketch_compiles_for_sm90_on_tensor_cores_without_spills(variant, transpose):
-    row = static_sm90.analyse(variant, SHAPE, transpose)
-    assert row["spill_bytes"] == 0
-    assert sum(row["loop_ops"].get(op, 0) for op in static_sm90.MMA_OPS) > 0  # tensor cores in the main loop
-    assert row["loop_ops"].get("FFMA", 0) <= 32  # no scalar fp32 product (32: the block scale's per-tile FMA)
-    assert row["ratio"] < 1.0  # keeps up with HBM
+def test_every_variant_compiles_for_sm90_on_tensor_cores_without_spills(table):
+    assert len(table) == 2 * len(SUBSET)
+    for (dtype, orientation), row in table.items():
+        assert row["spill_bytes"] == 0, row["variant"]
+        assert sum(row["loop_ops"].get(op, 0) for op in static_sm90.MMA_OPS) > 0, row["variant"]  # tensor cores
+        assert row["ratio"] < 1.0, row["variant"]  # keeps up with HBM
 
 
-KNOWN_GAP = pytest.mark.xfail(strict=True, reason="fp8 W^T X: ratio ~0.6, the widened transposed tile is re-laid "
-                              "out through shared memory (LDS); known gap, see benchmarks/results/static_sm90.md")
+def test_bf16_and_fp8_sketches_meet_the_issue_time_target(table):
+    """bf16 and fp8 (every scale) at <= 0.5 of the HBM issue budget, both orientations."""
+    for (dtype, orientation), row in table.items():
+        if dtype.startswith(("bf16", "fp8")):
+            assert row["ratio"] <= 0.5, (row["variant"], row["ratio"])
 
 
-@pytest.mark.parametrize("variant,transpose", [
-    (VARIANTS[0], False), (VARIANTS[0], True), (VARIANTS[3], False), (VARIANTS[4], False),
-    pytest.param(VARIANTS[3], True, marks=KNOWN_GAP), pytest.param(VARIANTS[4], True, marks=KNOWN_GAP),
-], ids=["bf16-WX", "bf16-WtX", "fp8e4m3-WX", "fp8e5m2-WX", "fp8e4m3-WtX", "fp8e5m2-WtX"])
-def test_sketch_ratio_target(variant, transpose):
-    """The issue's target: bf16 and fp8 sketches at <= 0.5 of the HBM budget (strict xfail where not yet met, so
-    the marker must go when it is)."""
-    assert static_sm90.analyse(variant, SHAPE, transpose)["ratio"] <= 0.5
+def test_no_scalar_fp32_products(table):
+    """The products are MMA: FFMA in the main loop only for a 128×128 block scale (one per accumulator element)."""
+    for (dtype, orientation), row in table.items():
+        assert row["loop_ops"].get("FFMA", 0) <= (64 if dtype.endswith("block") else 0), row["variant"]
 
 
 def test_sass_parsing_finds_the_loop():
