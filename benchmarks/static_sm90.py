@@ -104,8 +104,8 @@ def _compile(key: tuple) -> dict:
 
     from lorafft.kernels import sketch as module
 
-    args, constexprs, stages = key
-    fn = module._sketch_kernel
+    name, args, constexprs, stages = key
+    fn = getattr(module, name)
     signature, consts, attrs = {}, {}, {}
     for index, (arg, value) in enumerate(args):  # Triton's launch-time specialisation of pointers and integers
         if isinstance(value, str):
@@ -169,7 +169,7 @@ def analyse(variant: Variant, shape: tuple[int, int], transpose: bool, out_dir: 
     from lorafft.kernels import sketch as module
 
     args, constexprs, (block_r, block_k, _) = launch_arguments(variant, shape, transpose)
-    compiled = _compile((tuple(args), tuple(sorted(constexprs.items())), module.NUM_STAGES))
+    compiled = _compile(("_sketch_kernel", tuple(args), tuple(sorted(constexprs.items())), module.NUM_STAGES))
     instructions = parse_sass(compiled["sass"])
     loop = count(main_loop(instructions))
     whole = count(instructions)
@@ -191,14 +191,35 @@ def analyse(variant: Variant, shape: tuple[int, int], transpose: bool, out_dir: 
     }
 
 
-def table(variants=VARIANTS, shapes=SHAPES, out_dir: Path | None = None) -> list[dict]:
-    return [analyse(v, s, t, out_dir) for v in variants for s in shapes for t in (False, True)]
+SPLITS = (("fp32", "bf16"), ("fp64", "bf16"), ("fp32", "fp16"), ("fp64", "fp16"), ("fp32", "fp32"))
+
+
+def analyse_split(x_dtype: str, part_dtype: str, out_dir: Path | None = None) -> dict:
+    """Record of the kernel that splits X ``[1, 28672, 20]`` into parts (registers, spills, instruction mix; no
+    ratio: it reads X, not W)."""
+    from lorafft.kernels import sketch as module
+
+    K, parts = 28672, 1 if part_dtype == "fp32" else module.X_PARTS
+    args = [("X", f"*{x_dtype}"), ("M", "*fp32"), ("XP", f"*{part_dtype}"), ("COLUMN", "*fp32"), ("K", K),
+            ("NB", COLUMNS), ("K_PAD", K), ("B_PAD", module.BLOCK_B), ("stride_xl", K * COLUMNS),
+            ("stride_xk", COLUMNS), ("stride_xb", 1), ("stride_pl", parts * K * module.BLOCK_B),
+            ("stride_pp", K * module.BLOCK_B)]
+    constexprs = dict(PARTS=parts, COLUMN_TOP=module.COLUMN_TOP, BLOCK_K=64, BLOCK_B=module.BLOCK_B)
+    compiled = _compile(("_split_kernel", tuple(args), tuple(sorted(constexprs.items())), 1))
+    name = f"split_{x_dtype}_to_{part_dtype}"
+    if out_dir is not None:
+        (out_dir / f"{name}.sass").write_text(compiled["sass"])
+    ops = count(parse_sass(compiled["sass"]))
+    return {"variant": name, "kernel": "split", "dtype": f"{x_dtype}->{part_dtype}", "orientation": None,
+            "shape": [K, COLUMNS], "registers": compiled["registers"], "spill_bytes": compiled["spill_bytes"],
+            "ops": {op: ops[op] for op in OPS if op in ops}, "instructions_per_tile": None, "bytes_per_tile": None,
+            "ratio": None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="write static_sm90.json and <variant>.sass here")
-    parser.add_argument("--only", nargs="+", help="variant names (bf16, fp32_tf32x3, fp8e4m3_block, ...)")
+    parser.add_argument("--only", nargs="+", help="variant names (bf16, fp32_tf32x3, fp8e4m3_block, ..., split)")
     parser.add_argument("--shapes", nargs="+", help="m x n shapes, e.g. 8192x28672")
     args = parser.parse_args()
     variants = [v for v in VARIANTS if not args.only or v.name in args.only]
@@ -220,6 +241,10 @@ def main() -> None:
                 print(f"{row['variant']:44} {row['registers']:4} {row['spill_bytes']:5} {mma:4} "
                       f"{row['loop_ops'].get('FFMA', 0):5} {row['instructions_per_tile']:10} "
                       f"{row['bytes_per_tile']:6} {row['ratio']:6.3f}", flush=True)
+    for x_dtype, part_dtype in SPLITS if not args.only or "split" in args.only else ():
+        row = analyse_split(x_dtype, part_dtype, args.out)
+        rows.append(row)
+        print(f"{row['variant']:44} {row['registers']:4} {row['spill_bytes']:5}", flush=True)
     if args.out:
         record = {"triton": triton.__version__, "target": "sm_90", "sms": SMS, "hbm_bytes_per_s": HBM_BYTES_PER_S,
                   "clock_hz": CLOCK_HZ, "columns": COLUMNS, "variants": rows}

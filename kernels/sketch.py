@@ -9,7 +9,7 @@ cores with fp32 accuracy and fp32 accumulation:
 
 * X (thin, fp32/fp64) is scaled per column by a power of two (exact; undone on the output) so that its largest
   entry lies in [2^13, 2^14), then split once per call, in torch, into three 16-bit parts ``X = X_0 + X_1 + X_2``
-  (hi, mid, lo; the remainder is below 2^-24 of each entry, or 2^-38 of its column's largest: fp32 accuracy),
+  (hi, mid, lo; the remainder is below 2^-23 of each entry, or 2^-38 of its column's largest: fp32 accuracy),
   zero-padded to whole tiles. The parts are fp16 for fp16 and fp8 weights (both exact in fp16, and fp8 widens to
   fp16 with one instruction per pair), bf16 for bf16 and fp32 weights.
 * W is converted in registers to parts of that dtype: bf16, fp16 and fp8 (e4m3/e5m2) are exact in one part, fp32
@@ -160,23 +160,46 @@ def _sketch_kernel(
              mask=(offs_b < NB)[:, None] & mask_r[None, :])
 
 
-def split_parts(X: torch.Tensor, dtype: torch.dtype, parts: int = X_PARTS) -> list[torch.Tensor]:
-    """``X ≈ X_0 + ... + X_{parts-1}`` in ``dtype`` (bf16 or fp16), each part the rounding of what the previous
-    ones left (each subtraction is exact in X's dtype).
-
-    Args:
-        X: fp32 or fp64 tensor of any shape, finite and within ``dtype``'s range (fp16: below 65504; the launcher
-            scales X's columns into [2^13, 2^14) first, so that the fp16 parts of all but tiny entries stay normal).
-    Returns:
-        ``parts`` tensors of X's shape; with three parts the remainder is below 2^-24 |x| for bf16 (8 significant
-        bits per part) and below max(2^-33 |x|, 2^-25) for fp16 (11 bits per part, 2^-24 the subnormal spacing).
-    """
-    pieces, rest = [], X
-    for _ in range(parts):
-        piece = rest.to(dtype)
-        pieces.append(piece)
-        rest = rest - piece.to(rest.dtype)
-    return pieces
+@triton.jit
+def _split_kernel(
+    X, M, XP, COLUMN,
+    K, NB, K_PAD, B_PAD,
+    stride_xl, stride_xk, stride_xb, stride_pl, stride_pp,
+    PARTS: tl.constexpr,
+    COLUMN_TOP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """X's parts, one launch: ``XP[l, j, k, c] = X_j``, the j-th 16-bit part (or, with PARTS = 1, the value in XP's
+    dtype) of ``X[l, k, c] 2^t_c``, where ``2^t_c`` brings the column's largest |x| (``M [L, NB]`` fp32) into
+    [2^(COLUMN_TOP-1), 2^COLUMN_TOP), ``COLUMN[l, c] = 2^-t_c``; zeros in the padding (k >= K or c >= NB).
+    Each remainder is exact in X's dtype (fp32 or fp64), so the parts sum to the scaled x within the last part's
+    rounding."""
+    pid_l = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_b = tl.program_id(2) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < NB
+    top = tl.load(M + pid_l * NB + offs_b, mask=mask_b, other=0.0)
+    exponent = ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126  # top = f 2^exponent, f in [0.5, 1)
+    t = tl.minimum(tl.maximum(COLUMN_TOP - exponent, -126), 126)
+    scale = ((t + 127) << 23).to(tl.float32, bitcast=True)  # 2^t, exactly
+    if tl.program_id(1) == 0:
+        tl.store(COLUMN + pid_l * B_PAD + offs_b, ((127 - t) << 23).to(tl.float32, bitcast=True))
+    x = tl.load(X + pid_l * stride_xl + offs_k[:, None] * stride_xk + offs_b[None, :] * stride_xb,
+                mask=(offs_k < K)[:, None] & mask_b[None, :], other=0.0)
+    x = x * scale.to(x.dtype)[None, :]
+    target = XP + pid_l * stride_pl + offs_k[:, None] * B_PAD + offs_b[None, :]
+    inside = (offs_k < K_PAD)[:, None]
+    # rounded through fp32 (fp64 -> 16-bit is not converted directly everywhere): each part is still within a
+    # 16-bit ulp of what is left, so every remainder stays exact in X's dtype
+    part = x.to(tl.float32).to(XP.dtype.element_ty)
+    tl.store(target, part, mask=inside)
+    if PARTS == 3:
+        rest = x - part.to(x.dtype)
+        part = rest.to(tl.float32).to(XP.dtype.element_ty)
+        tl.store(target + stride_pp, part, mask=inside)
+        rest = rest - part.to(x.dtype)
+        tl.store(target + 2 * stride_pp, rest.to(tl.float32).to(XP.dtype.element_ty), mask=inside)
 
 
 def default_precision(dtype: torch.dtype) -> str:
@@ -253,18 +276,21 @@ def _check(W: torch.Tensor, X: torch.Tensor, transpose: bool, precision: str) ->
 
 
 def _x_parts(X: torch.Tensor, parts: int, shape: tuple[int, int], dtype: torch.dtype):
-    """``(XP, column)``: X's parts ``[L, parts, K_pad, B_pad]`` (a 16-bit split, or X itself in fp32 for one
-    part) after scaling each column by a power of two, zero-padded, and ``column [L, B_pad]`` fp32, the inverse
-    scales (exact powers of two) that the kernel applies to the output's columns."""
+    """``(XP, column)``: X's parts ``[L, parts, K_pad, B_pad]`` in ``dtype`` after scaling each column by a power
+    of two (three 16-bit parts, or one fp32 part for tf32x3), zero-padded to ``shape``, and ``column [L, B_pad]``
+    fp32, the inverse scales (exact powers of two) that the sketch kernel applies to its output's columns. Two
+    launches: the column maxima, then :func:`_split_kernel`."""
     L, K, nb = X.shape
-    _, exponent = torch.frexp(X.abs().amax(dim=1, keepdim=True))  # max |x| = f 2^e, f in [0.5, 1)
-    X = torch.ldexp(X, COLUMN_TOP - exponent)
-    column = torch.zeros(L, shape[1], dtype=torch.float32, device=X.device)
-    column[:, :nb] = torch.ldexp(torch.ones_like(X[:, 0]), exponent[:, 0] - COLUMN_TOP)
-    XP = torch.zeros(L, parts, *shape, dtype=dtype, device=X.device)
-    pieces = split_parts(X, dtype, parts) if parts > 1 else [X]
-    for index, piece in enumerate(pieces):
-        XP[:, index, :K, :nb] = piece
+    top = torch.linalg.vector_norm(X, ord=float("inf"), dim=1).float()  # [L, nb]
+    XP = torch.empty(L, parts, *shape, dtype=dtype, device=X.device)
+    column = torch.empty(L, shape[1], dtype=torch.float32, device=X.device)
+    grid = (L, triton.cdiv(shape[0], 64), triton.cdiv(shape[1], BLOCK_B))
+    _split_kernel[grid](
+        X, top, XP, column,
+        K, nb, shape[0], shape[1],
+        X.stride(0), X.stride(1), X.stride(2), XP.stride(0), XP.stride(1),
+        PARTS=parts, COLUMN_TOP=COLUMN_TOP, BLOCK_K=64, BLOCK_B=BLOCK_B,
+    )
     return XP, column
 
 
@@ -322,12 +348,12 @@ def sketch(
     k_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k  # whole tiles per split
     splits = triton.cdiv(K, k_split)  # no empty split
     tf32 = precision == "tf32x3"
-    XP, column = _x_parts(X, 1 if tf32 else X_PARTS, (triton.cdiv(K, block_k) * block_k, tiles[2] * block_b),
-                          torch.float32 if tf32 else PART_DTYPE[W.dtype])
     target = out if splits == 1 else torch.empty(splits, L, R, nb, dtype=torch.float32, device=W.device)
     split_stride = 0 if splits == 1 else target.stride(0)
     t_strides = target.stride()[-3:-1]
     with torch.cuda.device(W.device) if W.is_cuda else contextlib.nullcontext():
+        XP, column = _x_parts(X, 1 if tf32 else X_PARTS, (triton.cdiv(K, block_k) * block_k, tiles[2] * block_b),
+                              torch.float32 if tf32 else PART_DTYPE[W.dtype])
         _sketch_kernel[(L * splits, tiles[1], tiles[2])](
             W, XP, column, target, out if scale is None else scale,  # S is unused (a valid pointer) without a scale
             R, K, nb,

@@ -15,7 +15,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
-from lorafft.kernels.sketch import FP8_BLOCK, sketch, split_parts
+from lorafft.kernels.sketch import FP8_BLOCK, _x_parts, sketch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -66,18 +66,27 @@ def test_matches_fp64(dtype, transpose, L, m, n, b):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("source", [torch.float32, torch.float64])
 def test_split_parts_keep_fp32_accuracy(dtype, source):
-    """Three 16-bit parts sum to X within 2^-24 relative (bf16), or within max(2^-33 |x|, 2^-25) (fp16, in the
-    range the launcher scales X's columns to), against fp64."""
-    X = (torch.randn(4096, dtype=torch.float64) * torch.logspace(-3, 0, 4096, dtype=torch.float64)).to(source)
-    if dtype == torch.float16:
-        X = X / X.abs().max() * 2.0**13.9
-    parts = split_parts(X, dtype)
-    assert len(parts) == 3 and all(p.dtype == dtype for p in parts)
-    total = sum(p.double() for p in parts)
-    error = (total - X.double()).abs()
-    limit = 2.0**-24 * X.double().abs() if dtype == torch.bfloat16 else (2.0**-33 * X.double().abs()).clamp_min(2.0**-25)
-    assert (error <= limit).all()
-    assert (error > 0).any() or source == torch.float32  # the fp64 source has bits beyond the three parts
+    """X's three 16-bit parts (the split kernel) times the column factors give X back within 2^-24 relative for
+    bf16 parts (2^-23 from fp64, rounded to bf16 through fp32), within max(2^-33 |x|, 2^-38 max|x_col|) for fp16 parts (2^-25, half the fp16 subnormal spacing,
+    against a column maximum >= 2^13), against fp64; padding is zero."""
+    L, K, nb = 2, 300, 7
+    X = torch.randn(L, K, nb, dtype=torch.float64) * torch.logspace(-3, 0, K, dtype=torch.float64)[:, None]
+    X = (X * torch.logspace(-30, 30, nb, dtype=torch.float64)).to(source).to(DEVICE)
+    XP, column = _x_parts(X, 3, (320, 64), dtype)
+    assert XP.shape == (L, 3, 320, 64) and XP.dtype == dtype and column.shape == (L, 64)
+    assert (XP[:, :, K:] == 0).all() and (XP[:, :, :, nb:] == 0).all()
+    parts = XP[:, :, :K, :nb].double().sum(dim=1)
+    back = parts * column[:, None, :nb].double()
+    exact = X.double()
+    error = (back - exact).abs()
+    top = exact.abs().amax(dim=1, keepdim=True)
+    assert ((parts.abs().amax(dim=1) >= 2.0**12) & (parts.abs().amax(dim=1) < 2.0**14)).all()  # scaled columns
+    if dtype == torch.bfloat16:
+        limit = (2.0**-24 if source == torch.float32 else 2.0**-23) * exact.abs()  # fp64: rounded through fp32
+    else:
+        limit = torch.maximum(2.0**-33 * exact.abs(), 2.0**-38 * top)
+    assert (error <= limit).all(), (error / limit).max()
+    assert not (error == 0).all() or source == torch.float32  # fp64 has bits beyond the three parts
 
 
 def test_default_output_and_strided_inputs():
