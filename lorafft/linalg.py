@@ -76,14 +76,15 @@ class LowRank:
 
 
 def _product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str,
-             low_rank: LowRank | None = None) -> torch.Tensor:
-    """``(W + low_rank) @ X`` or its transpose times X, for ``W [L, m, n]`` and a thin fp64 block X, in fp64: the
-    batched Triton sketch kernel (W read once in its stored dtype, fp32-accurate tensor-core products, fp32
-    accumulation) or torch in W's dtype; the low-rank term through its thin factors."""
+             low_rank: LowRank | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(W scale + low_rank) @ X`` or its transpose times X, for ``W [L, m, n]`` and a thin fp64 block X, in fp64:
+    the batched Triton sketch kernel (W read once in its stored dtype with its dequantisation ``scale``,
+    fp32-accurate tensor-core products, fp32 accumulation) or torch in W's dtype (``scale`` None: the caller
+    dequantised); the low-rank term through its thin factors."""
     if backend == "triton":
         from lorafft.kernels.sketch import sketch
 
-        product = sketch(W, X, transpose=transpose).double()
+        product = sketch(W, X, transpose=transpose, scale=scale).double()
     else:
         with _full_precision_fp32_matmul():
             product = ((W.mT if transpose else W) @ X.to(W.dtype)).double()
@@ -100,6 +101,21 @@ def _full_precision_fp32_matmul():
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def _dequantized(W: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``W`` itself without a scale, else ``W · scale`` in fp32 for the scale layouts of
+    :func:`lorafft.kernels.sketch.sketch`: ``[L]`` per tensor, ``[L, m]`` per row, ``[L, ceil(m/128),
+    ceil(n/128)]`` per 128×128 block."""
+    if scale is None:
+        return W
+    m, n = W.shape[-2:]
+    scale = scale.to(W.device, torch.float32)
+    if scale.dim() == 1:
+        return W.float() * scale[:, None, None]
+    if scale.dim() == 2:
+        return W.float() * scale[:, :, None]
+    return W.float() * scale.repeat_interleave(128, 1)[:, :m].repeat_interleave(128, 2)[:, :, :n]
 
 
 def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -330,6 +346,7 @@ def truncated_svd(
     generator: torch.Generator | None = None,
     backend: str | None = None,
     low_rank: LowRank | None = None,
+    scale: torch.Tensor | None = None,
 ) -> TruncatedSVD:
     """Top-k singular triplets of ``W [L, m, n]`` (of ``W + low_rank`` when given) by block Krylov iteration with
     a certified stopping rule.
@@ -344,10 +361,10 @@ def truncated_svd(
     Stopping rule: after each iteration, the residual ``||W v_j - sigma_j u_j||`` of every Ritz pair is turned into
     the bound of :func:`_error_bounds` (``W^T u - sigma v`` is zero by construction after Rayleigh–Ritz, so it
     certifies nothing). A vector is finished when its bound is ``<= tol``, or when its residual is already small
-    (``<= sqrt(eps) sigma_1``, eps of the products' precision: fp32 or fp64) and stopped falling (less than halved by the last iteration): it sits
-    at the rounding floor of the products with W, and its bound says how well W determines it. Iteration stops
-    when all k are finished, or after ``max_iters``. When the Krylov space would outgrow ``min(m, n)`` first, a
-    dense fp64 SVD is cheaper and exact, and is used instead.
+    (``<= sqrt(eps) sigma_1``, eps of the products' precision: fp32 or fp64) and stopped falling (less than halved
+    by the last iteration): it sits at the rounding floor of the products with W, and its bound says how well W
+    determines it. Iteration stops when all k are finished, or after ``max_iters``. When the Krylov space would
+    outgrow ``min(m, n)`` first, a dense fp64 SVD is cheaper and exact, and is used instead.
 
     Args:
         W: ``[L, m, n]`` fp32 or fp64, or fp16/bf16 as stored: the Triton backend reads those as they are (fp32
@@ -363,6 +380,9 @@ def truncated_svd(
             :func:`resolve_backend`).
         low_rank: a LoRA update ``s·B·A`` to add to W, kept factored: each product with the sum is W's product
             plus two thin ones, so the tuned matrix of a LoRA fine-tune is never formed (W stays the base as stored).
+        scale: W's fp8 dequantisation scale as stored (the matrix is ``W · scale``): ``[L]`` per tensor, ``[L, m]``
+            per output channel, ``[L, ceil(m/128), ceil(n/128)]`` per 128×128 block. The Triton kernel reads W and
+            its scale as they are; the torch backend (and the dense path) dequantises W once in fp32.
 
     Small matrices (``3 * block_size >= min(m, n)``) go to a dense fp64 SVD instead.
 
@@ -375,28 +395,32 @@ def truncated_svd(
     k = min(k, m, n)
     b = block_size or max(2 * k, k + 10)
     if 3 * b >= min(m, n):
-        return _dense_svd(W, k, low_rank)
+        return _dense_svd(_dequantized(W, scale), k, low_rank)
     backend = resolve_backend(W.device, backend, W.dtype)
-    if backend == "torch" and W.dtype not in (torch.float32, torch.float64):
-        W = W.float()  # torch would multiply in the stored (b)f16; the Triton kernel reads it and accumulates in fp32
+    if backend == "torch":
+        W, scale = _dequantized(W, scale), None
+        if W.dtype not in (torch.float32, torch.float64):
+            W = W.float()  # torch would multiply in the stored (b)f16; the Triton kernel reads it as stored
+    scale = None if scale is None else scale.to(W.device, torch.float32)
     # Factors moved and converted once, not in every product: a CPU-held scale or factor would otherwise cost a
     # blocking host-to-device copy per product on CUDA.
     low_rank = None if low_rank is None else low_rank.to(W.device, torch.float64)
     n_random = b - (0 if start is None else min(start.shape[-1], b - max(1, b // 4)))
     omega = _random_block((L, n, n_random), generator, W.device)
-    first = _product(W, omega, transpose=False, backend=backend, low_rank=low_rank)
+    first = _product(W, omega, transpose=False, backend=backend, low_rank=low_rank, scale=scale)
     if start is not None:
         first = torch.cat([start[..., : b - n_random].to(W.device, torch.float64), first], dim=-1)
-    small_residual = math.sqrt(torch.finfo(torch.promote_types(W.dtype, torch.float32)).eps)  # the products' precision
+    precision = torch.float64 if W.dtype == torch.float64 else torch.float32  # the products' precision
+    small_residual = math.sqrt(torch.finfo(precision).eps)
     previous = None
 
     blocks = [_orthonormalize(first, None)]  # K_j, [L, m, b] fp64
     rows = []  # (W^T K_j)^T, the blocks of rows of Q^T W
     images = []  # W W^T K_j
     for iteration in range(1, max_iters + 1):
-        WtK = _product(W, blocks[-1], transpose=True, backend=backend, low_rank=low_rank)  # [L, n, b]
+        WtK = _product(W, blocks[-1], transpose=True, backend=backend, low_rank=low_rank, scale=scale)  # [L, n, b]
         rows.append(WtK.mT)
-        images.append(_product(W, WtK, transpose=False, backend=backend, low_rank=low_rank))
+        images.append(_product(W, WtK, transpose=False, backend=backend, low_rank=low_rank, scale=scale))
         Q, B, P = torch.cat(blocks, -1), torch.cat(rows, -2), torch.cat(images, -1)
         # Rayleigh–Ritz on span(Q): the SVD of B = Q^T W [D, n] through the eigen-decomposition of B B^T [D, D]
         # (fp64: the top Ritz values and vectors keep full accuracy; the D×D problem is cheaper than a thin SVD of B)
@@ -415,7 +439,7 @@ def truncated_svd(
             V = (B.mT @ U_hat[..., :k]) * inverse_theta[:, None, :k]
             return TruncatedSVD(U[..., :k], theta[:, :k], V, residual[:, :k], bound, iteration)
         if Q.shape[-1] + b > min(m, n):
-            return _dense_svd(W, k, low_rank)
+            return _dense_svd(_dequantized(W, scale), k, low_rank)
         previous = residual[:, :k]
         blocks.append(_orthonormalize(images[-1], Q))
     raise AssertionError("unreachable")

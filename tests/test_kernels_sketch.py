@@ -67,8 +67,9 @@ def test_matches_fp64(dtype, transpose, L, m, n, b):
 @pytest.mark.parametrize("source", [torch.float32, torch.float64])
 def test_split_parts_keep_fp32_accuracy(dtype, source):
     """X's three 16-bit parts (the split kernel) times the column factors give X back within 2^-24 relative for
-    bf16 parts (2^-23 from fp64, rounded to bf16 through fp32), within max(2^-33 |x|, 2^-38 max|x_col|) for fp16 parts (2^-25, half the fp16 subnormal spacing,
-    against a column maximum >= 2^13), against fp64; padding is zero."""
+    bf16 parts (2^-23 from fp64, rounded to bf16 through fp32), within max(2^-33 |x|, 2^-38 max|x_col|) for fp16
+    parts (2^-25, half the fp16 subnormal spacing, against a column maximum >= 2^13), against fp64; padding is
+    zero."""
     L, K, nb = 2, 300, 7
     X = torch.randn(L, K, nb, dtype=torch.float64) * torch.logspace(-3, 0, K, dtype=torch.float64)[:, None]
     X = (X * torch.logspace(-30, 30, nb, dtype=torch.float64)).to(source).to(DEVICE)

@@ -470,3 +470,27 @@ def test_analyze_takes_cupy_arrays():
     theirs = lorafft.analyze(W0.cuda(), Wt.cuda(), k=5, generator=torch.Generator().manual_seed(0))["left"]
     assert mine.max_cos.device.type == "cuda"
     assert torch.equal(mine.max_cos, theirs.max_cos) and torch.equal(mine.counts, theirs.counts)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
+def test_truncated_svd_of_fp8_weights_with_their_scale(kind, backend):
+    """fp8 weights as stored plus their scale (read by the kernel as they are, dequantised once by torch) give the
+    certified top-k of the dequantised matrix, against fp64 LAPACK."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(11)
+    L, m, n = 2, 300, 260
+    W8 = (spectral_weight(m, n, g, L=L) * 100).to(torch.float8_e4m3fn)
+    scale = {"tensor": torch.rand(L, generator=g), "channel": torch.rand(L, m, generator=g),
+             "block": torch.rand(L, 3, 3, generator=g)}[kind] + 0.5
+    if kind == "tensor":
+        expanded = scale[:, None, None].expand(L, m, n)
+    elif kind == "channel":
+        expanded = scale[:, :, None].expand(L, m, n)
+    else:
+        expanded = torch.stack([torch.kron(s, torch.ones(128, 128))[:m, :n] for s in scale])
+    reference = W8.double() * expanded.double()
+    result = linalg.truncated_svd(W8, 10, scale=scale, generator=torch.Generator().manual_seed(0), backend=backend)
+    assert result.iterations > 0
+    check_truncated(result, reference, 10, rel=1e-5)

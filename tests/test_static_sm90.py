@@ -2,8 +2,9 @@
 spills, tensor-core MMA, and an issue-time ratio that keeps up with H200 HBM (``benchmarks/static_sm90.py``).
 
 To keep the suite fast this compiles one shape (8192×28672, down_proj of Llama-70B; the code does not depend on the
-shape), both orientations, of six of the ten variants (every weight dtype; fp8 with each scale kind), in one subprocess: compiling needs Triton without its
-interpreter, which the other kernel tests switch on in this process. ``python benchmarks/static_sm90.py`` runs
+shape), both orientations, of six of the ten variants (every weight dtype; fp8 with each scale kind) and the split
+kernel, in one subprocess: compiling needs Triton without its interpreter, which the other kernel tests switch on
+in this process. ``python benchmarks/static_sm90.py`` runs
 every shape (the committed table)."""
 
 import json
