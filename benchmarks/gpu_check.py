@@ -112,9 +112,9 @@ def _dequantized(W: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 def check_correctness(device, quick: bool) -> dict:
     """Largest entrywise error of every sketch variant, relative to ``sum |w x|``, against fp64 on the device."""
     L, m, n, b = (2, 70, 150, 5) if quick else (2, 1000, 3000, 20)
-    variants = [(torch.float32, "none", "split"), (torch.float32, "none", "tf32x3"), (torch.float16, "none", None),
-                (torch.bfloat16, "none", None)]
-    variants += [(fp8, kind, None) for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2)
+    variants = [(torch.float32, "none", "split"), (torch.float32, "none", "tf32x3"), (torch.float16, "none", "split"),
+                (torch.bfloat16, "none", "split")]
+    variants += [(fp8, kind, "split") for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2)
                  for kind in ("none", "tensor", "channel", "block")]
     errors = {}
     for dtype, kind, precision in variants:
@@ -128,7 +128,7 @@ def check_correctness(device, quick: bool) -> dict:
             sketch(W, X, transpose=transpose, scale=scale, out=out, precision=precision)
             bound = Wo.abs() @ X.double().abs()
             error = ((out.double() - Wo @ X.double()).abs() / bound).max()
-            name = f"{str(dtype)[6:]}_{kind}_{precision or 'split'}_{'WtX' if transpose else 'WX'}"
+            name = f"{str(dtype)[6:]}_{kind}_{precision}_{'WtX' if transpose else 'WX'}"
             errors[name] = float(error) if not out.isnan().any() else float("nan")
     worst = max(errors.values(), key=lambda error: (math.isnan(error), error))  # a NaN is the worst
     return {"relative_errors": errors, "worst": worst, "threshold": THRESHOLDS["sketch_error"],

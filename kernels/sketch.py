@@ -1,25 +1,27 @@
 """Batched thin sketch products ``W @ X`` / ``W^T @ X`` for a stack of same-shape weights in their checkpoint dtype.
 
-One kernel family, two layers (the Liger-Kernel layout): :func:`_sketch_kernel` (jitted) and :func:`sketch` (the
-launcher, the only name other modules import). These are the two products of every block-Krylov iteration of
-:func:`lorafft.linalg.truncated_svd` (``W^T K`` and ``W (W^T K)``, K thin with b ≈ 20 columns).
+One kernel family, two layers (the Liger-Kernel layout): :func:`_split_kernel` and :func:`_sketch_kernel`
+(jitted) and :func:`sketch` (the launcher, the only name other modules import). These are the two products of
+every block-Krylov iteration of :func:`lorafft.linalg.truncated_svd` (``W^T K`` and ``W (W^T K)``, K thin with
+b ≈ 20 columns).
 
 W is read once, tile by tile, in its stored dtype; no upcast copy of W is ever made. The products run on tensor
 cores with fp32 accuracy and fp32 accumulation:
 
 * X (thin, fp32/fp64) is scaled per column by a power of two (exact; undone on the output) so that its largest
-  entry lies in [2^13, 2^14), then split once per call, in torch, into three 16-bit parts ``X = X_0 + X_1 + X_2``
+  entry lies in [2^13, 2^14), then split once per call (:func:`_split_kernel`) into three 16-bit parts ``X_j``
   (hi, mid, lo; the remainder is below 2^-23 of each entry, or 2^-38 of its column's largest: fp32 accuracy),
   zero-padded to whole tiles. The parts are fp16 for fp16 and fp8 weights (both exact in fp16, and fp8 widens to
   fp16 with one instruction per pair), bf16 for bf16 and fp32 weights.
 * W is converted in registers to parts of that dtype: bf16, fp16 and fp8 (e4m3/e5m2) are exact in one part, fp32
   (24 significant bits) in three bf16 parts.
-* ``W_i X_j`` is a 16-bit ``tl.dot`` into one fp32 accumulator for every ``i + j <= 2``: three products, six for
-  fp32; the terms left out are below 2^-24 relative.
+* ``X_j^T W_i`` is a 16-bit ``tl.dot`` into one fp32 accumulator for every ``i + j <= 2`` (three products, six
+  for fp32; the terms left out are below 2^-24 relative), computing ``OUT^T`` so that the thin X^T is the MMA's
+  64-row side and the W tile its wide side.
 
 fp32 weights can also use ``precision="tf32x3"`` (Triton's three tf32 passes, X as one fp32 part); the static
-analysis (``benchmarks/static_sm90.py``) decides the default. Sums over the reduction are deterministic: no atomics,
-split-K parts added in a fixed order.
+analysis (``benchmarks/static_sm90.py``) chose the split as the default. Sums over the reduction are
+deterministic: no atomics, split-K parts added in a fixed order.
 """
 
 import contextlib
@@ -202,12 +204,6 @@ def _split_kernel(
         tl.store(target + 2 * stride_pp, rest.to(tl.float32).to(XP.dtype.element_ty), mask=inside)
 
 
-def default_precision(dtype: torch.dtype) -> str:
-    """``"split"`` for every weight dtype: for fp32 weights it was measured statically against ``"tf32x3"``
-    (``benchmarks/results/static_sm90.json``) and issues fewer instructions per tile."""
-    return "split"
-
-
 def split_count(tiles: tuple[int, int, int], K: int, block_k: int, device: torch.device) -> int:
     """How many parts to cut a reduction of length K into: on CUDA, enough for about four programs per SM
     (``tiles``: programs without a split), each part keeping at least eight BLOCK_K tiles; 1 on the CPU."""
@@ -302,7 +298,7 @@ def sketch(
     scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     split_k: int | None = None,
-    precision: str | None = None,
+    precision: str = "split",
 ) -> torch.Tensor:
     """Batched thin product ``W @ X`` (or ``W^T @ X``) with W read once in its stored dtype, fp32 accuracy.
 
@@ -317,15 +313,15 @@ def sketch(
         split_k: cut the reduction into this many parts, computed by separate programs and summed afterwards (a
             fixed order: deterministic). Default :func:`split_count`: enough programs to keep every SM streaming W
             when ``L · R / BLOCK_R`` alone would not (an 8192-row product has only 64 row blocks of 128).
-        precision: "split" (bf16 parts on tensor cores, see the module docstring) or, for fp32 W, "tf32x3";
-            default :func:`default_precision`.
+        precision: "split" (16-bit parts on tensor cores, see the module docstring) or, for fp32 W, "tf32x3".
+            "split" is the default for fp32 too: compared statically (``benchmarks/results/static_sm90.md``) it
+            needs 0.48 of the HBM issue budget against tf32x3's 0.53, at 2^-23 against ~2^-21 relative error.
 
     Returns:
         ``out``, fp32 ``[L, m, b]`` (``[L, n, b]`` with ``transpose``).
 
     Runs on CUDA tensors (launched on W's device), or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
-    precision = precision or default_precision(W.dtype)
     _check(W, X, transpose, precision)
     L, m, n = W.shape
     R, K, nb = (n, m, X.shape[2]) if transpose else (m, n, X.shape[2])
