@@ -462,10 +462,10 @@ def match(basis: BaseBasis, vectors: torch.Tensor, side: str, eps, backend: str)
     (:attr:`BaseBasis.small_basis_fp32`, formed once per basis) with the vectors, at full fp32 precision, then the
     reduction. That product reads the s×s basis once; the s×k cosines it writes are k/s of that (0.1% at
     s = 8192, k = 10), so fusing the reduction into a kernel cannot gain more (``benchmarks/results/static_sm90.md``).
-    Otherwise, and always on the larger side (which divides by sigma_i): :meth:`BaseBasis.project` in fp64.
-    Ties go to the smallest index; a NaN cosine raises ValueError.
+    Otherwise, and always on the larger side (which divides by sigma_i) or for fp64 weights (which go to torch
+    everywhere): :meth:`BaseBasis.project` in fp64. Ties go to the smallest index; a NaN cosine raises ValueError.
     """
-    if backend == "triton" and side == basis.small_side:
+    if backend == "triton" and side == basis.small_side and basis.W0.dtype != torch.float64:
         with _full_precision_fp32_matmul():
             cosines = basis.small_basis_fp32.mT @ vectors.to(torch.float32)
     else:

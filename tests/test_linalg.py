@@ -419,6 +419,16 @@ def test_fp64_goes_to_torch_on_any_device(monkeypatch):
         assert linalg.resolve_backend(torch.device(device), dtype=torch.float32) == "triton"
 
 
+def test_fp64_weights_match_in_fp64_whatever_the_backend():
+    g = torch.Generator().manual_seed(5)
+    W = spectral_weight(60, 90, g, L=1).double()
+    basis = linalg.base_basis(W)
+    vectors = unit_columns(1, 60, 4, g)
+    mine = linalg.match(basis, vectors, "left", (0.5,), "triton")
+    theirs = linalg.match(basis, vectors, "left", (0.5,), "torch")
+    assert mine.max_cos.dtype == torch.float64 and torch.equal(mine.max_cos, theirs.max_cos)
+
+
 def test_random_block_is_the_cpu_generator_draw_on_the_cpu():
     """On the CPU the start block is exactly ``torch.randn(..., generator)`` (reports stay byte-identical)."""
     a = linalg._random_block((2, 30, 5), torch.Generator().manual_seed(4), torch.device("cpu"))
