@@ -1,26 +1,29 @@
-"""One prepared run on a CUDA device: kernel correctness against fp64, measured bandwidth, and timings.
+"""The device check: one command, at most 8 minutes on one H200, offline; PASS/FAIL per section with thresholds.
 
-Run it in one call on the lent GPU (it writes ``benchmarks/results/gpu_check-<date>.json`` with the device name,
-driver, torch and triton versions):
+On the device machine (no network; the project installs offline):
 
-    python benchmarks/gpu_check.py                  # the whole check, sized for a few minutes on an H100/H200
-    python benchmarks/gpu_check.py --quick          # small sizes only (also runs on a CPU under TRITON_INTERPRET=1)
-    python benchmarks/gpu_check.py --sections scan kernels   # a rerun of some sections
+    pip install --no-build-isolation --no-deps -e . && python benchmarks/gpu_check.py --out "$OUT"
 
-Each section runs on its own (an exception is recorded as that section's result) and the file is rewritten after
-every section, so a failure or a timeout keeps what was measured before it.
+It writes ``gpu_check.json`` (machine, versions, date, every number) and ``gpu_check.log`` (this output) to
+``--out`` (default ``$OUT``, the only folder that comes back from a device run), rewriting the JSON after every
+section so a timeout keeps what was measured. Sections, in order (each on its own: an error fails that section):
 
-What it measures (each timing: median of CUDA events after warm-up, inputs rotated so they exceed L2):
-1. correctness of ``lorafft.kernels.sketch`` (fp32, fp16, bf16, fp8 e4m3 + scales) and ``lorafft.kernels.cosine``
-   against torch fp64, and of a Triton-backend ``analyze`` against fp64 SVDs;
-2. device copy bandwidth (a large ``copy_``) and a large bf16 matmul rate, on the spot;
-3. the sketch kernel (both products, W X and W^T X; default split-K with ieee products, no split, tf32x3) against
-   its torch equivalent (upcast + cuBLAS), as GB/s of W read and as a fraction of the copy bandwidth, at Llama-70B
-   shapes;
-4. the fused cosine kernel against materialize-then-reduce in torch;
-5. one 70B-shaped layer (q, k, v, o, gate, up, down; bf16 read as stored) end to end against a cached base:
-   device seconds, for a LoRA adapter kept factored and for a full fine-tune;
-6. ``lorafft.scan`` of the synthetic trio on the device against the same scan on the CPU.
+1. ``pytest``: the ``gpu``-marked tests, ``-x``.
+2. ``correctness``: the sketch kernel against fp64 computed on the GPU, both orientations, fp32 (split and tf32x3),
+   fp16, bf16, fp8 e4m3/e5m2 without and with tensor/channel/128×128-block scales, outputs poisoned with NaN.
+3. ``rates``: copy bandwidth; bf16 matmul rate.
+4. ``sketch``: the sketch kernel at Llama-70B shapes as a fraction of copy bandwidth, against torch (fp32 upcast
+   made once, then fp32 ``bmm``; bf16 ``bmm`` with fp32 output where torch offers it).
+5. ``cosine``: ``linalg.match``'s GPU path (fp32 explicit basis, full-precision ``bmm`` then max/argmax) at
+   s = 8192, k = 10/32, L = 1/8, as a fraction of copy bandwidth for reading the basis.
+6. ``krylov``: ``eigh`` of one 8192 fp64 Gram; one Krylov iteration split into its two products and the rest
+   (orthonormalisation, Rayleigh–Ritz ``eigh``, the synchronisation of the stopping decision).
+7. ``layer``: one Llama-70B layer (q, k, v, o, gate, up, down; bf16 as stored) analysed against cached bases
+   (fp32, as ``cache build`` stores them), for a rank-16 LoRA kept factored and for a full fine-tune.
+8. ``scan``: ``lorafft.scan`` of the synthetic trio on the GPU equal to the same scan on the CPU.
+
+Timings: CUDA events around ``CALLS`` (>= 20) back-to-back calls, median of 5 such pairs, after warm-up.
+``--quick`` is the CPU rehearsal (small sizes, Triton interpreter, no thresholds on speed) that the test suite runs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,197 +46,280 @@ if not torch.cuda.is_available():
 
 import lorafft  # noqa: E402
 from lorafft import linalg, synthetic  # noqa: E402
-from lorafft.kernels.cosine import max_abs_cos_fused  # noqa: E402
-from lorafft.kernels.sketch import sketch  # noqa: E402
 
-HIDDEN, KV, INTERMEDIATE = 8192, 1024, 28672
-LAYER = synthetic.llama_layer_shapes(HIDDEN, KV, INTERMEDIATE)
+try:
+    from lorafft.kernels.sketch import FP8_BLOCK, sketch  # noqa: E402
+except ImportError as error:  # the kernels exist as lorafft.kernels only once the project is installed
+    sys.exit(f"{error}: install first: pip install --no-build-isolation --no-deps -e .")
+
+CALLS = 20
+SHAPES_70B = {"q_proj/o_proj": (8192, 8192), "gate/up_proj": (28672, 8192), "down_proj": (8192, 28672),
+              "k/v_proj": (1024, 8192)}
+THRESHOLDS = {"sketch_error": 1e-5, "sketch_bf16_fraction_of_copy": 0.8, "cosine_fraction_of_copy": 0.5,
+              "layer_seconds": 1.0, "scan_max_cos_difference": 1e-5}
 
 
-def timed(function, *, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``function()`` by CUDA events (wall clock on a CPU)."""
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
+def seconds_per_call(function) -> float:
+    """Median over 5 event pairs of (time of ``CALLS`` back-to-back calls) / CALLS, after two warm-up calls."""
+    calls = CALLS
+    function(), function()
+    samples = []
+    for _ in range(5):
         if torch.cuda.is_available():
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            function()
+            for _ in range(calls):
+                function()
             stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop) / 1e3 / calls)
         else:
             begin = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+            for _ in range(calls):
+                function()
+            samples.append((time.perf_counter() - begin) / calls)
+    return statistics.median(samples)
 
 
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((value.double() - reference).norm() / reference.norm().clamp_min(1e-300))
+def run_pytest(device, quick: bool) -> dict:
+    if quick:
+        return {"skipped": "rehearsal", "pass": True}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                           str(root / "tests")], capture_output=True, text=True, cwd=root)
+    return {"returncode": done.returncode, "tail": done.stdout[-3000:] + done.stderr[-1000:],
+            "pass": done.returncode == 0}
 
 
-def check_kernels(device, sizes) -> dict:
-    """Sketch and cosine kernels against fp64 on fresh random inputs."""
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    results = {}
-    m, n, b, L = sizes
-    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn):
-        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float8_e4m3fn):
-            continue  # the interpreter has no bf16/fp8
-        W = torch.randn(L, m, n, generator=generator).to(dtype).to(device)
-        X = torch.randn(L, n, b, generator=generator).to(device)
-        scale = torch.rand(L, m, generator=generator).add(0.5).to(device) if dtype == torch.float8_e4m3fn else None
-        reference = W.double() * (scale.double().unsqueeze(-1) if scale is not None else 1)
-        for precision in ("ieee", "tf32x3"):
-            out = sketch(W, X, scale=scale, precision=precision)
-            results[f"sketch_{str(dtype)[6:]}_{precision}_rel_error"] = relative_error(out, reference @ X.double())
-    Y = torch.linalg.qr(torch.randn(L, m, 10, generator=generator, dtype=torch.float64)).Q
-    Xb = torch.linalg.qr(torch.randn(L, m, m, generator=generator, dtype=torch.float64)).Q
-    max_cos, _, _ = max_abs_cos_fused(Xb.float().contiguous().to(device), Y.float().contiguous().to(device), (0.5,))
-    reference = (Xb.mT @ Y).abs().max(dim=-2).values
-    results["cosine_max_abs_error"] = float((max_cos.double().cpu() - reference).abs().max())
-    return results
+def _scale(kind: str, L: int, m: int, n: int, device) -> torch.Tensor | None:
+    shapes = {"tensor": (L,), "channel": (L, m), "block": (L, -(-m // FP8_BLOCK), -(-n // FP8_BLOCK))}
+    return None if kind == "none" else torch.rand(shapes[kind], device=device) + 0.5
 
 
-def check_analysis(device, m: int, n: int) -> dict:
-    """A Triton-backend ``analyze`` of a LoRA pair against fp64 SVDs."""
-    generator = torch.Generator().manual_seed(1)
-    W0 = synthetic.random_weight(m, n, generator=generator)
-    A, B = synthetic.lora_update(m, n, 4, generator=generator, lora_alpha=8.0,
-                                 sigma=synthetic.LORA_SIGMA * synthetic.SIGMA1)
-    Wt = W0 + 2.0 * B @ A
-    result = lorafft.analyze(W0.to(device), Wt.to(device), k=10, backend="triton")["left"]
-    U0, _, _ = torch.linalg.svd(W0.double(), full_matrices=False)
-    Ut, _, _ = torch.linalg.svd(Wt.double(), full_matrices=False)
-    reference = (U0.T @ Ut[:, :10]).abs().max(dim=0).values
-    return {"analyze_max_abs_error": float((result.max_cos[0].cpu() - reference).abs().max()),
-            "analyze_counts": result.counts[0].tolist(), "reference_counts": [int((reference < 0.5).sum())]}
+def _dequantized(W: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    W = W.double()
+    if scale is None:
+        return W
+    if scale.dim() == 1:
+        return W * scale.double()[:, None, None]
+    if scale.dim() == 2:
+        return W * scale.double()[:, :, None]
+    m, n = W.shape[-2:]
+    expanded = scale.double().repeat_interleave(FP8_BLOCK, 1)[:, :m].repeat_interleave(FP8_BLOCK, 2)[:, :, :n]
+    return W * expanded
 
 
-def measure_device(device, repeats: int) -> dict:
-    """Copy bandwidth and a bf16 matmul rate measured now."""
-    size = 1 << 30 if device.type == "cuda" else 1 << 24
+def check_correctness(device, quick: bool) -> dict:
+    """Largest entrywise error of every sketch variant, relative to ``sum |w x|``, against fp64 on the device."""
+    L, m, n, b = (2, 70, 150, 5) if quick else (2, 1000, 3000, 20)
+    variants = [(torch.float32, "none", "split"), (torch.float32, "none", "tf32x3"), (torch.float16, "none", "split"),
+                (torch.bfloat16, "none", "split")]
+    variants += [(fp8, kind, "split") for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2)
+                 for kind in ("none", "tensor", "channel", "block")]
+    errors = {}
+    for dtype, kind, precision in variants:
+        W = (10 * torch.randn(L, m, n, device=device)).to(dtype)
+        scale = _scale(kind, L, m, n, device)
+        Wd = _dequantized(W, scale)
+        for transpose in (False, True):
+            X = torch.randn(L, m if transpose else n, b, device=device)
+            Wo = Wd.mT if transpose else Wd
+            out = torch.full((L, Wo.shape[1], b), float("nan"), device=device)
+            sketch(W, X, transpose=transpose, scale=scale, out=out, precision=precision)
+            bound = Wo.abs() @ X.double().abs()
+            error = ((out.double() - Wo @ X.double()).abs() / bound).max()
+            name = f"{str(dtype)[6:]}_{kind}_{precision}_{'WtX' if transpose else 'WX'}"
+            errors[name] = float(error) if not out.isnan().any() else float("nan")
+    worst = max(errors.values(), key=lambda error: (math.isnan(error), error))  # a NaN is the worst
+    return {"relative_errors": errors, "worst": worst, "threshold": THRESHOLDS["sketch_error"],
+            "pass": worst <= THRESHOLDS["sketch_error"]}
+
+
+def measure_rates(device, quick: bool) -> dict:
+    size = 1 << (22 if quick else 30)
     source = torch.empty(size, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    copy_s = timed(lambda: target.copy_(source), repeats=repeats)
-    side = 8192 if device.type == "cuda" else 256
+    copy_s = seconds_per_call(lambda: target.copy_(source))
+    side = 256 if quick else 8192
     a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
-    matmul_s = timed(lambda: a @ a, repeats=repeats)
-    return {"copy_GBps": 2 * size / copy_s / 1e9, "bf16_matmul_TFLOPs": 2 * side**3 / matmul_s / 1e12}
+    matmul_s = seconds_per_call(lambda: a @ a)
+    return {"copy_GBps": 2 * size / copy_s / 1e9, "bf16_matmul_TFLOPs": 2 * side**3 / matmul_s / 1e12, "pass": True}
 
 
-def time_kernels(device, shapes, repeats: int, copy_GBps: float) -> dict:
-    """Sketch kernel vs upcast + cuBLAS, and fused cosine vs materialize-then-reduce, per shape (bf16 weights)."""
-    results = {}
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+def time_sketch(device, quick: bool, copy_GBps: float) -> dict:
+    """Sketch (default split) per shape and orientation, bf16 and fp8 e4m3 weights, against torch."""
+    shapes = {"small": (256, 688)} if quick else SHAPES_70B
+    rows = {}
     for name, (m, n) in shapes.items():
-        rotation = max(2, (256 << 20) // (2 * m * n) + 1)  # rotate inputs so the set exceeds L2
-        weights = [torch.randn(1, m, n, device=device).to(dtype) for _ in range(rotation)]
-        X, X_t = torch.randn(1, n, 20, device=device), torch.randn(1, m, 20, device=device)
-        counter = iter(range(10**9))
+        W = torch.randn(1, m, n, device=device).to(torch.bfloat16)
+        W8 = W.to(torch.float8_e4m3fn) if not quick else None
+        upcast = W.float()  # the torch baseline's one-time upcast
         row = {"shape": [m, n]}
-        variants = {"default": {}, "no_split": {"split_k": 1}, "tf32x3": {"precision": "tf32x3"}}
-        for variant, options in variants.items():  # the default is auto split-K with ieee products
-            for transpose in (False, True):
-                seconds = timed(lambda: sketch(weights[next(counter) % rotation], X_t if transpose else X,
-                                               transpose=transpose, **options), repeats=repeats)
-                gbps = 2 * m * n / seconds / 1e9
-                key = f"{variant}{'_transposed' if transpose else ''}"
-                row[key] = {"s": seconds, "GBps": gbps, "fraction_of_copy": gbps / copy_GBps}
-        row["torch_upcast_s"] = timed(lambda: weights[next(counter) % rotation].float() @ X, repeats=repeats)
-        results[name] = row
-    for s in (1024, 4096) if device.type == "cuda" else (64,):
-        Xb = torch.linalg.qr(torch.randn(1, s, s, device=device)).Q.contiguous()
-        Y = torch.linalg.qr(torch.randn(1, s, 10, device=device)).Q.contiguous()
-        fused_s = timed(lambda: max_abs_cos_fused(Xb, Y, (0.5,)), repeats=repeats)
-        torch_s = timed(lambda: (Xb.mT @ Y).abs().max(dim=-2), repeats=repeats)
-        results[f"cosine_{s}"] = {"fused_s": fused_s, "materialize_then_reduce_s": torch_s}
-    return results
+        for transpose in (False, True):
+            X = torch.randn(1, m if transpose else n, 20, device=device)
+            key = "WtX" if transpose else "WX"
+            seconds = seconds_per_call(lambda: sketch(W, X, transpose=transpose))
+            row[f"bf16_{key}"] = {"s": seconds, "fraction_of_copy": 2 * m * n / seconds / 1e9 / copy_GBps}
+            if W8 is not None:
+                seconds = seconds_per_call(lambda: sketch(W8, X, transpose=transpose))
+                row[f"fp8_{key}"] = {"s": seconds, "fraction_of_copy": m * n / seconds / 1e9 / copy_GBps}
+            row[f"torch_fp32_upcast_{key}_s"] = seconds_per_call(
+                lambda: torch.bmm(upcast.mT if transpose else upcast, X))
+            try:
+                row[f"torch_bf16_bmm_fp32_out_{key}_s"] = seconds_per_call(
+                    lambda: torch.bmm(W.mT if transpose else W, X.to(torch.bfloat16), out_dtype=torch.float32))
+            except (TypeError, RuntimeError) as error:
+                row[f"torch_bf16_bmm_fp32_out_{key}_s"] = f"not offered: {error}"[:200]
+        rows[name] = row
+    down = rows.get("down_proj", {})  # 8192×28672, the issue's target shape, both orientations
+    worst = min(down[key]["fraction_of_copy"] for key in ("bf16_WX", "bf16_WtX")) if down else None
+    return {"shapes": rows, "bf16_8192x28672_worst_fraction": worst,
+            "threshold": THRESHOLDS["sketch_bf16_fraction_of_copy"],
+            "pass": quick or worst >= THRESHOLDS["sketch_bf16_fraction_of_copy"]}
 
 
-def time_layer(device, shapes, repeats: int) -> dict:
-    """One decoder layer (bf16 weights, read as stored) analysed against a cached base, the tuned side only, device
-    seconds per layer: a rank-16 LoRA adapter (kept factored, as scan does) and a full fine-tune (dense Wt)."""
+def time_cosine(device, quick: bool, copy_GBps: float) -> dict:
+    s = 64 if quick else 8192
+    rows, worst = {}, float("inf")
+    for L in (1, 8):
+        Z = torch.linalg.qr(torch.randn(L, s, s, device=device, dtype=torch.float64)).Q
+        W0 = torch.zeros(1, 1, 1, device=device).expand(L, s, s)  # unused by the small side's match
+        basis = linalg.BaseBasis(W0=W0, sigma=torch.ones(L, s, device=device),
+                                 Z=Z.float(), reflectors=None, tau=None)  # a cached (fp32) basis; left = small side
+        for k in (10, 32):
+            Y = torch.linalg.qr(torch.randn(L, s, k, device=device, dtype=torch.float64)).Q
+            seconds = seconds_per_call(lambda: linalg.match(basis, Y, "left", (0.5,), "triton"))
+            fraction = 4 * L * s * s / seconds / 1e9 / copy_GBps
+            rows[f"L{L}_k{k}"] = {"s": seconds, "fraction_of_copy": fraction}
+            worst = min(worst, fraction)
+    return {"cases": rows, "worst_fraction": worst, "threshold": THRESHOLDS["cosine_fraction_of_copy"],
+            "pass": quick or worst >= THRESHOLDS["cosine_fraction_of_copy"]}
+
+
+def time_krylov(device, quick: bool) -> dict:
+    s, (m, n) = (128, (256, 688)) if quick else (8192, (8192, 28672))
+    A = torch.randn(s, s, device=device, dtype=torch.float64)
+    gram = A @ A.mT
+    torch.linalg.eigh(gram)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    torch.linalg.eigh(gram)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    eigh_s = time.perf_counter() - begin
+    W = torch.randn(1, m, n, device=device).to(torch.bfloat16 if device.type == "cuda" else torch.float16)
+    K = torch.linalg.qr(torch.randn(1, m, 20, device=device, dtype=torch.float64)).Q
+    Q = torch.linalg.qr(torch.randn(1, m, 40, device=device, dtype=torch.float64)).Q
+    B = torch.randn(1, 60, n, device=device, dtype=torch.float64)
+
+    def products():
+        WtK = linalg._product(W, K, transpose=True, backend="triton")
+        return linalg._product(W, WtK, transpose=False, backend="triton")
+
+    def rest():
+        linalg._orthonormalize(K, Q)
+        torch.linalg.eigh(B @ B.mT)
+        return bool((B[:, :1, :1] > 0).all())
+
+    return {"eigh_fp64_gram_s": eigh_s, "gram_size": s, "products_s": seconds_per_call(products),
+            "orthonormalise_eigh_sync_s": seconds_per_call(rest), "shape": [m, n], "pass": True}
+
+
+def time_layer(device, quick: bool) -> dict:
+    """Seconds for one decoder layer against cached bases (built first, timed apart), tuned side only."""
+    shapes = synthetic.llama_layer_shapes(256, 64, 688) if quick else synthetic.llama_layer_shapes(8192, 1024, 28672)
+    shapes = dict(list(shapes.items())[:2]) if quick else shapes  # the rehearsal: two matrices
     generator = torch.Generator().manual_seed(2)
-    lora_s = full_s = 0.0
+    lora_s = full_s = build_s = 0.0
     for name, (m, n) in shapes.items():
-        W0 = synthetic.random_weight(m, n, generator=generator).to(device).to(torch.bfloat16)
-        basis = linalg.base_basis(W0[None])
-        basis = linalg.BaseBasis(W0=basis.W0, sigma=basis.sigma,
-                                 Z=basis.top_vectors(basis.small_side, basis.sigma.shape[-1]).float(),
-                                 reflectors=None, tau=None)  # what a cache holds
+        W0 = synthetic.random_weight(m, n, generator=generator).to(device).to(torch.bfloat16)[None]
+        begin = time.perf_counter()
+        basis = linalg.base_basis(W0)
+        basis = linalg.BaseBasis(W0=W0, sigma=basis.sigma, Z=basis.small_basis_fp32, reflectors=None, tau=None)
+        build_s += _synchronized(begin, device)
         A, B = synthetic.lora_update(m, n, 16, generator=generator, lora_alpha=32.0, sigma=7.5)
-        A, B = A.to(device), B.to(device)
-        lora_s += timed(lambda: lorafft.analyze(W0, lora=(B, A, 2.0), k=10, basis=basis, backend="triton"),
-                        repeats=repeats, warmup=1)
+        A, B = A.to(device)[None], B.to(device)[None]
+        begin = time.perf_counter()
+        lorafft.analyze(W0, lora=(B, A, 2.0), k=10, basis=basis, backend="triton")
+        lora_s += _synchronized(begin, device)
         Wt = (W0.float() + 2.0 * B @ A).to(torch.bfloat16)
-        full_s += timed(lambda: lorafft.analyze(W0, Wt, k=10, basis=basis, backend="triton"), repeats=repeats, warmup=1)
-        del Wt
-    return {"layer_seconds_lora": lora_s, "layer_seconds_full": full_s}
+        begin = time.perf_counter()
+        lorafft.analyze(W0, Wt, k=10, basis=basis, backend="triton")
+        full_s += _synchronized(begin, device)
+    limit = THRESHOLDS["layer_seconds"]
+    return {"layer_seconds_lora": lora_s, "layer_seconds_full": full_s, "base_cache_build_seconds": build_s,
+            "threshold": limit, "pass": quick or max(lora_s, full_s) < limit}
 
 
-def check_scan(device) -> dict:
-    """``lorafft.scan`` of the synthetic trio (LoRA adapter and full fine-tune, both sides) on ``device`` against the
-    same scan on the CPU: identical counts and argmax, largest max|cos| difference, wall seconds of each."""
+def _synchronized(begin: float, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - begin
+
+
+def check_scan(device, quick: bool) -> dict:
     import tempfile
 
+    result, ok = {}, True
     with tempfile.TemporaryDirectory() as directory:
         trio = synthetic.write_trio(Path(directory))
-        result = {}
         for kind in ("lora", "full"):
             tuned = getattr(trio, kind)
-            begin = time.perf_counter()
             cpu = lorafft.scan(trio.base, tuned, eps=(0.5, 0.9), side="both", device="cpu")
-            middle = time.perf_counter()
-            here = lorafft.scan(trio.base, tuned, eps=(0.5, 0.9), side="both", device=device)
-            end = time.perf_counter()
+            here = lorafft.scan(trio.base, tuned, eps=(0.5, 0.9), side="both", device=str(device))
             same = all(a.counts == b.counts and a.argmax == b.argmax for a, b in zip(here.rows, cpu.rows))
             difference = max(abs(x - y) for a, b in zip(here.rows, cpu.rows) for x, y in zip(a.max_cos, b.max_cos))
-            result[kind] = {"rows": len(here.rows), "counts_and_argmax_equal": same, "max_abs_difference": difference,
-                            "cpu_s": middle - begin, "device_s": end - middle}
-    return result
+            result[kind] = {"rows": len(here.rows), "counts_and_argmax_equal": same, "max_abs_difference": difference}
+            ok &= same and len(here.rows) == len(cpu.rows) and difference <= THRESHOLDS["scan_max_cos_difference"]
+    return {**result, "pass": ok}
 
 
-SECTIONS = ("correctness", "analysis", "scan", "device_rates", "kernels", "layer_70b")
-
-
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes only")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="run only these (default: all, in this order)")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="CPU rehearsal: small sizes, no speed thresholds")
+    parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="results folder (default $OUT)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        parser.error("--out DIR is needed when $OUT is not set")
+    args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
-    shapes = synthetic.llama_layer_shapes(256, 64, 688) if quick else LAYER
+    global CALLS
+    CALLS = 1 if quick else CALLS
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
               "driver": _driver(), "torch": torch.__version__, "triton": _triton_version(),
-              "date": time.strftime("%Y-%m-%d"), "quick": quick}
-    out = Path(__file__).parent / "results" / f"gpu_check-{report['date']}{'-quick' if quick else ''}.json"
-    copy_GBps = None
-    run = {
-        "correctness": lambda: check_kernels(device, (70, 45, 5, 3) if quick else (4096, 11008, 20, 2)),
-        "analysis": lambda: check_analysis(device, *((256, 512) if quick else (4096, 11008))),
-        "scan": lambda: check_scan(device),
-        "device_rates": lambda: measure_device(device, args.repeats),
-        "kernels": lambda: time_kernels(device, shapes, args.repeats, copy_GBps or math.nan),
-        "layer_70b": lambda: time_layer(device, shapes, max(3, args.repeats // 3)),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": quick, "thresholds": THRESHOLDS}
+    copy = {"GBps": float("nan")}
+    sections = {
+        "pytest": lambda: run_pytest(device, quick),
+        "correctness": lambda: check_correctness(device, quick),
+        "rates": lambda: measure_rates(device, quick),
+        "sketch": lambda: time_sketch(device, quick, copy["GBps"]),
+        "cosine": lambda: time_cosine(device, quick, copy["GBps"]),
+        "krylov": lambda: time_krylov(device, quick),
+        "layer": lambda: time_layer(device, quick),
+        "scan": lambda: check_scan(device, quick),
     }
-    for section in args.sections:  # each section on its own: one failure costs that section, not the device time
-        begin = time.perf_counter()
-        try:
-            report[section] = run[section]()
-        except Exception as error:  # recorded in the results, which are written after every section
-            report[section] = {"error": f"{type(error).__name__}: {error}"}
-        report[section]["seconds"] = time.perf_counter() - begin
-        if section == "device_rates" and "copy_GBps" in report[section]:
-            copy_GBps = report[section]["copy_GBps"]
-        out.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"{section}: {json.dumps(report[section])}", flush=True)
-    print(f"written: {out}")
+    with open(args.out / "gpu_check.log", "w") as log:
+        def say(line: str) -> None:
+            print(line, flush=True)
+            log.write(line + "\n")
+            log.flush()
+
+        say(f"gpu_check on {report['device']} (torch {report['torch']}, triton {report['triton']})")
+        for name, section in sections.items():
+            begin = time.perf_counter()
+            try:
+                report[name] = section()
+            except Exception as error:  # recorded: one failure costs that section, not the device time
+                report[name] = {"error": f"{type(error).__name__}: {error}"[:2000], "pass": False}
+            report[name]["seconds"] = time.perf_counter() - begin
+            copy["GBps"] = report.get("rates", {}).get("copy_GBps", copy["GBps"])
+            (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+            verdict = "PASS" if report[name]["pass"] else "FAIL"
+            say(f"{verdict} {name} ({report[name]['seconds']:.1f} s): {json.dumps(report[name])[:1500]}")
+    return 0 if all(report[name]["pass"] for name in sections) else 1
 
 
 def _driver() -> str | None:
@@ -250,4 +337,4 @@ def _triton_version() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

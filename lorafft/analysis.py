@@ -108,8 +108,8 @@ def analyze(
         basis: ``linalg.base_basis(W0)`` when the caller already has it (scans of several checkpoints of one run
             pay for it once).
         backend: "torch", "triton" or "auto" (:func:`lorafft.linalg.resolve_backend`): with Triton, the products of
-            the truncated SVD run in :mod:`lorafft.kernels.sketch` and the small side's max |cos| in
-            :mod:`lorafft.kernels.cosine`.
+            the truncated SVD run in :mod:`lorafft.kernels.sketch`; the max |cos| is one full-fp32 product with the
+            basis and a reduction (:func:`lorafft.linalg.match`).
 
     Returns ``{side: SideAnalysis}``.
     """
@@ -129,8 +129,8 @@ def analyze(
     results, rank = {}, base_rank(basis)
     for side in sides:
         vectors = tuned.U if side == "left" else tuned.V
-        match, undetermined = _defined_match(basis, vectors, side, eps, _match(basis, vectors, side, eps, backend),
-                                             rank)
+        match, undetermined = _defined_match(basis, vectors, side, eps,
+                                             linalg.match(basis, vectors, side, eps, backend), rank)
         max_cos = match.max_cos.double()
         thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
         slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)  # vectors without a bound are not "near": see report
@@ -243,20 +243,6 @@ def _low_rank(lora, W0: torch.Tensor, single: bool) -> linalg.LowRank:
                          f"{tuple(W0.shape)}; got {tuple(lora.B.shape)}, {tuple(lora.A.shape)}, "
                          f"{tuple(lora.scale.shape)}")
     return lora
-
-
-def _match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps, backend: str) -> linalg.CosineMatch:
-    """max |cos| of ``vectors [L, d, k]`` over every base vector of ``side``: the fused Triton kernel on the small
-    side with the Triton backend (the larger side divides by sigma_i, which the kernel does not), torch otherwise."""
-    if backend == "triton" and side == basis.small_side:
-        from lorafft.kernels.cosine import max_abs_cos_fused
-
-        # the explicit basis as it is held (a cached one is fp32 already), else formed from the reflectors
-        X = basis.Z if basis.reflectors is None else basis.top_vectors(side, basis.sigma.shape[-1])
-        X = X.float().contiguous()
-        max_cos, argmax, counts = max_abs_cos_fused(X, vectors.float().contiguous(), eps)
-        return linalg.CosineMatch(max_cos=max_cos, argmax=argmax, counts=counts)
-    return linalg.max_abs_cos(basis.project(vectors, side), eps)
 
 
 def effective_rank(sigma: torch.Tensor) -> torch.Tensor:

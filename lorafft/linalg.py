@@ -17,6 +17,7 @@ This module is the only one that chooses algorithms; everything above it is devi
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -28,13 +29,16 @@ SIDES = ("left", "right")
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+def resolve_backend(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None) -> str:
     """``"torch"`` or ``"triton"``: ``backend``, else ``$LORAFFT_BACKEND``, else ``"auto"`` (Triton kernels for
-    CUDA tensors when triton imports, torch.linalg / torch ops otherwise). Forcing ``"triton"`` on the CPU needs
+    CUDA tensors when triton imports, torch.linalg / torch ops otherwise). fp64 weights (``dtype``) always go to
+    torch, on any device: the kernels have no fp64 path. Forcing ``"triton"`` on the CPU needs
     ``TRITON_INTERPRET=1`` (the tests do that)."""
     choice = backend or os.environ.get("LORAFFT_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+    if dtype == torch.float64:
+        return "torch"
     if choice != "auto":
         return choice
     if device.type != "cuda":
@@ -56,11 +60,12 @@ class LowRank:
     A: torch.Tensor
     scale: torch.Tensor
 
-    def to(self, device) -> "LowRank":
-        return LowRank(B=self.B.to(device), A=self.A.to(device), scale=self.scale.to(device))
+    def to(self, device, dtype: torch.dtype | None = None) -> "LowRank":
+        return LowRank(B=self.B.to(device, dtype), A=self.A.to(device, dtype), scale=self.scale.to(device, dtype))
 
     def times(self, X: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """``s·B (A X)`` or, with ``transpose``, ``s·A^T (B^T X)`` for a thin fp64 block X, in fp64."""
+        """``s·B (A X)`` or, with ``transpose``, ``s·A^T (B^T X)`` for a thin fp64 block X, in fp64 (no copy when
+        the factors are fp64 on X's device already, as :func:`truncated_svd` makes them once)."""
         B, A = self.B.to(X.device, torch.float64), self.A.to(X.device, torch.float64)
         scale = self.scale.to(X.device, torch.float64)[:, None, None]
         return scale * (A.mT @ (B.mT @ X) if transpose else B @ (A @ X))
@@ -71,14 +76,15 @@ class LowRank:
 
 
 def _product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str,
-             low_rank: LowRank | None = None) -> torch.Tensor:
-    """``(W + low_rank) @ X`` or its transpose times X, for ``W [L, m, n]`` and a thin fp64 block X, in fp64: the
-    batched Triton sketch kernel (W read once in its stored dtype, fp32 accumulation) or torch in W's dtype; the
-    low-rank term through its thin factors."""
+             low_rank: LowRank | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(W scale + low_rank) @ X`` or its transpose times X, for ``W [L, m, n]`` and a thin fp64 block X, in fp64:
+    the batched Triton sketch kernel (W read once in its stored dtype with its dequantisation ``scale``,
+    fp32-accurate tensor-core products, fp32 accumulation) or torch in W's dtype (``scale`` None: the caller
+    dequantised); the low-rank term through its thin factors."""
     if backend == "triton":
         from lorafft.kernels.sketch import sketch
 
-        product = sketch(W, X.float(), transpose=transpose).double()
+        product = sketch(W, X, transpose=transpose, scale=scale).double()
     else:
         with _full_precision_fp32_matmul():
             product = ((W.mT if transpose else W) @ X.to(W.dtype)).double()
@@ -95,6 +101,21 @@ def _full_precision_fp32_matmul():
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def _dequantized(W: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``W`` itself without a scale, else ``W · scale`` in fp32 for the scale layouts of
+    :func:`lorafft.kernels.sketch.sketch`: ``[L]`` per tensor, ``[L, m]`` per row, ``[L, ceil(m/128),
+    ceil(n/128)]`` per 128×128 block."""
+    if scale is None:
+        return W
+    m, n = W.shape[-2:]
+    scale = scale.to(W.device, torch.float32)
+    if scale.dim() == 1:
+        return W.float() * scale[:, None, None]
+    if scale.dim() == 2:
+        return W.float() * scale[:, :, None]
+    return W.float() * scale.repeat_interleave(128, 1)[:, :m].repeat_interleave(128, 2)[:, :, :n]
 
 
 def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -202,6 +223,14 @@ class BaseBasis:
         inverse_sigma = torch.where(self.sigma > 0, 1.0 / self.sigma, 0.0).double()
         return (self._small_to_eigen(image) * inverse_sigma.unsqueeze(-1)).to(Y.dtype)
 
+    @functools.cached_property
+    def small_basis_fp32(self) -> torch.Tensor:
+        """The small side's basis explicitly, ``[L, s, s]`` fp32 (column i the i-th base vector), formed on first
+        use and kept, so the matches of every side and checkpoint against this basis convert it once."""
+        if self.reflectors is None:
+            return self.Z.to(torch.float32)
+        return self.top_vectors(self.small_side, self.sigma.shape[-1]).to(torch.float32)
+
     def top_vectors(self, side: str, count: int) -> torch.Tensor:
         """The first ``count`` base singular vectors of ``side`` explicitly, ``[L, d, count]`` fp64."""
         L, s = self.sigma.shape
@@ -304,6 +333,16 @@ def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None) -> Trun
     return TruncatedSVD(U[..., :k], S[:, :k], V[..., :k], residual[:, :k], _error_bounds(S, residual, k), 0)
 
 
+def _random_block(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard normal fp64 block drawn on ``device``. A generator on another device (a CPU generator for CUDA
+    tensors) seeds a generator on ``device`` with one draw, so results are reproducible per device; on the CPU the
+    values are ``torch.randn(..., generator=generator)``'s."""
+    if generator is not None and generator.device.type != device.type:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        generator = torch.Generator(device).manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
+
+
 def truncated_svd(
     W: torch.Tensor,
     k: int,
@@ -315,6 +354,7 @@ def truncated_svd(
     generator: torch.Generator | None = None,
     backend: str | None = None,
     low_rank: LowRank | None = None,
+    scale: torch.Tensor | None = None,
 ) -> TruncatedSVD:
     """Top-k singular triplets of ``W [L, m, n]`` (of ``W + low_rank`` when given) by block Krylov iteration with
     a certified stopping rule.
@@ -329,10 +369,10 @@ def truncated_svd(
     Stopping rule: after each iteration, the residual ``||W v_j - sigma_j u_j||`` of every Ritz pair is turned into
     the bound of :func:`_error_bounds` (``W^T u - sigma v`` is zero by construction after Rayleigh–Ritz, so it
     certifies nothing). A vector is finished when its bound is ``<= tol``, or when its residual is already small
-    (``<= sqrt(eps) sigma_1``, eps of the products' precision: fp32 or fp64) and stopped falling (less than halved by the last iteration): it sits
-    at the rounding floor of the products with W, and its bound says how well W determines it. Iteration stops
-    when all k are finished, or after ``max_iters``. When the Krylov space would outgrow ``min(m, n)`` first, a
-    dense fp64 SVD is cheaper and exact, and is used instead.
+    (``<= sqrt(eps) sigma_1``, eps of the products' precision: fp32 or fp64) and stopped falling (less than halved
+    by the last iteration): it sits at the rounding floor of the products with W, and its bound says how well W
+    determines it. Iteration stops when all k are finished, or after ``max_iters``. When the Krylov space would
+    outgrow ``min(m, n)`` first, a dense fp64 SVD is cheaper and exact, and is used instead.
 
     Args:
         W: ``[L, m, n]`` fp32 or fp64, or fp16/bf16 as stored: the Triton backend reads those as they are (fp32
@@ -348,32 +388,47 @@ def truncated_svd(
             :func:`resolve_backend`).
         low_rank: a LoRA update ``s·B·A`` to add to W, kept factored: each product with the sum is W's product
             plus two thin ones, so the tuned matrix of a LoRA fine-tune is never formed (W stays the base as stored).
+        scale: W's fp8 dequantisation scale as stored (the matrix is ``W · scale``): ``[L]`` per tensor, ``[L, m]``
+            per output channel, ``[L, ceil(m/128), ceil(n/128)]`` per 128×128 block. The Triton kernel reads W and
+            its scale as they are; the torch backend (and the dense path) dequantises W once in fp32.
 
     Small matrices (``3 * block_size >= min(m, n)``) go to a dense fp64 SVD instead.
+
+    Host synchronisations on CUDA, per iteration: two, both needed by the algorithm as it stands: the error check
+    inside ``torch.linalg.eigh`` (of the fp64 Rayleigh–Ritz matrix) and the stopping decision. Nothing else waits
+    for the device: the random start is drawn there and the low-rank factors are moved there once, before the loop
+    (``tests/test_linalg.py`` counts them on a GPU).
     """
     L, m, n = W.shape
     k = min(k, m, n)
     b = block_size or max(2 * k, k + 10)
     if 3 * b >= min(m, n):
-        return _dense_svd(W, k, low_rank)
-    backend = resolve_backend(W.device, backend)
-    if backend == "torch" and W.dtype not in (torch.float32, torch.float64):
-        W = W.float()  # torch would multiply in the stored (b)f16; the Triton kernel reads it and accumulates in fp32
+        return _dense_svd(_dequantized(W, scale), k, low_rank)
+    backend = resolve_backend(W.device, backend, W.dtype)
+    if backend == "torch":
+        W, scale = _dequantized(W, scale), None
+        if W.dtype not in (torch.float32, torch.float64):
+            W = W.float()  # torch would multiply in the stored (b)f16; the Triton kernel reads it as stored
+    scale = None if scale is None else scale.to(W.device, torch.float32)
+    # Factors moved and converted once, not in every product: a CPU-held scale or factor would otherwise cost a
+    # blocking host-to-device copy per product on CUDA.
+    low_rank = None if low_rank is None else low_rank.to(W.device, torch.float64)
     n_random = b - (0 if start is None else min(start.shape[-1], b - max(1, b // 4)))
-    omega = torch.randn(L, n, n_random, generator=generator, dtype=torch.float64).to(W.device)
-    first = _product(W, omega, transpose=False, backend=backend, low_rank=low_rank)
+    omega = _random_block((L, n, n_random), generator, W.device)
+    first = _product(W, omega, transpose=False, backend=backend, low_rank=low_rank, scale=scale)
     if start is not None:
         first = torch.cat([start[..., : b - n_random].to(W.device, torch.float64), first], dim=-1)
-    small_residual = math.sqrt(torch.finfo(torch.promote_types(W.dtype, torch.float32)).eps)  # the products' precision
+    precision = torch.float64 if W.dtype == torch.float64 else torch.float32  # the products' precision
+    small_residual = math.sqrt(torch.finfo(precision).eps)
     previous = None
 
     blocks = [_orthonormalize(first, None)]  # K_j, [L, m, b] fp64
     rows = []  # (W^T K_j)^T, the blocks of rows of Q^T W
     images = []  # W W^T K_j
     for iteration in range(1, max_iters + 1):
-        WtK = _product(W, blocks[-1], transpose=True, backend=backend, low_rank=low_rank)  # [L, n, b]
+        WtK = _product(W, blocks[-1], transpose=True, backend=backend, low_rank=low_rank, scale=scale)  # [L, n, b]
         rows.append(WtK.mT)
-        images.append(_product(W, WtK, transpose=False, backend=backend, low_rank=low_rank))
+        images.append(_product(W, WtK, transpose=False, backend=backend, low_rank=low_rank, scale=scale))
         Q, B, P = torch.cat(blocks, -1), torch.cat(rows, -2), torch.cat(images, -1)
         # Rayleigh–Ritz on span(Q): the SVD of B = Q^T W [D, n] through the eigen-decomposition of B B^T [D, D]
         # (fp64: the top Ritz values and vectors keep full accuracy; the D×D problem is cheaper than a thin SVD of B)
@@ -392,7 +447,7 @@ def truncated_svd(
             V = (B.mT @ U_hat[..., :k]) * inverse_theta[:, None, :k]
             return TruncatedSVD(U[..., :k], theta[:, :k], V, residual[:, :k], bound, iteration)
         if Q.shape[-1] + b > min(m, n):
-            return _dense_svd(W, k, low_rank)
+            return _dense_svd(_dequantized(W, scale), k, low_rank)
         previous = residual[:, :k]
         blocks.append(_orthonormalize(images[-1], Q))
     raise AssertionError("unreachable")
@@ -408,8 +463,30 @@ class CosineMatch:
     counts: torch.Tensor
 
 
+def match(basis: BaseBasis, vectors: torch.Tensor, side: str, eps, backend: str) -> CosineMatch:
+    """max |cos| of unit vectors ``vectors [L, d, k]`` over every base singular vector of ``side``.
+
+    With the Triton backend (the GPU path) and the small side: one fp32 ``bmm`` of the explicit basis
+    (:attr:`BaseBasis.small_basis_fp32`, formed once per basis) with the vectors, at full fp32 precision, then the
+    reduction. That product reads the s×s basis once; the s×k cosines it writes are k/s of that (0.1% at
+    s = 8192, k = 10), so fusing the reduction into a kernel cannot gain more (``benchmarks/results/static_sm90.md``).
+    Otherwise, and always on the larger side (which divides by sigma_i) or for fp64 weights (which go to torch
+    everywhere): :meth:`BaseBasis.project` in fp64. Ties go to the smallest index; a NaN cosine raises ValueError.
+    """
+    if backend == "triton" and side == basis.small_side and basis.W0.dtype != torch.float64:
+        with _full_precision_fp32_matmul():
+            cosines = basis.small_basis_fp32.mT @ vectors.to(torch.float32)
+    else:
+        cosines = basis.project(vectors, side)
+    result = max_abs_cos(cosines, eps)
+    if bool(result.max_cos.isnan().any()):
+        raise ValueError("max|cos| is NaN: the weights or the tuned vectors are not finite")
+    return result
+
+
 def max_abs_cos(cosines: torch.Tensor, eps) -> CosineMatch:
-    """Reduce a cosine matrix ``[L, r, k]`` (base vectors × tuned vectors) to max |cos|, argmax and counts."""
+    """Reduce a cosine matrix ``[L, r, k]`` (base vectors × tuned vectors) to max |cos|, argmax (the smallest index
+    among equal maxima, as ``torch.max`` documents) and counts."""
     max_cos, argmax = cosines.abs().max(dim=-2)
     thresholds = torch.as_tensor(list(eps), dtype=max_cos.dtype, device=max_cos.device)
     counts = (max_cos.unsqueeze(-1) < thresholds).sum(dim=-2)

@@ -1,7 +1,9 @@
 """lorafft.kernels.sketch against torch fp64 on fresh random inputs, with poisoned outputs.
 
-On CPU through the Triton interpreter (fp32 and fp16 storage; the scale paths are dtype-agnostic and are checked
-with fp16 storage); bf16 and fp8 storage need a GPU."""
+On CPU through the Triton interpreter, every weight dtype: the kernel's UPCAST switch (on only under the
+interpreter, whose bf16 ``tl.dot`` is wrong) multiplies the same 16-bit parts in fp32, where each product is exact,
+so the loads, fp8 widening, masks, splits and scales are the GPU kernel's. The 16-bit split of X is checked in torch
+against fp64; the tensor-core code itself statically (tests/test_static_sm90.py) and by the gpu-marked tests."""
 import os
 
 import pytest
@@ -13,7 +15,9 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
-from lorafft.kernels.sketch import FP8_BLOCK, sketch
+from lorafft.kernels.sketch import FP8_BLOCK, _x_parts, sketch
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 
 RTOL = 1e-5  # fp32 accumulation over at most a few hundred terms: ~1e-6 relative, with margin
 
@@ -50,13 +54,40 @@ def _check(W, X, *, transpose=False, scale=None, split_k=None, rtol=RTOL):
     assert (err.norm() <= rtol * ref.norm()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("L,m,n,b", [(1, 70, 45, 5), (3, 33, 130, 20), (3, 17, 16, 1)])
 def test_matches_fp64(dtype, transpose, L, m, n, b):
-    W = torch.randn(L, m, n).to(dtype)
-    X = torch.randn(L, m if transpose else n, b)
+    W = (10 * torch.randn(L, m, n)).to(dtype)
+    X = torch.randn(L, m if transpose else n, b) * torch.logspace(-20, 20, b)  # columns of very different sizes
     _check(W, X, transpose=transpose)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("source", [torch.float32, torch.float64])
+def test_split_parts_keep_fp32_accuracy(dtype, source):
+    """X's three 16-bit parts (the split kernel) times the column factors give X back within 2^-24 relative for
+    bf16 parts (2^-23 from fp64, rounded to bf16 through fp32), within max(2^-33 |x|, 2^-38 max|x_col|) for fp16
+    parts (2^-25, half the fp16 subnormal spacing, against a column maximum >= 2^13), against fp64; padding is
+    zero."""
+    L, K, nb = 2, 300, 7
+    X = torch.randn(L, K, nb, dtype=torch.float64) * torch.logspace(-3, 0, K, dtype=torch.float64)[:, None]
+    X = (X * torch.logspace(-30, 30, nb, dtype=torch.float64)).to(source).to(DEVICE)
+    XP, column = _x_parts(X, 3, (320, 64), dtype)
+    assert XP.shape == (L, 3, 320, 64) and XP.dtype == dtype and column.shape == (L, 64)
+    assert (XP[:, :, K:] == 0).all() and (XP[:, :, :, nb:] == 0).all()
+    parts = XP[:, :, :K, :nb].double().sum(dim=1)
+    back = parts * column[:, None, :nb].double()
+    exact = X.double()
+    error = (back - exact).abs()
+    top = exact.abs().amax(dim=1, keepdim=True)
+    assert ((parts.abs().amax(dim=1) >= 2.0**12) & (parts.abs().amax(dim=1) < 2.0**14)).all()  # scaled columns
+    if dtype == torch.bfloat16:
+        limit = (2.0**-24 if source == torch.float32 else 2.0**-23) * exact.abs()  # fp64: rounded through fp32
+    else:
+        limit = torch.maximum(2.0**-33 * exact.abs(), 2.0**-38 * top)
+    assert (error <= limit).all(), (error / limit).max()
+    assert not (error == 0).all() or source == torch.float32  # fp64 has bits beyond the three parts
 
 
 def test_default_output_and_strided_inputs():
@@ -70,11 +101,12 @@ def test_default_output_and_strided_inputs():
     _check(W, torch.randn(2, 70, 3), transpose=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
-def test_scales(kind, transpose):
+def test_scales(kind, transpose, dtype):
     L, m, n = 2, 150, 140  # 2×2 blocks of 128, the last ones partial
-    W = torch.randn(L, m, n).to(torch.float16)
+    W = (10 * torch.randn(L, m, n)).to(dtype)
     scale = {"tensor": lambda: torch.rand(L) + 0.5,
              "channel": lambda: torch.rand(L, m) + 0.5,
              "block": lambda: torch.rand(L, 2, 2) + 0.5}[kind]()
@@ -86,7 +118,7 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError):
         sketch(W, torch.randn(2, 8, 3))  # W @ X needs X [2, 6, b]
     with pytest.raises(TypeError):
-        sketch(W, torch.randn(2, 6, 3, dtype=torch.float64))
+        sketch(W, torch.randn(2, 6, 3, dtype=torch.float16))
     with pytest.raises(TypeError):
         sketch(W.to(torch.int8), torch.randn(2, 6, 3))
     with pytest.raises(ValueError):
@@ -96,18 +128,20 @@ def test_rejects_bad_inputs():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transpose", [False, True])
-def test_bf16_gpu(transpose):
-    W = torch.randn(3, 300, 260, device="cuda").to(torch.bfloat16)
-    _check(W, torch.randn(3, 300 if transpose else 260, 20, device="cuda"), transpose=transpose)
+def test_dtypes_gpu(dtype, transpose):
+    W = (torch.randn(3, 300, 1030, device="cuda") * 10).to(dtype)
+    _check(W, torch.randn(3, 300 if transpose else 1030, 20, device="cuda"), transpose=transpose)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("kind", [None, "tensor", "channel", "block"])
-def test_fp8_gpu(kind, transpose):
+def test_fp8_gpu(kind, transpose, dtype):
     L, m, n = 2, 300, 260
-    W = (torch.randn(L, m, n, device="cuda") * 50).to(torch.float8_e4m3fn)
+    W = (torch.randn(L, m, n, device="cuda") * 50).to(dtype)
     shapes = {"tensor": (L,), "channel": (L, m), "block": (L, 3, 3)}
     scale = None if kind is None else torch.rand(shapes[kind], device="cuda") + 0.5
     _check(W, torch.randn(L, m if transpose else n, 20, device="cuda"), transpose=transpose, scale=scale)
@@ -135,13 +169,16 @@ def test_split_count_keeps_the_gpu_busy_and_the_cpu_whole():
         assert 128 * splits >= min(4 * sms, 128 * 28672 // 512)
 
 
-@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
-def test_precisions_keep_fp32_accuracy(precision):
-    """tf32x3 (tensor cores) and ieee both give fp32-level products; plain tf32 is refused."""
-    W = torch.randn(2, 90, 200).to(torch.float16)
-    X = torch.randn(2, 200, 7)
-    got = sketch(W.to(DEVICE), X.to(DEVICE), precision=precision).double().cpu()
-    ref = W.double() @ X.double()
-    assert ((got - ref).norm() <= RTOL * ref.norm()).item()
-    with pytest.raises(ValueError, match="precision"):
-        sketch(W.to(DEVICE), X.to(DEVICE), precision="tf32")
+@pytest.mark.parametrize("transpose", [False, True])
+def test_tf32x3_keeps_fp32_accuracy(transpose):
+    """fp32 weights through tf32x3 (three tf32 passes) give fp32-level products too; plain tf32, "ieee", and tf32x3
+    for 16-bit weights are refused."""
+    W = torch.randn(2, 90, 200)
+    _check(W, torch.randn(2, 90 if transpose else 200, 7), transpose=transpose)
+    X = torch.randn(2, 90 if transpose else 200, 7, device=DEVICE)
+    got = sketch(W.to(DEVICE), X, transpose=transpose, precision="tf32x3").double().cpu()
+    ref = (W.double().mT if transpose else W.double()) @ X.double().cpu()
+    assert ((got - ref).norm() <= 1e-5 * ref.norm()).item()
+    for precision, weight in (("tf32", W), ("ieee", W), ("tf32x3", W.half())):
+        with pytest.raises(ValueError, match="precision"):
+            sketch(weight.to(DEVICE), X, transpose=transpose, precision=precision)

@@ -369,3 +369,139 @@ def test_max_abs_cos_accepts_any_iterable_of_eps():
     cos = torch.tensor([[[0.2], [0.1]]])
     assert linalg.max_abs_cos(cos, [0.5]).counts.tolist() == [[1]]
     assert linalg.max_abs_cos(cos, torch.tensor([0.1, 0.3])).counts.tolist() == [[0, 1]]
+
+
+# --------------------------------------------------------------------------------------------------- match
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("m,n", [(60, 90), (90, 60)])
+def test_match_against_fp64_svd(backend, side, m, n):
+    """``linalg.match`` (the fp32 explicit-basis product on the Triton path's small side, fp64 projection
+    otherwise) against max |cos| over the fp64 SVD's vectors of the same side."""
+    g = torch.Generator().manual_seed(m + 3 * n)
+    W = spectral_weight(m, n, g, L=2)
+    basis = linalg.base_basis(W)
+    U, _, V = oracle(W)
+    reference_basis = side_vectors(U, V, side)
+    vectors = unit_columns(2, reference_basis.shape[1], 6, g)
+    result = linalg.match(basis, vectors, side, (0.2, 0.5), backend)
+    reference = (reference_basis.mT @ vectors).abs()
+    torch.testing.assert_close(result.max_cos.double(), reference.amax(dim=-2), atol=1e-5, rtol=0)
+    picked = reference.gather(1, result.argmax.unsqueeze(1)).squeeze(1)  # argmax may differ only at near-ties
+    torch.testing.assert_close(picked, reference.amax(dim=-2), atol=1e-5, rtol=0)
+    assert result.counts.tolist() == (result.max_cos.unsqueeze(-1) < torch.tensor([0.2, 0.5])).sum(-2).tolist()
+    if backend == "triton" and side == basis.small_side:
+        assert basis.small_basis_fp32 is basis.small_basis_fp32  # formed once per basis
+
+
+def test_match_ties_take_the_smallest_index_and_nan_is_an_error():
+    s = 300  # more rows than one reduction tile of any torch kernel
+    Z = torch.zeros(1, s, s, dtype=torch.float64)
+    Z[0, 0, [3, 7, 170]] = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)  # y_0 = e_0: exact ties at 3, 7 and 170
+    Z[0, 1, [280, 290]] = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    basis = linalg.BaseBasis(W0=torch.zeros(1, s, s), sigma=torch.ones(1, s, dtype=torch.float64), Z=Z,
+                             reflectors=None, tau=None)
+    vectors = torch.zeros(1, s, 3, dtype=torch.float64)
+    vectors[0, 0, 0] = vectors[0, 1, 1] = vectors[0, 299, 2] = 1.0
+    for backend in ("torch", "triton"):
+        result = linalg.match(basis, vectors, "left", (0.5,), backend)
+        assert result.max_cos.tolist() == [[1.0, 1.0, 0.0]] and result.argmax.tolist() == [[3, 280, 0]]
+        with pytest.raises(ValueError, match="NaN"):
+            linalg.match(basis, vectors * float("nan"), "left", (0.5,), backend)
+
+
+# --------------------------------------------------------------------------------------------------- dispatch
+def test_fp64_goes_to_torch_on_any_device(monkeypatch):
+    monkeypatch.setenv("LORAFFT_BACKEND", "triton")
+    for device in ("cpu", "cuda"):
+        assert linalg.resolve_backend(torch.device(device), dtype=torch.float64) == "torch"
+        assert linalg.resolve_backend(torch.device(device), "triton", torch.float64) == "torch"
+        assert linalg.resolve_backend(torch.device(device), dtype=torch.float32) == "triton"
+
+
+def test_fp64_weights_match_in_fp64_whatever_the_backend():
+    g = torch.Generator().manual_seed(5)
+    W = spectral_weight(60, 90, g, L=1).double()
+    basis = linalg.base_basis(W)
+    vectors = unit_columns(1, 60, 4, g)
+    mine = linalg.match(basis, vectors, "left", (0.5,), "triton")
+    theirs = linalg.match(basis, vectors, "left", (0.5,), "torch")
+    assert mine.max_cos.dtype == torch.float64 and torch.equal(mine.max_cos, theirs.max_cos)
+
+
+def test_random_block_is_the_cpu_generator_draw_on_the_cpu():
+    """On the CPU the start block is exactly ``torch.randn(..., generator)`` (reports stay byte-identical)."""
+    a = linalg._random_block((2, 30, 5), torch.Generator().manual_seed(4), torch.device("cpu"))
+    b = torch.randn(2, 30, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_random_block_on_the_device_reproducible():
+    device = torch.device("cuda")
+    a = linalg._random_block((2, 30, 5), torch.Generator().manual_seed(4), device)
+    b = linalg._random_block((2, 30, 5), torch.Generator().manual_seed(4), device)
+    assert a.device.type == "cuda" and torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_krylov_synchronises_twice_per_iteration(backend):
+    """CUDA host synchronisations of truncated_svd, counted by torch's sync debug mode: at most two per iteration
+    (eigh's error check, the stopping decision) plus a constant, also with a CPU-held LoRA factor and scale."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    W = spectral_weight(600, 500, g).cuda()[None]
+    low_rank = linalg.LowRank(B=torch.randn(1, 600, 4), A=torch.randn(1, 4, 500) / 30, scale=torch.tensor([2.0]))
+    linalg.truncated_svd(W, 10, generator=g, backend=backend, low_rank=low_rank)  # warm-up (kernel compilation)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = linalg.truncated_svd(W, 10, generator=g, backend=backend, low_rank=low_rank)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    assert result.iterations > 0  # the Krylov path, not the dense fallback
+    assert syncs <= 2 * result.iterations + 4, (syncs, result.iterations)
+
+
+@pytest.mark.gpu
+def test_analyze_takes_cupy_arrays():
+    """CuPy arrays reach analyze through DLPack, on their device, without a copy, and give the torch tensors'
+    answer."""
+    cupy = pytest.importorskip("cupy")
+    import lorafft
+
+    g = torch.Generator().manual_seed(3)
+    W0, Wt = spectral_weight(300, 200, g), spectral_weight(300, 200, g)
+    mine = lorafft.analyze(cupy.asarray(W0.numpy()), cupy.asarray(Wt.numpy()), k=5,
+                           generator=torch.Generator().manual_seed(0))["left"]
+    theirs = lorafft.analyze(W0.cuda(), Wt.cuda(), k=5, generator=torch.Generator().manual_seed(0))["left"]
+    assert mine.max_cos.device.type == "cuda"
+    assert torch.equal(mine.max_cos, theirs.max_cos) and torch.equal(mine.counts, theirs.counts)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
+def test_truncated_svd_of_fp8_weights_with_their_scale(kind, backend):
+    """fp8 weights as stored plus their scale (read by the kernel as they are, dequantised once by torch) give the
+    certified top-k of the dequantised matrix, against fp64 LAPACK."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(11)
+    L, m, n = 2, 300, 260
+    W8 = (spectral_weight(m, n, g, L=L) * 100).to(torch.float8_e4m3fn)
+    scale = {"tensor": torch.rand(L, generator=g), "channel": torch.rand(L, m, generator=g),
+             "block": torch.rand(L, 3, 3, generator=g)}[kind] + 0.5
+    if kind == "tensor":
+        expanded = scale[:, None, None].expand(L, m, n)
+    elif kind == "channel":
+        expanded = scale[:, :, None].expand(L, m, n)
+    else:
+        expanded = torch.stack([torch.kron(s, torch.ones(128, 128))[:m, :n] for s in scale])
+    reference = W8.double() * expanded.double()
+    result = linalg.truncated_svd(W8, 10, scale=scale, generator=torch.Generator().manual_seed(0), backend=backend)
+    assert result.iterations > 0
+    check_truncated(result, reference, 10, rel=1e-5)

@@ -1,0 +1,24 @@
+"""The device check's CPU rehearsal (``benchmarks/gpu_check.py --quick``, under the Triton interpreter), so the
+script that gets one chance on a lent GPU cannot rot: every section runs and passes its correctness checks."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def test_quick_rehearsal_passes_and_writes_out(tmp_path):
+    assert gpu_check.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    sections = ("pytest", "correctness", "rates", "sketch", "cosine", "krylov", "layer", "scan")
+    assert all(report[name]["pass"] for name in sections), {n: report[n] for n in sections if not report[n]["pass"]}
+    assert len(report["correctness"]["relative_errors"]) == 2 * 12  # every dtype/scale/precision, both orientations
+    assert report["correctness"]["worst"] <= 1e-5
+    assert report["scan"]["lora"]["counts_and_argmax_equal"] and report["scan"]["full"]["counts_and_argmax_equal"]
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert log.count("PASS ") == len(sections)
