@@ -63,13 +63,18 @@ def trios(tmp_path_factory):
 
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch, trios):
-    """A Hub cache with acme/base (main = REV1 = trio a's base, REV2 = trio b's base) and acme/lora (trio a's
-    adapter naming acme/base), selected through HF_HUB_CACHE, offline. huggingface_hub reads its environment once,
-    at import, so the already imported module's constants are set as well (a subprocess reads the variables)."""
+    """A Hub cache with acme/base (main = REV1 = trio a's base, REV2 = trio b's base), acme/lora (trio a's adapter
+    naming acme/base) and acme/configs (a config.json, no weights), selected through HF_HUB_CACHE, offline.
+    huggingface_hub reads its environment once, at import, so the already imported module's constants are set as
+    well (a subprocess reads the variables)."""
     cache = tmp_path / "hub"
     _add_snapshot(cache, "acme/base", REV1, trios[0].base)
     _add_snapshot(cache, "acme/base", REV2, trios[1].base, ref=None)
     _add_snapshot(cache, "acme/lora", REV1, _adapter_naming(trios[0].lora, tmp_path / "lora-src", "acme/base"))
+    configs = tmp_path / "configs-only"  # as another program caches a repository it read only the config of
+    configs.mkdir()
+    shutil.copy(trios[0].base / "config.json", configs)
+    _add_snapshot(cache, "acme/configs", REV1, configs)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -151,6 +156,7 @@ def test_cli_reads_the_cache_named_by_hf_home(hub_cache, trios, tmp_path):
 @pytest.mark.parametrize("arguments, names", [
     (["acme/missing", "{lora}"], ["acme/missing", "HF_HUB_OFFLINE"]),
     (["acme/base", "{lora}", "--revision", "v9"], ["acme/base", "'v9'", "HF_HUB_OFFLINE"]),
+    (["acme/configs", "{lora}"], ["acme/configs", "weights are not in the Hugging Face Hub cache"]),
     (["{base}", "{lora}", "--revision", "v1"], ["revision", "no input is a Hugging Face Hub id"]),
     (["{full}"], ["{full}", "not a PEFT adapter", "give the base first"]),
 ])
@@ -166,7 +172,7 @@ def test_bad_ids_are_one_line(hub_cache, trios, tmp_path, capsys, arguments, nam
 @pytest.mark.parametrize("named, problem", [
     (None, "names no base model"),
     ("", "names no base model"),
-    ("acme/gone", "acme/gone: no such file or directory, and not in the Hugging Face Hub cache"),
+    ("acme/gone", "acme/gone: no such file or directory, and its weights are not in the Hugging Face Hub cache"),
     ("/nowhere/base", "/nowhere/base: no such file or directory"),
 ])
 def test_adapter_naming_no_usable_base(hub_cache, trios, tmp_path, capsys, named, problem):
@@ -191,3 +197,16 @@ def test_without_huggingface_hub_an_id_is_a_missing_path(hub_cache, trios, monke
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import huggingface_hub raises ImportError
     with pytest.raises(InputError, match=r"^acme/base: no such file or directory \(.*pip install 'lorafft\[hub\]'"):
         scan("acme/base", trios[0].lora)
+
+
+def test_online_id_not_cached_and_hub_unreachable(hub_cache, trios, tmp_path, monkeypatch, capsys):
+    """Online, an id that is not cached (or cached without weights: configs only) is downloaded; with the Hub at
+    an address that refuses connections (the loopback: nothing leaves the machine) that is one line, exit 2."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for repo_id, problem in (("acme/missing", "could not be downloaded"), ("acme/configs", "no weights")):
+        assert main(["scan", repo_id, str(trios[0].lora), "--quiet", "--out", str(tmp_path / "out.json")]) == 2
+        line = _error_line(capsys)
+        assert line.startswith(f"lorafft: error: {repo_id}: ") and problem in line, line
+    assert not (tmp_path / "out.json").exists()
+    assert _rows(_scan("acme/base", trios[0].lora)) == _rows(_scan(trios[0].base, trios[0].lora))  # cached: no call

@@ -13,6 +13,7 @@ A PEFT adapter records its base in ``adapter_config.json`` (``base_model_name_or
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from collections.abc import Mapping
@@ -23,9 +24,9 @@ from lorafft.io.adapter_files import ADAPTER_CONFIG, is_adapter
 from lorafft.io.jsonfile import CONFIG_BYTES, read_json_object
 from lorafft.io.torch_bin import STATE_DICT
 
+WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.*")  # a snapshot without any is not a scan's
 # what a scan reads from a repository: weights (safetensors or pytorch .bin, sharded or not), configs, adapter files
-HUB_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
-             "config.json", ADAPTER_CONFIG, "adapter_model.*")
+HUB_FILES = (*WEIGHTS, "*.safetensors.index.json", "pytorch_model*.bin.index.json", "config.json", ADAPTER_CONFIG)
 _ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # a plausible repo id; huggingface_hub validates it further
 _FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")  # a missing file, not an id
 INSTALL_HINT = "to read it as a Hugging Face Hub id, install huggingface_hub: pip install 'lorafft[hub]'"
@@ -78,8 +79,8 @@ def locate_inputs(base, tuned: list, *, revision: str | None = None) -> Located:
     ``tuned`` name in their ``adapter_config.json`` (all the same one).
 
     ``revision`` applies to every input found as a Hub id, the base an adapter names included (over the
-    ``revision`` its config records); InputError when no input is a Hub id, or when an adapter names no base or
-    another base than the others do.
+    ``revision`` its config records). InputError when ``revision`` is given and no input is a Hub id, when an
+    input without a base is not an adapter, and when an adapter names no base or another one than the others.
     """
     located = [locate(source, revision=revision) for source in tuned]
     paths, tuned_hub = [path for path, _ in located], [hub for _, hub in located]
@@ -109,8 +110,7 @@ def _looks_like_id(name: str) -> bool:
 def _snapshot(repo_id: str, revision: str | None) -> str:
     """The snapshot folder of ``repo_id`` at ``revision``: from the cache, else downloaded (:data:`HUB_FILES`)."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.utils import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                       RevisionNotFoundError, validate_repo_id)
+    from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError, validate_repo_id
 
     at = "" if revision is None else f" at revision {revision!r}"
     try:
@@ -118,12 +118,24 @@ def _snapshot(repo_id: str, revision: str | None) -> str:
     except HFValidationError:
         raise InputError(repo_id, "no such file or directory") from None
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES),
-                                                 local_files_only=True)
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES), local_files_only=True)
     except LocalEntryNotFoundError:
+        folder = None
+    if folder is None or not _has_weights(folder):  # not cached, or only its configs (by another program)
         if constants.HF_HUB_OFFLINE:
-            raise InputError(repo_id, f"no such file or directory, and not in the Hugging Face Hub cache{at} "
-                                      f"(HF_HUB_OFFLINE is set, so nothing is downloaded)") from None
+            raise InputError(repo_id, f"no such file or directory, and its weights are not in the Hugging Face Hub "
+                                      f"cache{at} (HF_HUB_OFFLINE is set, so nothing is downloaded)")
+        folder = _download(repo_id, revision, at)
+    if not _has_weights(folder):
+        raise InputError(repo_id, f"no weights lorafft reads ({', '.join(WEIGHTS)}) in its snapshot {folder}{at}")
+    return folder
+
+
+def _download(repo_id: str, revision: str | None, at: str) -> str:
+    """``snapshot_download`` of the files a scan reads; huggingface_hub's errors as one-line InputErrors."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
+
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES))
     except RevisionNotFoundError:
@@ -137,13 +149,19 @@ def _snapshot(repo_id: str, revision: str | None) -> str:
                                   f"could not be downloaded: {error}") from None
 
 
+def _has_weights(folder: str) -> bool:
+    """True if a cached snapshot holds weights (another program may have cached only a repository's configs)."""
+    return any(fnmatch.fnmatch(name, pattern) for name in os.listdir(folder) for pattern in WEIGHTS)
+
+
 def _named_base(adapters: list) -> tuple[str, str | None]:
     """``(base_model_name_or_path, revision)`` that every adapter directory in ``adapters`` names (the same)."""
     named = {}
     for path in adapters:
         if not is_adapter(path):
-            raise InputError(STATE_DICT if isinstance(path, Mapping) else path, "not a PEFT adapter directory, so it names no base: give the base first "
-                                   "(lorafft scan BASE TUNED)")
+            raise InputError(STATE_DICT if isinstance(path, Mapping) else path,
+                             "not a PEFT adapter directory, so it names no base: give the base first "
+                             "(lorafft scan BASE TUNED)")
         config = os.path.join(path, ADAPTER_CONFIG)
         data = read_json_object(config, max_bytes=CONFIG_BYTES)
         base = data.get("base_model_name_or_path")
