@@ -65,7 +65,7 @@ def test_plot_writes_the_worst_matrices_heatmaps(reports, tmp_path, capsys):
     worst = figures.worst_rows(reports["lora"], 0.5, 2, "left")
     heatmaps = [str(tmp_path / "lora" / f"similarity-{row.name}.png") for row in worst]
     assert written == [str(tmp_path / "lora" / name) for name in ("counts_vs_eps.png", "counts_vs_k.png",
-                                                                   "layer_bars.png")] + heatmaps
+                                                                   "layer_bars.png", "magnitude_direction.png")] + heatmaps
     for path in heatmaps:
         assert image.imread(path).shape[:2] == (560, 640)  # 6.4 × 5.6 in at the default 100 dpi
         assert red_pixels(path) > 500  # the one intruder's column is outlined
@@ -83,7 +83,8 @@ def test_plot_without_the_checkpoints_says_so_and_draws_the_rest(reports, tmp_pa
     gone = dataclasses.replace(report, inputs={**report.inputs, "base": str(tmp_path / "moved")})
     gone.to_json(tmp_path / "gone.json")
     status, written, err = plot([tmp_path / "gone.json", "--out", tmp_path / "figures", "--spectra", "1"], capsys)
-    assert status == 0 and len(written) == 4 and not any("similarity" in path for path in written)
+    assert status == 0 and len(written) == 5 and not any("similarity" in path for path in written)
+    assert str(tmp_path / "figures" / "magnitude_direction.png") in written
     (line,) = err.splitlines()
     assert line == f"lorafft: note: gone: no similarity heatmap or trajectory: checkpoint(s) not found: {tmp_path / 'moved'}"
     with pytest.raises(SystemExit):  # a bad count is a usage error
@@ -135,7 +136,7 @@ def test_report_methods_draw_what_the_plots_functions_draw(trio, reports, tmp_pa
     assert numpy.asarray(similarity_ax.images[0].get_array()).shape == (12, 12)
 
     lora.to_html(tmp_path / "lora.html", spectra=1)
-    assert (tmp_path / "lora.html").read_text(encoding="utf-8").count("data:image/png;base64,") == 3 + 1 + 1
+    assert (tmp_path / "lora.html").read_text(encoding="utf-8").count("data:image/png;base64,") == 3 + 1 + 1 + 1  # + ΔD vs ΔM
 
 
 def test_report_plot_trajectory(run):

@@ -141,8 +141,8 @@ def test_html_is_offline_and_complete(reports, tmp_path):
     write_html(report, path)
     text = path.read_text(encoding="utf-8")
     assert "http://" not in text and "https://" not in text
-    # 3 figures for the one side, 3 spectra, and the heatmap (the trio's checkpoints are on disk)
-    assert text.count("data:image/png;base64,") == 7
+    # 3 figures for the one side, ΔD vs ΔM, 3 spectra, and the heatmap (the trio's checkpoints are on disk)
+    assert text.count("data:image/png;base64,") == 8
     assert "<td>" + "</td><td>".join(str(report.totals()[str(e)]) for e in EPS) + "</td>" in text
     assert all(row.name in text for row in report.rows)
     assert "Skipped" in text and report.inputs["base"] in text
@@ -150,7 +150,7 @@ def test_html_is_offline_and_complete(reports, tmp_path):
     gone = dataclasses.replace(report, inputs={**report.inputs, "base": str(tmp_path / "moved")})
     write_html(gone, path)
     text = path.read_text(encoding="utf-8")
-    assert text.count("data:image/png;base64,") == 6 and "No similarity heatmap" in text
+    assert text.count("data:image/png;base64,") == 7 and "No similarity heatmap" in text
     write_html(report, path, figures=False)
     assert "data:image/png" not in path.read_text(encoding="utf-8")
 
@@ -166,8 +166,9 @@ def test_plot_command_writes_every_figure(reports, tmp_path, capsys):
     reports["lora"].to_json(report_path)
     assert commands.run_plot(parse(["plot", str(report_path), "--out", str(tmp_path / "figures")])) == 0
     written = capsys.readouterr().out.split()
-    # counts vs ε, vs k, layer bars, the spectra of the 3 worst matrices and (checkpoints on disk) the worst one's heatmap
-    assert len(written) == 3 + 3 + 1
+    # counts vs ε, vs k, layer bars, ΔD vs ΔM, the spectra of the 3 worst matrices and (checkpoints on disk) the
+    # worst one's heatmap
+    assert len(written) == 3 + 1 + 3 + 1 and str(tmp_path / "figures" / "magnitude_direction.png") in written
     (worst,) = figures.worst_rows(reports["lora"], 0.5, 1, "left")
     assert written[-1] == str(tmp_path / "figures" / f"similarity-{worst.name}.png")
     for name in written:
@@ -175,7 +176,7 @@ def test_plot_command_writes_every_figure(reports, tmp_path, capsys):
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
     assert commands.run_report(parse(["report", str(report_path), "--html", str(tmp_path / "r.html"), "--no-heatmap"])) == 0
-    assert (tmp_path / "r.html").read_text(encoding="utf-8").count("data:image/png;base64,") == 6
+    assert (tmp_path / "r.html").read_text(encoding="utf-8").count("data:image/png;base64,") == 7
 
 
 @pytest.mark.parametrize("content, problem", [
