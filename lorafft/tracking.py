@@ -1,0 +1,280 @@
+"""Intruder dimensions of a model while it trains: the scan's rows for the live weights, step after step.
+
+A :class:`Tracker` holds a torch module that is being trained: a PEFT LoRA model, whose base weights W0 are frozen
+in the model and whose updates ΔW = s·B·A are read from the live LoRA modules and kept factored (DoRA merged as
+PEFT merges it), or a plain model, whose weights at creation are snapshotted as W0. Each tracked matrix's complete
+base basis (the paper's x_i) is computed once at creation, or read from a ``lorafft cache build`` directory.
+:meth:`Tracker.step` then analyses the current weights exactly as :func:`lorafft.scan` analyses a saved checkpoint
+(same rows, same certificate), except that each matrix's block Krylov iteration starts from that matrix's top
+singular vectors at the previous tracked step (and the adapter's B columns): weights move little between steps,
+so the iteration certifies in fewer products. :meth:`Tracker.report` is a :class:`~lorafft.report.Report` with one
+checkpoint per tracked step (``"step N"``), drawn by ``lorafft plot`` like a scan of a run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import torch
+
+from lorafft import adapters, analysis, linalg, loading, pairing
+from lorafft.cache import BaseCache, batch_basis, cached_basis
+from lorafft.errors import InputError
+from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
+from lorafft.pairing import Pair
+from lorafft.report import MatrixRow, Report, eps_key, matrix_rows
+from lorafft.scan import _versions
+
+STEP_PREFIX = "step "  # a tracked step's checkpoint label in a report: "step 100"
+
+
+@dataclasses.dataclass
+class _Tracked:
+    """One tracked matrix: its report name, analysed shape ``[out, in]``, and where its weights live: a PEFT LoRA
+    layer (``layer``, with ``adapter``) or a plain model's parameter (``parameter``, with its snapshot W0)."""
+
+    name: str
+    shape: tuple[int, int]
+    stored: torch.Tensor  # W0 as stored in the model ([in, out] for a Conv1D): the cache fingerprint reads it
+    layer: torch.nn.Module | None = None
+    adapter: str | None = None
+    parameter: torch.nn.Parameter | None = None
+
+    def pair(self, device=None) -> Pair:
+        """The scan's view of this matrix now: a Pair whose adapter holds the live LoRA factors (on ``device``;
+        not copied when they are there already)."""
+        if self.layer is None:
+            return Pair(self.name, self.name, self.shape)
+        layer, adapter = self.layer, self.adapter
+        dora = layer.use_dora.get(adapter, False) if isinstance(getattr(layer, "use_dora", None), dict) else False
+        module = adapters.LoraModule(
+            base_name=self.name,
+            lora_A=layer.lora_A[adapter].weight.detach().to(device),
+            lora_B=layer.lora_B[adapter].weight.detach().to(device),
+            scaling=float(layer.scaling[adapter]),
+            fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)),
+            magnitude=layer.lora_magnitude_vector[adapter].weight.detach().to(device) if dora else None,
+            embedding=False,
+        )
+        return Pair(self.name, self.name, self.shape, module)
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Tracked matrices of one shape (a scan's batch), analysed together: ``W0 [L, m, n]`` in the analysed
+    orientation on the tracker's device, their base basis, and the left top vectors ``[L, m, k]`` of the last
+    tracked step."""
+
+    matrices: list[_Tracked]
+    W0: torch.Tensor
+    basis: linalg.BaseBasis
+    previous: torch.Tensor | None = None
+
+
+class Tracker:
+    """Follow the intruder dimensions (Shuttleworth et al. 2410.21228) of a model's weight matrices during training.
+
+    Args:
+        model: a PEFT model with LoRA adapters (one active adapter; its LoRA ``Linear``/``Conv1D`` layers are
+            tracked) or a plain torch module (its 2-D weights are tracked against a snapshot taken now).
+        k, eps, side, include, exclude: as in :func:`lorafft.scan` (regexes are searched in the report names).
+        device: where the base bases live and the analysis runs ("cpu", "cuda:0", ...); default the device of the
+            model's first tracked weight. Held there per matrix: W0 in fp32 and the smaller side's basis in fp32,
+            ``4 (m n + min(m, n)^2)`` bytes.
+        base_cache: a ``lorafft cache build`` directory of the base model: bases found there are read, not
+            computed, and matrices are named by the cache's names (as a scan against that base names them).
+        tol, seed: as in :func:`lorafft.scan`.
+        warm_start: start each step's iteration from the previous step's vectors (off: every step starts as a
+            scan does, from the base's top vectors and the B columns; for measuring what warm starts save).
+
+    Matrices are named as a scan of a saved adapter (or full checkpoint) names them: the base tensor's name in the
+    base checkpoint (``encoder.layer.0.attention.self.query.weight``), i.e. the model's own parameter name without
+    PEFT's ``base_model.model.`` and ``base_layer.``; with ``base_cache``, resolved to the cache's name.
+
+    Raises InputError when nothing is in scope, or when a plain model's weights cannot be snapshotted (on the meta
+    device, or partitioned away as DeepSpeed ZeRO-3 does).
+    """
+
+    def __init__(self, model: torch.nn.Module, k: int = 10, eps=analysis.DEFAULT_EPS, include=(), exclude=(),
+                 side: str = "left", device=None, base_cache=None, tol: float = 1e-5, seed: int = 0,
+                 warm_start: bool = True):
+        self.settings = ScanOptions(k=k, eps=eps, side=side, include=include, exclude=exclude, tol=tol, seed=seed,
+                                    base_cache=base_cache)  # validated as a scan's options are
+        self.sides, self.eps, self.warm_start = self.settings.sides, self.settings.eps, warm_start
+        reader = None if base_cache is None else BaseCache(base_cache)
+        scope = pairing.Scope(self.settings.include, self.settings.exclude)
+        names = None if reader is None else pairing.NameIndex(reader.entries)
+        lora = _lora_layers(model)
+        tracked = _lora_matrices(lora, scope, names) if lora else _snapshot_matrices(model, scope, names)
+        if not tracked:
+            raise InputError(type(model).__name__, "no weight matrix in scope to track" + (
+                "" if lora else " (no PEFT LoRA layers, and no 2-D weight admitted by include/exclude)"))
+        self.kind = "lora" if lora else "full"
+        self.base = f"{type(model).__name__} " + ("(PEFT base weights)" if lora else "(weights at tracker creation)")
+        self.device = torch.device(device) if device is not None else tracked[0].stored.device
+        self.options = {**self.settings.record(), "tracking": True}
+        self.batches = []
+        for group in pairing.shape_batches(tracked, DEFAULT_MAX_BATCH_BYTES):  # cut as a scan cuts its batches
+            pairs = [t.pair() for t in group]
+            W0 = torch.stack([loading.oriented(t.stored, p) for t, p in zip(group, pairs)]).to(self.device)
+            basis = _explicit(batch_basis(W0, [t.stored for t in group], [t.name for t in group], reader))
+            self.batches.append(_Batch(group, W0, basis))
+        self.rows: dict[int, list[MatrixRow]] = {}
+
+    def capture(self) -> list[tuple]:
+        """The tracked weights as they are now, copied, for :meth:`step` to analyse later (say, in another thread
+        while training goes on): per batch, the LoRA updates kept factored (``linalg.LowRank``, r (m + n) numbers
+        per matrix) or the dense tuned matrices (a plain model, DoRA), and the adapter's B columns."""
+        captured = []
+        with torch.no_grad():
+            for batch in self.batches:
+                pairs = [t.pair(self.device) for t in batch.matrices]
+                update, Wt = loading.adapter_update(pairs) if self.kind == "lora" else None, None  # stacked: copies
+                if update is None:
+                    Wt = torch.stack([_tuned(t, p, w0) for t, p, w0 in zip(batch.matrices, pairs, batch.W0)])
+                captured.append((pairs, update, Wt, loading.adapter_columns(pairs) if self.kind == "lora" else None))
+        return captured
+
+    def step(self, step: int, captured: list[tuple] | None = None) -> list[MatrixRow]:
+        """Analyse the weights as they are now (or as :meth:`capture` copied them) and keep the rows under
+        training step ``step``.
+
+        Returns the rows of a :func:`lorafft.scan` of the same weights (one per matrix and side, same fields and
+        certificate), with ``checkpoint`` holding ``step``; :meth:`report` renumbers them. Steps must be analysed
+        in training order for the warm starts to help (any order gives the same rows).
+        """
+        captured = self.capture() if captured is None else captured
+        rows = []
+        with torch.no_grad():
+            for index, (batch, entry) in enumerate(zip(self.batches, captured)):
+                rows.extend(self._analyse(batch, index, step, *entry))
+        self.rows[int(step)] = rows
+        return rows
+
+    def _analyse(self, batch: _Batch, index: int, step: int, pairs, update, Wt, B) -> list[MatrixRow]:
+        """One batch's rows at ``step``: the Krylov start is the previous step's top vectors, then the B columns."""
+        extra = [batch.previous if self.warm_start else None, B]
+        extra = [e.to(self.device, torch.float64) for e in extra if e is not None]
+        generator = torch.Generator().manual_seed(self.settings.seed + 7919 * index)  # as scan seeds its batches
+        Wt, update = None if Wt is None else Wt.to(self.device), None if update is None else update.to(self.device)
+        results = analysis.analyze(batch.W0, Wt, lora=update, k=self.settings.k, eps=self.eps,
+                                   sides=tuple(dict.fromkeys(("left", *self.sides))),
+                                   start=torch.cat(extra, dim=-1) if extra else None, tol=self.settings.tol,
+                                   generator=generator, basis=batch.basis)
+        batch.previous = results["left"].vectors
+        changes = analysis.magnitude_direction(batch.W0, Wt, lora=update)  # ΔM, ΔD: as a scan's rows have them
+        return matrix_rows(pairs, {side: results[side] for side in self.sides}, step, changes=changes)
+
+    def restore(self, rows: list[MatrixRow]) -> None:
+        """Keep rows tracked earlier (a resumed run's journal), ``checkpoint`` holding their step."""
+        for row in rows:
+            self.rows.setdefault(row.checkpoint, []).append(row)
+
+    def forget_after(self, step: int) -> None:
+        """Drop the rows of steps after ``step`` (a run resumed from that step tracks them again)."""
+        self.rows = {s: rows for s, rows in self.rows.items() if s <= step}
+
+    def report(self) -> Report:
+        """The trajectory: one checkpoint per tracked step, in step order (``inputs.tuned = ["step N", ...]``)."""
+        steps = sorted(self.rows)
+        rows = [dataclasses.replace(row, checkpoint=c) for c, s in enumerate(steps) for row in self.rows[s]]
+        inputs = {"base": self.base, "tuned": [f"{STEP_PREFIX}{s}" for s in steps],
+                  "tuned_kind": [self.kind] * len(steps)}
+        return Report(eps=self.eps, rows=rows, inputs=inputs, options=dict(self.options), versions=_versions(),
+                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def intruder_metrics(rows: list[MatrixRow], eps) -> dict[str, int]:
+    """Scalars for a training logger: ``intruders/eps=0.5`` (total over the rows) and ``intruders/eps=0.5/query``
+    per module type (the shortest suffix of the module path that tells it apart from the other tracked paths:
+    ``query``, ``attention.output.dense``); with both sides, ``intruders/left/eps=0.5`` and so on."""
+    short = _short_names({row.module for row in rows})
+    sides = {row.side for row in rows}
+    metrics = {}
+    for row in rows:
+        prefix = "intruders" if len(sides) == 1 else f"intruders/{row.side}"
+        for e in eps:
+            key = f"{prefix}/eps={eps_key(e)}"
+            for name in (key, f"{key}/{short[row.module]}"):
+                metrics[name] = metrics.get(name, 0) + row.counts[eps_key(e)]
+    return metrics
+
+
+def _short_names(paths: set[str]) -> dict[str, str]:
+    """Each module path's shortest dot-suffix that no other path shares at that length (else the whole path)."""
+    short = {}
+    for path in paths:
+        parts = path.split(".")
+        for length in range(1, len(parts) + 1):
+            suffix = parts[-length:]
+            if not any(other != path and other.split(".")[-length:] == suffix for other in paths):
+                break
+        short[path] = ".".join(suffix)
+    return short
+
+
+def _lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """PEFT LoRA layers (``lora_A``, ``scaling``, ``get_base_layer``) as ``(name without PEFT's prefix, layer)``."""
+    return [(name.removeprefix(adapters.BASE_PREFIX), module) for name, module in model.named_modules()
+            if hasattr(module, "lora_A") and hasattr(module, "scaling") and hasattr(module, "get_base_layer")]
+
+
+def _report_name(name: str, names: pairing.NameIndex | None) -> str:
+    """The base tensor name a scan would give: the model's, or the base cache's name for it when it has one."""
+    resolved = None if names is None else names.resolve(name)
+    return name if resolved is None else resolved
+
+
+def _lora_matrices(layers, scope: pairing.Scope, names) -> list[_Tracked]:
+    """The LoRA ``Linear``/``Conv1D`` layers in scope that hold the active adapter (embedding and convolution
+    LoRA layers, and quantized base weights, are not tracked). InputError for adapters merged into the base."""
+    tracked = []
+    for name, layer in layers:
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        weight = getattr(layer.get_base_layer(), "weight", None)
+        if not active or weight is None or weight.dim() != 2 or not weight.is_floating_point():
+            continue
+        if len(active) > 1:
+            raise InputError(name, f"LoRA layer has several active adapters ({', '.join(active)}); track one")
+        if getattr(layer, "merged", False):
+            raise InputError(name, "the LoRA update is merged into the base weight (merge_adapter()): unmerge it "
+                                   "to track, the base weight is the reference")
+        report_name = _report_name(name + ".weight", names)
+        if scope.admits(report_name):
+            A, B = layer.lora_A[active[0]].weight, layer.lora_B[active[0]].weight
+            tracked.append(_Tracked(report_name, (B.shape[0], A.shape[1]), weight.detach(), layer, active[0]))
+    return tracked
+
+
+def _snapshot_matrices(model: torch.nn.Module, scope: pairing.Scope, names) -> list[_Tracked]:
+    """Every 2-D floating weight in scope, its current value snapshotted (cloned) as W0, analysed as stored."""
+    tracked = []
+    for name, parameter in model.named_parameters():
+        report_name = _report_name(name, names)
+        if parameter.dim() != 2 or not parameter.is_floating_point() or not scope.admits(report_name):
+            continue
+        if parameter.is_meta or parameter.numel() == 0:
+            raise InputError(name, "the model has no PEFT LoRA adapters and this weight is not materialized here "
+                                   "(meta device, or partitioned as by DeepSpeed ZeRO-3): no base snapshot possible")
+        stored = parameter.detach().clone()
+        tracked.append(_Tracked(report_name, tuple(stored.shape), stored, parameter=parameter))
+    return tracked
+
+
+def _explicit(basis: linalg.BaseBasis) -> linalg.BaseBasis:
+    """The basis as a base cache holds it (:func:`lorafft.cache.cached_basis`): the small side's vectors explicit,
+    ``[L, s, s]`` fp32 (4 s^2 bytes per matrix instead of 16 s^2 for reflectors and eigenvectors in fp64; max|cos|
+    within 1.4e-8 of fp64, ``benchmarks/measure_claims.py``), so that every step's projection is one product."""
+    if basis.reflectors is None and basis.Z.dtype == torch.float32:
+        return basis
+    explicit = basis.top_vectors(basis.small_side, basis.sigma.shape[-1]).float()
+    return cached_basis(basis.W0, list(explicit), list(basis.sigma))
+
+
+def _tuned(tracked: _Tracked, pair: Pair, W0: torch.Tensor) -> torch.Tensor:
+    """The current tuned matrix, analysed orientation, fp32: a plain model's live weight, or a LoRA layer's
+    weight merged the way PEFT merges it (DoRA) onto ``W0``."""
+    if tracked.parameter is not None:
+        return tracked.parameter.detach().float().to(W0.device)
+    return loading.merged(pair, W0)
