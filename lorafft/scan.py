@@ -19,15 +19,17 @@ import torch
 from lorafft import analysis, distributed, io, linalg, loading, options, pairing
 from lorafft.cache import BaseCache, batch_basis
 from lorafft.errors import InputError
+from lorafft.io import hub
 from lorafft.journal import Journal, fingerprints, row_key
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
 from lorafft.report import MatrixRow, Report, matrix_rows
 
 
 def scan(
-    base,
-    tuned,
+    base=None,
+    tuned=None,
     *,
+    revision: str | None = None,
     k: int = 10,
     eps=options.DEFAULT_EPS,
     side: str = "left",
@@ -52,9 +54,15 @@ def scan(
     """Intruder analysis of every weight matrix a base and a fine-tuned checkpoint share.
 
     Args:
-        base: Hugging Face checkpoint directory, ``.safetensors``/``.bin`` file, shard index, or ``{name: tensor}``.
+        base: Hugging Face checkpoint directory, ``.safetensors``/``.bin`` file, shard index, ``{name: tensor}``, or
+            a Hugging Face Hub id (``org/name``; a local path of that name wins; :mod:`lorafft.io.hub`). None: the
+            base every PEFT adapter in ``tuned`` names (``base_model_name_or_path`` in its ``adapter_config.json``,
+            a path or a Hub id; ``inputs.base_from`` in the report says so).
         tuned: the same kinds, or a PEFT LoRA adapter directory (merged the way PEFT merges it); or a list of them
             (checkpoints along one training run: the base basis is computed once, rows carry ``checkpoint``).
+        revision: branch, tag or commit of every input given as a Hub id (default: ``main``). The report's
+            ``inputs.base``/``tuned`` are the local paths read (the Hub cache's snapshot folders for ids), and
+            ``inputs.hub`` records each id and its commit.
         k: tuned singular vectors per matrix (the paper: 10).
         eps: thresholds ε; a vector is an intruder at ε when its max |cos| < ε (the paper: 0.5; 0.5..0.9 sweeps).
         side: "left" (output space, the paper's choice), "right" or "both".
@@ -94,7 +102,7 @@ def scan(
     settings = ScanOptions(k=k, eps=eps, side=side, include=include, exclude=exclude, embeddings=embeddings,
                            strict=strict, split_fused=split_fused, delta_ranks=delta_ranks, tol=tol, seed=seed,
                            base_cache=base_cache, max_batch_bytes=max_batch_bytes)
-    tuned_list = list(tuned) if isinstance(tuned, (list, tuple)) else [tuned]
+    tuned_list = list(tuned) if isinstance(tuned, (list, tuple)) else [] if tuned is None else [tuned]
     if not tuned_list:
         raise InputError("tuned", "scan needs at least one tuned checkpoint")
     if resume and journal is None:
@@ -103,6 +111,8 @@ def scan(
     device = distributed.local_device() if device is None else torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device", f"{device} requested but CUDA is not available")
+    located = hub.locate_inputs(base, tuned_list, revision=revision)
+    base, tuned_list = located.base, located.tuned
     if settings.split_fused and any(io.is_adapter(source) for source in tuned_list):
         warnings.warn("split_fused ignored: a PEFT adapter is merged onto whole fused projections, so they are "
                       "analysed whole", stacklevel=2)
@@ -111,7 +121,7 @@ def scan(
     writer = None if write_base_cache is None else BaseCache(write_base_cache, writable=True)
     rank, size = distributed.world()
     with contextlib.ExitStack() as stack:
-        inputs = _Inputs.open(base, tuned_list, settings, stack)
+        inputs = _Inputs.open(base, tuned_list, settings, stack, located.record)
         batches = pairing.shape_batches(inputs.matrices, settings.max_batch_bytes, copies=1 + len(inputs.sources))
         owners = distributed.assign([_cost(batch) * len(inputs.sources) for batch in batches], size)
         if journal is not None and size > 1:
@@ -170,8 +180,10 @@ class _Inputs:
         return list(union.values())
 
     @classmethod
-    def open(cls, base, tuned_list: list, settings: ScanOptions, stack: contextlib.ExitStack) -> _Inputs:
-        """Open every input (closed with ``stack``) and pair it; every tuned input must pair the same matrices."""
+    def open(cls, base, tuned_list: list, settings: ScanOptions, stack: contextlib.ExitStack,
+             found: dict) -> _Inputs:
+        """Open every (located) input, closed with ``stack``, and pair it; ``found`` is how they were located
+        (:attr:`lorafft.io.hub.Located.record`), added to the report's ``inputs``."""
         scope = pairing.Scope(settings.include, settings.exclude, settings.embeddings)
         base_checkpoint = stack.enter_context(loading.open_base(base, split_fused=settings.split_fused))
         inputs = cls(base_checkpoint, [], [], [])
@@ -183,7 +195,8 @@ class _Inputs:
             inputs.pairs_by_source.append({pair.name: pair for pair in pairs})
             inputs.skipped.extend(dict(entry, checkpoint=len(inputs.sources) - 1) for entry in skipped)
         inputs.record = {"base": loading.describe(base), "tuned": [loading.describe(t) for t in tuned_list],
-                         "tuned_kind": ["lora" if isinstance(s, io.Adapter) else "full" for s in inputs.sources]}
+                         "tuned_kind": ["lora" if isinstance(s, io.Adapter) else "full" for s in inputs.sources],
+                         **found}
         return inputs
 
 

@@ -11,12 +11,18 @@ from lorafft.errors import InputError
 
 SCAN_EPILOG = """\
 BASE and TUNED: a Hugging Face checkpoint directory (model.safetensors, sharded with
-model.safetensors.index.json, pytorch_model.bin or its sharded index), a single .safetensors/.bin file;
+model.safetensors.index.json, pytorch_model.bin or its sharded index), a single .safetensors/.bin file,
+or a Hugging Face Hub id (org/name; a local path of that name always wins), read from the Hub cache
+(HF_HOME, HF_HUB_CACHE) or downloaded (weights, configs, adapter files only) unless HF_HUB_OFFLINE=1;
 TUNED may also be a PEFT adapter directory (adapter_config.json + adapter_model.safetensors/.bin).
+Positionals: BASE TUNED [TUNED ...]; when the first one is a PEFT adapter (or is the only one), every
+positional is a TUNED adapter and BASE is the base_model_name_or_path of their adapter_config.json.
 
 examples:
   lorafft scan ./llama-base ./my-finetune --out report.json
   lorafft scan ./base ./lora-adapter --eps 0.5 0.6 0.7 0.8 0.9 --side both --out report.csv
+  lorafft scan ./my-lora-adapter --out report.json       # the base its adapter_config.json names
+  lorafft scan meta-llama/Llama-3.2-1B ./my-lora-adapter --revision main
   lorafft scan ./base ./tuned --include 'layers\\.(0|1)\\.' --exclude 'mlp' --k 20
   lorafft scan ./base ./run/checkpoint-100 ./run/checkpoint-200 ./run/checkpoint-300 --out trajectory.json
   lorafft scan ./phi-3-base ./phi-3-finetune --split-fused --out report.json   # q, k, v, gate, up apart
@@ -27,11 +33,14 @@ def add_commands(subparsers) -> None:
     """Register ``scan`` and ``cache build`` on the ``lorafft`` command's subparsers; the parsed args carry ``run``."""
     scan = subparsers.add_parser("scan", help="compare a base checkpoint with a fine-tune or a LoRA adapter",
                                  description="Intruder-dimension scan of every weight matrix BASE and TUNED share.",
-                                 epilog=SCAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    scan.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
-    scan.add_argument("tuned", metavar="TUNED", nargs="+",
-                      help="fine-tuned checkpoint or PEFT adapter directory; several (checkpoints along one run) give "
-                           "one report with a checkpoint column, the base paid for once")
+                                 epilog=SCAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 usage="%(prog)s [BASE] TUNED [TUNED ...] [options]")
+    scan.add_argument("inputs", metavar="[BASE] TUNED", nargs="+",
+                      help="base checkpoint, then fine-tuned checkpoints or PEFT adapter directories (paths or Hub "
+                           "ids); several TUNED give one report with a checkpoint column, the base paid for once. "
+                           "Adapters alone (the first positional an adapter): their base is the one they name")
+    scan.add_argument("--revision", metavar="REV",
+                      help="branch, tag or commit of every input given as a Hub id (default: main)")
     scan.add_argument("--out", metavar="FILE", help="write the full report here: .json (schema in the README) or .csv")
     arguments.add_analysis(scan, several_eps=True)
     scan.add_argument("--side", choices=["left", "right", "both"], default="left",
@@ -93,6 +102,16 @@ def _journal(args) -> str | None:
     return None if journal is None else options.output_file(journal, suffixes=None)
 
 
+def _base_and_tuned(inputs: list[str], revision: str | None) -> tuple[str | None, list[str]]:
+    """``(BASE or None, [TUNED, ...])`` from the positionals: adapters alone (one positional, or a first one that is
+    a PEFT adapter, which cannot be a base) have no BASE; otherwise the first is BASE."""
+    from lorafft.io import hub, is_adapter
+
+    if len(inputs) == 1 or is_adapter(hub.locate(inputs[0], revision=revision)[0]):
+        return None, inputs
+    return inputs[0], inputs[1:]
+
+
 def run_scan(args) -> int:
     """``lorafft scan``: check the output paths, scan, print the summary (and where the report went)."""
     if args.out is not None:
@@ -102,7 +121,8 @@ def run_scan(args) -> int:
         options.output_directory(args.write_base_cache)
     from lorafft.scan import scan
 
-    report = scan(args.base, args.tuned if len(args.tuned) > 1 else args.tuned[0], k=args.k, eps=args.eps,
+    base, tuned = _base_and_tuned(args.inputs, args.revision)
+    report = scan(base, tuned if len(tuned) > 1 else tuned[0], revision=args.revision, k=args.k, eps=args.eps,
                   side=args.side, include=args.include, exclude=args.exclude, embeddings=args.embeddings,
                   strict=args.strict, split_fused=args.split_fused, delta_ranks=args.delta_ranks,
                   base_cache=args.base_cache, write_base_cache=args.write_base_cache, journal=journal,

@@ -1,0 +1,212 @@
+"""Hub ids and adapter-only scans (lorafft.io.hub), offline against a Hub cache laid out on disk.
+
+The cache is built as huggingface_hub lays it out (``models--ORG--NAME/blobs/<hash>``, ``snapshots/<commit>/<file>``
+links to the blobs, ``refs/main`` holding the commit), with ``HF_HUB_OFFLINE=1``: nothing reaches a network. A scan
+by ids must give exactly the rows of the scan of the same files by path (which the rest of the suite checks against
+fp64), and every bad input is one line, exit 2, nothing written.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pathlib
+
+import pytest
+
+from lorafft import synthetic
+from lorafft.cli import main
+from lorafft.errors import InputError
+from lorafft.scan import scan
+
+constants = pytest.importorskip("huggingface_hub.constants")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # this checkout, for the subprocess
+REV1, REV2 = "1" * 40, "2" * 40
+SMALL = dict(hidden=32, intermediate=48, layers=1, heads=2, kv_heads=1, vocab=64)
+
+
+def _add_snapshot(cache, repo_id: str, revision: str, folder, *, ref: str | None = "main"):
+    """Copy ``folder``'s files into ``cache`` as huggingface_hub stores a snapshot of ``repo_id`` at ``revision``."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for name in sorted(os.listdir(folder)):
+        data = (folder / name).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    if ref is not None:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(revision)
+
+
+def _adapter_naming(folder, destination, base_name):
+    """A copy of the adapter ``folder`` whose adapter_config.json names ``base_name`` as its base."""
+    shutil.copytree(folder, destination)
+    config = json.loads((destination / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_name
+    (destination / "adapter_config.json").write_text(json.dumps(config))
+    return destination
+
+
+@pytest.fixture(scope="module")
+def trios(tmp_path_factory):
+    """Two synthetic trios of one shape (seeds 0 and 1): the second base is 'another revision'."""
+    root = tmp_path_factory.mktemp("trios")
+    return synthetic.write_trio(root / "a", seed=0, **SMALL), synthetic.write_trio(root / "b", seed=1, **SMALL)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, trios):
+    """A Hub cache with acme/base (main = REV1 = trio a's base, REV2 = trio b's base), acme/lora (trio a's adapter
+    naming acme/base) and acme/configs (a config.json, no weights), selected through HF_HUB_CACHE, offline.
+    huggingface_hub reads its environment once, at import, so the already imported module's constants are set as
+    well (a subprocess reads the variables)."""
+    cache = tmp_path / "hub"
+    _add_snapshot(cache, "acme/base", REV1, trios[0].base)
+    _add_snapshot(cache, "acme/base", REV2, trios[1].base, ref=None)
+    _add_snapshot(cache, "acme/lora", REV1, _adapter_naming(trios[0].lora, tmp_path / "lora-src", "acme/base"))
+    configs = tmp_path / "configs-only"  # as another program caches a repository it read only the config of
+    configs.mkdir()
+    shutil.copy(trios[0].base / "config.json", configs)
+    _add_snapshot(cache, "acme/configs", REV1, configs)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local folder named acme/...
+    return cache
+
+
+def _rows(report) -> list:
+    return report.to_dict()["matrices"]
+
+
+def _scan(*args, **kwargs):
+    return scan(*args, k=4, eps=(0.5, 0.9), **kwargs)
+
+
+def _error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_ids_scan_as_their_paths(hub_cache, trios):
+    by_path = _scan(trios[0].base, trios[0].lora)
+    by_id = _scan("acme/base", "acme/lora")
+    assert _rows(by_id) == _rows(by_path) and by_path.rows
+    snapshot = hub_cache / "models--acme--base" / "snapshots" / REV1
+    assert by_id.inputs["base"] == str(snapshot)
+    assert by_id.inputs["hub"] == {"base": {"id": "acme/base", "revision": REV1},
+                                   "tuned": [{"id": "acme/lora", "revision": REV1}]}
+    assert list(by_path.inputs) == ["base", "tuned", "tuned_kind"]  # local paths: inputs as before
+
+
+def test_revision_picks_another_snapshot(hub_cache, trios):
+    other = _scan("acme/base", trios[0].lora, revision=REV2)
+    assert _rows(other) == _rows(_scan(trios[1].base, trios[0].lora))
+    assert _rows(other) != _rows(_scan("acme/base", trios[0].lora))
+    assert other.inputs["hub"] == {"base": {"id": "acme/base", "revision": REV2}}
+
+
+def test_local_path_wins_over_an_id(hub_cache, trios, tmp_path):
+    shutil.copytree(trios[1].base, tmp_path / "acme" / "base")  # cwd is tmp_path: ./acme/base exists
+    report = _scan("acme/base", trios[0].lora)
+    assert _rows(report) == _rows(_scan(trios[1].base, trios[0].lora))
+    assert "hub" not in report.inputs and report.inputs["base"] == "acme/base"
+
+
+def test_adapter_alone_scans_against_the_base_it_names(hub_cache, trios, tmp_path):
+    both = _scan("acme/base", "acme/lora")
+    alone = _scan(tuned="acme/lora")
+    assert _rows(alone) == _rows(both)
+    assert alone.inputs["base_from"] == "adapter_config.json" and alone.inputs["hub"] == both.inputs["hub"]
+    # a local adapter naming a local base, from the command line; two adapters naming the same base: one report
+    out = tmp_path / "alone.json"
+    assert main(["scan", str(trios[0].lora), str(trios[0].lora), "--k", "4", "--eps", "0.5", "0.9", "--quiet",
+                 "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    expected = _rows(_scan(trios[0].base, [trios[0].lora, trios[0].lora]))
+    assert saved["matrices"] == expected and saved["inputs"]["base"] == str(trios[0].base)
+
+
+def test_cli_reads_the_cache_named_by_hf_home(hub_cache, trios, tmp_path):
+    """A fresh process: huggingface_hub takes HF_HOME (cache in HF_HOME/hub) and HF_HUB_OFFLINE from the
+    environment, as it always does."""
+    home = tmp_path / "home"
+    shutil.copytree(hub_cache, home / "hub", symlinks=True)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    out = tmp_path / "ids.json"
+    done = subprocess.run([sys.executable, "-m", "lorafft", "scan", "acme/lora", "--k", "4", "--eps", "0.5", "0.9",
+                           "--quiet", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    saved = json.loads(out.read_text())
+    assert saved["matrices"] == _rows(_scan(trios[0].base, trios[0].lora))
+    assert saved["inputs"]["hub"]["base"] == {"id": "acme/base", "revision": REV1}
+
+
+@pytest.mark.parametrize("arguments, names", [
+    (["acme/missing", "{lora}"], ["acme/missing", "HF_HUB_OFFLINE"]),
+    (["acme/base", "{lora}", "--revision", "v9"], ["acme/base", "'v9'", "HF_HUB_OFFLINE"]),
+    (["acme/configs", "{lora}"], ["acme/configs", "weights are not in the Hugging Face Hub cache"]),
+    (["{base}", "{lora}", "--revision", "v1"], ["revision", "no input is a Hugging Face Hub id"]),
+    (["{full}"], ["{full}", "not a PEFT adapter", "give the base first"]),
+])
+def test_bad_ids_are_one_line(hub_cache, trios, tmp_path, capsys, arguments, names):
+    paths = {"base": trios[0].base, "lora": trios[0].lora, "full": trios[0].full}
+    out = tmp_path / "out.json"
+    assert main(["scan", *(a.format(**paths) for a in arguments), "--quiet", "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert all(name.format(**paths) in line for name in names), line
+    assert not out.exists() and not (tmp_path / "out.json.journal").exists()
+
+
+@pytest.mark.parametrize("named, problem", [
+    (None, "names no base model"),
+    ("", "names no base model"),
+    ("acme/gone", "acme/gone: no such file or directory, and its weights are not in the Hugging Face Hub cache"),
+    ("/nowhere/base", "/nowhere/base: no such file or directory"),
+])
+def test_adapter_naming_no_usable_base(hub_cache, trios, tmp_path, capsys, named, problem):
+    adapter = _adapter_naming(trios[0].lora, tmp_path / "adapter", named)
+    out = tmp_path / "out.json"
+    assert main(["scan", str(adapter), "--quiet", "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"lorafft: error: {adapter / 'adapter_config.json'}: ") and problem in line, line
+    assert not out.exists()
+
+
+def test_adapters_naming_different_bases(hub_cache, trios, tmp_path, capsys):
+    first = _adapter_naming(trios[0].lora, tmp_path / "a1", str(trios[0].base))
+    second = _adapter_naming(trios[0].lora, tmp_path / "a2", str(trios[1].base))
+    assert main(["scan", str(first), str(second), "--quiet", "--out", str(tmp_path / "out.json")]) == 2
+    line = _error_line(capsys)
+    assert "the adapters name different bases" in line and str(trios[1].base) in line
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_without_huggingface_hub_an_id_is_a_missing_path(hub_cache, trios, monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import huggingface_hub raises ImportError
+    with pytest.raises(InputError, match=r"^acme/base: no such file or directory \(.*pip install 'lorafft\[hub\]'"):
+        scan("acme/base", trios[0].lora)
+
+
+def test_online_id_not_cached_and_hub_unreachable(hub_cache, trios, tmp_path, monkeypatch, capsys):
+    """Online, an id that is not cached (or cached without weights: configs only) is downloaded; with the Hub at
+    an address that refuses connections (the loopback: nothing leaves the machine) that is one line, exit 2."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for repo_id, problem in (("acme/missing", "could not be downloaded"), ("acme/configs", "no weights")):
+        assert main(["scan", repo_id, str(trios[0].lora), "--quiet", "--out", str(tmp_path / "out.json")]) == 2
+        line = _error_line(capsys)
+        assert line.startswith(f"lorafft: error: {repo_id}: ") and problem in line, line
+    assert not (tmp_path / "out.json").exists()
+    assert _rows(_scan("acme/base", trios[0].lora)) == _rows(_scan(trios[0].base, trios[0].lora))  # cached: no call
