@@ -4,7 +4,8 @@ Three levels of API (Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion
 
 * :func:`scan` — checkpoints (or state dicts, or a PEFT adapter) in, a :class:`Report` out;
 * :func:`analyze` — the intruder analysis on tensors you hold: one pair ``[m, n]`` or stacks ``[L, m, n]``;
-* :mod:`lorafft.linalg` — the batched primitives: exact base basis, certified truncated SVD, max |cos|.
+* :mod:`lorafft.linalg` — the batched primitives: exact base basis, certified truncated SVD, max |cos|;
+* :class:`Tracker` — the scan's rows for a model while it trains (:mod:`lorafft.tracking`).
 
 The names above are imported on first use (PEP 562), so ``import lorafft`` and ``lorafft --help`` do not load torch.
 """
@@ -16,9 +17,9 @@ import types
 __version__ = "0.1.0"
 
 _LAZY = {"analyze": "lorafft.analysis", "InputError": "lorafft.errors", "Report": "lorafft.report",
-         "scan": "lorafft.scan"}
+         "scan": "lorafft.scan", "Tracker": "lorafft.tracking"}
 
-__all__ = ["InputError", "Report", "analyze", "scan", "__version__"]
+__all__ = ["InputError", "Report", "Tracker", "analyze", "scan", "__version__"]
 
 
 def __getattr__(name: str):
