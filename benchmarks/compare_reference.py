@@ -73,7 +73,8 @@ def pairs(shape, generator):
     m, n = shape
     W0 = synthetic.random_weight(m, n, generator=generator)
     full = W0 + synthetic.full_finetune_update(W0, generator=generator)
-    A, B = synthetic.lora_update(m, n, 1, generator=generator, lora_alpha=2.0, sigma=synthetic.LORA_SIGMA * synthetic.SIGMA1)
+    A, B = synthetic.lora_update(m, n, 1, generator=generator, lora_alpha=2.0,
+                                 sigma=synthetic.LORA_SIGMA * synthetic.SIGMA1)
     lora = W0 + 2.0 * B @ A
     return W0, {"full": full, "lora": lora}
 

@@ -17,7 +17,8 @@ SHAPES = [(1024, 1024), (1024, 2752), (2752, 1024)]
 def pair(request):
     generator = torch.Generator().manual_seed(0)
     W0 = synthetic.random_weight(*request.param, generator=generator)
-    A, B = synthetic.lora_update(*request.param, 1, generator=generator, lora_alpha=2.0, sigma=synthetic.LORA_SIGMA * synthetic.SIGMA1)
+    A, B = synthetic.lora_update(*request.param, 1, generator=generator, lora_alpha=2.0,
+                                 sigma=synthetic.LORA_SIGMA * synthetic.SIGMA1)
     return W0.unsqueeze(0), (W0 + 2.0 * B @ A).unsqueeze(0)
 
 

@@ -14,4 +14,5 @@ def as_tensor(value) -> torch.Tensor:
         return value
     if hasattr(value, "__dlpack__"):
         return torch.from_dlpack(value)
-    raise TypeError(f"expected a torch tensor or an array with __dlpack__ (CuPy, NumPy, JAX), got {type(value).__name__}")
+    raise TypeError(f"expected a torch tensor or an array with __dlpack__ (CuPy, NumPy, JAX), "
+                    f"got {type(value).__name__}")

@@ -211,7 +211,8 @@ def intervene(
                                      device=device, native=linalg.resolve_backend(device, backend) == "triton")
         finder = _EditFinder(settings, lam, which, reader, backend)
         edits, matrices = finder.find(loader, pairing.shape_batches(pairs, settings.max_batch_bytes), progress)
-        views = [] if is_adapter else [e.pair.tuned_name for e in edits.values() if tuned_checkpoint.is_view(e.pair.tuned_name)]
+        views = [] if is_adapter else [e.pair.tuned_name for e in edits.values()
+                                       if tuned_checkpoint.is_view(e.pair.tuned_name)]
         if views:
             raise InputError(tuned_checkpoint.file_of(views[0]), f"intervene cannot rewrite '{views[0]}': it is "
                                                                  "stored FP8-quantized or stacked per expert")

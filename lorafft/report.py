@@ -98,7 +98,8 @@ class Report:
 
     def totals(self, side: str | None = None, checkpoint: int | None = None) -> dict[str, int]:
         """Intruder count per ε summed over rows (of one side and/or one checkpoint, or all rows)."""
-        rows = [r for r in self.rows if (side is None or r.side == side) and (checkpoint is None or r.checkpoint == checkpoint)]
+        rows = [r for r in self.rows
+                if (side is None or r.side == side) and (checkpoint is None or r.checkpoint == checkpoint)]
         return {eps_key(e): sum(r.counts[eps_key(e)] for r in rows) for e in self.eps}
 
     def to_dict(self) -> dict:
@@ -187,7 +188,8 @@ class Report:
         return buffer.getvalue()
 
     def to_pandas(self):
-        """A ``pandas.DataFrame`` of :meth:`flat_rows` (pandas is an optional extra: ``pip install lorafft[pandas]``)."""
+        """A ``pandas.DataFrame`` of :meth:`flat_rows` (pandas is an optional extra:
+        ``pip install lorafft[pandas]``)."""
         try:
             import pandas
         except ImportError as e:
@@ -209,9 +211,11 @@ class Report:
                  f"side {'+'.join(sides)}"]
         floors = sorted({round(r.random_floor, 4) for r in self.rows})
         if floors:
-            lines.append(f"random-direction floor 1/sqrt(d): {floors[0]:g}" + (f" .. {floors[-1]:g}" if len(floors) > 1 else ""))
+            upper = f" .. {floors[-1]:g}" if len(floors) > 1 else ""
+            lines.append(f"random-direction floor 1/sqrt(d): {floors[0]:g}{upper}")
         if len(self.checkpoints) == 1:
-            lines.append("intruders (max|cos| < ε):  " + "  ".join(f"ε={key}: {count}" for key, count in self.totals().items()))
+            counts = "  ".join(f"ε={key}: {count}" for key, count in self.totals().items())
+            lines.append(f"intruders (max|cos| < ε):  {counts}")
         else:
             lines.append("intruders (max|cos| < ε) per checkpoint:")
             for index, label in enumerate(self.checkpoints):
@@ -224,7 +228,8 @@ class Report:
             lines.append(f"most intruders at ε={keys[0]}:")
             width = max(len(r.name) for r in ranked)
             for r in ranked:
-                lines.append(f"  {r.name:<{width}}  {r.side:<5}  {r.counts[keys[0]]:>3}/{r.k}  min max|cos| {min(r.max_cos):.3f}")
+                lines.append(f"  {r.name:<{width}}  {r.side:<5}  {r.counts[keys[0]]:>3}/{r.k}  "
+                             f"min max|cos| {min(r.max_cos):.3f}")
         if self.skipped:
             lines.append(f"{len(self.skipped)} skipped (see 'skipped' in the report)")
         return "\n".join(lines)
@@ -327,7 +332,8 @@ class Report:
         return plot_magnitude_direction(self, ax=ax)
 
     def to_html(self, path, **options) -> None:
-        """Write one offline HTML page: tables, every figure and the worst matrix's heatmap (lorafft.plots.write_html)."""
+        """Write one offline HTML page: tables, every figure and the worst matrix's heatmap
+        (:func:`lorafft.plots.write_html`)."""
         from lorafft.plots.html import write_html
 
         write_html(self, path, **options)

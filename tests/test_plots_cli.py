@@ -60,12 +60,13 @@ def test_plot_writes_the_worst_matrices_heatmaps(reports, tmp_path, capsys):
     for kind, report in reports.items():
         paths[kind] = tmp_path / f"{kind}.json"
         report.to_json(paths[kind])
-    status, written, err = plot([paths["lora"], "--out", tmp_path / "lora", "--spectra", "0", "--heatmaps", "2"], capsys)
+    status, written, err = plot([paths["lora"], "--out", tmp_path / "lora", "--spectra", "0", "--heatmaps", "2"],
+                                capsys)
     assert status == 0 and not err
     worst = figures.worst_rows(reports["lora"], 0.5, 2, "left")
     heatmaps = [str(tmp_path / "lora" / f"similarity-{row.name}.png") for row in worst]
-    assert written == [str(tmp_path / "lora" / name) for name in ("counts_vs_eps.png", "counts_vs_k.png",
-                                                                   "layer_bars.png", "magnitude_direction.png")] + heatmaps
+    drawn = ("counts_vs_eps.png", "counts_vs_k.png", "layer_bars.png", "magnitude_direction.png")
+    assert written == [str(tmp_path / "lora" / name) for name in drawn] + heatmaps
     for path in heatmaps:
         assert image.imread(path).shape[:2] == (560, 640)  # 6.4 × 5.6 in at the default 100 dpi
         assert red_pixels(path) > 500  # the one intruder's column is outlined
@@ -86,7 +87,8 @@ def test_plot_without_the_checkpoints_says_so_and_draws_the_rest(reports, tmp_pa
     assert status == 0 and len(written) == 5 and not any("similarity" in path for path in written)
     assert str(tmp_path / "figures" / "magnitude_direction.png") in written
     (line,) = err.splitlines()
-    assert line == f"lorafft: note: gone: no similarity heatmap or trajectory: checkpoint(s) not found: {tmp_path / 'moved'}"
+    assert line == ("lorafft: note: gone: no similarity heatmap or trajectory: checkpoint(s) not found: "
+                    f"{tmp_path / 'moved'}")
     with pytest.raises(SystemExit):  # a bad count is a usage error
         cli.main(["plot", str(tmp_path / "gone.json"), "--out", str(tmp_path), "--heatmap-size", "0"])
 
@@ -136,7 +138,8 @@ def test_report_methods_draw_what_the_plots_functions_draw(trio, reports, tmp_pa
     assert numpy.asarray(similarity_ax.images[0].get_array()).shape == (12, 12)
 
     lora.to_html(tmp_path / "lora.html", spectra=1)
-    assert (tmp_path / "lora.html").read_text(encoding="utf-8").count("data:image/png;base64,") == 3 + 1 + 1 + 1  # + ΔD vs ΔM
+    page = (tmp_path / "lora.html").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 3 + 1 + 1 + 1  # + ΔD vs ΔM
 
 
 def test_report_plot_trajectory(run):

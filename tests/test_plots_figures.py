@@ -22,7 +22,8 @@ EPS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 @pytest.fixture(scope="module")
 def reports(trio):
-    return {"full": lorafft.scan(trio.base, trio.full, k=10, eps=EPS), "lora": lorafft.scan(trio.base, trio.lora, k=10, eps=EPS)}
+    return {"full": lorafft.scan(trio.base, trio.full, k=10, eps=EPS),
+            "lora": lorafft.scan(trio.base, trio.lora, k=10, eps=EPS)}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,8 @@ def test_plot_command_writes_every_figure(reports, tmp_path, capsys):
         with open(name, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    assert commands.run_report(parse(["report", str(report_path), "--html", str(tmp_path / "r.html"), "--no-heatmap"])) == 0
+    html = ["report", str(report_path), "--html", str(tmp_path / "r.html"), "--no-heatmap"]
+    assert commands.run_report(parse(html)) == 0
     assert (tmp_path / "r.html").read_text(encoding="utf-8").count("data:image/png;base64,") == 7
 
 
@@ -210,5 +212,6 @@ def test_cli_exit_status(reports, tmp_path, capsys):
 
 def test_matplotlib_is_not_imported_with_lorafft():
     code = "import sys, lorafft, lorafft.cli, lorafft.plots, lorafft.cli.plot; print('matplotlib' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
 

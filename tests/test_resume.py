@@ -1,4 +1,4 @@
-"""Never lose work: a scan killed with SIGKILL mid-way resumes from its journal to the report of an uninterrupted run."""
+"""Never lose work: a scan killed with SIGKILL mid-way resumes from its journal to an uninterrupted run's report."""
 
 import json
 import os

@@ -48,7 +48,8 @@ def _check_rows(report, base, tuned, eps):
     for row in report.rows:
         reference, St = _oracle(base[row.name], tuned[row.name], row.k, row.side)
         assert row.singular_values == pytest.approx(St[: row.k].tolist(), rel=1e-5)
-        gaps = torch.minimum((St[: row.k] - St[1 : row.k + 1]).abs(), (St[: row.k] - torch.cat([St[:1] * 2, St[: row.k - 1]])).abs())
+        gaps = torch.minimum((St[: row.k] - St[1 : row.k + 1]).abs(),
+                             (St[: row.k] - torch.cat([St[:1] * 2, St[: row.k - 1]])).abs())
         separated = gaps > 1e-3 * St[0]
         error = (torch.tensor(row.max_cos, dtype=torch.float64) - reference).abs()
         assert error[separated].max() < 1e-4, row.name
@@ -82,7 +83,8 @@ def test_scan_lora_adapter_matches_fp64_and_finds_intruders(trio):
 
 def test_scan_state_dicts_with_prefixes_filters_and_shape_mismatch():
     generator = torch.Generator().manual_seed(3)
-    base = {f"model.layers.{i}.{m}.weight": torch.randn(40, 30, generator=generator) for i in range(2) for m in ("q", "k")}
+    base = {f"model.layers.{i}.{m}.weight": torch.randn(40, 30, generator=generator)
+            for i in range(2) for m in ("q", "k")}
     base["model.embed_tokens.weight"] = torch.randn(50, 30, generator=generator)
     base["model.norm.weight"] = torch.ones(30)
     tuned = {"base_model.model." + n: t + 0.01 * torch.randn(t.shape, generator=generator) for n, t in base.items()}
@@ -129,7 +131,8 @@ def test_trajectory_scan_pays_for_the_base_once_and_matches_single_scans(trio, m
     monkeypatch.setattr(linalg, "base_basis", lambda W0, **kw: calls.append(W0.shape) or original(W0, **kw))
     include = [r"layers\.1\.mlp"]
     both = lorafft.scan(trio.base, [trio.full, trio.lora], include=include)
-    assert len(calls) == len(lorafft.pairing.group_by_shape([r for r in both.rows if r.checkpoint == 0], lambda r: r.shape))
+    first = [r for r in both.rows if r.checkpoint == 0]
+    assert len(calls) == len(lorafft.pairing.group_by_shape(first, lambda r: r.shape))
     monkeypatch.setattr(linalg, "base_basis", original)
     assert both.checkpoints == [str(trio.full), str(trio.lora)]
     for checkpoint, tuned in enumerate((trio.full, trio.lora)):
@@ -162,7 +165,8 @@ def test_random_reference_matches_the_floor_and_a_direct_simulation(trio):
     row = lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn\.q_proj"]).rows[0]
     d = row.shape[0]
     assert row.random_floor == pytest.approx(d**-0.5)
-    assert row.random_floor < row.random_reference["p5"] < row.random_reference["p50"] < row.random_reference["p99"] < 0.5
+    reference = row.random_reference
+    assert row.random_floor < reference["p5"] < reference["p50"] < reference["p99"] < 0.5
     generator = torch.Generator().manual_seed(123)
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
     y = torch.randn(d, 4000, generator=generator, dtype=torch.float64)

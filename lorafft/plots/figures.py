@@ -112,7 +112,8 @@ def plot_counts_vs_eps(reports, side: str = "left", eps_grid=None, *, ax=None):
             curve_label = label if label is not None else checkpoint_label(report, checkpoint)
             if count > 1:
                 curve_label = " ".join(filter(None, (label, f"[{checkpoint}]", checkpoint_label(report, checkpoint))))
-            ax.plot(grid, [sum(intruders(r, e) for r in rows) for e in grid], marker="o", markersize=3, label=curve_label)
+            counts = [sum(intruders(r, e) for r in rows) for e in grid]
+            ax.plot(grid, counts, marker="o", markersize=3, label=curve_label)
     floor = statistics.median(floors)
     ax.axvline(floor, linestyle="--", color="grey", label=f"random floor 1/√d (median {floor:.3g})")
     ax.set_xlabel("threshold ε (intruder: max |cos| to every base singular vector < ε)")
@@ -133,7 +134,8 @@ def plot_checkpoint_totals(report, side: str = "left", eps=None, *, ax=None):
     figure, ax = new_axes(ax, size=(max(6.4, 0.9 * len(report.checkpoints) * len(eps) ** 0.5 + 3), 4.2))
     width = 0.8 / len(eps)
     for index, (threshold, heights) in enumerate(zip(eps, totals)):
-        ax.bar([c + (index - (len(eps) - 1) / 2) * width for c in checkpoints], heights, width, label=f"ε = {threshold:g}")
+        positions = [c + (index - (len(eps) - 1) / 2) * width for c in checkpoints]
+        ax.bar(positions, heights, width, label=f"ε = {threshold:g}")
     ax.set_xticks(list(checkpoints), [checkpoint_label(report, c) for c in checkpoints], rotation=30, ha="right",
                   fontsize="small")
     ax.set_ylabel("intruder dimensions (sum over the input's matrices)")

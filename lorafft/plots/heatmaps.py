@@ -26,7 +26,8 @@ from lorafft.plots.figures import new_axes
 CELL_TEXT_MAX = 12  # heatmaps up to this size print each |cos| in its cell
 
 
-def load_weights(base, tuned: list, name: str, *, split_fused: bool = False) -> tuple[str, torch.Tensor, list[torch.Tensor]]:
+def load_weights(base, tuned: list, name: str, *,
+                 split_fused: bool = False) -> tuple[str, torch.Tensor, list[torch.Tensor]]:
     """``(base name, W0, [Wt, ...])``: the matrix ``name`` of the base and of each tuned input, as :func:`lorafft.scan`
     pairs and merges it.
 

@@ -55,7 +55,8 @@ def _png(figure) -> str:
 
 
 def _figure(figure, caption: str) -> str:
-    return f'<figure><img src="{_png(figure)}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption></figure>\n'
+    return (f'<figure><img src="{_png(figure)}" alt="{escape(caption)}">'
+            f'<figcaption>{escape(caption)}</figcaption></figure>\n')
 
 
 def _bound(row) -> str:
