@@ -126,13 +126,12 @@ class LoadedBatch:
 
 def native_stack(read: list[tuple[torch.Tensor, torch.Tensor | None]],
                  pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(Wt [L, m, n], scale | None)`` from tensors read as stored (``Checkpoint.get_stored``) for the Triton
-    kernels: float8 weights as stored with their scales stacked (``[L]``, ``[L, m]`` or ``[L, mb, nb]``) when every
-    one has a scale of one layout and none is transposed; otherwise each dequantised (fp32) and ``oriented``, and
-    fp16/bf16 as stored."""
+    """``(Wt [L, m, n], scale | None)`` from a full fine-tune's tensors read as stored (``Checkpoint.get_stored``;
+    never transposed: only adapter pairs are) for the Triton kernels: float8 weights as stored with their scales
+    stacked (``[L]``, ``[L, m]`` or ``[L, mb, nb]``) when every one has a scale of one layout; otherwise each
+    dequantised (fp32) for this batch, and fp16/bf16 as stored."""
     scales = [scale for _, scale in read]
-    if (all(scale is not None for scale in scales) and len({scale.shape for scale in scales}) == 1
-            and not any(pair.transposed for pair in pairs)):
+    if all(scale is not None for scale in scales) and len({scale.shape for scale in scales}) == 1:
         return stack([tensor for tensor, _ in read]), stack(scales)
     schemes = ("tensor", "channel", "block")  # by the scale's dimension, as get_stored lays it out
     return stack([oriented(tensor if scale is None else io.fp8.dequantize(tensor, scale, schemes[scale.dim()]), pair,
@@ -172,12 +171,16 @@ class BatchLoader:
         device: where loaded stacks go.
         native: keep fp16/bf16 weights as stored (the Triton kernels read them), else fp32.
         factored: keep LoRA updates factored (:func:`adapter_update`); False merges every adapter module.
+        fp8_stored: with ``native``, keep a full fine-tune's FP8 weights float8 as stored and hand their scales in
+            :attr:`LoadedBatch.scales` (the consumer passes them on as ``scale=``); else they are dequantised.
     """
 
     def __init__(self, base: io.Checkpoint, sources: list, pairs_by_source: list[dict[str, Pair]], *,
-                 device: torch.device | str = "cpu", native: bool = False, factored: bool = True):
+                 device: torch.device | str = "cpu", native: bool = False, factored: bool = True,
+                 fp8_stored: bool = False):
         self.base, self.sources, self.pairs_by_source = base, sources, pairs_by_source
         self.device, self.native, self.factored = torch.device(device), native, factored
+        self.fp8_stored = native and fp8_stored
 
     def batches(self, batches: list[list[Pair]]) -> Iterator[tuple[int, LoadedBatch]]:
         """``(position, LoadedBatch)`` for each batch in order, read ahead by one thread, on the device."""
@@ -208,7 +211,7 @@ class BatchLoader:
             here = [pairs[batch[index].name] for index in rows]
             update = adapter_update(here) if self.factored and here else None
             scale = None
-            if update is None and here and self.native and all(pair.adapter is None for pair in here):
+            if update is None and here and self.fp8_stored and all(pair.adapter is None for pair in here):
                 update, scale = native_stack([source.get_stored(pair.tuned_name) for pair in here], here)
             elif update is None and here:
                 update = stack([merged(pair, W0[index]) if pair.adapter is not None

@@ -268,7 +268,7 @@ class _Run:
                 to_compute.append(index)
         native = linalg.resolve_backend(self.device, self.backend) == "triton"
         loader = loading.BatchLoader(inputs.base, inputs.sources, inputs.pairs_by_source, device=self.device,
-                                     native=native)
+                                     native=native, fp8_stored=True)
         total = sum(pair.name in pairs for index in to_compute for pairs in inputs.pairs_by_source
                     for pair in batches[index])
         with tqdm(total=total, unit="matrix", disable=not progress, desc="lorafft scan") as bar:

@@ -106,11 +106,12 @@ def run_scan(args) -> int:
         options.output_directory(args.write_base_cache)
     from lorafft.scan import scan
 
+    max_batch_bytes = None if args.max_batch_bytes is None else int(args.max_batch_bytes * 2**30)
     report = scan(args.base, args.tuned if len(args.tuned) > 1 else args.tuned[0], k=args.k, eps=args.eps,
                   side=args.side, include=args.include, exclude=args.exclude, embeddings=args.embeddings,
                   strict=args.strict, split_fused=args.split_fused, delta_ranks=args.delta_ranks,
                   base_cache=args.base_cache, write_base_cache=args.write_base_cache, journal=journal,
-                  resume=args.resume, out=args.out, max_batch_bytes=None if args.max_batch_bytes is None else int(args.max_batch_bytes * 2**30), tol=args.tol,
+                  resume=args.resume, out=args.out, max_batch_bytes=max_batch_bytes, tol=args.tol,
                   seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
     if report is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
