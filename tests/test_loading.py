@@ -12,7 +12,7 @@ import lorafft
 from lorafft import io, loading, pairing
 from lorafft.cli import main
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES
-from lorafft.scan import BUDGET_FRACTION, BUDGET_ITERATIONS, device_batch_bytes
+from lorafft.scan import BUDGET_FRACTION, BUDGET_ITERATIONS, _recorded_budget, device_batch_bytes
 
 from fixtures import checkpoints
 from test_fp8_moe import reference_dequantize
@@ -156,6 +156,18 @@ def test_cpu_default_budget_is_recorded(trio):
     """On the CPU the default stays ``DEFAULT_MAX_BATCH_BYTES`` exactly, as the report records."""
     report = lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn\.k_proj"], device="cpu")
     assert report.options["max_batch_bytes"] == DEFAULT_MAX_BATCH_BYTES
+
+
+def test_resume_reads_the_journals_budget(trio, tmp_path):
+    """A resumed GPU scan cuts the batches its journal's scan cut: the recorded ``max_batch_bytes`` is read back
+    from the journal header (here one written with a custom budget); no journal, or a damaged one, gives None."""
+    journal = tmp_path / "scan.journal"
+    report = lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn\.k_proj"], journal=journal,
+                          max_batch_bytes=12345678)
+    assert report.options["max_batch_bytes"] == 12345678 == _recorded_budget(journal)
+    assert _recorded_budget(tmp_path / "missing.journal") is None
+    (tmp_path / "bad.journal").write_text('{"lorafft_journal": 1, "options": {"max_batch_bytes": "a lot"}}\n')
+    assert _recorded_budget(tmp_path / "bad.journal") is None
 
 
 def test_cache_build_device(trio, tmp_path, capsys):
