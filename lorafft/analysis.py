@@ -90,6 +90,7 @@ def analyze(
     generator: torch.Generator | None = None,
     basis: linalg.BaseBasis | None = None,
     backend: str | None = None,
+    scale: torch.Tensor | None = None,
 ) -> dict[str, SideAnalysis]:
     """Intruder analysis of one pair ``W0, Wt [m, n]`` or a stack of same-shape pairs ``[L, m, n]`` (a pair is
     treated as L = 1).
@@ -116,6 +117,8 @@ def analyze(
     W0, Wt, low_rank, single = _stacks(W0, Wt, lora)
     start = None if start is None else as_tensor(start)
     start = start.unsqueeze(0) if single and start is not None else start
+    scale = None if scale is None else as_tensor(scale)
+    scale = scale.unsqueeze(0) if single and scale is not None else scale
     for side in sides:
         if side not in linalg.SIDES:
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
@@ -125,7 +128,7 @@ def analyze(
     tuned_matrix = W0 if Wt is None else Wt
     backend = linalg.resolve_backend(tuned_matrix.device, backend)
     tuned = linalg.truncated_svd(tuned_matrix, k, start=guesses, block_size=block, tol=tol, generator=generator,
-                                 backend=backend, low_rank=low_rank)
+                                 backend=backend, low_rank=low_rank, scale=scale)
     results, rank = {}, base_rank(basis)
     for side in sides:
         vectors = tuned.U if side == "left" else tuned.V

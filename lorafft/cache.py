@@ -123,10 +123,13 @@ def batch_basis(W0: torch.Tensor, stored: list[torch.Tensor], names: list[str], 
 
 
 def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: bool = False, split_fused: bool = False,
-                     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, progress: bool = False) -> BaseCache:
+                     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, device: torch.device | str = "cpu",
+                     progress: bool = False) -> BaseCache:
     """Compute and store the basis of every 2-D base weight in scope (as stored, ``[out, in]``) in ``directory``:
     ``lorafft cache build``. Entries already there with the right fingerprint are kept. ``split_fused``: the parts
-    of fused projections, as ``scan(..., split_fused=True)`` reads them. Returns the cache."""
+    of fused projections, as ``scan(..., split_fused=True)`` reads them. ``device``: where the bases are computed
+    (on CUDA the fp64 Gram and ``torch.linalg.eigh`` run on the GPU); entries are stored from the host either way
+    (sigma fp64, the small-side basis fp32). Returns the cache."""
     from tqdm.auto import tqdm
 
     scope = pairing.Scope(patterns(include, "include"), patterns(exclude, "exclude"), embeddings)
@@ -137,7 +140,7 @@ def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: boo
             raise InputError(checkpoint.path, "no 2-D weight matrices in scope")
         writer = BaseCache(directory, writable=True)
         batches = pairing.shape_batches(pairs, max_batch_bytes, copies=1)
-        loader = loading.BatchLoader(checkpoint, [], [])
+        loader = loading.BatchLoader(checkpoint, [], [], device=device)
         with tqdm(total=len(batches), unit="batch", disable=not progress, desc="lorafft cache") as bar:
             for position, loaded in loader.batches(batches):
                 batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batches[position]], writer, writer)

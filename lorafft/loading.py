@@ -7,9 +7,15 @@ are decided here and nowhere else:
 * orientation: the analysed ``[out, in]`` (PEFT ``fan_in_fan_out`` weights are transposed, :class:`Pair`);
 * a PEFT LoRA adapter's update is kept factored as :class:`~lorafft.linalg.LowRank` (``ΔW = s·B·A``) when every
   module of a batch is a plain LoRA module of one rank, else merged the way PEFT merges it (DoRA, embeddings);
-* dtypes: fp32, or fp16/bf16 as stored when the kernels read them natively (``native``);
+* dtypes: fp32, or fp16/bf16 as stored when the kernels read them natively (``native``); with ``native`` a full
+  fine-tune's FP8 weights stay float8 as stored beside their scales (:attr:`LoadedBatch.scales`), which the sketch
+  kernel applies. The base stays fp32: its basis needs it dequantised (fp64 Gram), and so do the larger side's
+  projections and the magnitude/direction rows, so a LoRA adapter's Krylov products use that fp32 copy (a second,
+  float8 copy of W0 would add device memory to save reads of a matrix that must be resident anyway);
 * one reader thread prefetches the next batch while the device works on this one (at most two in memory), and
-  each shard is released right after the last tensor read from it.
+  each shard is released right after the last tensor read from it. On CUDA that thread also pins the batch in
+  host memory and copies it on a dedicated stream (``non_blocking``), so the next batch's transfer overlaps this
+  batch's compute; the consumer's stream waits for the copy's event before using it.
 """
 
 from __future__ import annotations
@@ -104,6 +110,9 @@ class LoadedBatch:
     tuned: per tuned source, ``Wt [L', m, n]`` (L' = len(rows)) or its update kept factored
         (:class:`~lorafft.linalg.LowRank`); None for a source with no matrix in this batch.
     columns: per tuned source, the adapter's B columns ``[L', m, r]`` (:func:`adapter_columns`) or None.
+    scales: per tuned source, the dequantisation scale of ``Wt`` kept float8 as stored (``native`` only): ``[L']``
+        per tensor, ``[L', m]`` per output channel, ``[L', ceil(m/128), ceil(n/128)]`` per block (``Wt · scale``
+        is the matrix, :func:`lorafft.linalg.truncated_svd`'s ``scale``); None when ``Wt`` is the matrix itself.
     """
 
     pairs: list[list[Pair]]
@@ -112,6 +121,21 @@ class LoadedBatch:
     W0: torch.Tensor
     tuned: list[torch.Tensor | linalg.LowRank | None]
     columns: list[torch.Tensor | None]
+    scales: list[torch.Tensor | None]
+
+
+def native_stack(read: list[tuple[torch.Tensor, torch.Tensor | None]],
+                 pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(Wt [L, m, n], scale | None)`` from a full fine-tune's tensors read as stored (``Checkpoint.get_stored``;
+    never transposed: only adapter pairs are) for the Triton kernels: float8 weights as stored with their scales
+    stacked (``[L]``, ``[L, m]`` or ``[L, mb, nb]``) when every one has a scale of one layout; otherwise each
+    dequantised (fp32) for this batch, and fp16/bf16 as stored."""
+    scales = [scale for _, scale in read]
+    if all(scale is not None for scale in scales) and len({scale.shape for scale in scales}) == 1:
+        return stack([tensor for tensor, _ in read]), stack(scales)
+    schemes = ("tensor", "channel", "block")  # by the scale's dimension, as get_stored lays it out
+    return stack([oriented(tensor if scale is None else io.fp8.dequantize(tensor, scale, schemes[scale.dim()]), pair,
+                           native=True) for (tensor, scale), pair in zip(read, pairs)]), None
 
 
 class _ShardReleaser:
@@ -123,7 +147,13 @@ class _ShardReleaser:
         self.remaining = collections.Counter(checkpoint.file_of(name) for name in names)
 
     def get(self, name: str) -> torch.Tensor:
-        tensor = self.checkpoint.get(name)
+        return self._read(name, self.checkpoint.get)
+
+    def get_stored(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._read(name, self.checkpoint.get_stored)
+
+    def _read(self, name: str, read):
+        tensor = read(name)
         file = self.checkpoint.file_of(name)
         self.remaining[file] -= 1
         if self.remaining[file] == 0:
@@ -141,12 +171,16 @@ class BatchLoader:
         device: where loaded stacks go.
         native: keep fp16/bf16 weights as stored (the Triton kernels read them), else fp32.
         factored: keep LoRA updates factored (:func:`adapter_update`); False merges every adapter module.
+        fp8_stored: with ``native``, keep a full fine-tune's FP8 weights float8 as stored and hand their scales in
+            :attr:`LoadedBatch.scales` (the consumer passes them on as ``scale=``); else they are dequantised.
     """
 
     def __init__(self, base: io.Checkpoint, sources: list, pairs_by_source: list[dict[str, Pair]], *,
-                 device: torch.device | str = "cpu", native: bool = False, factored: bool = True):
+                 device: torch.device | str = "cpu", native: bool = False, factored: bool = True,
+                 fp8_stored: bool = False):
         self.base, self.sources, self.pairs_by_source = base, sources, pairs_by_source
         self.device, self.native, self.factored = torch.device(device), native, factored
+        self.fp8_stored = native and fp8_stored
 
     def batches(self, batches: list[list[Pair]]) -> Iterator[tuple[int, LoadedBatch]]:
         """``(position, LoadedBatch)`` for each batch in order, read ahead by one thread, on the device."""
@@ -156,21 +190,27 @@ class BatchLoader:
                  _ShardReleaser(source, [pairs[name].tuned_name for name in names])
                  for source, pairs in zip(self.sources, self.pairs_by_source)]
 
-        def load(position: int) -> LoadedBatch:
-            return self._load(batches[position], base, tuned)
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+        def load(position: int):
+            loaded = self._load(batches[position], base, tuned)
+            return loaded if stream is None else self._sent(loaded, stream)
 
         for position, loaded in prefetched(load, list(range(len(batches)))):
-            yield position, self._moved(loaded)
+            yield position, _mapped(loaded, lambda t: t.to(self.device)) if stream is None else self._arrived(*loaded)
 
     def _load(self, batch: list[Pair], base: _ShardReleaser, tuned: list) -> LoadedBatch:
         stored = [base.get(pair.name) for pair in batch]
         W0 = stack([oriented(tensor, pair, native=self.native) for tensor, pair in zip(stored, batch)])
-        loaded = LoadedBatch(pairs=[], rows=[], stored=stored, W0=W0, tuned=[], columns=[])
+        loaded = LoadedBatch(pairs=[], rows=[], stored=stored, W0=W0, tuned=[], columns=[], scales=[])
         for source, pairs in zip(tuned, self.pairs_by_source):
             rows = [index for index, pair in enumerate(batch) if _same_matrix(pairs.get(pair.name), pair)]
             here = [pairs[batch[index].name] for index in rows]
             update = adapter_update(here) if self.factored and here else None
-            if update is None and here:
+            scale = None
+            if update is None and here and self.fp8_stored and all(pair.adapter is None for pair in here):
+                update, scale = native_stack([source.get_stored(pair.tuned_name) for pair in here], here)
+            elif update is None and here:
                 update = stack([merged(pair, W0[index]) if pair.adapter is not None
                                 else oriented(source.get(pair.tuned_name), pair, native=self.native)
                                 for pair, index in zip(here, rows)])
@@ -178,13 +218,43 @@ class BatchLoader:
             loaded.rows.append(rows)
             loaded.tuned.append(update)
             loaded.columns.append(adapter_columns(here) if here else None)
+            loaded.scales.append(scale)
         return loaded
 
-    def _moved(self, loaded: LoadedBatch) -> LoadedBatch:
-        device = self.device
-        return LoadedBatch(pairs=loaded.pairs, rows=loaded.rows, stored=loaded.stored, W0=loaded.W0.to(device),
-                           tuned=[None if entry is None else entry.to(device) for entry in loaded.tuned],
-                           columns=[None if c is None else c.to(device) for c in loaded.columns])
+    def _sent(self, loaded: LoadedBatch, stream: torch.cuda.Stream) -> tuple[LoadedBatch, torch.cuda.Event]:
+        """In the reader thread: the batch pinned in host memory and copied to the device on ``stream`` without
+        blocking, and the event that marks the copies done. (The pinned buffers may be dropped at once: torch's
+        host allocator keeps them until the copies that read them have finished.)"""
+        with torch.cuda.device(self.device), torch.cuda.stream(stream):
+            moved = _mapped(loaded, lambda t: t.pin_memory().to(self.device, non_blocking=True))
+            event = torch.cuda.Event()
+            event.record(stream)
+        return moved, event
+
+    def _arrived(self, moved: LoadedBatch, event: torch.cuda.Event) -> LoadedBatch:
+        """In the consumer: the current stream waits for the copies, and each copied tensor is marked as used on
+        it, so the allocator does not hand its memory back to the copy stream while the analysis still reads it."""
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+
+        def used_here(tensor: torch.Tensor) -> torch.Tensor:
+            tensor.record_stream(current)
+            return tensor
+
+        return _mapped(moved, used_here)
+
+
+def _mapped(loaded: LoadedBatch, move) -> LoadedBatch:
+    """``loaded`` with ``move`` applied to every tensor the analysis reads (W0, tuned stacks or factors, columns,
+    scales); ``stored`` stays on the host (cache fingerprints)."""
+    def each(entry):
+        if isinstance(entry, linalg.LowRank):
+            return linalg.LowRank(B=move(entry.B), A=move(entry.A), scale=move(entry.scale))
+        return None if entry is None else move(entry)
+
+    return LoadedBatch(pairs=loaded.pairs, rows=loaded.rows, stored=loaded.stored, W0=move(loaded.W0),
+                       tuned=[each(entry) for entry in loaded.tuned], columns=[each(c) for c in loaded.columns],
+                       scales=[each(scale) for scale in loaded.scales])
 
 
 def _same_matrix(pair: Pair | None, reference: Pair) -> bool:

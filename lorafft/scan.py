@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import platform
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from lorafft import analysis, distributed, io, linalg, loading, options, pairing
 from lorafft.cache import BaseCache, batch_basis
 from lorafft.errors import InputError
 from lorafft.io import hub
+from lorafft.io.jsonfile import JOURNAL_LINE_BYTES
 from lorafft.journal import Journal, fingerprints, row_key
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
 from lorafft.report import MatrixRow, Report, matrix_rows
@@ -48,7 +50,7 @@ def scan(
     out=None,
     tol: float = 1e-5,
     seed: int = 0,
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    max_batch_bytes: int | None = None,
     progress: bool = False,
 ) -> Report | None:
     """Intruder analysis of every weight matrix a base and a fine-tuned checkpoint share.
@@ -88,9 +90,13 @@ def scan(
             of the report.
         device: where the analysis runs: "cpu", "cuda", "cuda:1", ...; default the GPU when CUDA is available
             (under torchrun, ``cuda:$LOCAL_RANK``), else the CPU. Tensors are read on the host and moved one batch
-            at a time; with the Triton backend fp16/bf16 weights are moved and read as stored.
+            at a time; with the Triton backend fp16/bf16 weights, and a full fine-tune's FP8 weights with their
+            scales, are moved and read as stored.
         seed: seeds the random start blocks (results are reproducible).
-        max_batch_bytes: cap on the fp32 base + tuned weights analysed together.
+        max_batch_bytes: cap on the fp32 base + tuned weights analysed together. Default
+            ``options.DEFAULT_MAX_BATCH_BYTES``, except on a CUDA device of a single-process scan, where it comes from
+            the device's free memory (:func:`device_batch_bytes`), so that a large GPU takes many layers' same-shape
+            matrices at once (a resumed scan reuses its journal's value); the report's ``options`` records it.
         progress: show a progress bar (tqdm) on stderr.
 
     Under ``torchrun`` (WORLD_SIZE > 1) the batches are spread over the ranks (:mod:`lorafft.distributed`): rank 0
@@ -101,7 +107,8 @@ def scan(
     """
     settings = ScanOptions(k=k, eps=eps, side=side, include=include, exclude=exclude, embeddings=embeddings,
                            strict=strict, split_fused=split_fused, delta_ranks=delta_ranks, tol=tol, seed=seed,
-                           base_cache=base_cache, max_batch_bytes=max_batch_bytes)
+                           base_cache=base_cache,
+                           max_batch_bytes=DEFAULT_MAX_BATCH_BYTES if max_batch_bytes is None else max_batch_bytes)
     tuned_list = list(tuned) if isinstance(tuned, (list, tuple)) else [] if tuned is None else [tuned]
     if not tuned_list:
         raise InputError("tuned", "scan needs at least one tuned checkpoint")
@@ -122,6 +129,11 @@ def scan(
     rank, size = distributed.world()
     with contextlib.ExitStack() as stack:
         inputs = _Inputs.open(base, tuned_list, settings, stack, located.record)
+        if max_batch_bytes is None and device.type == "cuda" and size == 1:  # ranks must cut the same batches
+            budget = (_recorded_budget(journal) if resume else None) or device_batch_bytes(
+                torch.cuda.mem_get_info(device)[0], [pair.shape for pair in inputs.matrices],
+                copies=1 + len(inputs.sources), k=settings.k, cached=reader is not None)
+            settings = settings.replace(max_batch_bytes=budget)
         batches = pairing.shape_batches(inputs.matrices, settings.max_batch_bytes, copies=1 + len(inputs.sources))
         owners = distributed.assign([_cost(batch) * len(inputs.sources) for batch in batches], size)
         if journal is not None and size > 1:
@@ -200,6 +212,42 @@ class _Inputs:
         return inputs
 
 
+BUDGET_FRACTION = 0.8  # of the device's free memory, the rest left to torch's allocator and the kernels
+BUDGET_ITERATIONS = 10  # Krylov iterations the budget provides for (a full fine-tune certifies in 1-3)
+
+
+def device_batch_bytes(free: int, shapes: list[tuple[int, int]], *, copies: int, k: int, cached: bool) -> int:
+    """``max_batch_bytes`` for a device with ``free`` bytes free: :func:`lorafft.pairing.shape_batches` then puts
+    at most ``BUDGET_FRACTION · free / cost`` matrices of each shape in a batch.
+
+    ``shape_batches`` counts ``copies · 4·m·n`` bytes per matrix (fp32 base and tuned stacks: an upper bound for
+    weights kept as stored); the cost of a matrix adds what the analysis allocates beside them: the fp64 Krylov
+    blocks, ``(m + n) · b · 8 · (BUDGET_ITERATIONS + 2)`` with ``b = max(2k, k + 10)``, and the base basis of its
+    smaller side s, ``16·s²`` bytes when built (fp64 Gram and eigenvectors) or ``4·s²`` when read from a cache
+    (``cached``). The budget is the smallest over ``shapes`` of ``BUDGET_FRACTION · free · counted / cost``, so
+    every shape fits; at least 1 (one matrix per batch, as the CPU default gives for a large shape).
+    """
+    block = max(2 * k, k + 10)
+    ratios = []
+    for m, n in set(shapes):
+        counted = copies * 4 * m * n
+        small = min(m, n)
+        cost = counted + (m + n) * block * 8 * (BUDGET_ITERATIONS + 2) + (4 if cached else 16) * small * small
+        ratios.append(counted / cost)
+    return max(1, int(BUDGET_FRACTION * free * min(ratios, default=1.0)))
+
+
+def _recorded_budget(journal) -> int | None:
+    """The ``max_batch_bytes`` a journal's scan used, so that a resumed scan cuts the same batches whatever memory
+    is free now; None when there is none to read (the journal then judges the resume as always)."""
+    try:
+        with open(journal, "rb") as file:
+            value = json.loads(file.readline(JOURNAL_LINE_BYTES))["options"]["max_batch_bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def _cost(batch: list[pairing.Pair]) -> float:
     """Relative cost of a batch: Gram product and eigen-decomposition, ~ max(m, n) min(m, n)^2 per matrix."""
     return float(sum(max(p.shape) * min(p.shape) ** 2 for p in batch))
@@ -233,7 +281,7 @@ class _Run:
                 to_compute.append(index)
         native = linalg.resolve_backend(self.device, self.backend) == "triton"
         loader = loading.BatchLoader(inputs.base, inputs.sources, inputs.pairs_by_source, device=self.device,
-                                     native=native)
+                                     native=native, fp8_stored=True)
         total = sum(pair.name in pairs for index in to_compute for pairs in inputs.pairs_by_source
                     for pair in batches[index])
         with tqdm(total=total, unit="matrix", disable=not progress, desc="lorafft scan") as bar:
@@ -250,15 +298,17 @@ class _Run:
         # one random stream per batch, so that a resumed (or distributed) scan draws exactly what one run draws
         generator = torch.Generator().manual_seed(settings.seed + 7919 * index)
         basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.reader, self.writer)
-        for checkpoint, (entry, pairs, positions, columns) in enumerate(
-                zip(loaded.tuned, loaded.pairs, loaded.rows, loaded.columns)):
+        for checkpoint, (entry, pairs, positions, columns, scale) in enumerate(
+                zip(loaded.tuned, loaded.pairs, loaded.rows, loaded.columns, loaded.scales)):
             if not pairs:
                 continue
             W0 = loaded.W0 if len(positions) == len(batch) else loaded.W0[positions]
             Wt, update = (None, entry) if isinstance(entry, linalg.LowRank) else (entry, None)
             results = analysis.analyze(W0, Wt, lora=update, k=settings.k, eps=settings.eps, sides=settings.sides,
                                        start=columns, tol=settings.tol, generator=generator,
-                                       basis=basis.select(positions), backend=self.backend)
+                                       basis=basis.select(positions), backend=self.backend, scale=scale)
+            if scale is not None:  # float8 as stored: the rows below need the matrix itself (one fp32 copy)
+                Wt = linalg._dequantized(Wt, scale)
             ranks = None
             if settings.delta_ranks:
                 ranks = analysis.delta_ranks(W0, Wt, [pair.adapter for pair in pairs])

@@ -66,6 +66,9 @@ def add_commands(subparsers) -> None:
                                description="Compute and store the singular basis of every 2-D weight of BASE.")
     build.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
     build.add_argument("--out", metavar="DIR", required=True, help="cache directory (created if needed)")
+    build.add_argument("--device", type=arguments.checked(str, arguments.device, "--device"), metavar="DEVICE",
+                       default="cpu", help="where the bases are computed: cpu (default), cuda or cuda:N (fp64 Gram "
+                                           "and eigh on the GPU; stored on the host as from the CPU)")
     arguments.add_scope(build)
     arguments.add_quiet(build)
     build.set_defaults(run=run_cache)
@@ -81,9 +84,10 @@ def _add_resources(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resume", action="store_true",
                        help="finish the scan recorded in the journal after a crash or kill (same arguments; needs "
                             "--out or --journal)")
-    group.add_argument("--max-batch-bytes", metavar="GB", default=1.0,
+    group.add_argument("--max-batch-bytes", metavar="GB",
                        type=arguments.checked(float, options.positive_number, "--max-batch-bytes"),
-                       help="cap on the fp32 base + tuned weights analysed at once, in GB (default: 1)")
+                       help="cap on the fp32 base + tuned weights analysed at once, in GB (default: 1 on the CPU; "
+                            "on a GPU, from its free memory)")
     group.add_argument("--seed", type=int, default=0, help="seed of the random start blocks (default: 0)")
     group.add_argument("--device", type=arguments.checked(str, arguments.device, "--device"), metavar="DEVICE",
                        help="cpu, cuda or cuda:N (default: the GPU when CUDA is available, else the CPU)")
@@ -122,11 +126,12 @@ def run_scan(args) -> int:
     from lorafft.scan import scan
 
     base, tuned = _base_and_tuned(args.inputs, args.revision)
+    max_batch_bytes = None if args.max_batch_bytes is None else int(args.max_batch_bytes * 2**30)
     report = scan(base, tuned if len(tuned) > 1 else tuned[0], revision=args.revision, k=args.k, eps=args.eps,
                   side=args.side, include=args.include, exclude=args.exclude, embeddings=args.embeddings,
                   strict=args.strict, split_fused=args.split_fused, delta_ranks=args.delta_ranks,
                   base_cache=args.base_cache, write_base_cache=args.write_base_cache, journal=journal,
-                  resume=args.resume, out=args.out, max_batch_bytes=int(args.max_batch_bytes * 2**30), tol=args.tol,
+                  resume=args.resume, out=args.out, max_batch_bytes=max_batch_bytes, tol=args.tol,
                   seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
     if report is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
@@ -142,6 +147,7 @@ def run_cache(args) -> int:
     from lorafft.cache import build_base_cache
 
     cache = build_base_cache(args.base, args.out, include=args.include, exclude=args.exclude,
-                             embeddings=args.embeddings, split_fused=args.split_fused, progress=not args.quiet)
+                             embeddings=args.embeddings, split_fused=args.split_fused, device=args.device,
+                             progress=not args.quiet)
     print(f"{len(cache.entries)} base bases in {cache.directory}")
     return 0

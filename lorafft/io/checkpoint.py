@@ -92,6 +92,18 @@ class Checkpoint:
             raise InputError(view.file(self._stored), f"tensor '{name}' contains NaN or Inf")
         return tensor
 
+    def get_stored(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tensor ``name`` as its file stores it and its dequantisation scale: ``(float8 weight [out, in], fp32
+        scale)`` for an FP8 weight with a scale (``[]`` per tensor, ``[out]`` per channel, ``[ceil(out/128),
+        ceil(in/128)]`` per 128×128 block; the matrix is ``weight · scale``), else ``(get(name), None)``. For the
+        kernels, which read FP8 natively. InputError if the weight or the scale holds NaN or Inf."""
+        view = self._view(name)
+        tensor, scale = view.read_stored(self._stored)
+        for value in (tensor, scale):
+            if value is not None and not all_finite(value):
+                raise InputError(view.file(self._stored), f"tensor '{name}' (or its scale) contains NaN or Inf")
+        return tensor, scale
+
     def release(self, file: str) -> None:
         """Unmap one shard's data (it is mapped again if one of its tensors is touched later)."""
         self._stored.shards[file].release()

@@ -57,6 +57,11 @@ class View:
     def read(self, store: StoredTensors) -> torch.Tensor:
         return store.shard(self.stored).tensor(self.stored)
 
+    def read_stored(self, store: StoredTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(tensor, scale)``: the data as the file stores it and its dequantisation scale (None: :meth:`read`'s
+        tensor is the matrix itself)."""
+        return self.read(store), None
+
     def read_rows(self, store: StoredTensors, rows: RowRanges) -> torch.Tensor:
         """The rows ``rows`` of :meth:`read`'s matrix, as a new tensor; one range reads only its bytes."""
         if len(rows) == 1:
@@ -77,6 +82,16 @@ class Fp8View(View):
     def read(self, store: StoredTensors) -> torch.Tensor:
         weight = store.shard(self.stored).tensor(self.stored)
         return dequantize(weight, store.shard(self.scale).tensor(self.scale), self.scheme)
+
+    def read_stored(self, store: StoredTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(float8 weight [out, in] as stored, fp32 scale)``, the scale in the layout of
+        :func:`lorafft.kernels.sketch.sketch` for one matrix: ``[]`` per tensor, ``[out]`` per output channel (the
+        stored ``[out, 1]`` reshaped), ``[ceil(out/128), ceil(in/128)]`` per block (``_scale_inv`` too: it is
+        multiplied, like the others)."""
+        weight = store.shard(self.stored).tensor(self.stored)
+        scale = store.shard(self.scale).tensor(self.scale).to(torch.float32)
+        layout = {"tensor": (), "channel": (-1,)}.get(self.scheme, scale.shape)
+        return weight, scale.reshape(layout).contiguous()
 
     def read_rows(self, store: StoredTensors, rows: RowRanges) -> torch.Tensor:
         return _rows(self.read(store), rows)  # block scales may straddle the parts: dequantize the whole

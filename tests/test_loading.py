@@ -1,0 +1,191 @@
+"""The loader's data movement: FP8 weights read as stored with their scales (the Triton path), the CUDA copy stream
+(its branch not taken on the CPU; on a GPU the scan equals the CPU's), the device batch budget, and
+``lorafft cache build --device``."""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorafft
+from lorafft import io, loading, pairing
+from lorafft.cli import main
+from lorafft.options import DEFAULT_MAX_BATCH_BYTES
+from lorafft.scan import BUDGET_FRACTION, BUDGET_ITERATIONS, _recorded_budget, device_batch_bytes
+
+from fixtures import checkpoints
+from test_fp8_moe import reference_dequantize
+
+ATTENTION = r"layers\.[01]\.self_attn\.(q|o)_proj"  # four 256 x 256 matrices: one batch, Krylov path (256 > 3 x 20)
+
+
+def _fp8_full(trio, directory, scheme: str):
+    """The trio's full fine-tune with its attention projections stored float8_e4m3fn with ``scheme`` scales."""
+    state = {}
+    for file in sorted(trio.full.glob("*.safetensors")):
+        state.update(load_file(file))
+    return checkpoints.write_fp8_checkpoint(state, directory, scheme=scheme,
+                                            quantize=lambda name, t: re.search(ATTENTION, name) is not None)
+
+
+@pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])
+def test_get_stored_is_the_float8_weight_and_its_scale(tmp_path, scheme):
+    """``get_stored`` returns the stored float8 tensor and its scale laid out as the kernels read it; the weight
+    times the scale, formed element by element in fp64, is what ``get`` returns (the dequantised view)."""
+    weight = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))
+    q, scale = checkpoints.quantize_fp8(weight, scheme)
+    suffix = checkpoints.FP8_SCALE_SUFFIX[scheme]
+    checkpoint = io.open_checkpoint({"a.weight": q, "a.weight" + suffix: scale})
+    stored, layout = checkpoint.get_stored("a.weight")
+    assert stored.dtype == torch.float8_e4m3fn and torch.equal(stored.view(torch.uint8), q.view(torch.uint8))
+    assert layout.shape == {"tensor": (), "channel": (300,), "block": (3, 2)}[scheme]
+    assert torch.equal(checkpoint.get("a.weight"), reference_dequantize(q, scale, scheme))
+    assert checkpoint.names() == ["a.weight"]  # the scale stays hidden
+    plain, none = io.open_checkpoint({"b.weight": weight}).get_stored("b.weight")
+    assert none is None and torch.equal(plain, weight)
+
+
+def test_mixed_schemes_fall_back_to_fp32():
+    """A batch mixing scale layouts is dequantised to fp32 for that batch, equal to the
+    dequantising reader; one layout stacks the float8 tensors and their scales."""
+    g = torch.Generator().manual_seed(2)
+    state = {}
+    for name, scheme in (("a", "channel"), ("b", "block"), ("c", "channel")):
+        q, scale = checkpoints.quantize_fp8(torch.randn(160, 144, generator=g), scheme)
+        state[f"{name}.weight"], state[f"{name}.weight" + checkpoints.FP8_SCALE_SUFFIX[scheme]] = q, scale
+    checkpoint = io.open_checkpoint(state)
+    pairs = {name: pairing.Pair(f"{name}.weight", f"{name}.weight", (160, 144)) for name in "abc"}
+    mixed, scale = loading.native_stack([checkpoint.get_stored(f"{n}.weight") for n in "ab"], [pairs["a"], pairs["b"]])
+    assert scale is None and mixed.dtype == torch.float32
+    assert torch.equal(mixed, torch.stack([checkpoint.get("a.weight"), checkpoint.get("b.weight")]))
+    same, scale = loading.native_stack([checkpoint.get_stored(f"{n}.weight") for n in "ac"], [pairs["a"], pairs["c"]])
+    assert same.dtype == torch.float8_e4m3fn and scale.shape == (2, 160)
+    float8 = [checkpoint.get_stored(f"{n}.weight") for n in "ac"]
+    assert torch.equal(same.view(torch.uint8), torch.stack([t for t, _ in float8]).view(torch.uint8))
+    assert torch.equal(scale, torch.stack([s for _, s in float8]))
+
+
+@pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])
+def test_fp8_full_finetune_reaches_the_kernel_as_stored(trio, tmp_path, monkeypatch, scheme):
+    """With the Triton backend (the interpreter here) an FP8 full fine-tune is analysed as stored: the sketch
+    kernel receives float8 weights with their scales, and the report equals the torch backend's, which dequantises
+    on the host."""
+    pytest.importorskip("triton")
+    from lorafft.kernels import sketch as sketch_module
+
+    tuned = _fp8_full(trio, tmp_path / "fp8", scheme)
+    seen, original = [], sketch_module.sketch
+
+    def spy(W, X, **kwargs):
+        seen.append((W.dtype, None if kwargs.get("scale") is None else tuple(kwargs["scale"].shape)))
+        return original(W, X, **kwargs)
+
+    monkeypatch.setattr(sketch_module, "sketch", spy)
+    native = lorafft.scan(trio.base, tuned, include=[ATTENTION], eps=(0.5, 0.9), backend="triton")
+    reference = lorafft.scan(trio.base, tuned, include=[ATTENTION], eps=(0.5, 0.9), backend="torch")
+    layout = {"tensor": (4,), "channel": (4, 256), "block": (4, 2, 2)}[scheme]
+    assert seen and set(seen) == {(torch.float8_e4m3fn, layout)}
+    assert [r.name for r in native.rows] == [r.name for r in reference.rows] and len(native.rows) == 4
+    for mine, theirs in zip(native.rows, reference.rows):
+        assert mine.counts == theirs.counts and mine.argmax == theirs.argmax
+        assert max(abs(a - b) for a, b in zip(mine.max_cos, theirs.max_cos)) <= 1e-5
+        assert mine.singular_values == pytest.approx(theirs.singular_values, rel=1e-6)
+        assert mine.delta_magnitude == pytest.approx(theirs.delta_magnitude, rel=1e-6)
+
+
+def test_cpu_loader_takes_no_cuda_branch(trio, monkeypatch):
+    """On the CPU nothing is pinned and no CUDA stream is made: the batches are the tensors as read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("CUDA branch taken on the CPU")
+
+    monkeypatch.setattr(torch.cuda, "Stream", refuse)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    with loading.open_base(trio.base) as base, loading.open_tuned(trio.full) as full:
+        pairs, _ = pairing.find_pairs(base, full, pairing.Scope((re.compile(ATTENTION),), (), False))
+        loader = loading.BatchLoader(base, [full], [{p.name: p for p in pairs}], native=True, fp8_stored=True)
+        batches = pairing.shape_batches(pairs, DEFAULT_MAX_BATCH_BYTES)
+        for position, loaded in loader.batches(batches):
+            names = [pair.name for pair in batches[position]]
+            assert torch.equal(loaded.W0, torch.stack([base.get(name) for name in names]))
+            assert torch.equal(loaded.tuned[0], torch.stack([full.get(name) for name in names]))
+            assert loaded.scales == [None] and loaded.W0.device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_cuda_scan_equals_cpu_scan(trio):
+    """Through pinned buffers and the copy stream (and the Triton kernels by default), the GPU's rows are the
+    CPU's: same counts and argmax, max |cos| within 1e-5."""
+    cpu = lorafft.scan(trio.base, [trio.full, trio.lora], eps=(0.5, 0.9), device="cpu")
+    gpu = lorafft.scan(trio.base, [trio.full, trio.lora], eps=(0.5, 0.9), device="cuda")
+    assert [(r.name, r.checkpoint) for r in gpu.rows] == [(r.name, r.checkpoint) for r in cpu.rows]
+    for mine, theirs in zip(gpu.rows, cpu.rows):
+        assert mine.counts == theirs.counts and mine.argmax == theirs.argmax
+        assert max(abs(a - b) for a, b in zip(mine.max_cos, theirs.max_cos)) <= 1e-5
+    assert gpu.options["max_batch_bytes"] != DEFAULT_MAX_BATCH_BYTES  # from the device's free memory
+
+
+def _per_batch(free: int, shape: tuple[int, int], copies: int, k: int, cached: bool) -> int:
+    """The brief's per-matrix cost written out: fp32 stacks + fp64 Krylov blocks + the basis."""
+    m, n = shape
+    block = max(2 * k, k + 10)
+    cost = copies * 4 * m * n + (m + n) * block * 8 * (BUDGET_ITERATIONS + 2) + (4 if cached else 16) * min(m, n) ** 2
+    return int(BUDGET_FRACTION * free // cost)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_device_budget_fits_every_shape(cached):
+    """A 70B layer's shapes on an H200 (139 GiB free): with the budget, ``shape_batches`` puts as many matrices of
+    each shape in a batch as fit ``0.8 · free`` at their full cost and never more (one budget for every shape: the
+    shape with the largest overhead fills its share); many layers at once."""
+    shapes = [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)]
+    free = 139 * 2**30
+    budget = device_batch_bytes(free, shapes, copies=2, k=10, cached=cached)
+    pairs = [pairing.Pair(f"{i}.{s}", f"{i}.{s}", s) for s in shapes for i in range(400)]
+    sizes = {}
+    for batch in pairing.shape_batches(pairs, budget, copies=2):
+        sizes[batch[0].shape] = max(sizes.get(batch[0].shape, 0), len(batch))
+    fits = {shape: _per_batch(free, shape, 2, 10, cached) for shape in shapes}
+    assert all(sizes[shape] <= fits[shape] for shape in shapes)
+    assert any(sizes[shape] >= fits[shape] - 1 for shape in shapes)  # the binding shape fills its share
+    assert sizes[(8192, 8192)] >= 40 and sizes[(8192, 28672)] >= 10
+    assert device_batch_bytes(1, shapes, copies=2, k=10, cached=cached) == 1  # tiny memory: one matrix per batch
+
+
+def test_cpu_default_budget_is_recorded(trio):
+    """On the CPU the default stays ``DEFAULT_MAX_BATCH_BYTES`` exactly, as the report records."""
+    report = lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn\.k_proj"], device="cpu")
+    assert report.options["max_batch_bytes"] == DEFAULT_MAX_BATCH_BYTES
+
+
+def test_resume_reads_the_journals_budget(trio, tmp_path):
+    """A resumed GPU scan cuts the batches its journal's scan cut: the recorded ``max_batch_bytes`` is read back
+    from the journal header (here one written with a custom budget); no journal, or a damaged one, gives None."""
+    journal = tmp_path / "scan.journal"
+    report = lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn\.k_proj"], journal=journal,
+                          max_batch_bytes=12345678)
+    assert report.options["max_batch_bytes"] == 12345678 == _recorded_budget(journal)
+    assert _recorded_budget(tmp_path / "missing.journal") is None
+    (tmp_path / "bad.journal").write_text('{"lorafft_journal": 1, "options": {"max_batch_bytes": "a lot"}}\n')
+    assert _recorded_budget(tmp_path / "bad.journal") is None
+
+
+def test_cache_build_device(trio, tmp_path, capsys):
+    """``--device cpu`` builds the cache the default builds, bit for bit; ``--device cuda`` without CUDA is a
+    one-line error and exit 2."""
+    include = ["--include", r"layers\.0\.", "--quiet"]
+    assert main(["cache", "build", str(trio.base), "--out", str(tmp_path / "default"), *include]) == 0
+    assert main(["cache", "build", str(trio.base), "--out", str(tmp_path / "cpu"), "--device", "cpu", *include]) == 0
+    files = sorted(p.name for p in (tmp_path / "default").glob("*.safetensors"))
+    assert len(files) == 7 and files == sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors"))
+    for file in files:
+        default, cpu = load_file(tmp_path / "default" / file), load_file(tmp_path / "cpu" / file)
+        assert all(torch.equal(default[key], cpu[key]) for key in ("basis", "sigma"))
+    capsys.readouterr()
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: the refusal needs a machine without it")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cache", "build", str(trio.base), "--out", str(tmp_path / "gpu"), "--device", "cuda"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert "CUDA is not available" in error[-1] and not (tmp_path / "gpu").exists()
