@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lorafft import adapters, analysis, io, linalg, loading, options, pairing
+from lorafft import adapters, analysis, distributed, io, linalg, loading, options, pairing
 from lorafft.cache import BaseCache, batch_basis
 from lorafft.errors import InputError
 from lorafft.io import writer
@@ -198,7 +198,7 @@ def intervene(
     _check_out_dir(out_dir)
     if isinstance(tuned, dict):
         raise InputError(io.STATE_DICT, "intervene rewrites files: TUNED must be a checkpoint or adapter on disk")
-    device = torch.device("cpu" if device is None else device)
+    device = distributed.local_device() if device is None else torch.device(device)
     reader = None if base_cache is None else BaseCache(base_cache)
     tuned_source = loading.open_tuned(tuned)
     is_adapter = isinstance(tuned_source, io.Adapter)

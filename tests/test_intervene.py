@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lorafft
+import lorafft.cache
 from lorafft.adapters import lora_modules, merged_weight
 from lorafft.cli import main
 from lorafft.errors import InputError
@@ -329,6 +330,22 @@ def test_cli_writes_adapter_and_prints_summary(trio, tmp_path, capsys):
     assert code == 0
     assert "rescaled 14 in 14 matrices" in stdout and str(tmp_path / "o") in stdout
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_reads_a_base_cache_and_writes_the_same_adapter(trio, tmp_path, capsys, monkeypatch):
+    assert _run(capsys, "cache", "build", trio.base, "--out", tmp_path / "cache", "--quiet")[0] == 0
+    computed = []
+    monkeypatch.setattr(lorafft.cache.linalg, "base_basis", lambda *a, **k: computed.append(1))  # must not run
+    code, _, _ = _run(capsys, "intervene", trio.base, trio.lora, "--lambda", "0.5", "--out", tmp_path / "cached",
+                      "--base-cache", tmp_path / "cache", "--device", "cpu", "--backend", "torch", "--quiet")
+    assert code == 0 and not computed
+    monkeypatch.undo()
+    assert _run(capsys, "intervene", trio.base, trio.lora, "--lambda", "0.5", "--out", tmp_path / "fresh",
+                "--quiet")[0] == 0
+    cached, fresh = (load_file(tmp_path / out / "adapter_model.safetensors") for out in ("cached", "fresh"))
+    assert cached.keys() == fresh.keys()
+    for name in cached:  # the same triplets to the certified fp64 tolerance (the cached basis is fp32)
+        torch.testing.assert_close(cached[name], fresh[name], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("problem", ["non_empty", "negative_lambda", "bin_checkpoint"])

@@ -96,6 +96,21 @@ def add_analysis(parser: argparse.ArgumentParser, *, several_eps: bool) -> None:
                            help="intruder threshold in (0, 1]: max |cos| < EPS (default: 0.5, as the paper)")
 
 
+def add_device(group, *, default: str = "the GPU when CUDA is available, else the CPU") -> None:
+    """``--device``: where the linear algebra runs (checked before torch does any work)."""
+    group.add_argument("--device", type=checked(str, device, "--device"), metavar="DEVICE",
+                       help=f"cpu, cuda or cuda:N (default: {default})")
+
+
+def add_compute(group) -> None:
+    """``--base-cache``, ``--device`` and ``--backend``: where the bases come from, where and how products run."""
+    group.add_argument("--base-cache", metavar="DIR", help="read base bases from this cache ('lorafft cache build')")
+    add_device(group)
+    group.add_argument("--backend", choices=["auto", "torch", "triton"],
+                       help="Triton kernels or torch ops for the products (default: auto = Triton on a GPU; "
+                            "$LORAFFT_BACKEND also sets it)")
+
+
 def add_quiet(parser: argparse.ArgumentParser) -> None:
     """``--quiet``: no progress bar."""
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -53,6 +53,7 @@ def add_command(subparsers) -> argparse.ArgumentParser:
                         help="top: only the highest-ranked intruder of each matrix (default); all: every intruder")
     arguments.add_analysis(parser, several_eps=False)
     arguments.add_scope(parser, split_fused=False)
+    arguments.add_compute(parser.add_argument_group("computation"))
     arguments.add_quiet(parser)
     parser.set_defaults(run=run)
     return parser
@@ -66,6 +67,7 @@ def run(args) -> int:
 
     summary = intervene(args.base, args.tuned, args.out, lam=lam, which=args.which, eps=args.eps, k=args.k,
                         include=args.include, exclude=args.exclude, embeddings=args.embeddings,
+                        base_cache=args.base_cache, device=args.device, backend=args.backend,
                         progress=not args.quiet)
     print(summary.summary())
     return 0

@@ -66,9 +66,8 @@ def add_commands(subparsers) -> None:
                                description="Compute and store the singular basis of every 2-D weight of BASE.")
     build.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
     build.add_argument("--out", metavar="DIR", required=True, help="cache directory (created if needed)")
-    build.add_argument("--device", type=arguments.checked(str, arguments.device, "--device"), metavar="DEVICE",
-                       default="cpu", help="where the bases are computed: cpu (default), cuda or cuda:N (fp64 Gram "
-                                           "and eigh on the GPU; stored on the host as from the CPU)")
+    arguments.add_device(build, default="cpu; on a GPU the fp64 Gram and its eigh run there, the bases are stored "
+                                        "on the host as from the CPU")
     arguments.add_scope(build)
     arguments.add_quiet(build)
     build.set_defaults(run=run_cache)
@@ -77,7 +76,7 @@ def add_commands(subparsers) -> None:
 def _add_resources(parser: argparse.ArgumentParser) -> None:
     """Where and how ``scan`` computes: caches, journal, memory, seed, device, backend."""
     group = parser.add_argument_group("computation")
-    group.add_argument("--base-cache", metavar="DIR", help="read base bases from this cache ('lorafft cache build')")
+    arguments.add_compute(group)
     group.add_argument("--write-base-cache", metavar="DIR", help="store every base basis this scan computes here")
     group.add_argument("--journal", metavar="FILE",
                        help="append every finished matrix here, fsync'd (default with --out: OUT.journal)")
@@ -89,11 +88,6 @@ def _add_resources(parser: argparse.ArgumentParser) -> None:
                        help="cap on the fp32 base + tuned weights analysed at once, in GB (default: 1 on the CPU; "
                             "on a GPU, from its free memory)")
     group.add_argument("--seed", type=int, default=0, help="seed of the random start blocks (default: 0)")
-    group.add_argument("--device", type=arguments.checked(str, arguments.device, "--device"), metavar="DEVICE",
-                       help="cpu, cuda or cuda:N (default: the GPU when CUDA is available, else the CPU)")
-    group.add_argument("--backend", choices=["auto", "torch", "triton"],
-                       help="Triton kernels or torch ops for the products (default: auto = Triton on a GPU; "
-                            "$LORAFFT_BACKEND also sets it)")
 
 
 def _journal(args) -> str | None:
@@ -147,7 +141,7 @@ def run_cache(args) -> int:
     from lorafft.cache import build_base_cache
 
     cache = build_base_cache(args.base, args.out, include=args.include, exclude=args.exclude,
-                             embeddings=args.embeddings, split_fused=args.split_fused, device=args.device,
+                             embeddings=args.embeddings, split_fused=args.split_fused, device=args.device or "cpu",
                              progress=not args.quiet)
     print(f"{len(cache.entries)} base bases in {cache.directory}")
     return 0
