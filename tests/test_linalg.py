@@ -369,3 +369,23 @@ def test_max_abs_cos_accepts_any_iterable_of_eps():
     cos = torch.tensor([[[0.2], [0.1]]])
     assert linalg.max_abs_cos(cos, [0.5]).counts.tolist() == [[1]]
     assert linalg.max_abs_cos(cos, torch.tensor([0.1, 0.3])).counts.tolist() == [[0, 1]]
+
+
+
+def test_dense_rule_paths_agree_with_fp64(monkeypatch):
+    """Both sides of ``linalg.dense_is_cheaper`` (forced by moving ``DENSE_SVD_MAX``) give the fp64 SVD's top-k of
+    one 200×160 stack plus a LoRA update: singular values, and vectors within the reported bounds."""
+    g = torch.Generator().manual_seed(160)
+    W0 = spectral_weight(200, 160, g, 2)
+    B = torch.randn(2, 200, 4, generator=g, dtype=torch.float64)
+    A = torch.randn(2, 4, 160, generator=g, dtype=torch.float64)
+    update = linalg.LowRank(B=B, A=A, scale=torch.full((2,), 0.5))
+    Ut, St, Vt = oracle(W0.double() + update.dense())
+    for limit, dense in ((0, False), (160, True)):
+        monkeypatch.setattr(linalg, "DENSE_SVD_MAX", limit)
+        assert linalg.dense_is_cheaper(200, 160) is dense
+        result = linalg.truncated_svd(W0, 10, low_rank=update, generator=torch.Generator().manual_seed(0))
+        assert (result.iterations == 0) is dense
+        torch.testing.assert_close(result.S, St[:, :10], rtol=1e-6, atol=0)  # Krylov: fp32 products with W0
+        for vectors, reference in ((result.U, Ut), (result.V, Vt)):
+            assert torch.all(sign_aligned_distance(vectors, reference[..., :10]) <= result.error_bound.clamp_min(1e-9))
