@@ -20,11 +20,13 @@ threads that spin-wait on each other make wall times meaningless):
 
 Counts per matrix and ε must equal the fp64 reference's exactly; PEFT's are compared and differences listed (its
 SVD is fp32: a vector whose max |cos| is within fp32 rounding of ε may flip). ``--crossover`` also times the
-tuned top-k's two paths on either side of :func:`lorafft.linalg.dense_is_cheaper` on square stacks of sizes s (best of
+tuned top-k's two paths (block Krylov, and the dense fp64 top-k of ``linalg._dense_svd``) on either side of
+:func:`lorafft.linalg.dense_is_cheaper` on square stacks of sizes s (best of
 ``max(3, repeats // 2)``), the measurement behind ``linalg.DENSE_SVD_MAX``.
 
     python benchmarks/small_models.py                 # writes benchmarks/results/small_models.json
     python benchmarks/small_models.py --crossover     # adds the Krylov/dense timings per size
+    python benchmarks/small_models.py --what-if 1024  # adds lorafft with the dense top-k up to s = 1024
 """
 
 from __future__ import annotations
@@ -146,13 +148,26 @@ def timed(function, *args):
 CPU_SECONDS: list[float] = []
 
 
-def compare(repeats: int) -> dict:
-    """Time the three (and PEFT's whole function) interleaved; check the counts."""
+def lorafft_with_limit(adapter: Path, limit: int) -> dict[str, list[int]]:
+    """:func:`lorafft_counts` with ``linalg.DENSE_SVD_MAX = limit`` (the rule's limit moved, for ``--what-if``)."""
+    rule = linalg.DENSE_SVD_MAX
+    linalg.DENSE_SVD_MAX = limit
+    try:
+        return lorafft_counts(adapter)
+    finally:
+        linalg.DENSE_SVD_MAX = rule
+
+
+def compare(repeats: int, what_if: int | None = None) -> dict:
+    """Time the three (and PEFT's whole function, and lorafft with ``DENSE_SVD_MAX = what_if``) interleaved; check
+    the counts."""
     with tempfile.TemporaryDirectory() as scratch:
         adapter = Path(scratch) / "adapter"
         model, matrices = build_adapter(adapter)
         lorafft_counts(adapter)  # warm-up: imports, LAPACK/threads, the random-direction reference quantiles
         seconds = {"lorafft": [], "peft_counting": [], "peft_function": [], "fp64_reference": []}
+        if what_if is not None:
+            seconds[f"lorafft_dense_svd_max_{what_if}"] = []
         cpu_seconds = {key: [] for key in seconds}
         for run in range(repeats):
             elapsed, ours = timed(lorafft_counts, adapter)
@@ -162,7 +177,12 @@ def compare(repeats: int) -> dict:
             seconds["peft_function"].append(timed(peft_function, model, run)[0])
             elapsed, reference = timed(reference_counts, model)
             seconds["fp64_reference"].append(elapsed)
-            for key, value in zip(cpu_seconds, CPU_SECONDS[-4:]):
+            if what_if is not None:
+                elapsed, moved = timed(lorafft_with_limit, adapter, what_if)
+                seconds[f"lorafft_dense_svd_max_{what_if}"].append(elapsed)
+                if moved != reference:
+                    raise AssertionError(f"with DENSE_SVD_MAX = {what_if} the counts differ from the fp64 reference")
+            for key, value in zip(cpu_seconds, CPU_SECONDS[-len(cpu_seconds):]):
                 cpu_seconds[key].append(value)
     if sorted(ours) != sorted(reference) or len(ours) != matrices:
         raise AssertionError(f"lorafft scanned {sorted(ours)}, the adapter has {sorted(reference)}")
@@ -225,6 +245,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="matrices per stack in --crossover")
     parser.add_argument("--threads", type=int, default=1,
                         help="BLAS/LAPACK threads of every contestant (torch; SciPy's too with threadpoolctl)")
+    parser.add_argument("--what-if", type=int, help="also time lorafft with linalg.DENSE_SVD_MAX moved to this")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -240,13 +261,14 @@ def main() -> None:
 def run(args) -> None:
     result = {
         "command": "python benchmarks/small_models.py" + (" --crossover" if args.crossover else "")
-        + f" --threads {args.threads} --repeats {args.repeats}",
+        + f" --threads {args.threads} --repeats {args.repeats}"
+        + ("" if args.what_if is None else f" --what-if {args.what_if}"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
         "setup": {"model": "all-MiniLM-L6-v2", "targets": TARGETS, "r": RANK, "lora_alpha": ALPHA,
                   "update_sigma1_over_base_sigma1": STRENGTH, "k": K, "eps": EPS, "repeats": args.repeats},
-        "comparison": compare(args.repeats),
+        "comparison": compare(args.repeats, args.what_if),
     }
     comparison = result["comparison"]
     print(f"{comparison['matrices']} matrices, median of {args.repeats} runs (seconds), "
