@@ -505,3 +505,36 @@ def test_truncated_svd_of_fp8_weights_with_their_scale(kind, backend):
     result = linalg.truncated_svd(W8, 10, scale=scale, generator=torch.Generator().manual_seed(0), backend=backend)
     assert result.iterations > 0
     check_truncated(result, reference, 10, rel=1e-5)
+
+def test_dense_rule_paths_agree_with_fp64(monkeypatch):
+    """Both sides of ``linalg.dense_is_cheaper`` (forced by moving ``DENSE_SVD_MAX``) give the fp64 SVD's top-k of
+    one 200×160 stack plus a LoRA update: singular values, and vectors within the reported bounds."""
+    g = torch.Generator().manual_seed(160)
+    W0 = spectral_weight(200, 160, g, 2)
+    B = torch.randn(2, 200, 4, generator=g, dtype=torch.float64)
+    A = torch.randn(2, 4, 160, generator=g, dtype=torch.float64)
+    update = linalg.LowRank(B=B, A=A, scale=torch.full((2,), 0.5))
+    Ut, St, Vt = oracle(W0.double() + update.dense())
+    for limit, dense in ((0, False), (160, True)):
+        monkeypatch.setattr(linalg, "DENSE_SVD_MAX", limit)
+        assert linalg.dense_is_cheaper(200, 160) is dense
+        result = linalg.truncated_svd(W0, 10, low_rank=update, generator=torch.Generator().manual_seed(0))
+        assert (result.iterations == 0) is dense
+        torch.testing.assert_close(result.S, St[:, :10], rtol=1e-6, atol=0)  # Krylov: fp32 products with W0
+        for vectors, reference in ((result.U, Ut), (result.V, Vt)):
+            assert torch.all(sign_aligned_distance(vectors, reference[..., :10]) <= result.error_bound.clamp_min(1e-9))
+
+
+def test_dense_top_k_rank_below_k():
+    """The dense path on tuned matrices of rank 3 < k (the Gram cannot give the vectors of zero singular values, so a
+    full SVD does): top-3 singular values and vectors equal fp64's, orthonormal vectors, and no count from a zero."""
+    g = torch.Generator().manual_seed(3)
+    factors = [torch.randn(2, *shape, generator=g, dtype=torch.float64) for shape in ((90, 3), (3, 60))]
+    W = factors[0] @ factors[1]
+    U, S, V = oracle(W)
+    result = linalg.truncated_svd(W, 10)
+    assert result.iterations == 0
+    torch.testing.assert_close(result.S[:, :3], S[:, :3], rtol=1e-12, atol=0)
+    assert torch.all(sign_aligned_distance(result.U[..., :3], U[..., :3]) < 1e-10)
+    torch.testing.assert_close(result.U.mT @ result.U, torch.eye(10, dtype=torch.float64).expand(2, 10, 10),
+                               atol=1e-12, rtol=0)
