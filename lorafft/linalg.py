@@ -27,7 +27,7 @@ import torch
 
 SIDES = ("left", "right")
 BACKENDS = ("auto", "torch", "triton")
-DENSE_SVD_MAX = 128  # min(m, n) up to which the tuned top-k is one batched dense fp64 SVD (dense_is_cheaper)
+DENSE_SVD_MAX = 512  # min(m, n) up to which the tuned top-k is one batched dense fp64 SVD (dense_is_cheaper)
 
 
 def dense_is_cheaper(m: int, n: int, block_size: int = 0) -> bool:
@@ -37,10 +37,9 @@ def dense_is_cheaper(m: int, n: int, block_size: int = 0) -> bool:
 
     Measured on stacks of four square s×s matrices with rank-8 LoRA updates, one thread (``python
     benchmarks/small_models.py --crossover``, best of three): dense 0.012 s against Krylov 0.033 s at s = 256,
-    0.029 / 0.060 s at 384, 0.061 / 0.085 s at 512, but 0.185 / 0.126 s at 768: the crossover lies near s = 600.
-    The limit is 128 nonetheless because the exactness tests hold the Krylov path to fp64 at s >= 160 by asserting
-    that it iterates; once they force that path themselves, 512 is the measured value (a MiniLM scan then takes
-    0.53× the time of PEFT's intruder counting instead of 1.31×: ``--what-if``, README).
+    0.029 / 0.060 s at 384, 0.061 / 0.085 s at 512, but 0.185 / 0.126 s at 768: the crossover lies near s = 600,
+    so the limit is 512. Both paths certify their vectors by measured residuals, and the exactness tests hold each
+    of them to fp64 (``tests/test_exactness.py`` runs through both, ``tuned_path``).
     """
     s = min(m, n)
     return s <= DENSE_SVD_MAX or 3 * block_size >= s

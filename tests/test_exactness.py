@@ -168,12 +168,13 @@ def run(W0, Wt, k=10, eps=EPS, **kwargs):
 @pytest.mark.parametrize("base", ["synthetic", "spectral"])
 @pytest.mark.parametrize("m,n,L", [(256, 256, 3), (448, 160, 1), (160, 448, 2)])
 @pytest.mark.parametrize("kind", ["lora1", "lora8", "full"])
-def test_analyze_matches_definition_synthetic(base, m, n, L, kind):
+def test_analyze_matches_definition_synthetic(base, m, n, L, kind, tuned_path):
     g = torch.Generator().manual_seed(seed(base, m, n, kind))
     W0, Wt, _ = pair_stack([base_weight(base, m, n, g) for _ in range(L)], kind, g)
     results = run(W0, Wt)
     assert check(results, W0, Wt, 10) > 0
-    assert results["left"].iterations > 0  # 3·block = 90 < min(m, n): the Krylov path
+    if tuned_path == "krylov":
+        assert results["left"].iterations > 0  # 3·block = 90 < min(m, n): the Krylov path
     if kind != "full":  # the inputs do what they should: the adapter brings intruders
         assert torch.all(results["left"].counts[:, 0] >= 1)
 
@@ -230,12 +231,13 @@ def minilm(group):
 
 @pytest.mark.parametrize("group", list(MINILM))
 @pytest.mark.parametrize("kind", ["lora1", "lora8", "full"])
-def test_analyze_matches_definition_minilm(group, kind):
+def test_analyze_matches_definition_minilm(group, kind, tuned_path):
     """Real all-MiniLM-L6-v2 weights (slowly decaying spectra: σ1..σ11 of the query within 27 %)."""
     g = torch.Generator().manual_seed(seed(group, kind))
     W0, Wt, _ = pair_stack(minilm(group), kind, g)
     results = run(W0, Wt)
-    assert results["left"].iterations > 0
+    if tuned_path == "krylov":
+        assert results["left"].iterations > 0
     check(results, W0, Wt, 10)
 
 

@@ -238,6 +238,7 @@ def test_truncated_svd_k_clamped_to_min_dimension():
     check_truncated(result, W, 20)
 
 
+@pytest.mark.usefixtures("krylov_path")
 @pytest.mark.parametrize("m,n", [(400, 300), (300, 400)])
 def test_truncated_svd_adversarial_start(m, n):
     """A start block orthogonal to the top vectors (the bottom left singular vectors) must not stop the
@@ -255,6 +256,7 @@ def test_truncated_svd_adversarial_start(m, n):
     check_truncated(linalg.truncated_svd(W, k, start=dup, generator=torch.Generator().manual_seed(0)), W, k)
 
 
+@pytest.mark.usefixtures("krylov_path")
 def test_truncated_svd_good_start_converges_fast():
     k = 10
     g = torch.Generator().manual_seed(12)
@@ -483,6 +485,7 @@ def test_analyze_takes_cupy_arrays():
     assert torch.equal(mine.max_cos, theirs.max_cos) and torch.equal(mine.counts, theirs.counts)
 
 
+@pytest.mark.usefixtures("krylov_path")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
 def test_truncated_svd_of_fp8_weights_with_their_scale(kind, backend):

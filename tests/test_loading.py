@@ -17,6 +17,8 @@ from lorafft.scan import BUDGET_FRACTION, BUDGET_ITERATIONS, _recorded_budget, d
 from fixtures import checkpoints
 from test_fp8_moe import reference_dequantize
 
+pytestmark = pytest.mark.usefixtures("krylov_path")  # the kernels run in the Krylov products
+
 ATTENTION = r"layers\.[01]\.self_attn\.(q|o)_proj"  # four 256 x 256 matrices: one batch, Krylov path (256 > 3 x 20)
 
 

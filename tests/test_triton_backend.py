@@ -7,6 +7,8 @@ import torch
 import lorafft
 from lorafft import linalg
 
+pytestmark = pytest.mark.usefixtures("krylov_path")  # the kernels run in the Krylov products
+
 pytest.importorskip("triton")
 
 
