@@ -124,15 +124,15 @@ def scan(
         warnings.warn("split_fused ignored: a PEFT adapter is merged onto whole fused projections, so they are "
                       "analysed whole", stacklevel=2)
         settings = settings.replace(split_fused=False)
-    reader = None if base_cache is None else BaseCache(base_cache)
-    writer = None if write_base_cache is None else BaseCache(write_base_cache, writable=True)
+    cache_in = None if base_cache is None else BaseCache(base_cache)
+    cache_out = None if write_base_cache is None else BaseCache(write_base_cache, writable=True)
     rank, size = distributed.world()
     with contextlib.ExitStack() as stack:
         inputs = _Inputs.open(base, tuned_list, settings, stack, located.record)
         if max_batch_bytes is None and device.type == "cuda" and size == 1:  # ranks must cut the same batches
             budget = (_recorded_budget(journal) if resume else None) or device_batch_bytes(
                 torch.cuda.mem_get_info(device)[0], [pair.shape for pair in inputs.matrices],
-                copies=1 + len(inputs.sources), k=settings.k, cached=reader is not None)
+                copies=1 + len(inputs.sources), k=settings.k, cached=cache_in is not None)
             settings = settings.replace(max_batch_bytes=budget)
         batches = pairing.shape_batches(inputs.matrices, settings.max_batch_bytes, copies=1 + len(inputs.sources))
         owners = distributed.assign([_cost(batch) * len(inputs.sources) for batch in batches], size)
@@ -140,7 +140,7 @@ def scan(
             journal = f"{journal}.rank{rank}"
         header = {"inputs": inputs.record, "options": settings.record(), "fingerprints": fingerprints([base, *tuned_list])}
         record = None if journal is None else Journal(journal, header, resume=resume)
-        run = _Run(settings, device, backend, reader, writer, record)
+        run = _Run(settings, device, backend, cache_in, cache_out, record)
         try:
             mine = [index for index, owner in enumerate(owners) if owner == rank]
             rows_by_batch = run.rows(inputs, batches, mine, progress=progress and rank == 0)
@@ -260,8 +260,8 @@ class _Run:
     settings: ScanOptions
     device: torch.device
     backend: str | None
-    reader: BaseCache | None
-    writer: BaseCache | None
+    cache_in: BaseCache | None  # base bases read from here (scan --base-cache)
+    cache_out: BaseCache | None  # and those computed stored here (scan --write-base-cache)
     record: Journal | None
 
     def rows(self, inputs: _Inputs, batches: list[list[pairing.Pair]], mine: list[int], *,
@@ -297,7 +297,7 @@ class _Run:
         settings, rows = self.settings, []
         # one random stream per batch, so that a resumed (or distributed) scan draws exactly what one run draws
         generator = torch.Generator().manual_seed(settings.seed + 7919 * index)
-        basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.reader, self.writer)
+        basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.cache_in, self.cache_out)
         for checkpoint, (entry, pairs, positions, columns, scale) in enumerate(
                 zip(loaded.tuned, loaded.pairs, loaded.rows, loaded.columns, loaded.scales)):
             if not pairs:

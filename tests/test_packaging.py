@@ -1,5 +1,6 @@
 """The built wheel holds every module of the source tree (``kernels/`` as ``lorafft.kernels``) and works installed
-non-editable, away from the checkout: ``lorafft demo``, ``lorafft --version``, the kernels import."""
+non-editable, away from the checkout: ``lorafft demo``, ``--version``, ``scan``, ``plot``, ``report --html`` and the
+kernels import."""
 
 import importlib.util
 import os
@@ -95,3 +96,12 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
     assert demo.returncode == 0, demo.stderr
     assert demo.stdout.count("intruders") >= 2 and "LoRA grows intruder dimensions" in demo.stdout
     assert os.listdir(work) == []
+    # the rest of the README's path, from the wheel: demo checkpoints kept, scanned, drawn, written as a page
+    lorafft_command = str(target / "bin" / "lorafft")
+    for argv in (["demo", "--dir", "demo", "--quiet"], ["scan", "demo/base", "demo/lora", "--out", "lora.json",
+                 "--quiet"], ["plot", "lora.json", "--out", "figures", "--spectra", "1", "--heatmaps", "1"],
+                 ["report", "lora.json", "--html", "lora.html"]):
+        done = run(lorafft_command, *argv)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (argv, done.stderr)
+    assert (work / "lora.html").read_text(encoding="utf-8").count("data:image/png") >= 4
+    assert any(name.startswith("similarity-") for name in os.listdir(work / "figures"))
