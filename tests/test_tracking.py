@@ -21,6 +21,8 @@ peft = pytest.importorskip("peft")
 from lorafft.integrations.transformers import IntruderCallback  # noqa: E402
 from lorafft.tracking import Tracker  # noqa: E402
 
+BASIS_FP32 = 1e-6  # max|cos| error of an fp32 explicit base basis (2.6e-7 seen on these MiniLM matrices)
+
 QUERY_VALUE = [r"attention\.self\.(query|value)\.weight$"]
 K = 10
 
@@ -73,8 +75,8 @@ def assert_rows_match(tracked, scanned):
             (other.delta_magnitude, other.delta_direction), rel=1e-9, abs=1e-12)
         assert row.counts == other.counts or any(row.near_threshold)
         for a, b, e1, e2 in zip(row.max_cos, other.max_cos, row.error_bound, other.error_bound):
-            if e1 + e2 < 1e-3:
-                assert abs(a - b) <= e1 + e2 + 1e-9
+            if e1 + e2 < 1e-3:  # the tracker holds each basis in fp32, as a base cache does: up to ~1e-6 more
+                assert abs(a - b) <= e1 + e2 + BASIS_FP32
                 compared += 1
         torch.testing.assert_close(torch.tensor(row.singular_values), torch.tensor(other.singular_values),
                                    rtol=1e-6, atol=1e-7)
