@@ -66,7 +66,8 @@ class BaseCache:
         else:
             raise InputError(self.directory, f"no base cache here (no {INDEX}); build one with 'lorafft cache build'")
 
-    def lookup(self, name: str, W0_stored: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def lookup(self, name: str, W0_stored: torch.Tensor,
+               shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(basis [s, s] fp32, sigma [s] fp64)`` for base tensor ``name`` analysed as ``shape``, or None if not
         cached (or cached in the other orientation, e.g. a GPT-2 Conv1D weight scanned with and without an adapter).
 

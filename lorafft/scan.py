@@ -138,7 +138,8 @@ def scan(
         owners = distributed.assign([_cost(batch) * len(inputs.sources) for batch in batches], size)
         if journal is not None and size > 1:
             journal = f"{journal}.rank{rank}"
-        header = {"inputs": inputs.record, "options": settings.record(), "fingerprints": fingerprints([base, *tuned_list])}
+        header = {"inputs": inputs.record, "options": settings.record(),
+                  "fingerprints": fingerprints([base, *tuned_list])}
         record = None if journal is None else Journal(journal, header, resume=resume)
         run = _Run(settings, device, backend, cache_in, cache_out, record)
         try:
