@@ -111,6 +111,8 @@ def analyze(
         backend: "torch", "triton" or "auto" (:func:`lorafft.linalg.resolve_backend`): with Triton, the products of
             the truncated SVD run in :mod:`lorafft.kernels.sketch`; the max |cos| is one full-fp32 product with the
             basis and a reduction (:func:`lorafft.linalg.match`).
+        scale: an FP8 ``Wt``'s dequantisation scale as stored (``Wt · scale`` is the matrix; layouts as
+            :func:`lorafft.linalg.truncated_svd`'s ``scale``): the Triton kernels read both as they are.
 
     Returns ``{side: SideAnalysis}``.
     """

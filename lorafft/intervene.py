@@ -199,7 +199,7 @@ def intervene(
     if isinstance(tuned, dict):
         raise InputError(io.STATE_DICT, "intervene rewrites files: TUNED must be a checkpoint or adapter on disk")
     device = distributed.local_device() if device is None else torch.device(device)
-    reader = None if base_cache is None else BaseCache(base_cache)
+    cache_in = None if base_cache is None else BaseCache(base_cache)
     tuned_source = loading.open_tuned(tuned)
     is_adapter = isinstance(tuned_source, io.Adapter)
     tuned_checkpoint = tuned_source.tensors if is_adapter else tuned_source
@@ -209,7 +209,7 @@ def intervene(
         pairs, skipped = pairing.find_pairs(base_checkpoint, tuned_source, scope)
         loader = loading.BatchLoader(base_checkpoint, [tuned_source], [{pair.name: pair for pair in pairs}],
                                      device=device, native=linalg.resolve_backend(device, backend) == "triton")
-        finder = _EditFinder(settings, lam, which, reader, backend)
+        finder = _EditFinder(settings, lam, which, cache_in, backend)
         edits, matrices = finder.find(loader, pairing.shape_batches(pairs, settings.max_batch_bytes), progress)
         views = [] if is_adapter else [e.pair.tuned_name for e in edits.values()
                                        if tuned_checkpoint.is_view(e.pair.tuned_name)]
@@ -263,7 +263,7 @@ class _EditFinder:
     settings: options.ScanOptions
     lam: float
     which: str
-    reader: BaseCache | None
+    cache_in: BaseCache | None  # base bases read from here (intervene's base_cache)
     backend: str | None
 
     def find(self, loader: loading.BatchLoader, batches: list[list[Pair]], progress: bool):
@@ -281,7 +281,7 @@ class _EditFinder:
         settings, eps = self.settings, self.settings.eps[0]
         batch, (entry,), (columns,) = loaded.pairs[0], loaded.tuned, loaded.columns
         generator = torch.Generator().manual_seed(settings.seed + 7919 * position)
-        basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.reader)
+        basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.cache_in)
         Wt, update = (None, entry) if isinstance(entry, linalg.LowRank) else (entry, None)
         result = analysis.analyze(loaded.W0, Wt, lora=update, k=settings.k, eps=settings.eps, start=columns,
                                   tol=settings.tol, generator=generator, basis=basis, backend=self.backend)["left"]

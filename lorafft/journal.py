@@ -59,6 +59,23 @@ def _digest(file: str) -> str:
     return digest.hexdigest()
 
 
+def read_header(path) -> dict:
+    """The header of the journal at ``path`` (its first line: inputs, options, fingerprints); InputError when the
+    file is not a lorafft journal, OSError when it cannot be read."""
+    with open(path, "rb") as handle:
+        return _header(handle.readline(JOURNAL_LINE_BYTES + 1).rstrip(b"\n"), os.fspath(path))
+
+
+def _header(line: bytes, path: str) -> dict:
+    try:
+        header = parse_json(line, path, max_bytes=JOURNAL_LINE_BYTES, what="journal header")
+    except InputError:
+        raise InputError(path, "not a lorafft journal (unreadable header); remove it") from None
+    if not isinstance(header, dict) or header.get("lorafft_journal") != FORMAT_VERSION:
+        raise InputError(path, "not a lorafft journal (no lorafft_journal header); remove it")
+    return header
+
+
 class Journal:
     """An open journal at ``path`` for a scan described by ``header`` (its inputs and options).
 
@@ -86,13 +103,7 @@ class Journal:
         """``[header, line, line, ...]``: the parsed header and the raw row lines (bytes) after it."""
         with open(self.path, "rb") as handle:
             lines = handle.read().split(b"\n")
-        try:
-            header = parse_json(lines[0], self.path, max_bytes=JOURNAL_LINE_BYTES, what="journal header")
-        except InputError:
-            raise InputError(self.path, "not a lorafft journal (unreadable header); remove it") from None
-        if not isinstance(header, dict) or header.get("lorafft_journal") != FORMAT_VERSION:
-            raise InputError(self.path, "not a lorafft journal (no lorafft_journal header); remove it")
-        return [header, *lines[1:]]
+        return [_header(lines[0], self.path), *lines[1:]]
 
     def _check_header(self, header: dict) -> None:
         """The journal must be this scan's: same inputs and options, and input files unchanged since."""

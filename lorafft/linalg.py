@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorafft.io import fp8
+
 SIDES = ("left", "right")
 BACKENDS = ("auto", "torch", "triton")
 DENSE_SVD_MAX = 512  # min(m, n) up to which the tuned top-k is one batched dense fp64 SVD (dense_is_cheaper)
@@ -36,9 +38,9 @@ def dense_is_cheaper(m: int, n: int, block_size: int = 0) -> bool:
     need a third of the small side (``3 * block_size >= s``); certified block Krylov iteration otherwise.
 
     Measured on stacks of four square s×s matrices with rank-8 LoRA updates, one thread (``python
-    benchmarks/small_models.py --crossover``, best of three): dense 0.012 s against Krylov 0.033 s at s = 256,
-    0.029 / 0.060 s at 384, 0.061 / 0.085 s at 512, but 0.185 / 0.126 s at 768: the crossover lies near s = 600,
-    so the limit is 512. Both paths certify their vectors by measured residuals, and the exactness tests hold each
+    benchmarks/small_models.py --crossover``, best of five, ``benchmarks/results/small_models.json``): dense 0.012 s
+    against Krylov 0.033 s at s = 256, 0.029 / 0.060 s at 384, 0.063 / 0.087 s at 512, but 0.164 / 0.127 s at 768:
+    the crossover lies between 512 and 768, so the limit is 512. Both paths certify their vectors by measured residuals, and the exactness tests hold each
     of them to fp64 (``tests/test_exactness.py`` runs through both, ``tuned_path``).
     """
     s = min(m, n)
@@ -119,19 +121,14 @@ def _full_precision_fp32_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-def _dequantized(W: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """``W`` itself without a scale, else ``W · scale`` in fp32 for the scale layouts of
-    :func:`lorafft.kernels.sketch.sketch`: ``[L]`` per tensor, ``[L, m]`` per row, ``[L, ceil(m/128),
-    ceil(n/128)]`` per 128×128 block."""
+def dequantized(W: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``W [L, m, n]`` itself without a scale, else ``W · scale`` in fp32 (:func:`lorafft.io.fp8.dequantize`, matrix
+    by matrix) for the stacked scale layouts of :func:`lorafft.kernels.sketch.sketch`: ``[L]`` per tensor,
+    ``[L, m]`` per row, ``[L, ceil(m/128), ceil(n/128)]`` per 128×128 block."""
     if scale is None:
         return W
-    m, n = W.shape[-2:]
-    scale = scale.to(W.device, torch.float32)
-    if scale.dim() == 1:
-        return W.float() * scale[:, None, None]
-    if scale.dim() == 2:
-        return W.float() * scale[:, :, None]
-    return W.float() * scale.repeat_interleave(128, 1)[:, :m].repeat_interleave(128, 2)[:, :, :n]
+    scale = scale.to(W.device)
+    return torch.stack([fp8.dequantize(w, s, fp8.layout_scheme(s)) for w, s in zip(W, scale)])
 
 
 def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -454,10 +451,10 @@ def truncated_svd(
     k = min(k, m, n)
     b = block_size or max(2 * k, k + 10)
     if dense_is_cheaper(m, n, b):
-        return _dense_svd(_dequantized(W, scale), k, low_rank)
+        return _dense_svd(dequantized(W, scale), k, low_rank)
     backend = resolve_backend(W.device, backend, W.dtype)
     if backend == "torch":
-        W, scale = _dequantized(W, scale), None
+        W, scale = dequantized(W, scale), None
         if W.dtype not in (torch.float32, torch.float64):
             W = W.float()  # torch would multiply in the stored (b)f16; the Triton kernel reads it as stored
     scale = None if scale is None else scale.to(W.device, torch.float32)
@@ -498,7 +495,7 @@ def truncated_svd(
             V = (B.mT @ U_hat[..., :k]) * inverse_theta[:, None, :k]
             return TruncatedSVD(U[..., :k], theta[:, :k], V, residual[:, :k], bound, iteration)
         if Q.shape[-1] + b > min(m, n):
-            return _dense_svd(_dequantized(W, scale), k, low_rank)
+            return _dense_svd(dequantized(W, scale), k, low_rank)
         previous = residual[:, :k]
         blocks.append(_orthonormalize(images[-1], Q))
     raise AssertionError("unreachable")

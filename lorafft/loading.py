@@ -31,6 +31,7 @@ import torch
 
 from lorafft import adapters, io, linalg
 from lorafft.errors import InputError
+from lorafft.io import fp8
 from lorafft.pairing import Pair
 
 NATIVE_DTYPES = (torch.float16, torch.bfloat16)  # read as stored by the Triton kernels
@@ -133,8 +134,7 @@ def native_stack(read: list[tuple[torch.Tensor, torch.Tensor | None]],
     scales = [scale for _, scale in read]
     if all(scale is not None for scale in scales) and len({scale.shape for scale in scales}) == 1:
         return stack([tensor for tensor, _ in read]), stack(scales)
-    schemes = ("tensor", "channel", "block")  # by the scale's dimension, as get_stored lays it out
-    return stack([oriented(tensor if scale is None else io.fp8.dequantize(tensor, scale, schemes[scale.dim()]), pair,
+    return stack([oriented(tensor if scale is None else fp8.dequantize(tensor, scale, fp8.layout_scheme(scale)), pair,
                            native=True) for (tensor, scale), pair in zip(read, pairs)]), None
 
 

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import platform
 from dataclasses import dataclass, field
 
 from lorafft.io.writer import write_atomic
@@ -337,6 +338,23 @@ class Report:
         from lorafft.plots.html import write_html
 
         write_html(self, path, **options)
+
+
+def versions() -> dict:
+    """The versions a report records: lorafft, torch, numpy, safetensors and Python."""
+    import numpy
+    import safetensors
+    import torch
+
+    from lorafft import __version__
+
+    return {
+        "lorafft": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None, changes=None) -> list[MatrixRow]:

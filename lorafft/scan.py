@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
-import platform
 import warnings
 from dataclasses import dataclass, field
 
@@ -21,10 +19,9 @@ from lorafft import analysis, distributed, io, linalg, loading, options, pairing
 from lorafft.cache import BaseCache, batch_basis
 from lorafft.errors import InputError
 from lorafft.io import hub
-from lorafft.io.jsonfile import JOURNAL_LINE_BYTES
-from lorafft.journal import Journal, fingerprints, row_key
+from lorafft.journal import Journal, fingerprints, read_header, row_key
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
-from lorafft.report import MatrixRow, Report, matrix_rows
+from lorafft.report import MatrixRow, Report, matrix_rows, versions
 
 
 def scan(
@@ -161,7 +158,7 @@ def _report(gathered: dict[int, list[MatrixRow]] | None, inputs: _Inputs, settin
     if gathered is None:
         return None
     rows = [row for index in sorted(gathered) for row in gathered[index]]
-    report = Report(eps=settings.eps, rows=rows, inputs=inputs.record, options=settings.record(), versions=_versions(),
+    report = Report(eps=settings.eps, rows=rows, inputs=inputs.record, options=settings.record(), versions=versions(),
                     skipped=inputs.skipped,
                     created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if out is not None:
@@ -242,10 +239,10 @@ def _recorded_budget(journal) -> int | None:
     """The ``max_batch_bytes`` a journal's scan used, so that a resumed scan cuts the same batches whatever memory
     is free now; None when there is none to read (the journal then judges the resume as always)."""
     try:
-        with open(journal, "rb") as file:
-            value = json.loads(file.readline(JOURNAL_LINE_BYTES))["options"]["max_batch_bytes"]
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded = read_header(journal).get("options")
+    except (OSError, InputError):
         return None
+    value = recorded.get("max_batch_bytes") if isinstance(recorded, dict) else None
     return value if isinstance(value, int) and value > 0 else None
 
 
@@ -309,7 +306,7 @@ class _Run:
                                        start=columns, tol=settings.tol, generator=generator,
                                        basis=basis.select(positions), backend=self.backend, scale=scale)
             if scale is not None:  # float8 as stored: the rows below need the matrix itself (one fp32 copy)
-                Wt = linalg._dequantized(Wt, scale)
+                Wt = linalg.dequantized(Wt, scale)
             ranks = None
             if settings.delta_ranks:
                 ranks = analysis.delta_ranks(W0, Wt, [pair.adapter for pair in pairs])
@@ -320,18 +317,3 @@ class _Run:
                 rows.append(row)
             bar.update(len(pairs))
         return rows
-
-
-def _versions() -> dict:
-    import numpy
-    import safetensors
-
-    from lorafft import __version__
-
-    return {
-        "lorafft": __version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "safetensors": safetensors.__version__,
-        "python": platform.python_version(),
-    }

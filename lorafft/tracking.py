@@ -23,8 +23,7 @@ from lorafft.cache import BaseCache, batch_basis, cached_basis
 from lorafft.errors import InputError
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
 from lorafft.pairing import Pair
-from lorafft.report import MatrixRow, Report, eps_key, matrix_rows
-from lorafft.scan import _versions
+from lorafft.report import MatrixRow, Report, eps_key, matrix_rows, versions
 
 STEP_PREFIX = "step "  # a tracked step's checkpoint label in a report: "step 100"
 
@@ -181,7 +180,7 @@ class Tracker:
         rows = [dataclasses.replace(row, checkpoint=c) for c, s in enumerate(steps) for row in self.rows[s]]
         inputs = {"base": self.base, "tuned": [f"{STEP_PREFIX}{s}" for s in steps],
                   "tuned_kind": [self.kind] * len(steps)}
-        return Report(eps=self.eps, rows=rows, inputs=inputs, options=dict(self.options), versions=_versions(),
+        return Report(eps=self.eps, rows=rows, inputs=inputs, options=dict(self.options), versions=versions(),
                       created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -264,8 +263,9 @@ def _snapshot_matrices(model: torch.nn.Module, scope: pairing.Scope, names) -> l
 
 def _explicit(basis: linalg.BaseBasis) -> linalg.BaseBasis:
     """The basis as a base cache holds it (:func:`lorafft.cache.cached_basis`): the small side's vectors explicit,
-    ``[L, s, s]`` fp32 (4 s^2 bytes per matrix instead of 16 s^2 for reflectors and eigenvectors in fp64; max|cos|
-    within 1.4e-8 of fp64, ``benchmarks/measure_claims.py``), so that every step's projection is one product."""
+    ``[L, s, s]`` fp32 (4 s^2 bytes per matrix instead of 16 s^2 for reflectors and eigenvectors in fp64), so that
+    every step's projection is one product; max|cos| then carries the fp32 basis's error, as a cached scan's does
+    (README "Base cache")."""
     if basis.reflectors is None and basis.Z.dtype == torch.float32:
         return basis
     explicit = basis.top_vectors(basis.small_side, basis.sigma.shape[-1]).float()

@@ -55,6 +55,12 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, *, 
     return out
 
 
+def layout_scheme(scale: torch.Tensor) -> Fp8Scheme:
+    """The scheme of one matrix's scale as :meth:`lorafft.io.Checkpoint.get_stored` lays it out for the kernels:
+    ``[]`` per tensor, ``[out]`` per output channel, ``[ceil(out/128), ceil(in/128)]`` per block."""
+    return ("tensor", "channel", "block")[scale.dim()]
+
+
 def scale_shapes(shape: tuple[int, int], scheme: str, block: int = FP8_BLOCK) -> list[tuple[int, ...]]:
     """The scale shapes ``scheme`` allows for a weight of ``shape`` ``(out, in)``."""
     rows, cols = shape
