@@ -130,7 +130,8 @@ def analyze(
     tuned_matrix = W0 if Wt is None else Wt
     backend = linalg.resolve_backend(tuned_matrix.device, backend)
     tuned = linalg.truncated_svd(tuned_matrix, k, start=guesses, block_size=block, tol=tol, generator=generator,
-                                 backend=backend, low_rank=low_rank, scale=scale)
+                                 backend=backend, low_rank=low_rank, scale=scale,
+                                 base_gram=basis.gram if Wt is None else None)
     results, rank = {}, base_rank(basis)
     for side in sides:
         vectors = tuned.U if side == "left" else tuned.V

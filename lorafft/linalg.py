@@ -194,6 +194,7 @@ class BaseBasis:
     Z: torch.Tensor  # [L, s, s], columns ordered by descending sigma
     reflectors: torch.Tensor | None  # [L, s, s] LAPACK ?sytrd output (lower, column-major), or None when Z is the basis
     tau: torch.Tensor | None  # [L, s-1]
+    gram: torch.Tensor | None = None  # [L, s, s] fp64 small-side Gram matrix, kept for s <= DENSE_SVD_MAX (_dense_svd)
 
     @property
     def small_side(self) -> str:
@@ -205,7 +206,7 @@ class BaseBasis:
             return self
         pick = (lambda t: None if t is None else t[rows])
         return BaseBasis(W0=self.W0[rows], sigma=self.sigma[rows], Z=self.Z[rows], reflectors=pick(self.reflectors),
-                         tau=pick(self.tau))
+                         tau=pick(self.tau), gram=pick(self.gram))
 
     def _reflect(self, Y: torch.Tensor, transpose: bool) -> torch.Tensor:
         """``Q^T Y`` (``transpose``) or ``Q Y`` for ``Y [L, s, k]``; Q = I when there are no reflectors."""
@@ -272,6 +273,9 @@ def base_basis(W0: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> BaseB
     small = W0 if W0.shape[-2] <= W0.shape[-1] else W0.mT
     gram = _gram_upper(small, dtype)
     L, s, _ = gram.shape
+    kept = None  # the Gram matrix itself, for the dense top-k of LoRA updates of small matrices (_dense_svd)
+    if s <= DENSE_SVD_MAX and dtype == torch.float64:
+        kept = gram.triu() + gram.triu(1).mT  # the upper triangle mirrored (LAPACK overwrites gram below)
     if gram.device.type == "cpu" and s > 1:
         lam = torch.empty(L, s, dtype=dtype)
         Z = torch.empty(L, s, s, dtype=dtype).mT  # column-major like LAPACK's, so the copy below is by columns
@@ -285,7 +289,7 @@ def base_basis(W0: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> BaseB
     else:
         lam, Z = torch.linalg.eigh(gram, UPLO="U")
         Z, reflectors, tau = Z.flip(-1), None, None
-    return BaseBasis(W0=W0, sigma=_sigma(lam), Z=Z, reflectors=reflectors, tau=tau)
+    return BaseBasis(W0=W0, sigma=_sigma(lam), Z=Z, reflectors=reflectors, tau=tau, gram=kept)
 
 
 def _sigma(lam: torch.Tensor) -> torch.Tensor:
@@ -336,28 +340,56 @@ def _error_bounds(theta: torch.Tensor, residual: torch.Tensor, k: int) -> torch.
     return torch.where(delta > 0, bound.clamp(max=2.0), torch.full_like(bound, math.inf))
 
 
-def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None) -> TruncatedSVD:
+def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None,
+               base_gram: torch.Tensor | None = None) -> TruncatedSVD:
     """Top-k triplets of ``W [L, m, n]`` (plus ``low_rank``) by dense fp64 LAPACK, for matrices too small (or k too
     large) for Krylov iteration to pay off (:func:`dense_is_cheaper`).
 
     From the fp64 Gram matrix of the smaller side, only its top ``q = k + 1`` eigenpairs (LAPACK ?syevr on the CPU:
     a quarter of a full SVD's time at 384²); the other side's vectors by one product, and the residual of the side
-    that product does not fix (``W v - σ u`` or ``W^T u - σ v``) measured on the formed fp64 matrix, so that the bound
-    of :func:`_error_bounds` is certified as the Krylov path's is. When a top-k singular value is below what an fp64
-    Gram matrix resolves (``sqrt(eps) σ1``; rank below k) the product does not define its vectors: then a full fp64
-    SVD."""
-    dense = W.double() if low_rank is None else W.double() + low_rank.dense()
-    left = dense.shape[-2] <= dense.shape[-1]
-    small = dense if left else dense.mT  # [L, s, d]: the Gram side first
-    lam, X = _top_eigenpairs(small @ small.mT, min(k + 1, small.shape[-2]))  # descending; X [L, s, q]
+    that product does not fix (``W v - σ u`` or ``W^T u - σ v``) measured in fp64 against the matrix, so that the
+    bound of :func:`_error_bounds` is certified as the Krylov path's is. With a LoRA update and W's own Gram matrix
+    (``base_gram [L, s, s]`` fp64, :attr:`BaseBasis.gram`), the tuned Gram matrix is that plus the update's
+    low-rank terms (:func:`_gram_of_sum`) and the tuned matrix is never formed. When a top-k singular value is below
+    what an fp64 Gram matrix resolves (``sqrt(eps) σ1``; rank below k) the product does not define its vectors:
+    then a full fp64 SVD."""
+    left = W.shape[-2] <= W.shape[-1]
+    factored = low_rank is not None and base_gram is not None
+    dense = None if factored else W.double() if low_rank is None else W.double() + low_rank.dense()
+    if factored:
+        gram = base_gram.to(W.device, torch.float64) + _gram_of_sum(W, low_rank, left)
+        low_rank = low_rank.to(W.device, torch.float64)
+    else:
+        small = dense if left else dense.mT  # [L, s, d]: the Gram side first
+        gram = small @ small.mT
+
+    def tuned(X: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """The tuned matrix (or its transpose) times ``X`` in fp64."""
+        if factored:
+            return _matmul(W.mT if transpose else W, X) + low_rank.times(X, transpose)
+        return (dense.mT if transpose else dense) @ X
+
+    lam, X = _top_eigenpairs(gram, min(k + 1, gram.shape[-1]))  # descending; X [L, s, q]
     theta = lam.clamp_min(0).sqrt()
     keep = theta > theta[:, :1] * math.sqrt(torch.finfo(torch.float64).eps)  # what a fp64 Gram resolves
     if not bool(keep[:, :k].all()):
-        return _full_svd(dense, k)
-    Y = (small.mT @ X) * torch.where(keep, 1.0 / theta, 0.0).unsqueeze(1)  # [L, d, q]; 0 for a (k+1)-th σ of ~0
-    residual = (small @ Y - X * theta.unsqueeze(1)).norm(dim=1)  # the side the product does not fix
+        return _full_svd(W.double() + low_rank.dense() if dense is None else dense, k)
+    Y = tuned(X, left) * torch.where(keep, 1.0 / theta, 0.0).unsqueeze(1)  # [L, d, q]; 0 for a (k+1)-th σ of ~0
+    residual = (tuned(Y, not left) - X * theta.unsqueeze(1)).norm(dim=1)  # the side the product does not fix
     U, V = (X, Y) if left else (Y, X)
     return TruncatedSVD(U[..., :k], theta[:, :k], V[..., :k], residual[:, :k], _error_bounds(theta, residual, k), 0)
+
+
+def _gram_of_sum(W: torch.Tensor, low_rank: LowRank, left: bool) -> torch.Tensor:
+    """What a LoRA update adds to the Gram matrix of the smaller side, fp64 ``[L, s, s]``: for ``left``
+    (``m <= n``) ``(W + s B A)(W + s B A)^T - W W^T = T + T^T + s² B (A A^T) B^T`` with ``T = s (W A^T) B^T``, else
+    the same with ``W^T`` for W, ``A^T`` for B and ``B^T`` for A. Costs ``O(s d r)``, not the ``O(s² d)`` of a Gram
+    matrix."""
+    B, A = low_rank.B.to(W.device, torch.float64), low_rank.A.to(W.device, torch.float64)
+    first, second = (B, A) if left else (A.mT, B.mT)  # the update is first @ second in the small orientation
+    scale = low_rank.scale.to(W.device, torch.float64)[:, None, None]
+    T = scale * (_matmul(W if left else W.mT, second.mT) @ first.mT)
+    return T + T.mT + scale**2 * (first @ (second @ second.mT) @ first.mT)
 
 
 def _top_eigenpairs(gram: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,6 +436,7 @@ def truncated_svd(
     backend: str | None = None,
     low_rank: LowRank | None = None,
     scale: torch.Tensor | None = None,
+    base_gram: torch.Tensor | None = None,
 ) -> TruncatedSVD:
     """Top-k singular triplets of ``W [L, m, n]`` (of ``W + low_rank`` when given) by block Krylov iteration with
     a certified stopping rule.
@@ -441,7 +474,9 @@ def truncated_svd(
             per output channel, ``[L, ceil(m/128), ceil(n/128)]`` per 128×128 block. The Triton kernel reads W and
             its scale as they are; the torch backend (and the dense path) dequantises W once in fp32.
 
-    Small matrices (:func:`dense_is_cheaper`) go to one batched dense fp64 SVD instead.
+    Small matrices (:func:`dense_is_cheaper`) go to one batched dense fp64 SVD instead; ``base_gram``
+    (:attr:`BaseBasis.gram` of W, fp64 ``[L, s, s]``) lets that path add a ``low_rank`` update to W's Gram matrix
+    instead of forming the tuned one.
 
     Host synchronisations on CUDA, per iteration: two, both needed by the algorithm as it stands: the error check
     inside ``torch.linalg.eigh`` (of the fp64 Rayleigh–Ritz matrix) and the stopping decision. Nothing else waits
@@ -452,7 +487,7 @@ def truncated_svd(
     k = min(k, m, n)
     b = block_size or max(2 * k, k + 10)
     if dense_is_cheaper(m, n, b):
-        return _dense_svd(dequantized(W, scale), k, low_rank)
+        return _dense_svd(dequantized(W, scale), k, low_rank, None if scale is not None else base_gram)
     backend = resolve_backend(W.device, backend, W.dtype)
     if backend == "torch":
         W, scale = dequantized(W, scale), None
@@ -496,7 +531,7 @@ def truncated_svd(
             V = (B.mT @ U_hat[..., :k]) * inverse_theta[:, None, :k]
             return TruncatedSVD(U[..., :k], theta[:, :k], V, residual[:, :k], bound, iteration)
         if Q.shape[-1] + b > min(m, n):
-            return _dense_svd(dequantized(W, scale), k, low_rank)
+            return _dense_svd(dequantized(W, scale), k, low_rank, None if scale is not None else base_gram)
         previous = residual[:, :k]
         blocks.append(_orthonormalize(images[-1], Q))
     raise AssertionError("unreachable")

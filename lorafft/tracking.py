@@ -67,7 +67,7 @@ class _Batch:
 
     matrices: list[_Tracked]
     W0: torch.Tensor
-    basis: linalg.BaseBasis
+    basis: linalg.BaseBasis | None = None  # computed by Tracker.prepare
     previous: torch.Tensor | None = None
 
 
@@ -80,12 +80,15 @@ class Tracker:
         k, eps, side, include, exclude: as in :func:`lorafft.scan` (regexes are searched in the report names).
         device: where the base bases live and the analysis runs ("cpu", "cuda:0", ...); default the device of the
             model's first tracked weight. Held there per matrix: W0 in fp32 and the smaller side's basis in fp32,
-            ``4 (m n + min(m, n)^2)`` bytes.
+            ``4 (m n + s^2)`` bytes for ``s = min(m, n)``, and for ``s <= 512`` the base's fp64 Gram matrix
+            (``8 s^2`` bytes), to which each step adds the LoRA update.
         base_cache: a ``lorafft cache build`` directory of the base model: bases found there are read, not
             computed, and matrices are named by the cache's names (as a scan against that base names them).
         tol, seed: as in :func:`lorafft.scan`.
         warm_start: start each step's iteration from the previous step's vectors (off: every step starts as a
             scan does, from the base's top vectors and the B columns; for measuring what warm starts save).
+        prepare: compute the base bases now (default); False leaves that to :meth:`prepare` or the first
+            :meth:`step` (a plain model's weights are snapshotted now either way).
 
     Matrices are named as a scan of a saved adapter (or full checkpoint) names them: the base tensor's name in the
     base checkpoint (``encoder.layer.0.attention.self.query.weight``), i.e. the model's own parameter name without
@@ -97,11 +100,11 @@ class Tracker:
 
     def __init__(self, model: torch.nn.Module, k: int = 10, eps=analysis.DEFAULT_EPS, include=(), exclude=(),
                  side: str = "left", device=None, base_cache=None, tol: float = 1e-5, seed: int = 0,
-                 warm_start: bool = True):
+                 warm_start: bool = True, prepare: bool = True):
         self.settings = ScanOptions(k=k, eps=eps, side=side, include=include, exclude=exclude, tol=tol, seed=seed,
                                     base_cache=base_cache)  # validated as a scan's options are
         self.sides, self.eps, self.warm_start = self.settings.sides, self.settings.eps, warm_start
-        reader = None if base_cache is None else BaseCache(base_cache)
+        reader = self._cache = None if base_cache is None else BaseCache(base_cache)
         scope = pairing.Scope(self.settings.include, self.settings.exclude)
         names = None if reader is None else pairing.NameIndex(reader.entries)
         lora = _lora_layers(model)
@@ -117,9 +120,18 @@ class Tracker:
         for group in pairing.shape_batches(tracked, DEFAULT_MAX_BATCH_BYTES):  # cut as a scan cuts its batches
             pairs = [t.pair() for t in group]
             W0 = torch.stack([loading.oriented(t.stored, p) for t, p in zip(group, pairs)]).to(self.device)
-            basis = _explicit(batch_basis(W0, [t.stored for t in group], [t.name for t in group], reader))
-            self.batches.append(_Batch(group, W0, basis))
+            self.batches.append(_Batch(group, W0))
         self.rows: dict[int, list[MatrixRow]] = {}
+        if prepare:
+            self.prepare()
+
+    def prepare(self) -> None:
+        """Compute (or read from the base cache) every tracked matrix's base basis, if not done yet: the tracker's
+        one expensive set-up (``IntruderCallback(background=True)`` runs it in its worker thread)."""
+        for batch in self.batches:
+            if batch.basis is None:
+                names, stored = [t.name for t in batch.matrices], [t.stored for t in batch.matrices]
+                batch.basis = _explicit(batch_basis(batch.W0, stored, names, self._cache))
 
     def capture(self) -> list[tuple]:
         """The tracked weights as they are now, copied, for :meth:`step` to analyse later (say, in another thread
@@ -144,6 +156,7 @@ class Tracker:
         in training order for the warm starts to help (any order gives the same rows).
         """
         captured = self.capture() if captured is None else captured
+        self.prepare()
         rows = []
         with torch.no_grad():
             for index, (batch, entry) in enumerate(zip(self.batches, captured)):
@@ -265,11 +278,12 @@ def _explicit(basis: linalg.BaseBasis) -> linalg.BaseBasis:
     """The basis as a base cache holds it (:func:`lorafft.cache.cached_basis`): the small side's vectors explicit,
     ``[L, s, s]`` fp32 (4 s^2 bytes per matrix instead of 16 s^2 for reflectors and eigenvectors in fp64), so that
     every step's projection is one product; max|cos| then carries the fp32 basis's error, as a cached scan's does
-    (README "Base cache")."""
+    (README "Base cache"). The fp64 Gram matrix of a small matrix is kept (:attr:`~lorafft.linalg.BaseBasis.gram`):
+    each step's dense top-k adds the LoRA update to it."""
     if basis.reflectors is None and basis.Z.dtype == torch.float32:
         return basis
     explicit = basis.top_vectors(basis.small_side, basis.sigma.shape[-1]).float()
-    return cached_basis(basis.W0, list(explicit), list(basis.sigma))
+    return dataclasses.replace(cached_basis(basis.W0, list(explicit), list(basis.sigma)), gram=basis.gram)
 
 
 def _tuned(tracked: _Tracked, pair: Pair, W0: torch.Tensor) -> torch.Tensor:

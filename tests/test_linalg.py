@@ -230,6 +230,24 @@ def test_truncated_svd_of_a_factored_low_rank_update_matches_fp64(m, n, L, r):
     check_truncated(result, W.double() + scale[:, None, None] * (B.double() @ A.double()), 10)
 
 
+@pytest.mark.parametrize("m,n", [(300, 520), (520, 300)])
+def test_dense_top_k_adds_a_low_rank_update_to_the_base_gram(m, n):
+    """The dense path with the base's Gram matrix (``BaseBasis.gram``, kept by ``base_basis`` for small sides;
+    s = 300 spans two of its column blocks) plus a LoRA update's low-rank terms, on both orientations: the same
+    top-k as fp64 LAPACK on the formed sum, certified, and the Gram equal to the base's own."""
+    g = torch.Generator().manual_seed(m)
+    W0 = spectral_weight(m, n, g, 2)
+    B, A = torch.randn(2, m, 8, generator=g) / 10, torch.randn(2, 8, n, generator=g) / math.sqrt(n)
+    low_rank = linalg.LowRank(B=B, A=A, scale=torch.tensor([2.0, 0.5], dtype=torch.float64))
+    basis = linalg.base_basis(W0)
+    small = W0.double() if m <= n else W0.double().mT
+    torch.testing.assert_close(basis.gram, small @ small.mT, rtol=1e-13, atol=1e-13)
+    result = linalg.truncated_svd(W0, 10, low_rank=low_rank, base_gram=basis.gram)
+    assert result.iterations == 0
+    check_truncated(result, W0.double() + low_rank.dense(), 10, rel=1e-12)
+    assert torch.all(result.error_bound < 1e-9)
+
+
 def test_truncated_svd_k_clamped_to_min_dimension():
     g = torch.Generator().manual_seed(2)
     W = spectral_weight(30, 20, g, 1)

@@ -6,14 +6,16 @@ the weights PEFT's ``merge_and_unload`` produces (DoRA, rsLoRA) or of a plain mo
 import copy
 import json
 import os
+import threading
 
 import pytest
 import torch
 
 import lorafft
+from lorafft import tracking
+from lorafft.cache import batch_basis, build_base_cache
 from lorafft.errors import InputError
 from lorafft.report import MatrixRow
-from lorafft.cache import build_base_cache
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -116,15 +118,24 @@ def test_callback_matches_posthoc_scan_and_resumes(minilm_dir, tmp_path):
     assert report.totals(checkpoint=2)["0.5"] > 0
 
 
-def test_background_tracking_equals_tracking_in_step(minilm_dir, tmp_path):
-    """``background=True`` analyses copies of the weights in a worker thread: the same rows as tracking in the
-    training step, and the counts logged later with ``intruders/step`` naming the step they describe."""
-    reports, histories = [], []
+def test_background_tracking_equals_tracking_in_step(minilm_dir, tmp_path, monkeypatch):
+    """``background=True`` computes the base bases and analyses copies of the weights in a worker thread: the same
+    rows as tracking in the training step, and the counts logged later with ``intruders/step`` naming the step they
+    describe."""
+    reports, histories, threads = [], [], []
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return batch_basis(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "batch_basis", spy)
     for background in (False, True):
         out = tmp_path / f"background-{background}"
         callback = IntruderCallback(every_n_steps=2, include=[r"layer\.[01]\."], background=background)
         run = trainer(lora_model(minilm_dir, init_lora_weights=False), out, [callback], max_steps=4)
+        threads.clear()
         run.train()
+        assert threads and all(name.startswith("lorafft-track") == background for name in threads), threads
         reports.append(json.loads((out / "lorafft-trajectory.json").read_text()))
         histories.append([entry for entry in run.state.log_history if "intruders/eps=0.5" in entry])
     assert reports[0]["matrices"] == reports[1]["matrices"]

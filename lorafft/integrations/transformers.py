@@ -45,10 +45,10 @@ class IntruderCallback(TrainerCallback):
         k, eps, include, exclude, side, device, base_cache: as in :class:`~lorafft.tracking.Tracker`.
         on_evaluate: also track at each evaluation (if that step is not tracked already).
         report_name: file name of the report in ``args.output_dir``.
-        background: copy the weights at the tracked step (a LoRA model's factors only) and analyse them in one
-            worker thread while training goes on; the counts are logged at the first step after they are ready,
-            with ``intruders/step`` naming the step they describe. Meant for GPU training, where CPU cores are idle;
-            on a busy CPU it competes with training for the cores.
+        background: compute the base bases, and analyse the weights copied at each tracked step (a LoRA model's
+            factors only), in one worker thread while training goes on; the counts are logged at the first step
+            after they are ready, with ``intruders/step`` naming the step they describe. Meant for GPU training,
+            where CPU cores are idle; on a busy CPU it competes with training for the cores.
     """
 
     def __init__(self, every_n_steps: int = 100, k: int = 10, eps=analysis.DEFAULT_EPS, include=(), exclude=(),
@@ -79,7 +79,9 @@ class IntruderCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         if self.tracker is None:
-            self.tracker = Tracker(model, **self.settings)
+            self.tracker = Tracker(model, **self.settings, prepare=not self.background)
+            if self.background:  # the base bases are computed in the worker, before its first analysis
+                self._submit(self.tracker.prepare)
             if self.tracker.kind == "full" and state.global_step > 0:
                 raise InputError(type(model).__name__, "a run resumed from a checkpoint cannot track a model without "
                                                        "PEFT adapters: its base weights (the snapshot) are gone")
@@ -146,9 +148,13 @@ class IntruderCallback(TrainerCallback):
         if not self.background:
             self.pending.append(self._analyse(step, captured))
             return
+        self.running.append(self._submit(self._analyse, step, captured))
+
+    def _submit(self, work, *args) -> concurrent.futures.Future:
+        """Run ``work(*args)`` in the worker thread, after the work submitted before it."""
         if self.executor is None:
             self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorafft-track")
-        self.running.append(self.executor.submit(self._analyse, step, captured))
+        return self.executor.submit(work, *args)
 
     def _analyse(self, step: int, captured) -> dict[str, int]:
         """Rows of ``step`` (kept by the tracker), journaled; returns the logger's scalars."""
