@@ -1,8 +1,9 @@
 """Base-spectrum cache: the expensive part of a scan (every base singular vector) computed once, reused by every
 scan of a fine-tune of that base.
 
-Layout of a cache directory: ``lorafft-base-cache.json`` (the index: format version, and per base tensor name its
-entry file, shape, analysed-side layout and fingerprint) and one safetensors file per matrix holding ``basis``
+Layout of a cache directory: ``lorafft-base-cache.json`` (the index: format version, ``hub`` ``{"id", "revision"}``
+when ``lorafft cache build`` read the base as a Hub id, and per base tensor name its entry file, shape,
+analysed-side layout and fingerprint) and one safetensors file per matrix holding ``basis``
 (the smaller side's singular vectors as columns, ``[s, s]`` fp32, ordered by descending singular value) and
 ``sigma`` (``[s]`` fp64). Only the smaller side is stored; the other is one product with W0 away.
 
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 
 from lorafft import linalg, loading, pairing
 from lorafft.errors import InputError
+from lorafft.io import hub
 from lorafft.io.jsonfile import read_json_object
 from lorafft.io.writer import write_json, write_safetensors
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES, patterns
@@ -56,11 +58,13 @@ class BaseCache:
         self.directory = os.fspath(directory)
         self.index_path = os.path.join(self.directory, INDEX)
         self.entries: dict[str, dict] = {}
+        self.hub: dict | None = None  # {"id", "revision"} of the base, when built from a Hub id
         if os.path.isfile(self.index_path):
             index = read_json_object(self.index_path, what="base-cache index")
             if index.get("format_version") != FORMAT_VERSION:
                 raise InputError(self.index_path, f"not a lorafft base cache of format version {FORMAT_VERSION}")
             self.entries = index.get("entries", {})
+            self.hub = index.get("hub")
         elif writable:
             os.makedirs(self.directory, exist_ok=True)
         else:
@@ -95,7 +99,12 @@ class BaseCache:
         write_safetensors(os.path.join(self.directory, file), {"basis": basis.float(), "sigma": sigma.double()},
                           metadata={"name": name})
         self.entries[name] = {"file": file, "shape": list(shape), "fingerprint": fingerprint(W0_stored)}
-        write_json(self.index_path, {"format_version": FORMAT_VERSION, "entries": self.entries}, indent=1)
+        self.write_index()
+
+    def write_index(self) -> None:
+        """Write the index (atomically): format version, ``hub`` when set, entries."""
+        index = {"format_version": FORMAT_VERSION, **({"hub": self.hub} if self.hub else {}), "entries": self.entries}
+        write_json(self.index_path, index, indent=1)
 
 
 def cached_basis(W0: torch.Tensor, bases: list[torch.Tensor], sigmas: list[torch.Tensor]) -> linalg.BaseBasis:
@@ -123,27 +132,33 @@ def batch_basis(W0: torch.Tensor, stored: list[torch.Tensor], names: list[str], 
     return basis
 
 
-def build_base_cache(base, directory, *, include=(), exclude=(), embeddings: bool = False, split_fused: bool = False,
+def build_base_cache(base, directory, *, revision: str | None = None, include=(), exclude=(),
+                     embeddings: bool = False, split_fused: bool = False,
                      max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, device: torch.device | str = "cpu",
                      progress: bool = False) -> BaseCache:
     """Compute and store the basis of every 2-D base weight in scope (as stored, ``[out, in]``) in ``directory``:
-    ``lorafft cache build``. Entries already there with the right fingerprint are kept. ``split_fused``: the parts
-    of fused projections, as ``scan(..., split_fused=True)`` reads them. ``device``: where the bases are computed
-    (on CUDA the fp64 Gram and ``torch.linalg.eigh`` run on the GPU); entries are stored from the host either way
-    (sigma fp64, the small-side basis fp32). Returns the cache."""
+    ``lorafft cache build``. ``base``: a path, a state dict or a Hub id (``revision``: its branch, tag or commit;
+    :func:`lorafft.io.hub.locate`), an id recorded as the index's ``hub``. Entries already there with the right
+    fingerprint are kept. ``split_fused``: the parts of fused projections, as ``scan(..., split_fused=True)`` reads
+    them. ``device``: where the bases are computed (on CUDA the fp64 Gram and ``torch.linalg.eigh`` run on the GPU);
+    entries are stored from the host either way (sigma fp64, the small-side basis fp32). Returns the cache."""
     from tqdm.auto import tqdm
 
     scope = pairing.Scope(patterns(include, "include"), patterns(exclude, "exclude"), embeddings)
-    with loading.open_base(base, split_fused=split_fused) as checkpoint:
+    located = hub.locate_inputs(base, [], revision=revision)
+    with loading.open_base(located.base, split_fused=split_fused) as checkpoint:
         pairs = [pairing.Pair(name, name, tuple(checkpoint.shape(name))) for name in checkpoint.names()
                  if len(checkpoint.shape(name)) == 2 and 0 not in checkpoint.shape(name) and scope.admits(name)]
         if not pairs:
             raise InputError(checkpoint.path, "no 2-D weight matrices in scope")
         writer = BaseCache(directory, writable=True)
+        if "hub" in located.record:
+            writer.hub = located.record["hub"]["base"]
         batches = pairing.shape_batches(pairs, max_batch_bytes, copies=1)
         loader = loading.BatchLoader(checkpoint, [], [], device=device)
         with tqdm(total=len(batches), unit="batch", disable=not progress, desc="lorafft cache") as bar:
             for position, loaded in loader.batches(batches):
                 batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batches[position]], writer, writer)
                 bar.update(1)
+        writer.write_index()  # the hub record also when every entry was there already
     return writer

@@ -59,7 +59,7 @@ import torch
 from lorafft import adapters, analysis, distributed, io, linalg, loading, options, pairing
 from lorafft.cache import BaseCache, batch_basis
 from lorafft.errors import InputError
-from lorafft.io import writer
+from lorafft.io import hub, writer
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES
 from lorafft.pairing import Pair
 
@@ -94,7 +94,9 @@ class MatrixIntervention:
 
 @dataclass
 class InterventionSummary:
-    """What :func:`intervene` did: options, one :class:`MatrixIntervention` per matrix in scope, files written."""
+    """What :func:`intervene` did: options, one :class:`MatrixIntervention` per matrix in scope, files written.
+    ``base``/``tuned`` are the paths read (a Hub cache snapshot folder for a Hub id); ``inputs`` how they were found,
+    as a scan report's ``inputs`` (``base_from``, ``hub``; :attr:`lorafft.io.hub.Located.record`), empty for paths."""
 
     base: str
     tuned: str
@@ -108,6 +110,7 @@ class InterventionSummary:
     skipped: list[dict]
     files: list[str]
     created: str = ""
+    inputs: dict = field(default_factory=dict)
 
     @property
     def rescaled(self) -> int:
@@ -159,6 +162,7 @@ def intervene(
     out_dir,
     *,
     lam: float,
+    revision: str | None = None,
     which: str = "top",
     eps: float = 0.5,
     k: int = 10,
@@ -177,10 +181,14 @@ def intervene(
     ``out_dir`` (see the module docstring for the formula and both output formats).
 
     Args:
-        base: the base checkpoint (directory, ``.safetensors``/``.bin`` file or shard index).
-        tuned: a PEFT LoRA adapter directory, or a full fine-tune in safetensors (directory, file or index).
+        base: the base checkpoint (directory, ``.safetensors``/``.bin`` file, shard index or Hub id). None: the
+            base a PEFT adapter ``tuned`` names in its ``adapter_config.json``, as :func:`lorafft.scan` takes it.
+        tuned: a PEFT LoRA adapter directory, or a full fine-tune in safetensors (directory, file or index), or
+            either as a Hub id.
         out_dir: a new or empty directory (InputError if it holds anything).
         lam: λ ≥ 0, the factor applied to each rescaled singular value.
+        revision: branch, tag or commit of every input given as a Hub id (default: ``main``;
+            :func:`lorafft.io.hub.locate_inputs`).
         which: ``"top"`` (the highest-ranked intruder per matrix) or ``"all"`` (every intruder among the top k).
         eps, k: the intruder definition (max |cos| < eps, among the top k left singular vectors; the paper: 0.5, 10).
         include, exclude, embeddings: scope, as in :func:`lorafft.scan` (regexes searched in base tensor names).
@@ -189,7 +197,9 @@ def intervene(
             the analysis runs). LoRA updates are kept factored as the scan keeps them.
         progress: a progress bar on stderr.
 
-    Returns an :class:`InterventionSummary`. Raises InputError on bad input or options; nothing is written then.
+    Returns an :class:`InterventionSummary`. Raises InputError on bad input or options, and before any analysis
+    when a matrix in scope of a full fine-tune is stored FP8-quantized or stacked per expert (it cannot be
+    rewritten); nothing is written then.
     """
     lam = _check_options(lam, which, eps)
     settings = options.ScanOptions(k=k, eps=eps, include=include, exclude=exclude, embeddings=embeddings, tol=tol,
@@ -198,6 +208,8 @@ def intervene(
     _check_out_dir(out_dir)
     if isinstance(tuned, dict):
         raise InputError(io.STATE_DICT, "intervene rewrites files: TUNED must be a checkpoint or adapter on disk")
+    located = hub.locate_inputs(base, [tuned], revision=revision)
+    base, (tuned,) = located.base, located.tuned
     device = distributed.local_device() if device is None else torch.device(device)
     cache_in = None if base_cache is None else BaseCache(base_cache)
     tuned_source = loading.open_tuned(tuned)
@@ -207,20 +219,18 @@ def intervene(
     scope = pairing.Scope(settings.include, settings.exclude, settings.embeddings)
     with loading.open_base(base) as base_checkpoint, tuned_checkpoint:
         pairs, skipped = pairing.find_pairs(base_checkpoint, tuned_source, scope)
+        if not is_adapter:
+            _check_rewritable(tuned_checkpoint, pairs)
         loader = loading.BatchLoader(base_checkpoint, [tuned_source], [{pair.name: pair for pair in pairs}],
                                      device=device, native=linalg.resolve_backend(device, backend) == "triton")
         finder = _EditFinder(settings, lam, which, cache_in, backend)
         edits, matrices = finder.find(loader, pairing.shape_batches(pairs, settings.max_batch_bytes), progress)
-        views = [] if is_adapter else [e.pair.tuned_name for e in edits.values()
-                                       if tuned_checkpoint.is_view(e.pair.tuned_name)]
-        if views:
-            raise InputError(tuned_checkpoint.file_of(views[0]), f"intervene cannot rewrite '{views[0]}': it is "
-                                                                 "stored FP8-quantized or stacked per expert")
         summary = InterventionSummary(
             base=loading.describe(base), tuned=os.fspath(tuned),
             out_dir=out_dir, tuned_kind="lora" if is_adapter else "full", lam=lam, which=which, eps=float(eps),
             k=k, matrices=matrices, skipped=skipped, files=[],
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            inputs=located.record,
         )
         with writer.new_directory(out_dir) as temporary:
             changed = edits if lam != 1 else {}
@@ -245,6 +255,15 @@ def _check_options(lam, which, eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise InputError("eps", f"must be one threshold in (0, 1], got {eps!r}")
     return lam
+
+
+def _check_rewritable(checkpoint: io.Checkpoint, pairs: list[Pair]) -> None:
+    """InputError, naming its file, for the first paired tensor of a full fine-tune that is a view (FP8-quantized
+    or one expert of a stacked tensor): it cannot be written back as it is read."""
+    views = [pair.tuned_name for pair in pairs if checkpoint.is_view(pair.tuned_name)]
+    if views:
+        raise InputError(checkpoint.file_of(views[0]), f"intervene cannot rewrite '{views[0]}': it is stored "
+                                                       "FP8-quantized or stacked per expert")
 
 
 def _check_out_dir(out_dir: str) -> None:

@@ -3,7 +3,8 @@
 The cache is built as huggingface_hub lays it out (``models--ORG--NAME/blobs/<hash>``, ``snapshots/<commit>/<file>``
 links to the blobs, ``refs/main`` holding the commit), with ``HF_HUB_OFFLINE=1``: nothing reaches a network. A scan
 by ids must give exactly the rows of the scan of the same files by path (which the rest of the suite checks against
-fp64), and every bad input is one line, exit 2, nothing written.
+fp64), a cache build and an intervention by ids exactly the files written from the paths, and every bad input is
+one line, exit 2, nothing written.
 """
 
 import hashlib
@@ -16,10 +17,14 @@ import sys
 import pathlib
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from lorafft import synthetic
+from lorafft.cache import INDEX, BaseCache, build_base_cache
 from lorafft.cli import main
 from lorafft.errors import InputError
+from lorafft.intervene import RECORD, intervene
 from lorafft.scan import scan
 
 constants = pytest.importorskip("huggingface_hub.constants")
@@ -210,3 +215,79 @@ def test_online_id_not_cached_and_hub_unreachable(hub_cache, trios, tmp_path, mo
         assert line.startswith(f"lorafft: error: {repo_id}: ") and problem in line, line
     assert not (tmp_path / "out.json").exists()
     assert _rows(_scan("acme/base", trios[0].lora)) == _rows(_scan(trios[0].base, trios[0].lora))  # cached: no call
+
+
+# cache build and intervene: the same ids, read the same way
+
+
+def _tensors(directory) -> dict:
+    """Every tensor of every safetensors file in ``directory``, by (file, name)."""
+    return {(file.name, name): tensor for file in sorted(directory.glob("*.safetensors"))
+            for name, tensor in load_file(file).items()}
+
+
+def _assert_same_tensors(mine, theirs):
+    mine, theirs = _tensors(mine), _tensors(theirs)
+    assert mine.keys() == theirs.keys() and mine
+    for key in mine:
+        assert torch.equal(mine[key], theirs[key]), key
+
+
+def test_cache_build_by_id_as_by_path(hub_cache, trios, tmp_path, capsys):
+    assert main(["cache", "build", str(trios[0].base), "--out", "by-path", "--quiet"]) == 0
+    assert main(["cache", "build", "acme/base", "--out", "by-id", "--quiet"]) == 0
+    by_path, by_id = (json.loads((tmp_path / name / INDEX).read_text()) for name in ("by-path", "by-id"))
+    assert by_id["entries"] == by_path["entries"] and by_id["hub"] == {"id": "acme/base", "revision": REV1}
+    assert "hub" not in by_path
+    _assert_same_tensors(tmp_path / "by-id", tmp_path / "by-path")
+    other = build_base_cache("acme/base", tmp_path / "rev2", revision=REV2)
+    assert other.entries == build_base_cache(trios[1].base, tmp_path / "b").entries != by_id["entries"]
+    assert BaseCache(tmp_path / "rev2").hub == {"id": "acme/base", "revision": REV2}
+
+
+def test_intervene_by_id_as_by_path(hub_cache, trios, tmp_path):
+    by_path = intervene(trios[0].base, trios[0].lora, tmp_path / "by-path", lam=0.5, k=4)
+    by_id = intervene("acme/base", "acme/lora", tmp_path / "by-id", lam=0.5, k=4)
+    assert by_id.rescaled == by_path.rescaled > 0 and by_id.matrices == by_path.matrices
+    _assert_same_tensors(tmp_path / "by-id", tmp_path / "by-path")
+    assert by_id.inputs == {"hub": {"base": {"id": "acme/base", "revision": REV1},
+                                    "tuned": [{"id": "acme/lora", "revision": REV1}]}}
+    assert by_path.inputs == {} and by_id.tuned == str(hub_cache / "models--acme--lora" / "snapshots" / REV1)
+    # the adapter alone, from the command line: the base its adapter_config.json names
+    assert main(["intervene", "acme/lora", "--lambda", "0.5", "--k", "4", "--out", "alone", "--quiet"]) == 0
+    _assert_same_tensors(tmp_path / "alone", tmp_path / "by-path")
+    record = json.loads((tmp_path / "alone" / RECORD).read_text())
+    assert record["inputs"] == {"base_from": "adapter_config.json", **by_id.inputs}
+    assert record["matrices"] == json.loads((tmp_path / "by-path" / RECORD).read_text())["matrices"]
+
+
+def test_intervene_full_finetune_by_id_and_revision(hub_cache, trios, tmp_path):
+    _add_snapshot(hub_cache, "acme/full", REV2, trios[1].full, ref=None)
+    options = ["--lambda", "0", "--eps", "1", "--k", "4", "--quiet"]
+    assert main(["intervene", str(trios[1].base), str(trios[1].full), *options, "--out", "by-path"]) == 0
+    assert main(["intervene", "acme/base", "acme/full", "--revision", REV2, *options, "--out", "by-id"]) == 0
+    _assert_same_tensors(tmp_path / "by-id", tmp_path / "by-path")
+    assert sorted(os.listdir("by-id")) == sorted(os.listdir("by-path"))
+    assert not any(os.path.islink(tmp_path / "by-id" / name) for name in os.listdir("by-id"))  # copies, not links
+    by_path, by_id = (json.loads((tmp_path / name / RECORD).read_text()) for name in ("by-path", "by-id"))
+    assert by_id["matrices"] == by_path["matrices"] and by_id["rescaled_total"] > 0
+    assert by_id["inputs"]["hub"] == {"base": {"id": "acme/base", "revision": REV2},
+                                      "tuned": [{"id": "acme/full", "revision": REV2}]}
+
+
+@pytest.mark.parametrize("arguments, names", [
+    (["cache", "build", "acme/missing"], ["acme/missing", "HF_HUB_OFFLINE"]),
+    (["cache", "build", "acme/base", "--revision", "v9"], ["acme/base", "'v9'", "HF_HUB_OFFLINE"]),
+    (["cache", "build", "{base}", "--revision", "v1"], ["revision", "no input is a Hugging Face Hub id"]),
+    (["intervene", "acme/missing", "{lora}", "--lambda", "0.5"], ["acme/missing", "HF_HUB_OFFLINE"]),
+    (["intervene", "{base}", "acme/missing", "--lambda", "0.5"], ["acme/missing", "HF_HUB_OFFLINE"]),
+    (["intervene", "{base}", "{lora}", "--lambda", "0.5", "--revision", "v1"], ["no input is a Hugging Face Hub id"]),
+    (["intervene", "{full}", "--lambda", "0.5"], ["{full}", "not a PEFT adapter", "give the base first"]),
+])
+def test_bad_ids_of_cache_build_and_intervene_are_one_line(hub_cache, trios, tmp_path, capsys, arguments, names):
+    paths = {"base": trios[0].base, "lora": trios[0].lora, "full": trios[0].full}
+    out = tmp_path / "out"
+    assert main([*(a.format(**paths) for a in arguments), "--quiet", "--out", str(out)]) == 2
+    line = _error_line(capsys)
+    assert line.startswith("lorafft: error: ") and all(name.format(**paths) in line for name in names), line
+    assert not out.exists() and not [name for name in os.listdir(tmp_path) if name.startswith(".out")]

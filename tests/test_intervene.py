@@ -23,6 +23,8 @@ from lorafft.io import open_adapter, open_checkpoint
 from lorafft.pairing import NameIndex
 from lorafft.synthetic import random_weight, write_checkpoint
 
+from fixtures import checkpoints
+
 intervene_module = importlib.import_module("lorafft.intervene")
 LAM = 0.5
 RTOL = 1e-5  # fp32 accuracy, relative to the matrix's largest entry
@@ -375,3 +377,29 @@ def test_failed_write_leaves_nothing(trio, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="disk full"):
         intervene(trio.base, trio.full, tmp_path / "out", lam=LAM)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("stored", ["fp8", "stacked_experts"])
+def test_views_are_refused_before_any_analysis(tmp_path, capsys, monkeypatch, stored):
+    """A full fine-tune whose matrices in scope are read as views (FP8 dequantized, one expert of a stacked tensor)
+    cannot be written back: refused, naming the file, before the analysis or any SVD runs."""
+    if stored == "fp8":
+        generator = torch.Generator().manual_seed(0)
+        base = {f"model.layers.0.mlp.{m}_proj.weight": random_weight(48, 32, generator=generator) for m in "ug"}
+        tuned = checkpoints.write_fp8_checkpoint({n: 1.1 * w for n, w in base.items()}, tmp_path / "tuned")
+    else:
+        base = checkpoints.moe_state_dict(seed=0)
+        tuned = write_checkpoint(checkpoints.moe_state_dict(seed=1), tmp_path / "tuned")
+    monkeypatch.setattr(intervene_module._EditFinder, "find", lambda *a: pytest.fail("analysed before refusing"))
+    monkeypatch.setattr(lorafft.linalg, "truncated_svd", lambda *a, **k: pytest.fail("SVD before refusing"))
+    monkeypatch.setattr(lorafft.cache.linalg, "base_basis", lambda *a, **k: pytest.fail("SVD before refusing"))
+    with pytest.raises(InputError, match=r"intervene cannot rewrite '([^']+)': it is stored FP8-quantized or "
+                                         r"stacked per expert$") as error:
+        intervene(base, tuned, tmp_path / "out", lam=LAM)
+    name = error.value.problem.split("'")[1]
+    with open_checkpoint(tuned) as checkpoint:
+        assert checkpoint.is_view(name) and error.value.path == checkpoint.file_of(name)
+    base_dir = write_checkpoint(base, tmp_path / "base")
+    code, stdout, stderr = _run(capsys, "intervene", base_dir, tuned, "--lambda", "0.5", "--out", tmp_path / "o")
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1 and "cannot rewrite" in stderr
+    assert sorted(os.listdir(tmp_path)) == ["base", "tuned"]

@@ -111,6 +111,12 @@ def add_compute(group) -> None:
                             "$LORAFFT_BACKEND also sets it)")
 
 
+def add_revision(parser: argparse.ArgumentParser) -> None:
+    """``--revision``: the branch, tag or commit of the inputs given as Hub ids (:mod:`lorafft.io.hub`)."""
+    parser.add_argument("--revision", metavar="REV",
+                        help="branch, tag or commit of every input given as a Hub id (default: main)")
+
+
 def add_quiet(parser: argparse.ArgumentParser) -> None:
     """``--quiet``: no progress bar."""
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -29,6 +29,10 @@ What is written to --out DIR (a new or empty directory; written atomically, or n
   TUNED a full fine-tune     -> the same safetensors shards, index, dtypes and other files (config.json, ...);
                                 only the changed matrices differ. (.bin checkpoints: convert to safetensors.)
 DIR/lorafft_intervention.json lists every rescaled intruder (rank, max |cos|, sigma before and after).
+
+BASE and TUNED may be Hugging Face Hub ids (org/name; a local path of that name always wins), read as
+'lorafft scan' reads them (see 'lorafft scan --help'). Without BASE, TUNED must be a PEFT adapter: the base
+is the one its adapter_config.json names.
 """
 
 EPILOG = """\
@@ -36,6 +40,7 @@ examples:
   lorafft intervene ./base ./lora-adapter --lambda 0.5 --out ./lora-lambda0.5
   lorafft intervene ./base ./finetune --lambda 0 --which all --eps 0.6 --out ./finetune-no-intruders
   lorafft intervene ./base ./lora-adapter --lambda 0.25 --include 'layers\\.(0|1)\\.' --out ./early-layers
+  lorafft intervene org/lora-adapter --lambda 0.5 --revision main --out ./lora-lambda0.5
 """
 
 
@@ -44,8 +49,12 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "intervene", help="rescale intruder dimensions by lambda and write a new adapter or checkpoint",
         description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
-    parser.add_argument("tuned", metavar="TUNED", help="PEFT LoRA adapter directory, or a safetensors fine-tune")
+    parser.add_argument("base", metavar="BASE", nargs="?",
+                        help="base checkpoint (directory, file or Hub id); omitted: the base TUNED's "
+                             "adapter_config.json names")
+    parser.add_argument("tuned", metavar="TUNED",
+                        help="PEFT LoRA adapter directory, or a safetensors fine-tune (path or Hub id)")
+    arguments.add_revision(parser)
     parser.add_argument("--lambda", dest="lam", type=float, required=True, metavar="LAMBDA",
                         help="factor for each rescaled singular value, >= 0 (e.g. 0.5 halves it, 0 removes it)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
@@ -65,9 +74,9 @@ def run(args) -> int:
     options.output_directory(args.out)
     from lorafft.intervene import intervene
 
-    summary = intervene(args.base, args.tuned, args.out, lam=lam, which=args.which, eps=args.eps, k=args.k,
-                        include=args.include, exclude=args.exclude, embeddings=args.embeddings,
-                        base_cache=args.base_cache, device=args.device, backend=args.backend,
-                        progress=not args.quiet)
+    summary = intervene(args.base, args.tuned, args.out, lam=lam, revision=args.revision, which=args.which,
+                        eps=args.eps, k=args.k, include=args.include, exclude=args.exclude,
+                        embeddings=args.embeddings, base_cache=args.base_cache, device=args.device,
+                        backend=args.backend, progress=not args.quiet)
     print(summary.summary())
     return 0

@@ -39,8 +39,7 @@ def add_commands(subparsers) -> None:
                       help="base checkpoint, then fine-tuned checkpoints or PEFT adapter directories (paths or Hub "
                            "ids); several TUNED give one report with a checkpoint column, the base paid for once. "
                            "Adapters alone (the first positional an adapter): their base is the one they name")
-    scan.add_argument("--revision", metavar="REV",
-                      help="branch, tag or commit of every input given as a Hub id (default: main)")
+    arguments.add_revision(scan)
     scan.add_argument("--out", metavar="FILE", help="write the full report here: .json (schema in the README) or .csv")
     arguments.add_analysis(scan, several_eps=True)
     scan.add_argument("--side", choices=["left", "right", "both"], default="left",
@@ -64,8 +63,9 @@ def add_commands(subparsers) -> None:
     actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     build = actions.add_parser("build", help="compute and store the bases of BASE",
                                description="Compute and store the singular basis of every 2-D weight of BASE.")
-    build.add_argument("base", metavar="BASE", help="base checkpoint (directory or file)")
+    build.add_argument("base", metavar="BASE", help="base checkpoint (directory, file or Hub id)")
     build.add_argument("--out", metavar="DIR", required=True, help="cache directory (created if needed)")
+    arguments.add_revision(build)
     arguments.add_device(build, default="cpu; on a GPU the fp64 Gram and its eigh run there, the bases are stored "
                                         "on the host as from the CPU")
     arguments.add_scope(build)
@@ -140,8 +140,8 @@ def run_cache(args) -> int:
     options.output_directory(args.out)
     from lorafft.cache import build_base_cache
 
-    cache = build_base_cache(args.base, args.out, include=args.include, exclude=args.exclude,
-                             embeddings=args.embeddings, split_fused=args.split_fused, device=args.device or "cpu",
-                             progress=not args.quiet)
+    cache = build_base_cache(args.base, args.out, revision=args.revision, include=args.include,
+                             exclude=args.exclude, embeddings=args.embeddings, split_fused=args.split_fused,
+                             device=args.device or "cpu", progress=not args.quiet)
     print(f"{len(cache.entries)} base bases in {cache.directory}")
     return 0

@@ -160,14 +160,12 @@ def _named_base(adapters: list) -> tuple[str, str | None]:
     for path in adapters:
         if not is_adapter(path):
             raise InputError(STATE_DICT if isinstance(path, Mapping) else path,
-                             "not a PEFT adapter directory, so it names no base: give the base first "
-                             "(lorafft scan BASE TUNED)")
+                             "not a PEFT adapter directory, so it names no base: give the base first (BASE TUNED)")
         config = os.path.join(path, ADAPTER_CONFIG)
         data = read_json_object(config, max_bytes=CONFIG_BYTES)
         base = data.get("base_model_name_or_path")
         if not isinstance(base, str) or not base.strip():
-            raise InputError(config, "names no base model (base_model_name_or_path is empty): give BASE "
-                                     "(lorafft scan BASE ADAPTER)")
+            raise InputError(config, "names no base model (base_model_name_or_path is empty): give BASE (BASE ADAPTER)")
         revision = data.get("revision") if isinstance(data.get("revision"), str) else None
         named.setdefault((base, revision), config)
     if len(named) > 1:
