@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+from statistics import median
 
 import torch
 
@@ -100,7 +101,7 @@ def cold_and_warm(directory: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
-    parser.add_argument("--repeats", type=int, default=2, help="training runs per configuration (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="training runs per configuration (median is kept)")
     parser.add_argument("--out", default=None)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
@@ -138,9 +139,10 @@ def measure(options, IntruderCallback) -> dict:
                   "python": platform.python_version(), "cpu_count": os.cpu_count(),
                   "load_average_after": os.getloadavg()},
         "train_seconds_without": plain, "train_seconds_with": tracked, "train_seconds_with_background": background,
-        "overhead": min(tracked) / min(plain) - 1.0, "overhead_background": min(background) / min(plain) - 1.0,
+        "overhead": median(tracked) / median(plain) - 1.0,
+        "overhead_background": median(background) / median(plain) - 1.0,
         "tracker_creation_seconds": creation,  # in a separate run: base bases of the 37 matrices
-        "overhead_without_creation": (min(tracked) - creation) / min(plain) - 1.0,
+        "overhead_without_creation": (median(tracked) - creation) / median(plain) - 1.0,
         "tracks": tracks,
         "warm_over_cold": (sum(warm) / len(warm)) / (sum(cold[1:]) / len(cold[1:])),
     }

@@ -263,7 +263,8 @@ def _check_rewritable(checkpoint: io.Checkpoint, pairs: list[Pair]) -> None:
     views = [pair.tuned_name for pair in pairs if checkpoint.is_view(pair.tuned_name)]
     if views:
         raise InputError(checkpoint.file_of(views[0]), f"intervene cannot rewrite '{views[0]}': it is stored "
-                                                       "FP8-quantized or stacked per expert")
+                                                       "FP8-quantized or stacked per expert (leave such tensors "
+                                                       "out with --exclude)")
 
 
 def _check_out_dir(out_dir: str) -> None:

@@ -220,10 +220,6 @@ class BaseBasis:
         """``X_small^T Y`` for ``Y [L, s, k]`` (in Y's dtype): coordinates of Y in the small side's basis."""
         return self.Z.to(Y.dtype).mT @ self._reflect(Y, transpose=True)
 
-    def _eigen_to_small(self, C: torch.Tensor) -> torch.Tensor:
-        """``X_small @ C`` for coordinates ``C [L, s, k]`` (in C's dtype)."""
-        return self._reflect(self.Z.to(C.dtype) @ C, transpose=False)
-
     def project(self, Y: torch.Tensor, side: str) -> torch.Tensor:
         """Cosines ``X^T Y`` of unit vectors ``Y [L, d, k]`` against every base singular vector of ``side``.
 
@@ -248,13 +244,8 @@ class BaseBasis:
 
     def top_vectors(self, side: str, count: int) -> torch.Tensor:
         """The first ``count`` base singular vectors of ``side`` explicitly, ``[L, d, count]`` fp64."""
-        L, s = self.sigma.shape
-        count = min(count, s)
-        if self.reflectors is None and side == self.small_side:  # Z is the basis itself
-            return self.Z[..., :count].double()
-        unit = torch.zeros(L, s, count, dtype=self.Z.dtype, device=self.Z.device)
-        unit[:, torch.arange(count), torch.arange(count)] = 1.0
-        small = self._eigen_to_small(unit).double()
+        count = min(count, self.sigma.shape[-1])
+        small = self._reflect(self.Z[..., :count], transpose=False).double()  # X_small @ (first count unit vectors)
         if side == self.small_side:
             return small
         other = _matmul(self.W0.mT if self.small_side == "left" else self.W0, small)
@@ -355,41 +346,43 @@ def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None,
     then a full fp64 SVD."""
     left = W.shape[-2] <= W.shape[-1]
     factored = low_rank is not None and base_gram is not None
-    dense = None if factored else W.double() if low_rank is None else W.double() + low_rank.dense()
+    dense = W.double() if low_rank is None or factored else W.double() + low_rank.dense()  # W alone when factored
     if factored:
-        gram = base_gram.to(W.device, torch.float64) + _gram_of_sum(W, low_rank, left)
         low_rank = low_rank.to(W.device, torch.float64)
+        gram = _gram_of_sum(dense, low_rank, left, base_gram.to(W.device, torch.float64))
     else:
         small = dense if left else dense.mT  # [L, s, d]: the Gram side first
         gram = small @ small.mT
 
     def tuned(X: torch.Tensor, transpose: bool) -> torch.Tensor:
         """The tuned matrix (or its transpose) times ``X`` in fp64."""
-        if factored:
-            return _matmul(W.mT if transpose else W, X) + low_rank.times(X, transpose)
-        return (dense.mT if transpose else dense) @ X
+        product = (dense.mT if transpose else dense) @ X
+        return product + low_rank.times(X, transpose) if factored else product
 
     lam, X = _top_eigenpairs(gram, min(k + 1, gram.shape[-1]))  # descending; X [L, s, q]
     theta = lam.clamp_min(0).sqrt()
     keep = theta > theta[:, :1] * math.sqrt(torch.finfo(torch.float64).eps)  # what a fp64 Gram resolves
     if not bool(keep[:, :k].all()):
-        return _full_svd(W.double() + low_rank.dense() if dense is None else dense, k)
+        return _full_svd(dense + low_rank.dense() if factored else dense, k)
     Y = tuned(X, left) * torch.where(keep, 1.0 / theta, 0.0).unsqueeze(1)  # [L, d, q]; 0 for a (k+1)-th σ of ~0
     residual = (tuned(Y, not left) - X * theta.unsqueeze(1)).norm(dim=1)  # the side the product does not fix
     U, V = (X, Y) if left else (Y, X)
     return TruncatedSVD(U[..., :k], theta[:, :k], V[..., :k], residual[:, :k], _error_bounds(theta, residual, k), 0)
 
 
-def _gram_of_sum(W: torch.Tensor, low_rank: LowRank, left: bool) -> torch.Tensor:
-    """What a LoRA update adds to the Gram matrix of the smaller side, fp64 ``[L, s, s]``: for ``left``
-    (``m <= n``) ``(W + s B A)(W + s B A)^T - W W^T = T + T^T + s² B (A A^T) B^T`` with ``T = s (W A^T) B^T``, else
-    the same with ``W^T`` for W, ``A^T`` for B and ``B^T`` for A. Costs ``O(s d r)``, not the ``O(s² d)`` of a Gram
-    matrix."""
-    B, A = low_rank.B.to(W.device, torch.float64), low_rank.A.to(W.device, torch.float64)
-    first, second = (B, A) if left else (A.mT, B.mT)  # the update is first @ second in the small orientation
-    scale = low_rank.scale.to(W.device, torch.float64)[:, None, None]
-    T = scale * (_matmul(W if left else W.mT, second.mT) @ first.mT)
-    return T + T.mT + scale**2 * (first @ (second @ second.mT) @ first.mT)
+def _gram_of_sum(W: torch.Tensor, low_rank: LowRank, left: bool, gram: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of the smaller side of ``W + low_rank`` from W's own, ``gram [L, s, s]`` (all fp64): for
+    ``left`` (``m <= n``), ``(W + s B A)(W + s B A)^T = W W^T + Z C Z^T`` with ``Z = [W A^T, B]`` ``[L, s, 2r]`` and
+    ``C = [[0, s I], [s I, s² A A^T]]``; else the same with ``W^T`` for W, ``A^T`` for B and ``B^T`` for A. One
+    product of inner size 2r: ``O(s d r + s² r)``, not the ``O(s² d)`` of forming a Gram matrix."""
+    first, second = (low_rank.B, low_rank.A) if left else (low_rank.A.mT, low_rank.B.mT)  # the small orientation
+    L, r = first.shape[0], first.shape[-1]
+    Z = torch.cat([(W if left else W.mT) @ second.mT, first], dim=-1)
+    scale = low_rank.scale[:, None, None]
+    eye = torch.eye(r, dtype=torch.float64, device=W.device).expand(L, r, r)
+    C = torch.cat([torch.cat([torch.zeros_like(eye), scale * eye], -1),
+                   torch.cat([scale * eye, scale**2 * (second @ second.mT)], -1)], -2)
+    return torch.baddbmm(gram, Z, C @ Z.mT)
 
 
 def _top_eigenpairs(gram: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:

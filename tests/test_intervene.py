@@ -394,7 +394,7 @@ def test_views_are_refused_before_any_analysis(tmp_path, capsys, monkeypatch, st
     monkeypatch.setattr(lorafft.linalg, "truncated_svd", lambda *a, **k: pytest.fail("SVD before refusing"))
     monkeypatch.setattr(lorafft.cache.linalg, "base_basis", lambda *a, **k: pytest.fail("SVD before refusing"))
     with pytest.raises(InputError, match=r"intervene cannot rewrite '([^']+)': it is stored FP8-quantized or "
-                                         r"stacked per expert$") as error:
+                                         r"stacked per expert \(leave such tensors out with --exclude\)$") as error:
         intervene(base, tuned, tmp_path / "out", lam=LAM)
     name = error.value.problem.split("'")[1]
     with open_checkpoint(tuned) as checkpoint:

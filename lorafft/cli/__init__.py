@@ -29,7 +29,7 @@ commands:
                                               and scan both (nothing is downloaded)
   lorafft plot REPORT --out DIR               the paper's figures from a saved JSON report (PNG)
   lorafft report REPORT --html out.html       one self-contained HTML page: tables and every figure
-  lorafft intervene BASE TUNED --lambda 0.5 --out DIR
+  lorafft intervene [BASE] TUNED --lambda 0.5 --out DIR
                                               rescale the intruder dimensions (the paper's Sec. 6) and write
                                               a new PEFT adapter or checkpoint
 Run 'lorafft scan --help' for the options.
