@@ -6,6 +6,7 @@ one track started cold (the scan's start: base top vectors and the adapter's B c
 from the previous tracked step's vectors, at the same weights.
 
     PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 1 --out benchmarks/results/tracking_cost.json
+    PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 1 --krylov --out benchmarks/results/tracking_krylov.json
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--repeats", type=int, default=3, help="training runs per configuration (median is kept)")
+    parser.add_argument("--krylov", action="store_true",
+                        help="only the cold and warm tracks, every matrix through the certified Krylov iteration "
+                             "(which the dense top-k replaces at this size): what warm starts save there")
     parser.add_argument("--out", default=None)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
@@ -110,12 +114,26 @@ def main() -> None:
     from lorafft.integrations.transformers import IntruderCallback
 
     with threadpool_limits(limits=options.threads):
-        result = measure(options, IntruderCallback)
+        result = krylov_tracks(options) if options.krylov else measure(options, IntruderCallback)
     text = json.dumps(result, indent=1)
     print(text)
     if options.out:
         with open(options.out, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
+
+
+def krylov_tracks(options) -> dict:
+    """Cold and warm tracks with the dense top-k switched off (``linalg.DENSE_SVD_MAX = 0``), as the results JSON."""
+    from lorafft import linalg
+
+    linalg.DENSE_SVD_MAX = 0
+    with tempfile.TemporaryDirectory() as directory:
+        tracks = cold_and_warm(directory)[1:]
+    warm, cold = [t["warm_seconds"] for t in tracks[1:]], [t["cold_seconds"] for t in tracks[1:]]
+    return {"command": f"PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads {options.threads} --krylov",
+            "setup": {"path": "certified block Krylov for every matrix (DENSE_SVD_MAX = 0)", "steps": STEPS,
+                      "every": EVERY, "threads": options.threads, "torch": torch.__version__},
+            "tracks": tracks, "warm_over_cold": sum(warm) / sum(cold)}
 
 
 def measure(options, IntruderCallback) -> dict:

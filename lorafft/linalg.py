@@ -38,8 +38,8 @@ def dense_is_cheaper(m: int, n: int, block_size: int = 0) -> bool:
     need a third of the small side (``3 * block_size >= s``); certified block Krylov iteration otherwise.
 
     Measured on stacks of four square s×s matrices with rank-8 LoRA updates, one thread (``python
-    benchmarks/small_models.py --crossover``, best of five, ``benchmarks/results/small_models.json``): dense 0.012 s
-    against Krylov 0.033 s at s = 256, 0.029 / 0.060 s at 384, 0.063 / 0.087 s at 512, but 0.164 / 0.127 s at 768:
+    benchmarks/small_models.py --crossover``, best of five, ``benchmarks/results/small_models.json``): dense 0.013 s
+    against Krylov 0.036 s at s = 256, 0.030 / 0.064 s at 384, 0.063 / 0.089 s at 512, but 0.183 / 0.130 s at 768:
     the crossover lies between 512 and 768, so the limit is 512. Both paths certify their vectors by measured
     residuals, and the exactness tests hold each of them to fp64 (``tests/test_exactness.py`` runs through both,
     ``tuned_path``).
