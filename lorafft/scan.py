@@ -123,6 +123,8 @@ def scan(
         settings = settings.replace(split_fused=False)
     cache_in = None if base_cache is None else BaseCache(base_cache)
     cache_out = None if write_base_cache is None else BaseCache(write_base_cache, writable=True)
+    if cache_out is not None and "base" in located.record.get("hub", {}):
+        cache_out.hub = located.record["hub"]["base"]  # recorded as lorafft cache build records it
     rank, size = distributed.world()
     with contextlib.ExitStack() as stack:
         inputs = _Inputs.open(base, tuned_list, settings, stack, located.record)

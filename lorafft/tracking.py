@@ -7,8 +7,11 @@ base basis (the paper's x_i) is computed once at creation, or read from a ``lora
 :meth:`Tracker.step` then analyses the current weights exactly as :func:`lorafft.scan` analyses a saved checkpoint
 (same rows, same certificate), except that each matrix's block Krylov iteration starts from that matrix's top
 singular vectors at the previous tracked step (and the adapter's B columns): weights move little between steps,
-so the iteration certifies in fewer products. :meth:`Tracker.report` is a :class:`~lorafft.report.Report` with one
-checkpoint per tracked step (``"step N"``), drawn by ``lorafft plot`` like a scan of a run's checkpoints.
+so the iteration certifies in fewer products (MiniLM: 10–14 iterations instead of 14–15). Matrices with
+min(m, n) <= 512 take the scan's dense top-k instead, with no iteration to start warm: there the Gram matrix of a
+LoRA model's tuned matrix is the base's, kept from creation, plus the update's low-rank terms.
+:meth:`Tracker.report` is a :class:`~lorafft.report.Report` with one checkpoint per tracked step (``"step N"``),
+drawn by ``lorafft plot`` like a scan of a run's checkpoints.
 """
 
 from __future__ import annotations
