@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import platform
 import statistics
 import tempfile

@@ -30,7 +30,8 @@ class SideAnalysis:
     singular_values ``[L, k]`` fp64 (tuned, descending), base_singular_values ``[L, k]`` fp64 (the base's top k),
     max_cos ``[L, k]``, argmax ``[L, k]`` int64 (0-based rank
     of the best-matching base vector), error_bound ``[L, k]`` (bound on each max_cos error from the truncated SVD;
-    inf where the tuned singular value is not separated from its neighbours), counts ``[L, E]`` int64,
+    inf where the tuned singular value is not separated from its neighbours), intruders ``[L, k, E]`` bool (y_j
+    counted as an intruder at eps_e), counts ``[L, E]`` int64 (their number),
     near_threshold ``[L, k]`` bool (max_cos within max(1e-3, error_bound) of some ε), random_floor ``1/sqrt(d)``,
     random_reference: quantiles of max |cos| of a uniformly random unit vector of R^d against the side's basis
     (see :func:`random_max_cos`), to read whether an ε means anything at this width.
@@ -47,6 +48,7 @@ class SideAnalysis:
     max_cos: torch.Tensor
     argmax: torch.Tensor
     error_bound: torch.Tensor
+    intruders: torch.Tensor
     counts: torch.Tensor
     near_threshold: torch.Tensor
     random_floor: float
@@ -150,6 +152,7 @@ def analyze(
             max_cos=max_cos,
             argmax=match.argmax,
             error_bound=tuned.error_bound,
+            intruders=match.intruders,
             counts=match.counts,
             near_threshold=near,
             random_floor=1.0 / math.sqrt(vectors.shape[-2]),
@@ -186,7 +189,7 @@ def _defined_match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, ep
     deficient = (rank < basis.sigma.shape[-1]).nonzero().flatten().tolist()
     if not deficient:
         return match, undetermined
-    max_cos, argmax, counts = match.max_cos.clone(), match.argmax.clone(), match.counts.clone()
+    max_cos, argmax, intruders = match.max_cos.clone(), match.argmax.clone(), match.intruders.clone()
     thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
     cosines = basis.project(vectors.double(), side)  # [L, s, k], rows by descending σ_i
     for index in deficient:
@@ -197,8 +200,14 @@ def _defined_match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, ep
         below = best.unsqueeze(-1) < thresholds  # [k, E]
         unsure = below & (outside.unsqueeze(-1) >= thresholds)
         max_cos[index], argmax[index] = best.to(max_cos.dtype), best_index
-        counts[index], undetermined[index] = (below & ~unsure).sum(dim=0), unsure.sum(dim=0)
-    return linalg.CosineMatch(max_cos=max_cos, argmax=argmax, counts=counts), undetermined
+        intruders[index], undetermined[index] = below & ~unsure, unsure.sum(dim=0)
+    return linalg.CosineMatch(max_cos=max_cos, argmax=argmax, intruders=intruders), undetermined
+
+
+def batch_generator(seed: int, position: int) -> torch.Generator:
+    """The random stream of the start blocks of batch ``position``: one per batch, so that a resumed, distributed or
+    tracked run draws exactly what one scan draws."""
+    return torch.Generator().manual_seed(seed + 7919 * position)
 
 
 def start_block(basis: linalg.BaseBasis, k: int, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -206,8 +215,8 @@ def start_block(basis: linalg.BaseBasis, k: int, extra: torch.Tensor | None = No
 
     The block holds ``max(2k, k + 10)`` vectors; the guesses are ``extra`` (a LoRA adapter's B columns, or the
     previous vectors of a tracked matrix) followed by the base's top three quarters of a block of left singular
-    vectors, since a fine-tune mostly keeps them (DESIGN.md: block Krylov started there needs 2 iterations on a full
-    fine-tune); :func:`lorafft.linalg.truncated_svd` fills the rest of the block with random vectors.
+    vectors, since a fine-tune mostly keeps them (a synthetic 4096² fine-tune started there certifies in 7 iterations,
+    ``benchmarks/results/claims.json``); :func:`lorafft.linalg.truncated_svd` fills the rest of the block with random vectors.
     """
     block = max(2 * k, k + 10)
     guesses = basis.top_vectors("left", block - block // 4)

@@ -8,7 +8,7 @@ analysed-side layout and fingerprint) and one safetensors file per matrix holdin
 ``sigma`` (``[s]`` fp64). Only the smaller side is stored; the other is one product with W0 away.
 
 Precision, measured against fp64 SVD (max|cos| of LoRA-tuned top-10 vectors, all-MiniLM-L6-v2 384×384 and
-384×1536, synthetic 1024×2752; ``benchmarks/measure_claims.py``): an fp32 basis is off by at most 1.4e-8, fp16 by
+384×1536, synthetic 1024×2752; ``benchmarks/measure_claims.py``): an fp32 basis is off by at most 1.3e-8, fp16 by
 up to 7.2e-5, bf16 by up to 1.1e-3. fp32 keeps the cache exact; a Llama-70B's bases then take about 108 GB.
 
 Fingerprint: BLAKE2b of the tensor's shape, dtype and 2^18 evenly strided elements (cheap enough to check on every
@@ -43,8 +43,23 @@ def fingerprint(W0: torch.Tensor) -> str:
     sample = flat[:: max(1, flat.numel() // _SAMPLES)].contiguous()
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{tuple(W0.shape)}|{W0.dtype}".encode())
-    digest.update(sample.view(torch.uint8).numpy().tobytes())
+    digest.update(sample.cpu().view(torch.uint8).numpy().tobytes())  # a live model's weight may be on a GPU
     return digest.hexdigest()
+
+
+def _checked_entries(entries, index_path: str) -> dict[str, dict]:
+    """The index's entries, each ``{"file": a file name in the cache directory, "shape": [out, in], "fingerprint":
+    str}``; InputError naming the index for anything else."""
+    if not isinstance(entries, dict):
+        raise InputError(index_path, "'entries' is not an object")
+    for name, entry in entries.items():
+        fine = (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("fingerprint"),
+                str) and os.path.basename(entry["file"]) == entry["file"] and entry["file"] not in ("", ".", "..")
+                and isinstance(entry.get("shape"), list) and len(entry["shape"]) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry["shape"]))
+        if not fine:
+            raise InputError(index_path, f"entry '{name}' is not {{file, shape [out, in], fingerprint}}")
+    return entries
 
 
 def _entry_file(name: str) -> str:
@@ -63,7 +78,7 @@ class BaseCache:
             index = read_json_object(self.index_path, what="base-cache index")
             if index.get("format_version") != FORMAT_VERSION:
                 raise InputError(self.index_path, f"not a lorafft base cache of format version {FORMAT_VERSION}")
-            self.entries = index.get("entries", {})
+            self.entries = _checked_entries(index.get("entries", {}), self.index_path)
             self.hub = index.get("hub")
         elif writable:
             os.makedirs(self.directory, exist_ok=True)
@@ -89,7 +104,11 @@ class BaseCache:
             tensors = load_file(path)
         except Exception as e:  # noqa: BLE001 - any unreadable entry file is the same bad input
             raise InputError(path, f"unreadable base-cache entry: {e}") from None
-        return tensors["basis"], tensors["sigma"]
+        s = min(shape)
+        basis, sigma = tensors.get("basis"), tensors.get("sigma")
+        if basis is None or sigma is None or tuple(basis.shape) != (s, s) or tuple(sigma.shape) != (s,):
+            raise InputError(path, f"base-cache entry for '{name}' does not hold basis [{s}, {s}] and sigma [{s}]")
+        return basis, sigma
 
     def store(self, name: str, W0_stored: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor,
               shape: tuple[int, int]) -> None:
@@ -126,9 +145,8 @@ def batch_basis(W0: torch.Tensor, stored: list[torch.Tensor], names: list[str], 
             return cached_basis(W0, [basis for basis, _ in found], [sigma for _, sigma in found])
     basis = linalg.base_basis(W0)
     if writer is not None:
-        explicit = basis.top_vectors(basis.small_side, basis.sigma.shape[-1])
         for index, (name, tensor) in enumerate(zip(names, stored)):
-            writer.store(name, tensor, explicit[index].cpu(), basis.sigma[index].cpu(), shape)
+            writer.store(name, tensor, basis.small_basis_fp32[index].cpu(), basis.sigma[index].cpu(), shape)
     return basis
 
 
@@ -139,7 +157,8 @@ def build_base_cache(base, directory, *, revision: str | None = None, include=()
     """Compute and store the basis of every 2-D base weight in scope (as stored, ``[out, in]``) in ``directory``:
     ``lorafft cache build``. ``base``: a path, a state dict or a Hub id (``revision``: its branch, tag or commit;
     :func:`lorafft.io.hub.locate`), an id recorded as the index's ``hub``. Entries already there with the right
-    fingerprint are kept. ``split_fused``: the parts of fused projections, as ``scan(..., split_fused=True)`` reads
+    fingerprint are kept; one built from another tensor is an InputError (a cache holds one base: build into a new
+    directory). ``split_fused``: the parts of fused projections, as ``scan(..., split_fused=True)`` reads
     them. ``device``: where the bases are computed (on CUDA the fp64 Gram and ``torch.linalg.eigh`` run on the GPU);
     entries are stored from the host either way (sigma fp64, the small-side basis fp32). Returns the cache."""
     from tqdm.auto import tqdm

@@ -15,7 +15,8 @@ flip the vector's sign, not scale a singular value).
 
 ``which="top"`` rescales the highest-ranked intruder of each matrix (smallest j), ``"all"`` every intruder among the
 top k. The triplets are computed in fp64 (certified block Krylov started from the base's top vectors and, for
-adapters, the LoRA B columns; error bound ``TRIPLET_TOL`` per vector), on the merged fp32 Wt that ``scan`` analyses.
+adapters, the LoRA B columns, or the dense fp64 top-k for small matrices; error bound ``TRIPLET_TOL`` per vector, a
+warning where it is not met), on W0 + s·B·A kept factored for an adapter, on the fp32 Wt of a full fine-tune.
 
 Outputs, written into a new (or empty) directory, atomically (a temporary directory beside it, renamed):
 
@@ -47,7 +48,6 @@ Both kinds also get ``lorafft_intervention.json``: what was rescaled (the :class
 
 from __future__ import annotations
 
-import datetime
 import functools
 import math
 import os
@@ -62,8 +62,8 @@ from lorafft.errors import InputError
 from lorafft.io import hub, writer
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES
 from lorafft.pairing import Pair
+from lorafft.report import timestamp
 
-WHICH = ("top", "all")
 TRIPLET_TOL = 1e-8  # certified error bound of each rescaled singular vector (fp64 iteration)
 RECORD = "lorafft_intervention.json"
 _SIGMA_AGREEMENT = 1e-4  # relative agreement required between analyze's σ_j and the fp64 triplet's
@@ -187,7 +187,7 @@ def intervene(
             either as a Hub id.
         out_dir: a new or empty directory (InputError if it holds anything).
         lam: λ ≥ 0, the factor applied to each rescaled singular value.
-        revision: branch, tag or commit of every input given as a Hub id (default: ``main``;
+        revision: branch, tag or commit of every input given as a Hub id (default as in :func:`lorafft.scan`;
             :func:`lorafft.io.hub.locate_inputs`).
         which: ``"top"`` (the highest-ranked intruder per matrix) or ``"all"`` (every intruder among the top k).
         eps, k: the intruder definition (max |cos| < eps, among the top k left singular vectors; the paper: 0.5, 10).
@@ -229,7 +229,7 @@ def intervene(
             base=loading.describe(base), tuned=os.fspath(tuned),
             out_dir=out_dir, tuned_kind="lora" if is_adapter else "full", lam=lam, which=which, eps=float(eps),
             k=k, matrices=matrices, skipped=skipped, files=[],
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            created=timestamp(),
             inputs=located.record,
         )
         with writer.new_directory(out_dir) as temporary:
@@ -248,9 +248,9 @@ def intervene(
 
 
 def _check_options(lam, which, eps) -> float:
-    """λ as a float; ``which`` one of WHICH; ``eps`` one threshold (k, ε's range and the rest: ScanOptions)."""
+    """λ as a float; ``which`` one of ``options.WHICH``; ``eps`` one threshold (k, ε's range and the rest: ScanOptions)."""
     lam = options.scale_factor(lam)
-    if which not in WHICH:
+    if which not in options.WHICH:
         raise InputError("which", f"must be 'top' or 'all', got {which!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise InputError("eps", f"must be one threshold in (0, 1], got {eps!r}")
@@ -298,14 +298,14 @@ class _EditFinder:
         return edits, matrices
 
     def _batch(self, position: int, loaded: loading.LoadedBatch, edits: dict, matrices: list) -> None:
-        settings, eps = self.settings, self.settings.eps[0]
+        settings = self.settings
         batch, (entry,), (columns,) = loaded.pairs[0], loaded.tuned, loaded.columns
-        generator = torch.Generator().manual_seed(settings.seed + 7919 * position)
+        generator = analysis.batch_generator(settings.seed, position)
         basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.cache_in)
-        Wt, update = (None, entry) if isinstance(entry, linalg.LowRank) else (entry, None)
+        Wt, update = loading.dense_or_update(entry)
         result = analysis.analyze(loaded.W0, Wt, lora=update, k=settings.k, eps=settings.eps, start=columns,
                                   tol=settings.tol, generator=generator, basis=basis, backend=self.backend)["left"]
-        intruders = [torch.nonzero(result.max_cos[index] < eps).flatten().tolist() for index in range(len(batch))]
+        intruders = [torch.nonzero(result.intruders[index, :, 0]).flatten().tolist() for index in range(len(batch))]
         chosen = [ranks[:1] if self.which == "top" else ranks for ranks in intruders]
         rows = [index for index, ranks in enumerate(chosen) if ranks]
         triplets = self._triplets(loaded, basis, rows, columns, generator) if rows else None
@@ -320,7 +320,8 @@ class _EditFinder:
                 continue
             row = rows.index(index)
             S = triplets.S[row, ranks]
-            _check_agreement(pair, ranks, S, result.singular_values[index, ranks], result.error_bound[index])
+            _check_agreement(pair, ranks, S, result.singular_values[index, ranks], result.error_bound[index],
+                             triplets.error_bound[row])
             for j, sigma in zip(ranks, S.tolist()):
                 matrix.rescaled.append(RescaledDimension(j, float(result.max_cos[index, j]), sigma, self.lam * sigma))
             edits[pair.name] = _Edit(pair, triplets.U[row][:, ranks], S, triplets.V[row][:, ranks])
@@ -335,11 +336,14 @@ class _EditFinder:
         else:
             W, low_rank = entry[rows].double(), None
         return linalg.truncated_svd(W, self.settings.k, start=guesses[rows], block_size=block, tol=TRIPLET_TOL,
-                                    generator=generator, low_rank=low_rank)
+                                    generator=generator, low_rank=low_rank,
+                                    base_gram=None if basis.gram is None else basis.gram[rows])
 
 
-def _check_agreement(pair, ranks, S, S_analysis, error_bound) -> None:
-    """The fp64 triplets must be the ones ``analyze`` classified: same σ_j (to the fp32 analysis' accuracy)."""
+def _check_agreement(pair, ranks, S, S_analysis, error_bound, triplet_bound) -> None:
+    """The fp64 triplets must be the ones ``analyze`` classified: same σ_j (to the fp32 analysis' accuracy); a
+    warning for each rescaled vector that is not determined (``error_bound [k]`` of the analysis infinite) or
+    certified only above TRIPLET_TOL (``triplet_bound [k]``)."""
     scale = float(S_analysis.abs().max())
     if not torch.allclose(S, S_analysis, rtol=0, atol=_SIGMA_AGREEMENT * max(scale, 1e-300)):
         raise RuntimeError(f"{pair.name}: fp64 singular values {S.tolist()} disagree with the analysis' "
@@ -348,6 +352,10 @@ def _check_agreement(pair, ranks, S, S_analysis, error_bound) -> None:
         if not math.isfinite(float(error_bound[j])):
             warnings.warn(f"{pair.name}: singular value σ{j} is not separated from its neighbours, so its "
                           f"singular vector (the rescaled intruder) is one of several equally valid choices",
+                          stacklevel=3)
+        elif float(triplet_bound[j]) > TRIPLET_TOL:
+            warnings.warn(f"{pair.name}: the rescaled singular vectors of σ{j} are certified to "
+                          f"{float(triplet_bound[j]):.1e}, not {TRIPLET_TOL:.0e} (σ{j} lies close to a neighbour)",
                           stacklevel=3)
 
 

@@ -8,7 +8,8 @@ Three primitives, each usable on its own:
 
 * :func:`base_basis` — every singular vector of one stack of base matrices W0 (the paper's x_i), exact.
 * :func:`truncated_svd` — the top-k singular triplets of the tuned matrices Wt (the paper's y_j), by block Krylov
-  iteration that stops when a residual bound certifies the vectors, and reports that bound.
+  iteration that stops when a residual bound certifies the vectors (small matrices: a dense fp64 top-k, same bound),
+  and reports that bound.
 * :func:`max_abs_cos` — for each y_j, ``max_i |<y_j, x_i>|``, its argmax ``i``, and the counts below each ε.
 
 This module is the only one that chooses algorithms; everything above it is device-agnostic.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -25,20 +27,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorafft.errors import InputError
 from lorafft.io import fp8
 
 SIDES = ("left", "right")
 BACKENDS = ("auto", "torch", "triton")
-DENSE_SVD_MAX = 512  # min(m, n) up to which the tuned top-k is one batched dense fp64 SVD (dense_is_cheaper)
+DENSE_SVD_MAX = 512  # min(m, n) up to which the tuned top-k comes from a dense fp64 Gram matrix (dense_is_cheaper)
 
 
 def dense_is_cheaper(m: int, n: int, block_size: int = 0) -> bool:
     """The size rule between the tuned top-k's two paths for ``[m, n]`` matrices, ``s = min(m, n)``: dense fp64
-    LAPACK (:func:`_dense_svd`, batched over the stack) when ``s <= DENSE_SVD_MAX`` or when the Krylov space would
+    LAPACK (:func:`_dense_svd`, matrix by matrix) when ``s <= DENSE_SVD_MAX`` or when the Krylov space would
     need a third of the small side (``3 * block_size >= s``); certified block Krylov iteration otherwise.
 
     Measured on stacks of four square s×s matrices with rank-8 LoRA updates, one thread (``python
-    benchmarks/small_models.py --crossover``, best of five, ``benchmarks/results/small_models.json``): dense 0.013 s
+    benchmarks/small_models.py --crossover``, best of three, ``benchmarks/results/small_models.json``): dense 0.013 s
     against Krylov 0.036 s at s = 256, 0.030 / 0.064 s at 384, 0.063 / 0.089 s at 512, but 0.183 / 0.130 s at 768:
     the crossover lies between 512 and 768, so the limit is 512. Both paths certify their vectors by measured
     residuals, and the exactness tests hold each of them to fp64 (``tests/test_exactness.py`` runs through both,
@@ -52,21 +55,19 @@ def resolve_backend(device: torch.device, backend: str | None = None, dtype: tor
     """``"torch"`` or ``"triton"``: ``backend``, else ``$LORAFFT_BACKEND``, else ``"auto"`` (Triton kernels for
     CUDA tensors when triton imports, torch.linalg / torch ops otherwise). fp64 weights (``dtype``) always go to
     torch, on any device: the kernels have no fp64 path. Forcing ``"triton"`` on the CPU needs
-    ``TRITON_INTERPRET=1`` (the tests do that)."""
+    ``TRITON_INTERPRET=1`` (the tests do that). InputError for another name, or for ``"triton"`` without triton."""
+    source = "backend" if backend else "LORAFFT_BACKEND"
     choice = backend or os.environ.get("LORAFFT_BACKEND", "auto")
     if choice not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {choice!r}")
+        raise InputError(source, f"must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    installed = importlib.util.find_spec("triton") is not None
+    if choice == "triton" and not installed:
+        raise InputError(source, "'triton' asked for, but triton is not installed (pip install 'lorafft[triton]')")
     if dtype == torch.float64:
         return "torch"
     if choice != "auto":
         return choice
-    if device.type != "cuda":
-        return "torch"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "triton"
+    return "triton" if device.type == "cuda" and installed else "torch"
 
 
 @dataclass
@@ -133,8 +134,8 @@ def dequantized(W: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 
 
 def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Upper triangle of ``W @ W.mT`` in ``dtype`` for ``W [L, s, d]`` (strict lower triangle left zero): about half
-    the flops of a full product, which is all the symmetric eigen-solvers read. Row-major upper is LAPACK's
+    """Upper triangle of ``W @ W.mT`` in ``dtype`` for ``W [L, s, d]`` (below it only the diagonal blocks are filled,
+    the rest is zero): about half the flops of a full product, and all that the symmetric eigen-solvers read. Row-major upper is LAPACK's
     column-major lower, so ``gram[l].numpy().T`` goes to LAPACK without a copy. W is converted a slab of columns
     at a time, so no full-size copy in ``dtype`` is made (for a 28672×8192 fp32 weight that copy would be 1.9 GB)."""
     L, s, d = W.shape
@@ -249,7 +250,8 @@ class BaseBasis:
         if side == self.small_side:
             return small
         other = _matmul(self.W0.mT if self.small_side == "left" else self.W0, small)
-        return other / self.sigma[:, :count].clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+        sigma = self.sigma[:, :count]
+        return other * torch.where(sigma > 0, 1.0 / sigma, 0.0).unsqueeze(1)  # 0 where sigma_i = 0, as in project
 
 
 def base_basis(W0: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> BaseBasis:
@@ -345,10 +347,10 @@ def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None,
     what an fp64 Gram matrix resolves (``sqrt(eps) σ1``; rank below k) the product does not define its vectors:
     then a full fp64 SVD."""
     left = W.shape[-2] <= W.shape[-1]
+    low_rank = None if low_rank is None else low_rank.to(W.device, torch.float64)
     factored = low_rank is not None and base_gram is not None
     dense = W.double() if low_rank is None or factored else W.double() + low_rank.dense()  # W alone when factored
     if factored:
-        low_rank = low_rank.to(W.device, torch.float64)
         gram = _gram_of_sum(dense, low_rank, left, base_gram.to(W.device, torch.float64))
     else:
         small = dense if left else dense.mT  # [L, s, d]: the Gram side first
@@ -372,17 +374,17 @@ def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None,
 
 def _gram_of_sum(W: torch.Tensor, low_rank: LowRank, left: bool, gram: torch.Tensor) -> torch.Tensor:
     """The Gram matrix of the smaller side of ``W + low_rank`` from W's own, ``gram [L, s, s]`` (all fp64): for
-    ``left`` (``m <= n``), ``(W + s B A)(W + s B A)^T = W W^T + Z C Z^T`` with ``Z = [W A^T, B]`` ``[L, s, 2r]`` and
+    ``left`` (``m <= n``), ``(W + s B A)(W + s B A)^T = W W^T + F C F^T`` with ``F = [W A^T, B]`` ``[L, s, 2r]`` and
     ``C = [[0, s I], [s I, s² A A^T]]``; else the same with ``W^T`` for W, ``A^T`` for B and ``B^T`` for A. One
     product of inner size 2r: ``O(s d r + s² r)``, not the ``O(s² d)`` of forming a Gram matrix."""
     first, second = (low_rank.B, low_rank.A) if left else (low_rank.A.mT, low_rank.B.mT)  # the small orientation
     L, r = first.shape[0], first.shape[-1]
-    Z = torch.cat([(W if left else W.mT) @ second.mT, first], dim=-1)
+    F = torch.cat([(W if left else W.mT) @ second.mT, first], dim=-1)
     scale = low_rank.scale[:, None, None]
     eye = torch.eye(r, dtype=torch.float64, device=W.device).expand(L, r, r)
     C = torch.cat([torch.cat([torch.zeros_like(eye), scale * eye], -1),
                    torch.cat([scale * eye, scale**2 * (second @ second.mT)], -1)], -2)
-    return torch.baddbmm(gram, Z, C @ Z.mT)
+    return torch.baddbmm(gram, F, C @ F.mT)
 
 
 def _top_eigenpairs(gram: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,7 +456,8 @@ def truncated_svd(
             accumulation), the torch backend multiplies in fp32 (one upcast copy). Everything else is fp64.
         k: number of triplets.
         start: optional left-space vectors ``[L, m, c]`` that should lie near the answer (the base matrix's top
-            left singular vectors, a LoRA adapter's B columns): with them a fine-tune certifies in 1–3 iterations.
+            left singular vectors, a LoRA adapter's B columns): with them a synthetic 4096² fine-tune certifies
+            in 7 iterations (``benchmarks/results/claims.json``).
         block_size: columns per block, default ``max(2k, k + 10)``; at least a quarter of them random.
         tol: target error bound per vector (the max|cos| error it allows).
         max_iters: safety cap on iterations.
@@ -467,7 +470,7 @@ def truncated_svd(
             per output channel, ``[L, ceil(m/128), ceil(n/128)]`` per 128×128 block. The Triton kernel reads W and
             its scale as they are; the torch backend (and the dense path) dequantises W once in fp32.
 
-    Small matrices (:func:`dense_is_cheaper`) go to one batched dense fp64 SVD instead; ``base_gram``
+    Small matrices (:func:`dense_is_cheaper`) go to the dense fp64 top-k (:func:`_dense_svd`) instead; ``base_gram``
     (:attr:`BaseBasis.gram` of W, fp64 ``[L, s, s]``) lets that path add a ``low_rank`` update to W's Gram matrix
     instead of forming the tuned one.
 
@@ -533,11 +536,16 @@ def truncated_svd(
 @dataclass
 class CosineMatch:
     """Per tuned vector: ``max_cos [L, k]`` = max_i |<y_j, x_i>|, ``argmax [L, k]`` (index i, 0-based by
-    descending base singular value), ``counts [L, E]`` = number of j with max_cos < eps_e (intruders)."""
+    descending base singular value), ``intruders [L, k, E]`` bool: y_j is an intruder at eps_e (max_cos < eps_e)."""
 
     max_cos: torch.Tensor
     argmax: torch.Tensor
-    counts: torch.Tensor
+    intruders: torch.Tensor
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``[L, E]`` int64: the number of intruders at each eps_e."""
+        return self.intruders.sum(dim=-2)
 
 
 def match(basis: BaseBasis, vectors: torch.Tensor, side: str, eps, backend: str) -> CosineMatch:
@@ -563,11 +571,10 @@ def match(basis: BaseBasis, vectors: torch.Tensor, side: str, eps, backend: str)
 
 def max_abs_cos(cosines: torch.Tensor, eps) -> CosineMatch:
     """Reduce a cosine matrix ``[L, r, k]`` (base vectors × tuned vectors) to max |cos|, argmax (the smallest index
-    among equal maxima, as ``torch.max`` documents) and counts."""
+    among equal maxima, as ``torch.max`` documents) and the intruders at each ε."""
     max_cos, argmax = cosines.abs().max(dim=-2)
     thresholds = torch.as_tensor(list(eps), dtype=max_cos.dtype, device=max_cos.device)
-    counts = (max_cos.unsqueeze(-1) < thresholds).sum(dim=-2)
-    return CosineMatch(max_cos=max_cos, argmax=argmax, counts=counts)
+    return CosineMatch(max_cos=max_cos, argmax=argmax, intruders=max_cos.unsqueeze(-1) < thresholds)
 
 
 def singular_values(W: torch.Tensor) -> torch.Tensor:

@@ -125,6 +125,12 @@ class LoadedBatch:
     scales: list[torch.Tensor | None]
 
 
+def dense_or_update(entry: torch.Tensor | linalg.LowRank) -> tuple[torch.Tensor | None, linalg.LowRank | None]:
+    """A :attr:`LoadedBatch.tuned` entry as :func:`lorafft.analysis.analyze` takes it: ``(Wt, None)`` for a dense
+    stack, ``(None, update)`` for a LoRA update kept factored."""
+    return (None, entry) if isinstance(entry, linalg.LowRank) else (entry, None)
+
+
 def native_stack(read: list[tuple[torch.Tensor, torch.Tensor | None]],
                  pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(Wt [L, m, n], scale | None)`` from a full fine-tune's tensors read as stored (``Checkpoint.get_stored``;

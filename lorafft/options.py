@@ -19,6 +19,7 @@ SIDE_CHOICES = (*SIDES, "both")
 DEFAULT_EPS = (0.5,)
 DEFAULT_MAX_BATCH_BYTES = 1 << 30  # fp32 weights (base + tuned) held at once per batch; the basis adds ~4x
 REPORT_SUFFIXES = (".json", ".csv")
+WHICH = ("top", "all")  # the intervention's choices: the highest-ranked intruder of each matrix, or every one
 
 
 def eps_key(eps: float) -> str:

@@ -16,12 +16,15 @@ where the tuned singular value is not separated from its neighbours (that vector
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import math
 import platform
 from dataclasses import dataclass, field
 
+from lorafft.errors import InputError
+from lorafft.io.jsonfile import read_json_object
 from lorafft.io.writer import write_atomic
 from lorafft.options import eps_key
 from lorafft.pairing import Pair, layer_and_module
@@ -201,6 +204,16 @@ class Report:
         """Write atomically as CSV when ``path`` ends in ``.csv``, else JSON."""
         (self.to_csv if str(path).endswith(".csv") else self.to_json)(path)
 
+    @classmethod
+    def load(cls, path) -> Report:
+        """Read a JSON report file (the untrusted-JSON limits of :mod:`lorafft.io.jsonfile`); InputError(path,
+        problem) when it is missing, unreadable or not a schema-1 report."""
+        data = read_json_object(path)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, KeyError, TypeError) as error:
+            raise InputError(path, f"not a lorafft report of schema {SCHEMA_VERSION}: {error}") from None
+
     def summary(self, worst: int = 5) -> str:
         """A short text table: totals per ε (with the random floor range), what to read with care, and the rows with
         most intruders."""
@@ -338,6 +351,11 @@ class Report:
         from lorafft.plots.html import write_html
 
         write_html(self, path, **options)
+
+
+def timestamp() -> str:
+    """Now in UTC to the second, ISO 8601: a report's ``created``."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def versions() -> dict:

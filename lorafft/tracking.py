@@ -3,13 +3,15 @@
 A :class:`Tracker` holds a torch module that is being trained: a PEFT LoRA model, whose base weights W0 are frozen
 in the model and whose updates ΔW = s·B·A are read from the live LoRA modules and kept factored (DoRA merged as
 PEFT merges it), or a plain model, whose weights at creation are snapshotted as W0. Each tracked matrix's complete
-base basis (the paper's x_i) is computed once at creation, or read from a ``lorafft cache build`` directory.
+base basis (the paper's x_i) is computed once (at creation, or by :meth:`Tracker.prepare`), or read from a
+``lorafft cache build`` directory.
 :meth:`Tracker.step` then analyses the current weights exactly as :func:`lorafft.scan` analyses a saved checkpoint
 (same rows, same certificate), except that each matrix's block Krylov iteration starts from that matrix's top
 singular vectors at the previous tracked step (and the adapter's B columns): weights move little between steps,
 so the iteration certifies in fewer products (MiniLM: 10–14 iterations instead of 14–15). Matrices with
 min(m, n) <= 512 take the scan's dense top-k instead, with no iteration to start warm: there the Gram matrix of a
-LoRA model's tuned matrix is the base's, kept from creation, plus the update's low-rank terms.
+LoRA model's tuned matrix is the base's, kept when its basis is computed here (not read from a base cache), plus the
+update's low-rank terms.
 :meth:`Tracker.report` is a :class:`~lorafft.report.Report` with one checkpoint per tracked step (``"step N"``),
 drawn by ``lorafft plot`` like a scan of a run's checkpoints.
 """
@@ -17,7 +19,6 @@ drawn by ``lorafft plot`` like a scan of a run's checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 
 import torch
 
@@ -26,7 +27,7 @@ from lorafft.cache import BaseCache, batch_basis, cached_basis
 from lorafft.errors import InputError
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
 from lorafft.pairing import Pair
-from lorafft.report import MatrixRow, Report, eps_key, matrix_rows, versions
+from lorafft.report import MatrixRow, Report, eps_key, matrix_rows, timestamp, versions
 
 STEP_PREFIX = "step "  # a tracked step's checkpoint label in a report: "step 100"
 
@@ -84,7 +85,7 @@ class Tracker:
         device: where the base bases live and the analysis runs ("cpu", "cuda:0", ...); default the device of the
             model's first tracked weight. Held there per matrix: W0 in fp32 and the smaller side's basis in fp32,
             ``4 (m n + s^2)`` bytes for ``s = min(m, n)``, and for ``s <= 512`` the base's fp64 Gram matrix
-            (``8 s^2`` bytes), to which each step adds the LoRA update.
+            (``8 s^2`` bytes; not with ``base_cache``), to which each step adds the LoRA update.
         base_cache: a ``lorafft cache build`` directory of the base model: bases found there are read, not
             computed, and matrices are named by the cache's names (as a scan against that base names them).
         tol, seed: as in :func:`lorafft.scan`.
@@ -144,9 +145,9 @@ class Tracker:
         with torch.no_grad():
             for batch in self.batches:
                 pairs = [t.pair(self.device) for t in batch.matrices]
-                update, Wt = loading.adapter_update(pairs) if self.kind == "lora" else None, None  # stacked: copies
-                if update is None:
-                    Wt = torch.stack([_tuned(t, p, w0) for t, p, w0 in zip(batch.matrices, pairs, batch.W0)])
+                update = loading.adapter_update(pairs) if self.kind == "lora" else None  # stacked: copies
+                Wt = None if update is not None else torch.stack(
+                    [_tuned(t, p, w0) for t, p, w0 in zip(batch.matrices, pairs, batch.W0)])
                 captured.append((pairs, update, Wt, loading.adapter_columns(pairs) if self.kind == "lora" else None))
         return captured
 
@@ -169,15 +170,15 @@ class Tracker:
 
     def _analyse(self, batch: _Batch, index: int, step: int, pairs, update, Wt, B) -> list[MatrixRow]:
         """One batch's rows at ``step``: the Krylov start is the previous step's top vectors, then the B columns."""
-        extra = [batch.previous if self.warm_start else None, B]
-        extra = [e.to(self.device, torch.float64) for e in extra if e is not None]
-        generator = torch.Generator().manual_seed(self.settings.seed + 7919 * index)  # as scan seeds its batches
+        extra = [e.to(self.device, torch.float64) for e in (batch.previous, B) if e is not None]
+        sides = ("left", *self.sides) if self.warm_start else self.sides  # the left vectors start the next step
+        generator = analysis.batch_generator(self.settings.seed, index)  # as scan seeds its batches
         Wt, update = None if Wt is None else Wt.to(self.device), None if update is None else update.to(self.device)
         results = analysis.analyze(batch.W0, Wt, lora=update, k=self.settings.k, eps=self.eps,
-                                   sides=tuple(dict.fromkeys(("left", *self.sides))),
+                                   sides=tuple(dict.fromkeys(sides)),
                                    start=torch.cat(extra, dim=-1) if extra else None, tol=self.settings.tol,
                                    generator=generator, basis=batch.basis)
-        batch.previous = results["left"].vectors
+        batch.previous = results["left"].vectors if self.warm_start else None
         changes = analysis.magnitude_direction(batch.W0, Wt, lora=update)  # ΔM, ΔD: as a scan's rows have them
         return matrix_rows(pairs, {side: results[side] for side in self.sides}, step, changes=changes)
 
@@ -197,7 +198,7 @@ class Tracker:
         inputs = {"base": self.base, "tuned": [f"{STEP_PREFIX}{s}" for s in steps],
                   "tuned_kind": [self.kind] * len(steps)}
         return Report(eps=self.eps, rows=rows, inputs=inputs, options=dict(self.options), versions=versions(),
-                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                      created=timestamp())
 
 
 def intruder_metrics(rows: list[MatrixRow], eps) -> dict[str, int]:
@@ -281,12 +282,12 @@ def _explicit(basis: linalg.BaseBasis) -> linalg.BaseBasis:
     """The basis as a base cache holds it (:func:`lorafft.cache.cached_basis`): the small side's vectors explicit,
     ``[L, s, s]`` fp32 (4 s^2 bytes per matrix instead of 16 s^2 for reflectors and eigenvectors in fp64), so that
     every step's projection is one product; max|cos| then carries the fp32 basis's error, as a cached scan's does
-    (README "Base cache"). The fp64 Gram matrix of a small matrix is kept (:attr:`~lorafft.linalg.BaseBasis.gram`):
-    each step's dense top-k adds the LoRA update to it."""
+    (README "Base cache"). The fp64 Gram matrix of a small matrix computed here is kept
+    (:attr:`~lorafft.linalg.BaseBasis.gram`): each step's dense top-k adds the LoRA update to it."""
     if basis.reflectors is None and basis.Z.dtype == torch.float32:
         return basis
-    explicit = basis.top_vectors(basis.small_side, basis.sigma.shape[-1]).float()
-    return dataclasses.replace(cached_basis(basis.W0, list(explicit), list(basis.sigma)), gram=basis.gram)
+    return dataclasses.replace(cached_basis(basis.W0, list(basis.small_basis_fp32), list(basis.sigma)),
+                               gram=basis.gram)
 
 
 def _tuned(tracked: _Tracked, pair: Pair, W0: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lorafft
 from lorafft import linalg, synthetic
@@ -65,3 +65,31 @@ def test_missing_entries_are_computed(trio, tmp_path):
     report = lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn"], base_cache=cache)
     assert len(report.rows) == 4
     assert BaseCache(cache).entries.keys() == {"model.layers.0.self_attn.q_proj.weight"}
+
+
+@pytest.mark.parametrize("tamper", ["entries list", "no fingerprint", "path in file", "shape", "entry tensors"])
+def test_tampered_cache_is_one_line_input_error(trio, tmp_path, capsys, tamper):
+    """A cache index or entry file that is not what ``cache build`` writes: one line naming the file, exit 2."""
+    cache = tmp_path / "cache"
+    include = [r"layers\.0\.self_attn\.q"]
+    lorafft.scan(trio.base, trio.full, include=include, write_base_cache=cache)
+    index_path = cache / "lorafft-base-cache.json"
+    index = json.loads(index_path.read_text())
+    (name, entry), = index["entries"].items()
+    if tamper == "entries list":
+        index["entries"] = [entry]
+    elif tamper == "no fingerprint":
+        del entry["fingerprint"]
+    elif tamper == "path in file":
+        entry["file"] = str(cache / entry["file"])
+    elif tamper == "shape":
+        entry["shape"] = [256, "256"]
+    else:
+        save_file({"basis": load_file(cache / entry["file"])["basis"]}, str(cache / entry["file"]))  # no sigma
+    index_path.write_text(json.dumps(index))
+    out = tmp_path / "r.json"
+    code = main(["scan", str(trio.base), str(trio.full), "--include", *include, "--base-cache", str(cache),
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists() and len(err) == 1, err
+    assert ("lorafft-base-cache.json" if tamper != "entry tensors" else entry["file"]) in err[0]

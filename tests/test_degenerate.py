@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import lorafft
 from lorafft.cli import main
+from lorafft.intervene import intervene
 
 EPS = (0.3, 0.5, 0.9)
 
@@ -25,9 +26,9 @@ def _expected(W0, Wt, rank, k, side):
     cos = base[:, :rank].T @ tuned[:, :k]  # [ρ, k]
     best = np.abs(cos).max(axis=0) if rank else np.zeros(k)
     outside = np.sqrt(np.clip(1 - (cos**2).sum(axis=0), 0, None))
-    counts = [int(((best < e) & (outside < e)).sum()) for e in EPS]
+    certain = np.stack([(best < e) & (outside < e) for e in EPS], axis=-1)  # [k, E]
     unsure = [int(((best < e) & (outside >= e)).sum()) for e in EPS]
-    return best, counts, unsure
+    return best, certain, unsure
 
 
 def _low_rank_weight(m, n, rank, generator):
@@ -43,10 +44,12 @@ def test_rank_deficient_base_counts_only_certain_intruders(rank, side):
     W0 = _low_rank_weight(m, n, rank, generator) if rank else torch.zeros(m, n)
     Wt = W0 + 0.5 * torch.randn(m, n, generator=generator)
     result = lorafft.analyze(W0, Wt, k=k, eps=EPS, sides=(side,))[side]
-    best, counts, unsure = _expected(W0, Wt, rank, k, side)
+    best, certain, unsure = _expected(W0, Wt, rank, k, side)
+    counts = certain.sum(axis=0).tolist()
     assert int(result.base_rank[0]) == rank
     np.testing.assert_allclose(result.max_cos[0].numpy(), best, atol=1e-5)
     assert result.counts[0].tolist() == counts and result.undetermined[0].tolist() == unsure
+    assert (result.intruders[0].numpy() == certain).all()  # per vector: what intervene rescales
     if rank == 0:  # nothing of a zero base is defined: every vector is undetermined at every ε, none counted
         assert unsure == [k] * len(EPS) and counts == [0] * len(EPS)
 
@@ -82,6 +85,19 @@ def test_zero_base_and_empty_weight_are_said_in_the_report(tmp_path, capsys):
     assert rows["a.weight"]["undetermined"] == {"0.5": 4}
     assert rows["b.weight"]["base_rank"] == 16 and rows["b.weight"]["undetermined"] == {"0.5": 0}
     assert "1 rows have a rank-deficient base" in stdout and "ε=0.5: 4" in stdout
+
+
+def test_intervene_rescales_only_the_intruders_scan_counts(tmp_path):
+    """A zero base defines none of its singular vectors: scan counts no intruder there (all undetermined), so
+    intervene rescales nothing in it; the full-rank matrix beside it is rescaled where scan counts intruders."""
+    generator = torch.Generator().manual_seed(5)
+    base = {"a.weight": torch.zeros(16, 24), "b.weight": torch.randn(16, 24, generator=generator)}
+    tuned = {name: t + 0.3 * torch.randn(t.shape, generator=generator) for name, t in base.items()}
+    base_dir, tuned_dir = _checkpoint(tmp_path / "base", base), _checkpoint(tmp_path / "tuned", tuned)
+    counts = {row.name: row.counts["0.5"] for row in lorafft.scan(base_dir, tuned_dir, k=4).rows}
+    summary = intervene(base_dir, tuned_dir, tmp_path / "out", lam=0.5, which="all", k=4)
+    assert {m.name: m.intruders for m in summary.matrices} == counts and counts["a.weight"] == 0
+    assert {m.name: len(m.rescaled) for m in summary.matrices} == counts
 
 
 def test_summary_k_is_what_was_analysed_and_identical_inputs_are_not_near(trio, capsys):

@@ -114,7 +114,9 @@ def add_compute(group) -> None:
 def add_revision(parser: argparse.ArgumentParser) -> None:
     """``--revision``: the branch, tag or commit of the inputs given as Hub ids (:mod:`lorafft.io.hub`)."""
     parser.add_argument("--revision", metavar="REV",
-                        help="branch, tag or commit of every input given as a Hub id (default: main)")
+                        help="branch, tag or commit of every input given as a Hub id (default: the repository's "
+                             "default branch; for the base an adapter names, the revision its adapter_config.json "
+                             "records)")
 
 
 def add_quiet(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,6 @@ import argparse
 from lorafft import options
 from lorafft.cli import arguments
 
-WHICH = ("top", "all")  # as lorafft.intervene.WHICH, which checks it again
-
 DESCRIPTION = """\
 Rescale the intruder dimensions of a fine-tune (Shuttleworth et al., arXiv 2410.21228, Sec. 6).
 
@@ -55,10 +53,11 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("tuned", metavar="TUNED",
                         help="PEFT LoRA adapter directory, or a safetensors fine-tune (path or Hub id)")
     arguments.add_revision(parser)
-    parser.add_argument("--lambda", dest="lam", type=float, required=True, metavar="LAMBDA",
+    parser.add_argument("--lambda", dest="lam", type=arguments.checked(float, options.scale_factor, "--lambda"),
+                        required=True, metavar="LAMBDA",
                         help="factor for each rescaled singular value, >= 0 (e.g. 0.5 halves it, 0 removes it)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
-    parser.add_argument("--which", choices=WHICH, default="top",
+    parser.add_argument("--which", choices=options.WHICH, default="top",
                         help="top: only the highest-ranked intruder of each matrix (default); all: every intruder")
     arguments.add_analysis(parser, several_eps=False)
     arguments.add_scope(parser, split_fused=False)
@@ -70,11 +69,10 @@ def add_command(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """``lorafft intervene``: print the summary; InputError propagates (the CLI prints it and exits 2)."""
-    lam = options.scale_factor(args.lam, "--lambda")
     options.output_directory(args.out)
     from lorafft.intervene import intervene
 
-    summary = intervene(args.base, args.tuned, args.out, lam=lam, revision=args.revision, which=args.which,
+    summary = intervene(args.base, args.tuned, args.out, lam=args.lam, revision=args.revision, which=args.which,
                         eps=args.eps, k=args.k, include=args.include, exclude=args.exclude,
                         embeddings=args.embeddings, base_cache=args.base_cache, device=args.device,
                         backend=args.backend, progress=not args.quiet)

@@ -28,6 +28,8 @@ figures written into DIR (PNG):
   counts_vs_k.png     intruders among the top k versus k / min(m, n) (Figure 15); only up to the scan's --k,
                       so scan with a large --k for this one
   layer_bars.png      intruders per layer, stacked by module
+  checkpoint_totals.png  total intruders per checkpoint (a scan of several TUNED)
+  magnitude_direction.png  dM against dD per matrix (DoRA's Figure 2; reports with those columns)
   spectrum-NAME.png   singular values of the few matrices with most intruders, fine-tuned and base
   similarity-NAME.png |cos| between the top singular vectors of base and fine-tune of the matrices with most
                       intruders (Figures 1-3; --heatmaps, --heatmap-size); read from the checkpoints
@@ -103,18 +105,6 @@ def add_commands(subparsers) -> None:
     report.set_defaults(run=run_report)
 
 
-def load_report(path) -> Report:
-    """Read a JSON report; InputError(path, problem) when it is missing, unreadable or not a schema-1 report."""
-    from lorafft.io import read_json_object
-    from lorafft.report import SCHEMA_VERSION, Report
-
-    data = read_json_object(path)
-    try:
-        return Report.from_dict(data)
-    except (ValueError, KeyError, TypeError) as error:
-        raise InputError(path, f"not a lorafft report of schema {SCHEMA_VERSION}: {error}") from error
-
-
 def _side(reports: list[Report], paths: list[str], side: str | None) -> str:
     """The side to plot: ``side``, else left when every report has it, else right; InputError naming a report that
     lacks it."""
@@ -168,8 +158,9 @@ def run_plot(args) -> int:
     similarity heatmaps (and a training run's intruder trajectory); print the files written."""
     options.output_directory(args.out)
     from lorafft.plots import figures
+    from lorafft.report import Report
 
-    reports = [load_report(path) for path in args.reports]
+    reports = [Report.load(path) for path in args.reports]
     side = _side(reports, args.reports, args.side)
     labels = _labels(args.reports)
     os.makedirs(args.out, exist_ok=True)
@@ -216,8 +207,9 @@ def run_report(args) -> int:
     """``lorafft report``: write the report as one HTML page."""
     options.output_file(args.html, arguments.HTML_SUFFIXES)
     from lorafft.plots.html import write_html
+    from lorafft.report import Report
 
-    report = load_report(args.report)
+    report = Report.load(args.report)
     try:
         write_html(report, args.html, heatmap=not args.no_heatmap)
     except ImportError as error:

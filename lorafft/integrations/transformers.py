@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 
 from transformers import TrainerCallback
@@ -62,6 +61,7 @@ class IntruderCallback(TrainerCallback):
         self.tracker: Tracker | None = None
         self.journal: Journal | None = None
         self.scheduled: set[int] = set()  # steps tracked or being tracked
+        self.preparing: concurrent.futures.Future | None = None  # the base bases, computed in the background
         self.running: list[concurrent.futures.Future] = []  # background analyses, in step order
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self.pending: list[dict[str, int]] = []  # counts not logged yet, one entry per tracked step
@@ -79,12 +79,14 @@ class IntruderCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         if self.tracker is None:
-            self.tracker = Tracker(model, **self.settings, prepare=not self.background)
-            if self.background:  # the base bases are computed in the worker, before its first analysis
-                self._submit(self.tracker.prepare)
+            self.tracker = Tracker(model, **self.settings, prepare=False)
             if self.tracker.kind == "full" and state.global_step > 0:
                 raise InputError(type(model).__name__, "a run resumed from a checkpoint cannot track a model without "
                                                        "PEFT adapters: its base weights (the snapshot) are gone")
+            if self.background:  # the base bases, in the worker before its first analysis; errors at _collect
+                self.preparing = self._submit(self.tracker.prepare)
+            else:
+                self.tracker.prepare()
         path = os.path.join(args.output_dir, self.report_name)
         os.makedirs(args.output_dir, exist_ok=True)
         self.journal = _open_journal(path, self.tracker, resumed=state.global_step > 0)
@@ -166,7 +168,10 @@ class IntruderCallback(TrainerCallback):
 
     def _collect(self, *, wait: bool) -> bool:
         """Move finished background analyses' counts to ``pending`` (all of them when ``wait``; an analysis that
-        failed raises here). True when counts wait to be logged."""
+        failed raises here, as does the bases' computation). True when counts wait to be logged."""
+        if self.preparing is not None and (wait or self.preparing.done()):
+            self.preparing.result()
+            self.preparing = None
         while self.running and (wait or self.running[0].done()):
             self.pending.append(self.running.pop(0).result())
         return bool(self.pending)
@@ -190,11 +195,7 @@ def _open_journal(path: str, tracker: Tracker, *, resumed: bool) -> Journal:
 
 def _report_rows(path: str) -> list:
     """The rows of a trajectory report, ``checkpoint`` set back to their training step."""
-    with open(path, encoding="utf-8") as handle:
-        try:
-            report = Report.from_dict(json.load(handle))
-        except (ValueError, KeyError, TypeError) as error:
-            raise InputError(path, f"not a lorafft trajectory report: {error}") from None
+    report = Report.load(path)
     steps = [int(label.removeprefix(STEP_PREFIX)) for label in report.checkpoints]
     for row in report.rows:
         row.checkpoint = steps[row.checkpoint]

@@ -14,6 +14,7 @@ before the data is used. Read in the order of the data flow:
   behind one small view protocol;
 - ``checkpoint.py`` — :class:`Checkpoint` and :func:`open_checkpoint`: directories, files, indexes, state dicts;
 - ``adapter_files.py`` — PEFT adapter directories (:func:`open_adapter`);
+- ``hub.py`` — Hugging Face Hub ids found in the local Hub cache (or downloaded), and the base an adapter names;
 - ``writer.py`` — the one writer: atomic files and directories, safetensors files, checkpoint layouts.
 """
 

@@ -156,6 +156,8 @@ def _has_weights(folder: str) -> bool:
 
 def _named_base(adapters: list) -> tuple[str, str | None]:
     """``(base_model_name_or_path, revision)`` that every adapter directory in ``adapters`` names (the same)."""
+    if not adapters:
+        raise InputError("base", "no base given, and no adapter to name one")
     named = {}
     for path in adapters:
         if not is_adapter(path):

@@ -16,7 +16,8 @@ From the checkpoints (they need the singular vectors, which a report does not ke
 * :func:`similarity` / :func:`plot_similarity` — |cos| heatmap of one matrix's top singular vectors (Figures 1–3);
 * :func:`intruder_trajectory` / :func:`plot_trajectory` — the last checkpoint's intruders along a run (Figure 5).
 
-The ``lorafft plot`` and ``lorafft report`` commands (:mod:`lorafft.cli.plot`) draw the report-only ones.
+The ``lorafft plot`` and ``lorafft report`` commands (:mod:`lorafft.cli.plot`) draw the report-only ones, and the
+checkpoint ones when the checkpoints are still where the report says.
 """
 
 from lorafft.plots.figures import (plot_checkpoint_totals, plot_counts_vs_eps, plot_counts_vs_k, plot_layer_bars,
