@@ -6,7 +6,8 @@ one track started cold (the scan's start: base top vectors and the adapter's B c
 from the previous tracked step's vectors, at the same weights.
 
     PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 1 --out benchmarks/results/tracking_cost.json
-    PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 1 --krylov --out benchmarks/results/tracking_krylov.json
+    PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 1 --krylov \
+        --out benchmarks/results/tracking_krylov.json
 """
 
 from __future__ import annotations

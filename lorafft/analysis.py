@@ -216,7 +216,8 @@ def start_block(basis: linalg.BaseBasis, k: int, extra: torch.Tensor | None = No
     The block holds ``max(2k, k + 10)`` vectors; the guesses are ``extra`` (a LoRA adapter's B columns, or the
     previous vectors of a tracked matrix) followed by the base's top three quarters of a block of left singular
     vectors, since a fine-tune mostly keeps them (a synthetic 4096² fine-tune started there certifies in 7 iterations,
-    ``benchmarks/results/claims.json``); :func:`lorafft.linalg.truncated_svd` fills the rest of the block with random vectors.
+    ``benchmarks/results/claims.json``); :func:`lorafft.linalg.truncated_svd` fills the rest of the block with
+    random vectors.
     """
     block = max(2 * k, k + 10)
     guesses = basis.top_vectors("left", block - block // 4)

@@ -67,7 +67,7 @@ def _entry_file(name: str) -> str:
 
 
 class BaseCache:
-    """A cache directory, opened for reading (and writing with ``writable=True``, creating it if needed)."""
+    """A cache directory, opened for reading (and writing with ``writable=True``: created at the first entry)."""
 
     def __init__(self, directory, *, writable: bool = False):
         self.directory = os.fspath(directory)
@@ -80,9 +80,7 @@ class BaseCache:
                 raise InputError(self.index_path, f"not a lorafft base cache of format version {FORMAT_VERSION}")
             self.entries = _checked_entries(index.get("entries", {}), self.index_path)
             self.hub = index.get("hub")
-        elif writable:
-            os.makedirs(self.directory, exist_ok=True)
-        else:
+        elif not writable:
             raise InputError(self.directory, f"no base cache here (no {INDEX}); build one with 'lorafft cache build'")
 
     def lookup(self, name: str, W0_stored: torch.Tensor,
@@ -113,11 +111,18 @@ class BaseCache:
     def store(self, name: str, W0_stored: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor,
               shape: tuple[int, int]) -> None:
         """Write one entry (atomically) and the index: ``basis [s, s]`` stored fp32, ``sigma [s]`` fp64, for the
-        base tensor ``name`` analysed as ``shape`` (``[out, in]``)."""
+        base tensor ``name`` analysed as ``shape`` (``[out, in]``). InputError when the cache holds ``name`` built
+        from another tensor: a cache holds one base model."""
+        digest = fingerprint(W0_stored)
+        if name in self.entries and self.entries[name]["fingerprint"] != digest:
+            raise InputError(self.index_path, f"entry '{name}' was built from another tensor (fingerprint differs): "
+                                              f"the cache belongs to another base model or revision; write the "
+                                              f"bases into a new directory")
+        os.makedirs(self.directory, exist_ok=True)
         file = _entry_file(name)
         write_safetensors(os.path.join(self.directory, file), {"basis": basis.float(), "sigma": sigma.double()},
                           metadata={"name": name})
-        self.entries[name] = {"file": file, "shape": list(shape), "fingerprint": fingerprint(W0_stored)}
+        self.entries[name] = {"file": file, "shape": list(shape), "fingerprint": digest}
         self.write_index()
 
     def write_index(self) -> None:

@@ -248,7 +248,8 @@ def intervene(
 
 
 def _check_options(lam, which, eps) -> float:
-    """λ as a float; ``which`` one of ``options.WHICH``; ``eps`` one threshold (k, ε's range and the rest: ScanOptions)."""
+    """λ as a float; ``which`` one of ``options.WHICH``; ``eps`` one threshold (k, ε's range and the rest:
+    ScanOptions)."""
     lam = options.scale_factor(lam)
     if which not in options.WHICH:
         raise InputError("which", f"must be 'top' or 'all', got {which!r}")

@@ -63,6 +63,9 @@ def resolve_backend(device: torch.device, backend: str | None = None, dtype: tor
     installed = importlib.util.find_spec("triton") is not None
     if choice == "triton" and not installed:
         raise InputError(source, "'triton' asked for, but triton is not installed (pip install 'lorafft[triton]')")
+    if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise InputError(source, f"'triton' runs on CUDA tensors, not on {device.type} (there only under "
+                                 f"TRITON_INTERPRET=1, for testing): use the torch backend or a CUDA device")
     if dtype == torch.float64:
         return "torch"
     if choice != "auto":
@@ -135,9 +138,10 @@ def dequantized(W: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 
 def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Upper triangle of ``W @ W.mT`` in ``dtype`` for ``W [L, s, d]`` (below it only the diagonal blocks are filled,
-    the rest is zero): about half the flops of a full product, and all that the symmetric eigen-solvers read. Row-major upper is LAPACK's
-    column-major lower, so ``gram[l].numpy().T`` goes to LAPACK without a copy. W is converted a slab of columns
-    at a time, so no full-size copy in ``dtype`` is made (for a 28672×8192 fp32 weight that copy would be 1.9 GB)."""
+    the rest is zero): about half the flops of a full product, and all that the symmetric eigen-solvers read.
+    Row-major upper is LAPACK's column-major lower, so ``gram[l].numpy().T`` goes to LAPACK without a copy. W is
+    converted a slab of columns at a time, so no full-size copy in ``dtype`` is made (for a 28672×8192 fp32 weight
+    that copy would be 1.9 GB)."""
     L, s, d = W.shape
     gram = torch.zeros(L, s, s, dtype=dtype, device=W.device)
     columns = max(256, math.ceil(s / 8))

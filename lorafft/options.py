@@ -34,6 +34,14 @@ def positive_int(value, what: str = "k") -> int:
     return value
 
 
+def seed(value, what: str = "seed") -> int:
+    """An integer in [0, 2^62): the random start blocks' seed (each batch's stream adds its position to it, and torch
+    seeds are 64-bit)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 62:
+        raise InputError(what, f"must be an integer in [0, 2^62), got {value!r}")
+    return value
+
+
 def thresholds(eps) -> tuple[float, ...]:
     """ε as a sorted tuple of distinct floats, each finite in (0, 1]: a number or an iterable of numbers."""
     values = (eps,) if isinstance(eps, (int, float)) else tuple(eps)
@@ -70,6 +78,14 @@ def positive_number(value, what: str) -> float:
     return value
 
 
+def gigabytes(value, what: str) -> int:
+    """A finite number of GB (GiB) > 0, as bytes (at least one)."""
+    positive_number(value, what)
+    if value * 2**30 < 1:
+        raise InputError(what, f"must be at least one byte (2^-30 GB), got {value!r} GB")
+    return int(value * 2**30)
+
+
 def scale_factor(value, what: str = "lambda") -> float:
     """A finite number >= 0 (the intervention's λ: the factor applied to each intruder's singular value)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -100,6 +116,20 @@ def output_directory(path) -> str:
     elif not os.access(path, os.W_OK):
         raise InputError(path, "directory is not writable")
     return path
+
+
+def not_an_input(path, inputs, what: str) -> None:
+    """InputError when writing ``path`` (``what``: "the report", ...) would overwrite an existing file of one of the
+    ``inputs``: an input file itself, or a file inside an input directory (its ``config.json``, a shard)."""
+    if path is None or not os.path.lexists(path):
+        return
+    target = os.path.realpath(path)
+    for source in inputs:
+        if not isinstance(source, (str, os.PathLike)) or not os.path.exists(source):
+            continue  # a state dict
+        real = os.path.realpath(source)
+        if target == real or (os.path.isdir(real) and target.startswith(real + os.sep)):
+            raise InputError(path, f"is a file of the input {os.fspath(source)}: {what} would overwrite it")
 
 
 def _writable_parent(path: str) -> None:
@@ -143,8 +173,7 @@ class ScanOptions:
             "base_cache": None if self.base_cache is None else os.fspath(self.base_cache),
         }
         side(self.side)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InputError("seed", f"must be an integer, got {self.seed!r}")
+        seed(self.seed)
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
 

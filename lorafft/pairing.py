@@ -123,14 +123,20 @@ class Pair:
 def find_pairs(base: io.Checkpoint, tuned: io.Checkpoint | io.Adapter, scope: Scope, *, strict: bool = False):
     """``(pairs, skipped)``: the pairs in scope, and the skipped names with reasons (``{"name", "reason"}``).
 
-    Raises InputError when nothing pairs, or (``strict``) when a paired name has a different shape.
+    Raises InputError when nothing pairs, or (``strict``) when a paired name has a different shape; otherwise each
+    name skipped for its shape is a warning.
     """
     if isinstance(tuned, io.Adapter):
-        pairs, skipped = _adapter_pairs(base, tuned, scope)
+        (pairs, skipped), mismatched = _adapter_pairs(base, tuned, scope), []
     else:
-        pairs, skipped = _checkpoint_pairs(base, tuned, scope, strict)
+        pairs, skipped, mismatched = _checkpoint_pairs(base, tuned, scope, strict)
     if not pairs:
-        raise InputError(tuned.path, f"no 2-D weight matrices in scope in common with the base checkpoint {base.path}")
+        because = (f": the {len(skipped)} in common with it are empty or differ in shape (first: "
+                   f"{skipped[0]['reason']})" if skipped else "")
+        raise InputError(tuned.path, f"no 2-D weight matrices in scope in common with the base checkpoint "
+                                     f"{base.path}{because}")
+    for file, problem in mismatched:
+        warnings.warn(f"{file}: {problem}; skipped", stacklevel=2)
     return pairs, skipped
 
 
@@ -154,8 +160,9 @@ def _admit(pair: Pair, pairs: list[Pair], skipped: list[dict]) -> None:
 
 
 def _checkpoint_pairs(base: io.Checkpoint, tuned: io.Checkpoint, scope: Scope, strict: bool):
+    """``(pairs, skipped, mismatched)``: mismatched the ``(file, problem)`` of each name skipped for its shape."""
     tuned_index = NameIndex(tuned.names())
-    pairs, skipped = [], []
+    pairs, skipped, mismatched = [], [], []
     for name in base.names():
         tuned_name = tuned_index.resolve(name)
         if tuned_name is None or len(base.shape(name)) != 2 or not scope.admits(name):
@@ -165,11 +172,11 @@ def _checkpoint_pairs(base: io.Checkpoint, tuned: io.Checkpoint, scope: Scope, s
             problem = f"tensor '{tuned_name}' has shape {tuned_shape} but base '{name}' has {base_shape}"
             if strict:
                 raise InputError(tuned.file_of(tuned_name), problem)
-            warnings.warn(f"{tuned.file_of(tuned_name)}: {problem}; skipped", stacklevel=3)
+            mismatched.append((tuned.file_of(tuned_name), problem))
             skipped.append({"name": name, "reason": problem})
             continue
         _admit(Pair(name, tuned_name, tuple(base_shape)), pairs, skipped)
-    return pairs, skipped
+    return pairs, skipped, mismatched
 
 
 def shape_batches(pairs: list[Pair], max_batch_bytes: int, copies: int = 2) -> list[list[Pair]]:

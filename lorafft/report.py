@@ -75,11 +75,21 @@ class MatrixRow:
 
     @classmethod
     def from_dict(cls, data: dict) -> MatrixRow:
-        """Inverse of :meth:`to_dict` (a null error bound is infinite)."""
+        """Inverse of :meth:`to_dict` (a null error bound is infinite); ValueError when a per-vector list is not of
+        length k, or counts do not name the ε's."""
         row = dict(data)
         row["shape"] = tuple(row["shape"])
         row["error_bound"] = [math.inf if v is None else v for v in row["error_bound"]]
+        k = row["k"]
+        for name in _PER_VECTOR:
+            if not isinstance(row[name], list) or len(row[name]) != k:
+                raise ValueError(f"matrix {row['name']!r}: {name} does not hold k = {k} values")
+        if not isinstance(row["counts"], dict) or not isinstance(row["checkpoint"], int):
+            raise ValueError(f"matrix {row['name']!r}: counts is not an object, or checkpoint not an index")
         return cls(**row)
+
+
+_PER_VECTOR = ("singular_values", "base_singular_values", "max_cos", "argmax", "error_bound", "near_threshold")
 
 
 @dataclass
@@ -127,7 +137,7 @@ class Report:
         """Read back a report written by :meth:`to_json` (schema 1)."""
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"unsupported report schema_version {data.get('schema_version')!r}")
-        return cls(
+        report = cls(
             eps=tuple(float(e) for e in data["options"]["eps"]),
             rows=[MatrixRow.from_dict(row) for row in data["matrices"]],
             inputs=data["inputs"],
@@ -136,6 +146,12 @@ class Report:
             skipped=data.get("skipped", []),
             created=data.get("created", ""),
         )
+        keys, checkpoints = {eps_key(e) for e in report.eps}, len(report.checkpoints)
+        for row in report.rows:
+            if not keys <= row.counts.keys() or not 0 <= row.checkpoint < checkpoints:
+                raise ValueError(f"matrix {row.name!r}: counts miss an ε of options.eps, or checkpoint "
+                                 f"{row.checkpoint} is not one of the {checkpoints} tuned inputs")
+        return report
 
     def flat_rows(self) -> list[dict]:
         """One flat dict per row (for CSV and pandas): per-ε counts as ``intruders@ε`` columns, per-vector lists
@@ -210,9 +226,12 @@ class Report:
         problem) when it is missing, unreadable or not a schema-1 report."""
         data = read_json_object(path)
         try:
-            return cls.from_dict(data)
+            report = cls.from_dict(data)
         except (ValueError, KeyError, TypeError) as error:
             raise InputError(path, f"not a lorafft report of schema {SCHEMA_VERSION}: {error}") from None
+        if not report.rows:
+            raise InputError(path, "the report holds no matrices")
+        return report
 
     def summary(self, worst: int = 5) -> str:
         """A short text table: totals per ε (with the random floor range), what to read with care, and the rows with

@@ -117,6 +117,8 @@ def scan(
         raise InputError("device", f"{device} requested but CUDA is not available")
     located = hub.locate_inputs(base, tuned_list, revision=revision)
     base, tuned_list = located.base, located.tuned
+    options.not_an_input(out, [base, *tuned_list], "the report")
+    options.not_an_input(journal, [base, *tuned_list], "the journal")
     if settings.split_fused and any(io.is_adapter(source) for source in tuned_list):
         warnings.warn("split_fused ignored: a PEFT adapter is merged onto whole fused projections, so they are "
                       "analysed whole", stacklevel=2)

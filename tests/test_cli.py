@@ -1,5 +1,6 @@
 """The lorafft command: summaries, report files, and bad input (exit 2, one line naming the file, no report)."""
 
+import importlib
 import json
 import os
 import re
@@ -204,6 +205,9 @@ BAD_SCAN_ARGUMENTS = {
     "exclude not a regex": (["--exclude", "mlp", "[a"], "--exclude"),
     "tol zero": (["--tol", "0"], "--tol"),
     "batch bytes negative": (["--max-batch-bytes", "-1"], "--max-batch-bytes"),
+    "batch bytes below one byte": (["--max-batch-bytes", "1e-12"], "--max-batch-bytes"),
+    "seed too large for torch": (["--seed", "99999999999999999999999"], "--seed"),
+    "seed negative": (["--seed", "-1"], "--seed"),
     "device unknown": (["--device", "tpu"], "--device"),
 }
 
@@ -294,3 +298,66 @@ def test_parser_accepts_exactly_the_valid_values(capsys):
         except SystemExit as exit_info:
             assert exit_info.code == 2 and not valid, pattern
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a user can still do wrong after the arguments parse: one line, exit 2, no output left behind
+
+
+def test_every_name_in_common_differs_in_shape_is_one_line(tmp_path, capsys):
+    base = _small_checkpoint(tmp_path / "base")
+    tuned = _small_checkpoint(tmp_path / "tuned", **{name: torch.randn(3, 3) for name in
+                                                     ("layers.0.q.weight", "layers.0.k.weight")})
+    code, _, stderr = _run(capsys, "scan", base, tuned, "--quiet")
+    (line,) = stderr.splitlines()
+    assert code == 2 and "the 2 in common with it are empty or differ in shape" in line
+
+
+def test_report_over_an_input_file_is_refused(trio, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(trio.base, base)
+    config = (base / "config.json").read_text()
+    code, _, stderr = _run(capsys, "scan", base, trio.full, "--out", base / "config.json", "--quiet")
+    (line,) = stderr.splitlines()
+    assert code == 2 and "is a file of the input" in line and (base / "config.json").read_text() == config
+
+
+def test_interrupt_is_one_line_and_keeps_the_journal(trio, tmp_path, capsys, monkeypatch):
+    scan_module = importlib.import_module("lorafft.scan")  # (the package's ``scan`` attribute is the function)
+
+    def interrupted(*args, journal=None, **kwargs):
+        with open(journal, "w") as handle:  # what a scan has journaled by the time Ctrl-C arrives
+            handle.write("{}\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scan_module, "scan", interrupted)
+    out = tmp_path / "r.json"
+    code, _, stderr = _run(capsys, "scan", trio.base, trio.full, "--out", out, "--quiet")
+    assert code == 130 and stderr.splitlines() == [
+        f"lorafft: the finished matrices are in {out}.journal: the same command with --resume continues",
+        "lorafft: interrupted"]
+
+
+def test_triton_backend_on_the_cpu_needs_the_interpreter(trio, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    pytest.importorskip("triton")
+    code, _, stderr = _run(capsys, "scan", trio.base, trio.lora, "--backend", "triton", "--out",
+                           tmp_path / "r.json", "--quiet")
+    (line,) = stderr.splitlines()
+    assert code == 2 and "runs on CUDA tensors" in line and os.listdir(tmp_path) == []
+
+
+def test_base_cache_of_another_model_is_not_overwritten(trio, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["cache", "build", str(trio.base), "--out", str(cache), "--quiet"]) == 0
+    capsys.readouterr()
+    index = (cache / "lorafft-base-cache.json").read_text()
+    code, _, stderr = _run(capsys, "scan", trio.full, trio.base, "--write-base-cache", cache, "--quiet")
+    (line,) = stderr.splitlines()
+    assert code == 2 and "another base model" in line and (cache / "lorafft-base-cache.json").read_text() == index
+
+
+def test_failed_cache_build_leaves_no_directory(tmp_path, capsys):
+    base = _nan_weight(tmp_path / "base")
+    code, _, stderr = _run(capsys, "cache", "build", base, "--out", tmp_path / "cache", "--quiet")
+    assert code == 2 and len(stderr.splitlines()) == 1 and not (tmp_path / "cache").exists()

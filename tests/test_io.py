@@ -303,7 +303,7 @@ def test_index_lists_tensor_missing_from_shard(tmp_path, layout, index_name):
 @pytest.mark.parametrize("text, fragment", [
     ("{", "not valid JSON"),
     ("[]", "expected a JSON object, got list"),
-    ('{"metadata": {}}', "no 'weight_map' object in the index"),
+    ('{"metadata": {}}', "not a shard index (no 'weight_map' object)"),
     ('{"weight_map": {"w": "../model.safetensors"}}', "weight_map entry for 'w' is not a file name"),
     ('{"weight_map": {"w": ["a.safetensors"]}}', "weight_map entry for 'w' is not a file name"),
 ], ids=["bad-json", "not-object", "no-weight-map", "path-escape", "not-string"])

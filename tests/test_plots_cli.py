@@ -2,6 +2,7 @@
 the ``Report.plot_*`` methods, checked for content against the lorafft.plots functions they wrap."""
 
 import dataclasses
+import json
 from html.parser import HTMLParser
 
 import numpy
@@ -195,3 +196,30 @@ def test_html_shows_booleans_and_missing_values_as_words(reports, tmp_path):
             assert options[key].split(", ") == [str(v) for v in value], key
     assert options["strict"] == "yes" and options["embeddings"] == "no" and options["base_cache"] == "—"
     assert not {"True", "False", "None", "[]"} & {cell.strip() for row in parser.rows for cell in row}
+
+
+@pytest.mark.parametrize("broken", ["short max_cos", "no matrices", "checkpoint out of range"])
+def test_a_report_that_does_not_hold_together_is_refused(reports, tmp_path, capsys, broken):
+    """plot and report read a report whose lists, rows or indices do not fit: one line, exit 2, nothing written."""
+    data = reports["lora"].to_dict()
+    if broken == "short max_cos":
+        data["matrices"][0]["max_cos"] = data["matrices"][0]["max_cos"][:3]
+    elif broken == "no matrices":
+        data["matrices"] = []
+    else:
+        data["matrices"][0]["checkpoint"] = 5
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(data))
+    status, _, err = plot([path, "--out", tmp_path / "figs"], capsys)
+    assert status == 2 and len(err.splitlines()) == 1 and str(path) in err and not (tmp_path / "figs").exists()
+    assert cli.main(["report", str(path), "--html", str(tmp_path / "r.html")]) == 2
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_failing_plot_removes_what_it_wrote(reports, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "r.json"
+    reports["lora"].save(path)
+    monkeypatch.setattr(figures, "plot_layer_bars", lambda *a, **k: (_ for _ in ()).throw(MemoryError("drawing")))
+    with pytest.raises(MemoryError):
+        cli.main(["plot", str(path), "--out", str(tmp_path / "figs")])
+    assert not (tmp_path / "figs").exists()  # counts_vs_eps.png and counts_vs_k.png were written, then removed

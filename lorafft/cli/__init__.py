@@ -8,6 +8,7 @@ library only in its ``run`` function.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
     """Run the ``lorafft`` command line ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
     Warnings print as ``lorafft: warning: ...``; an :class:`InputError` as ``lorafft: error: <path>: <problem>``
-    with status 2. Usage errors exit 2 from argparse (``SystemExit``), with one line.
+    with status 2. Usage errors exit 2 from argparse (``SystemExit``), with one line. Ctrl-C prints one line and
+    exits 130 (a scan's journal keeps its finished rows for ``--resume``); a closed stdout (``| head``) ends quietly.
     """
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
@@ -63,3 +65,9 @@ def main(argv=None) -> int:
         except InputError as error:
             print(f"lorafft: error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("lorafft: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # the reader of stdout went away: nothing more to say, and say nothing at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1

@@ -57,12 +57,13 @@ example:
 """
 
 
-def _at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
+def _at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``)."""
     def parse(text: str) -> int:
         value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
         return value
     parse.__name__ = "integer"
     return parse
@@ -91,7 +92,8 @@ def add_commands(subparsers) -> None:
                            "up to a few hundred)")
     plot.add_argument("--no-trajectory", action="store_true",
                       help="no intruder trajectory for a training-run scan (it reads every checkpoint)")
-    plot.add_argument("--dpi", type=_at_least(10), default=100, help="resolution of the PNG files (default: 100)")
+    plot.add_argument("--dpi", type=_at_least(10, 1200), default=100,
+                      help="resolution of the PNG files, 10 to 1200 (default: 100)")
     plot.set_defaults(run=run_plot)
 
     report = subparsers.add_parser("report", help="write a saved report as one self-contained HTML page",
@@ -155,52 +157,66 @@ def _checkpoint_figures(report: Report, side: str, eps: float, args):
 
 def run_plot(args) -> int:
     """``lorafft plot``: write every report-only figure into ``args.out`` and, when the checkpoints are on disk, the
-    similarity heatmaps (and a training run's intruder trajectory); print the files written."""
+    similarity heatmaps (and a training run's intruder trajectory); print the files written. A failure removes the
+    figures this run wrote (and ``args.out`` when it made it)."""
     options.output_directory(args.out)
-    from lorafft.plots import figures
     from lorafft.report import Report
 
     reports = [Report.load(path) for path in args.reports]
     side = _side(reports, args.reports, args.side)
-    labels = _labels(args.reports)
+    created = not os.path.isdir(args.out)
     os.makedirs(args.out, exist_ok=True)
     written = []
+    try:
+        _write_figures(args, reports, side, written)
+    except BaseException as error:
+        for path in written:
+            os.remove(path)
+        if created and not os.listdir(args.out):
+            os.rmdir(args.out)
+        if isinstance(error, ImportError):
+            print(f"lorafft: error: {error}", file=sys.stderr)
+            return 1
+        raise
+    print("\n".join(written))
+    return 0
+
+
+def _write_figures(args, reports: list[Report], side: str, written: list[str]) -> None:
+    """Every figure of ``lorafft plot`` into ``args.out``, each path appended to ``written`` once saved."""
+    from lorafft.plots import figures
+
+    labels = _labels(args.reports)
 
     def save(figure, name):
         target = os.path.join(args.out, name)
         figure.savefig(target, dpi=args.dpi)
         written.append(target)
 
-    try:
-        save(figures.plot_counts_vs_eps(dict(zip(labels, reports)) if len(reports) > 1 else reports[0], side),
-             "counts_vs_eps.png")
-        for label, report in zip(labels, reports):
-            prefix = f"{_filename(label)}-" if len(reports) > 1 else ""
-            eps = report.threshold(args.eps)
-            if len(report.checkpoints) > 1:
-                save(figures.plot_checkpoint_totals(report, side), f"{prefix}checkpoint_totals.png")
-            save(figures.plot_counts_vs_k(report, side, eps), f"{prefix}counts_vs_k.png")
-            save(figures.plot_layer_bars(report, side, eps), f"{prefix}layer_bars.png")
-            if any(r.delta_magnitude is not None and r.delta_direction is not None for r in report.rows):
-                save(figures.plot_magnitude_direction(report), f"{prefix}magnitude_direction.png")
-            for row in figures.worst_rows(report, eps, args.spectra, side):
-                save(figures.plot_spectra(report, row.name, side, eps), f"{prefix}spectrum-{_filename(row.name)}.png")
-            wanted = args.heatmaps > 0 or (len(report.checkpoints) > 1 and not args.no_trajectory)
-            missing = _missing_checkpoints(report) if wanted else []
-            if missing:
-                print(f"lorafft: note: {label}: no similarity heatmap or trajectory: checkpoint(s) not found: "
-                      f"{', '.join(missing)}", file=sys.stderr)
-            elif wanted:
-                try:
-                    for name, figure in _checkpoint_figures(report, side, eps, args):
-                        save(figure, prefix + name)
-                except InputError as error:
-                    print(f"lorafft: note: {label}: no similarity heatmap or trajectory: {error}", file=sys.stderr)
-    except ImportError as error:
-        print(f"lorafft: error: {error}", file=sys.stderr)
-        return 1
-    print("\n".join(written))
-    return 0
+    save(figures.plot_counts_vs_eps(dict(zip(labels, reports)) if len(reports) > 1 else reports[0], side),
+         "counts_vs_eps.png")
+    for label, report in zip(labels, reports):
+        prefix = f"{_filename(label)}-" if len(reports) > 1 else ""
+        eps = report.threshold(args.eps)
+        if len(report.checkpoints) > 1:
+            save(figures.plot_checkpoint_totals(report, side), f"{prefix}checkpoint_totals.png")
+        save(figures.plot_counts_vs_k(report, side, eps), f"{prefix}counts_vs_k.png")
+        save(figures.plot_layer_bars(report, side, eps), f"{prefix}layer_bars.png")
+        if any(r.delta_magnitude is not None and r.delta_direction is not None for r in report.rows):
+            save(figures.plot_magnitude_direction(report), f"{prefix}magnitude_direction.png")
+        for row in figures.worst_rows(report, eps, args.spectra, side):
+            save(figures.plot_spectra(report, row.name, side, eps), f"{prefix}spectrum-{_filename(row.name)}.png")
+        wanted = args.heatmaps > 0 or (len(report.checkpoints) > 1 and not args.no_trajectory)
+        missing = _missing_checkpoints(report) if wanted else []
+        if missing:
+            print(f"lorafft: note: {label}: no similarity heatmap or trajectory: checkpoint(s) not found: "
+                  f"{', '.join(missing)}", file=sys.stderr)
+        elif wanted:
+            try:
+                for name, figure in _checkpoint_figures(report, side, eps, args):
+                    save(figure, prefix + name)
+            except InputError as error:
+                print(f"lorafft: note: {label}: no similarity heatmap or trajectory: {error}", file=sys.stderr)
 
 
 def run_report(args) -> int:

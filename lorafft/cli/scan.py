@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from lorafft import options
 from lorafft.cli import arguments
@@ -84,10 +86,11 @@ def _add_resources(parser: argparse.ArgumentParser) -> None:
                        help="finish the scan recorded in the journal after a crash or kill (same arguments; needs "
                             "--out or --journal)")
     group.add_argument("--max-batch-bytes", metavar="GB",
-                       type=arguments.checked(float, options.positive_number, "--max-batch-bytes"),
+                       type=arguments.checked(float, options.gigabytes, "--max-batch-bytes"),
                        help="cap on the fp32 base + tuned weights analysed at once, in GB (default: 1 on the CPU; "
                             "on a GPU, from its free memory)")
-    group.add_argument("--seed", type=int, default=0, help="seed of the random start blocks (default: 0)")
+    group.add_argument("--seed", type=arguments.checked(int, options.seed, "--seed"), default=0,
+                       help="seed of the random start blocks, in [0, 2^62) (default: 0)")
 
 
 def _journal(args) -> str | None:
@@ -120,13 +123,18 @@ def run_scan(args) -> int:
     from lorafft.scan import scan
 
     base, tuned = _base_and_tuned(args.inputs, args.revision)
-    max_batch_bytes = None if args.max_batch_bytes is None else int(args.max_batch_bytes * 2**30)
-    report = scan(base, tuned if len(tuned) > 1 else tuned[0], revision=args.revision, k=args.k, eps=args.eps,
-                  side=args.side, include=args.include, exclude=args.exclude, embeddings=args.embeddings,
-                  strict=args.strict, split_fused=args.split_fused, delta_ranks=args.delta_ranks,
-                  base_cache=args.base_cache, write_base_cache=args.write_base_cache, journal=journal,
-                  resume=args.resume, out=args.out, max_batch_bytes=max_batch_bytes, tol=args.tol,
-                  seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
+    try:
+        report = scan(base, tuned if len(tuned) > 1 else tuned[0], revision=args.revision, k=args.k, eps=args.eps,
+                      side=args.side, include=args.include, exclude=args.exclude, embeddings=args.embeddings,
+                      strict=args.strict, split_fused=args.split_fused, delta_ranks=args.delta_ranks,
+                      base_cache=args.base_cache, write_base_cache=args.write_base_cache, journal=journal,
+                      resume=args.resume, out=args.out, max_batch_bytes=args.max_batch_bytes, tol=args.tol,
+                      seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
+    except KeyboardInterrupt:
+        if journal is not None and os.path.isfile(journal):
+            print(f"lorafft: the finished matrices are in {journal}: the same command with --resume continues",
+                  file=sys.stderr)
+        raise
     if report is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     print(report.summary())

@@ -230,7 +230,8 @@ def _open_index(path: str, index: str, **options) -> Checkpoint:
     """A Checkpoint from a shard index (``{"weight_map": {tensor name: shard file name}}``, shards beside it)."""
     weight_map = read_json_object(index, max_bytes=INDEX_BYTES).get("weight_map")
     if not isinstance(weight_map, dict):
-        raise InputError(index, "no 'weight_map' object in the index")
+        raise InputError(index, "not a shard index (no 'weight_map' object): give the checkpoint's directory, a "
+                                "weights file or its *.index.json")
     shards: dict[str, Shard] = {}
     for name, shard_name in weight_map.items():
         if not _is_file_name(shard_name):
