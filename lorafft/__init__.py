@@ -19,20 +19,29 @@ __version__ = "0.1.0"
 _LAZY = {"analyze": "lorafft.analysis", "InputError": "lorafft.errors", "Report": "lorafft.report",
          "scan": "lorafft.scan", "Tracker": "lorafft.tracking"}
 
+# the submodules ``lorafft.cache`` and the like reach after a plain ``import lorafft`` (the ``scan`` submodule is
+# ``lorafft.scan``'s module: the attribute stays the function)
+_SUBMODULES = frozenset({"adapters", "analysis", "arrays", "cache", "distributed", "errors", "integrations", "intervene",
+                         "io", "journal", "linalg", "loading", "options", "pairing", "plots", "report", "synthetic",
+                         "tracking"})
+
 __all__ = ["InputError", "Report", "Tracker", "analyze", "scan", "__version__"]
 
 
 def __getattr__(name: str):
-    """``lorafft.scan`` and the other names of ``__all__``, imported from their module on first access."""
-    if name not in _LAZY:
-        raise AttributeError(f"module 'lorafft' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
+    """``lorafft.scan`` and the other names of ``__all__``, imported from their module on first access; and the
+    submodules (``lorafft.cache``, ``lorafft.intervene``, ...), imported on first access."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"lorafft.{name}")  # the import system sets the attribute
+    raise AttributeError(f"module 'lorafft' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
 
 
 class _Package(types.ModuleType):

@@ -37,7 +37,8 @@ class SideAnalysis:
     (see :func:`random_max_cos`), to read whether an ε means anything at this width.
     base_rank ``[L]`` int64: numerical rank ρ of W0 (:func:`base_rank`); undetermined ``[L, E]`` int64: vectors
     whose intruder status at ε depends on how a rank-deficient base basis is completed (:func:`_defined_match`),
-    left out of ``counts``; zero when ρ = min(m, n). vectors ``[L, d, k]`` fp64: the tuned singular vectors y_j
+    left out of ``counts``; zero when ρ = min(m, n); outside ``[L, k]`` fp64: each y_j's length outside the span of
+    the ρ defined base vectors (0 at full rank), so y_j is an intruder at ε iff ``max(max_cos, outside) < ε``. vectors ``[L, d, k]`` fp64: the tuned singular vectors y_j
     themselves (a tracker warm-starts the next step's iteration from them).
     """
 
@@ -56,6 +57,7 @@ class SideAnalysis:
     iterations: int
     base_rank: torch.Tensor
     undetermined: torch.Tensor
+    outside: torch.Tensor
     vectors: torch.Tensor
 
 
@@ -137,8 +139,8 @@ def analyze(
     results, rank = {}, base_rank(basis)
     for side in sides:
         vectors = tuned.U if side == "left" else tuned.V
-        match, undetermined = _defined_match(basis, vectors, side, eps,
-                                             linalg.match(basis, vectors, side, eps, backend), rank)
+        match, undetermined, outside = _defined_match(basis, vectors, side, eps,
+                                                      linalg.match(basis, vectors, side, eps, backend), rank)
         max_cos = match.max_cos.double()
         thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
         slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)  # vectors without a bound are not "near": see report
@@ -160,6 +162,7 @@ def analyze(
             iterations=tuned.iterations,
             base_rank=rank,
             undetermined=undetermined,
+            outside=outside,
             vectors=vectors,
         )
     return results
@@ -183,12 +186,13 @@ def _defined_match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, ep
     completion has a vector at |cos| = r with y, another spreads r thinly, so y is an intruder at ε for every
     completion iff ``max(c, r) < ε``, for none iff ``c >= ε``, and *undetermined* otherwise (``c < ε <= r``).
     Rows of full rank keep ``match``; rank-deficient ones get max_cos = c and argmax over the defined x_i, and
-    counts of the certain intruders only. Returns ``(match, undetermined [L, E] int64)``.
+    counts of the certain intruders only. Returns ``(match, undetermined [L, E] int64, outside [L, k] fp64)``.
     """
     undetermined = torch.zeros(match.counts.shape, dtype=torch.int64, device=match.counts.device)
+    outside = torch.zeros(match.max_cos.shape, dtype=torch.float64, device=match.max_cos.device)
     deficient = (rank < basis.sigma.shape[-1]).nonzero().flatten().tolist()
     if not deficient:
-        return match, undetermined
+        return match, undetermined, outside
     max_cos, argmax, intruders = match.max_cos.clone(), match.argmax.clone(), match.intruders.clone()
     thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
     cosines = basis.project(vectors.double(), side)  # [L, s, k], rows by descending σ_i
@@ -196,12 +200,12 @@ def _defined_match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, ep
         defined = cosines[index, : int(rank[index])]  # [ρ, k]
         best, best_index = (defined.abs().max(dim=0) if defined.shape[0] else
                             (torch.zeros_like(cosines[index, 0]), torch.zeros_like(argmax[index])))
-        outside = (1 - (defined**2).sum(dim=0)).clamp_min(0).sqrt()
+        outside[index] = (1 - (defined**2).sum(dim=0)).clamp_min(0).sqrt()
         below = best.unsqueeze(-1) < thresholds  # [k, E]
-        unsure = below & (outside.unsqueeze(-1) >= thresholds)
+        unsure = below & (outside[index].unsqueeze(-1) >= thresholds)
         max_cos[index], argmax[index] = best.to(max_cos.dtype), best_index
         intruders[index], undetermined[index] = below & ~unsure, unsure.sum(dim=0)
-    return linalg.CosineMatch(max_cos=max_cos, argmax=argmax, intruders=intruders), undetermined
+    return linalg.CosineMatch(max_cos=max_cos, argmax=argmax, intruders=intruders), undetermined, outside
 
 
 def batch_generator(seed: int, position: int) -> torch.Generator:

@@ -41,12 +41,10 @@ class NameIndex:
         if name in self.names:
             return name
         parts = name.split(".")
-        for start in range(1, len(parts)):  # this name carries an extra prefix
-            suffix = ".".join(parts[start:])
-            if suffix in self.names:
-                return suffix
-        candidates = self._by_suffix.get(name, [])  # the indexed name carries an extra prefix
-        return candidates[0] if len(candidates) == 1 else None
+        suffixes = (".".join(parts[start:]) for start in range(1, len(parts)))  # this name carries an extra prefix
+        found = {suffix for suffix in suffixes if suffix in self.names}
+        found.update(self._by_suffix.get(name, []))  # the indexed name carries an extra prefix
+        return found.pop() if len(found) == 1 else None
 
 
 def layer_and_module(name: str) -> tuple[int | None, str]:
@@ -124,18 +122,18 @@ def find_pairs(base: io.Checkpoint, tuned: io.Checkpoint | io.Adapter, scope: Sc
     """``(pairs, skipped)``: the pairs in scope, and the skipped names with reasons (``{"name", "reason"}``).
 
     Raises InputError when nothing pairs, or (``strict``) when a paired name has a different shape; otherwise each
-    name skipped for its shape is a warning.
+    name skipped for its shape or an ambiguous match is a warning.
     """
     if isinstance(tuned, io.Adapter):
-        (pairs, skipped), mismatched = _adapter_pairs(base, tuned, scope), []
+        (pairs, skipped), noted = _adapter_pairs(base, tuned, scope), []
     else:
-        pairs, skipped, mismatched = _checkpoint_pairs(base, tuned, scope, strict)
+        pairs, skipped, noted = _checkpoint_pairs(base, tuned, scope, strict)
     if not pairs:
-        because = (f": the {len(skipped)} in common with it are empty or differ in shape (first: "
+        because = (f": the {len(skipped)} in common with it are empty, ambiguous or differ in shape (first: "
                    f"{skipped[0]['reason']})" if skipped else "")
         raise InputError(tuned.path, f"no 2-D weight matrices in scope in common with the base checkpoint "
                                      f"{base.path}{because}")
-    for file, problem in mismatched:
+    for file, problem in noted:
         warnings.warn(f"{file}: {problem}; skipped", stacklevel=2)
     return pairs, skipped
 
@@ -160,23 +158,35 @@ def _admit(pair: Pair, pairs: list[Pair], skipped: list[dict]) -> None:
 
 
 def _checkpoint_pairs(base: io.Checkpoint, tuned: io.Checkpoint, scope: Scope, strict: bool):
-    """``(pairs, skipped, mismatched)``: mismatched the ``(file, problem)`` of each name skipped for its shape."""
+    """``(pairs, skipped, noted)``: noted the ``(file, problem)`` of each name skipped for its shape or for an
+    ambiguous match (one tuned tensor resolving for several base tensors)."""
     tuned_index = NameIndex(tuned.names())
-    pairs, skipped, mismatched = [], [], []
+    pairs, skipped, noted = [], [], []
+    resolved = {name: tuned_index.resolve(name) for name in base.names()}
+    claims = defaultdict(list)  # tuned name -> the base names it resolves for: more than one is ambiguous
+    for name, tuned_name in resolved.items():
+        if tuned_name is not None:
+            claims[tuned_name].append(name)
     for name in base.names():
-        tuned_name = tuned_index.resolve(name)
+        tuned_name = resolved[name]
         if tuned_name is None or len(base.shape(name)) != 2 or not scope.admits(name):
+            continue
+        if len(claims[tuned_name]) > 1:
+            problem = (f"tensor '{tuned_name}' matches several base tensors ({', '.join(claims[tuned_name])}): "
+                       f"which one it fine-tunes is ambiguous")
+            noted.append((tuned.file_of(tuned_name), problem))
+            skipped.append({"name": name, "reason": problem})
             continue
         base_shape, tuned_shape = list(base.shape(name)), list(tuned.shape(tuned_name))
         if base_shape != tuned_shape:
             problem = f"tensor '{tuned_name}' has shape {tuned_shape} but base '{name}' has {base_shape}"
             if strict:
                 raise InputError(tuned.file_of(tuned_name), problem)
-            mismatched.append((tuned.file_of(tuned_name), problem))
+            noted.append((tuned.file_of(tuned_name), problem))
             skipped.append({"name": name, "reason": problem})
             continue
         _admit(Pair(name, tuned_name, tuple(base_shape)), pairs, skipped)
-    return pairs, skipped, mismatched
+    return pairs, skipped, noted
 
 
 def shape_batches(pairs: list[Pair], max_batch_bytes: int, copies: int = 2) -> list[list[Pair]]:

@@ -66,6 +66,15 @@ class MatrixRow:
     # written before they were added, and ΔD None when no row of W0 and Wt is non-zero in both
     delta_magnitude: float | None = None
     delta_direction: float | None = None
+    # rank-deficient base only: each y_j's length outside the span of the defined base vectors; y_j is an intruder
+    # at ε iff max(max_cos_j, outside_j) < ε (``intruders``); None at full rank, where it is 0
+    outside: list[float] | None = None
+
+    def intruders(self, eps: float) -> int:
+        """The number of intruders at any ``eps`` (``counts`` holds the scan's ε's): y_j with max |cos| < eps that
+        no completion of a rank-deficient base basis can reach (see ``outside``)."""
+        outside = self.outside or [0.0] * len(self.max_cos)
+        return sum(max(value, length) < eps for value, length in zip(self.max_cos, outside))
 
     def to_dict(self) -> dict:
         row = dict(self.__dict__)
@@ -81,7 +90,7 @@ class MatrixRow:
         row["shape"] = tuple(row["shape"])
         row["error_bound"] = [math.inf if v is None else v for v in row["error_bound"]]
         k = row["k"]
-        for name in _PER_VECTOR:
+        for name in _PER_VECTOR + (("outside",) if row.get("outside") is not None else ()):
             if not isinstance(row[name], list) or len(row[name]) != k:
                 raise ValueError(f"matrix {row['name']!r}: {name} does not hold k = {k} values")
         if not isinstance(row["counts"], dict) or not isinstance(row["checkpoint"], int):
@@ -261,7 +270,8 @@ class Report:
             lines.append(f"most intruders at ε={keys[0]}:")
             width = max(len(r.name) for r in ranked)
             for r in ranked:
-                lines.append(f"  {r.name:<{width}}  {r.side:<5}  {r.counts[keys[0]]:>3}/{r.k}  "
+                where = f"  [{r.checkpoint}]" if len(self.checkpoints) > 1 else ""  # the per-checkpoint labels above
+                lines.append(f"  {r.name:<{width}}{where}  {r.side:<5}  {r.counts[keys[0]]:>3}/{r.k}  "
                              f"min max|cos| {min(r.max_cos):.3f}")
         if self.skipped:
             lines.append(f"{len(self.skipped)} skipped (see 'skipped' in the report)")
@@ -429,6 +439,7 @@ def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None, c
                     iterations=result.iterations,
                     base_rank=int(result.base_rank[index]),
                     undetermined={eps_key(e): int(c) for e, c in zip(result.eps, result.undetermined[index].tolist())},
+                    outside=result.outside[index].tolist() if int(result.base_rank[index]) < min(pair.shape) else None,
                     delta_magnitude=magnitude,
                     delta_direction=direction if direction is None or math.isfinite(direction) else None,
                 )

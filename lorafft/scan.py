@@ -112,6 +112,7 @@ def scan(
     if resume and journal is None:
         raise InputError("resume", "needs the journal of the scan to finish (give journal=, or out= for OUT.journal)")
     out = None if out is None else options.output_file(out)
+    journal = None if journal is None else options.output_file(journal, suffixes=None)
     device = distributed.local_device() if device is None else torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device", f"{device} requested but CUDA is not available")

@@ -22,6 +22,7 @@ checkpoints). Test-only builders (FP8, mixture-of-experts, Phi-3) live in ``test
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,6 +260,6 @@ def write_trio(
         r=lora_rank,
         lora_alpha=lora_alpha,
         target_modules=list(LORA_TARGETS),
-        base_model_name_or_path=str(trio.base),
+        base_model_name_or_path=os.path.abspath(trio.base),  # found from any working directory
     )
     return trio

@@ -87,6 +87,27 @@ def test_zero_base_and_empty_weight_are_said_in_the_report(tmp_path, capsys):
     assert "1 rows have a rank-deficient base" in stdout and "ε=0.5: 4" in stdout
 
 
+def test_figures_count_what_the_report_counts_on_a_rank_deficient_base(tmp_path):
+    """A base of rank 4 in 32 dimensions: at every ε of a fine grid the figures' count (MatrixRow.intruders, through
+    ``outside``) is the fp64 oracle's certain count, and at the scan's ε it is the report's."""
+    generator = torch.Generator().manual_seed(8)
+    W0 = torch.zeros(32, 32)
+    W0[:4, :4] = 5 * torch.randn(4, 4, generator=generator)
+    Wt = W0 + 0.3 * torch.randn(32, 32, generator=generator)
+    base, tuned = _checkpoint(tmp_path / "base", {"w.weight": W0}), _checkpoint(tmp_path / "tuned", {"w.weight": Wt})
+    report = lorafft.scan(base, tuned, k=10, eps=(0.5, 0.9))
+    (row,) = report.rows
+    assert row.base_rank == 4 and row.undetermined["0.5"] > 0 and len(row.outside) == 10
+    assert [row.intruders(e) for e in (0.5, 0.9)] == [row.counts["0.5"], row.counts["0.9"]]
+    U0, _, _ = np.linalg.svd(W0.double().numpy())
+    Ut, _, _ = np.linalg.svd(Wt.double().numpy())
+    cos = U0[:, :4].T @ Ut[:, :10]
+    best, outside = np.abs(cos).max(axis=0), np.sqrt(np.clip(1 - (cos**2).sum(axis=0), 0, None))
+    for e in np.linspace(0.05, 1.0, 20):
+        assert row.intruders(e) == int((np.maximum(best, outside) < e).sum()), e
+    assert lorafft.Report.from_dict(report.to_dict()).rows[0].outside == pytest.approx(row.outside)
+
+
 def test_intervene_rescales_only_the_intruders_scan_counts(tmp_path):
     """A zero base defines none of its singular vectors: scan counts no intruder there (all undetermined), so
     intervene rescales nothing in it; the full-rank matrix beside it is rescaled where scan counts intruders."""

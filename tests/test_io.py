@@ -478,3 +478,15 @@ def test_copy_checkpoint_replaces_only_the_named_tensors(tmp_path):
         assert copied.stored_names() == sorted(saved)
         for key, expected in saved.items():
             assert torch.equal(copied.get(key), -expected if key == name else expected)
+
+
+def test_a_checkpoint_written_over_another_replaces_it(tmp_path):
+    """A sharded checkpoint, then a single-file one into the same directory: the old shards and index are gone, so
+    the new tensors are what is read."""
+    zeros = {f"w{i}.weight": torch.zeros(4, 4) for i in range(3)}
+    writer.write_checkpoint(zeros, tmp_path, max_shard_bytes=64)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    writer.write_checkpoint({name: torch.ones(4, 4) for name in zeros}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    with open_checkpoint(tmp_path) as checkpoint:
+        assert float(checkpoint.get("w1.weight").sum()) == 16.0

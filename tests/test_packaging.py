@@ -104,4 +104,7 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
         done = run(lorafft_command, *argv)
         assert done.returncode == 0 and "Traceback" not in done.stderr, (argv, done.stderr)
     assert (work / "lora.html").read_text(encoding="utf-8").count("data:image/png") >= 4
+    alone = subprocess.run([lorafft_command, "scan", "lora", "--quiet"], cwd=work / "demo", env=env,
+                           capture_output=True, text=True, timeout=120)  # the base the adapter names, from its dir
+    assert alone.returncode == 0 and "intruders" in alone.stdout, alone.stderr
     assert any(name.startswith("similarity-") for name in os.listdir(work / "figures"))

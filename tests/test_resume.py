@@ -117,6 +117,26 @@ def test_partial_last_line_is_ignored(run, tmp_path):
     assert [r.to_dict() for r in resumed.rows] == [r.to_dict() for r in first.rows]
 
 
+def test_a_second_crash_after_a_partial_line_still_resumes(run, tmp_path):
+    """Resuming cuts off the partial line a crash left before appending, so the journal stays readable through a
+    second crash (here: the resumed scan is stopped after one more row)."""
+    header = {"inputs": {"base": "b", "tuned": ["t"]}, "options": {}}
+    rows = lorafft.scan(run.base, run.full, include=["layers\\.0\\.self_attn"]).rows
+    log = Journal(tmp_path / "j", header, resume=False)
+    for row in rows[:2]:
+        log.append(row)
+    log.close(remove=False)
+    with open(tmp_path / "j", "ab") as handle:
+        handle.write(json.dumps(rows[2].to_dict()).encode()[:40])  # crash one: mid-line
+    resumed = Journal(tmp_path / "j", header, resume=True)
+    assert len(resumed.rows) == 2
+    resumed.append(rows[3])
+    resumed.close(remove=False)  # crash two, after one more row
+    again = Journal(tmp_path / "j", header, resume=True)
+    assert [row.to_dict() for row in again.rows.values()] == [row.to_dict() for row in (rows[0], rows[1], rows[3])]
+    again.close(remove=True)
+
+
 @pytest.mark.parametrize("content", [bytes(range(256)) * 4, b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
                                      b'{"lorafft_journal": 1}\n{"name": ' + b"[" * 5000 + b"\n"])
 def test_a_journal_that_is_not_one_is_a_one_line_error(run, tmp_path, capsys, content):

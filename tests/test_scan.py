@@ -101,6 +101,28 @@ def test_scan_state_dicts_with_prefixes_filters_and_shape_mismatch():
         lorafft.scan(base, tuned, k=5, strict=True)
 
 
+def test_a_tuned_name_matching_several_base_tensors_pairs_with_none():
+    """A multimodal base with one projection name under two towers, and a fine-tune without the tower prefix: which
+    base tensor it tunes is ambiguous, so neither pairs (skipped with the reason, warned); the unambiguous one does."""
+    generator = torch.Generator().manual_seed(4)
+    base = {f"{tower}.layers.0.q_proj.weight": torch.randn(12, 12, generator=generator)
+            for tower in ("language_model.model", "vision_tower.encoder")}
+    base["language_model.model.layers.0.k_proj.weight"] = torch.randn(12, 12, generator=generator)
+    tuned = {"layers.0.q_proj.weight": base["language_model.model.layers.0.q_proj.weight"] + 0.1,
+             "layers.0.k_proj.weight": base["language_model.model.layers.0.k_proj.weight"] + 0.1}
+    with pytest.warns(UserWarning, match="ambiguous"):
+        report = lorafft.scan(base, tuned, k=3)
+    assert [r.name for r in report.rows] == ["language_model.model.layers.0.k_proj.weight"]
+    assert sorted(s["name"] for s in report.skipped) == sorted(n for n in base if "q_proj" in n)
+    assert lorafft.pairing.NameIndex(["b.weight", "x.a.b.weight"]).resolve("a.b.weight") is None
+
+
+def test_a_bad_journal_path_is_an_input_error(trio, tmp_path):
+    for journal in (tmp_path / "missing" / "j.journal", tmp_path):
+        with pytest.raises(lorafft.InputError):
+            lorafft.scan(trio.base, trio.full, include=["layers\\.0\\.self_attn\\.q"], journal=journal)
+
+
 def test_report_round_trips_through_json_csv_and_pandas(trio, tmp_path):
     report = lorafft.scan(trio.base, trio.lora, eps=(0.5, 0.9), include=[r"layers\.0\.self_attn"])
     path = tmp_path / "report.json"

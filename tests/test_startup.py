@@ -44,6 +44,8 @@ def test_help_and_version_without_torch_under_a_second(argv, tmp_path):
         assert process.stdout.strip() == f"lorafft {lorafft.__version__}"
     else:
         assert "usage: lorafft" in process.stdout
+    if argv[-1] == "--help" and len(argv) > 1:  # every command's help ends with examples
+        assert "examples:" in process.stdout
     # best of three: one slow start on a busy machine is not the command's doing
     best = min([seconds] + [_lorafft(argv, tmp_path)[1] for _ in range(2)])
     assert best < 1.0, f"lorafft {' '.join(argv)} took {best:.2f} s"
@@ -64,7 +66,8 @@ def test_import_lorafft_does_not_import_torch_until_used():
     code = ("import sys, lorafft; before = 'torch' in sys.modules; from lorafft.cli import build_parser; "
             "build_parser().parse_args(['scan', 'a', 'b', '--k', '3']); parsed = 'torch' in sys.modules; "
             "scan = lorafft.scan; import lorafft.scan as module; "
-            "print(before, parsed, 'torch' in sys.modules, callable(scan), module is scan)")
+            "print(before, parsed, 'torch' in sys.modules, callable(scan), module is scan, "
+            "lorafft.cache.build_base_cache.__module__, lorafft.intervene.intervene.__module__)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
-    assert out.split() == ["False", "False", "True", "True", "True"]
+    assert out.split() == ["False", "False", "True", "True", "True", "lorafft.cache", "lorafft.intervene"]

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 
 from lorafft import options
 from lorafft.cli import arguments
+
+DEMO_EPILOG = """\
+examples:
+  lorafft demo                      scan in a temporary directory, then remove it
+  lorafft demo --dir demo           keep demo/base, demo/full and demo/lora, then for instance:
+  lorafft scan demo/lora --out r.json && lorafft plot r.json --out figures
+"""
 
 
 def add_command(subparsers) -> None:
@@ -13,7 +21,8 @@ def add_command(subparsers) -> None:
     demo = subparsers.add_parser("demo", help="scan a synthetic base, full fine-tune and LoRA adapter (no download)",
                                  description="Write a small Llama-shaped base, a full fine-tune and a rank-1 LoRA "
                                              "adapter (PEFT layout) with lorafft.synthetic, then scan both against "
-                                             "the base.")
+                                             "the base.",
+                                 epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--dir", metavar="DIR",
                       help="write the checkpoints here and keep them (default: a temporary directory)")
     arguments.add_quiet(demo)

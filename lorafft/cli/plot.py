@@ -52,8 +52,9 @@ The page holds the inputs, options and versions, intruder totals per eps, the ma
 every figure of 'lorafft plot', and one row per matrix. It is one file with the images inside: mail it, open it
 offline. Needs matplotlib for the figures (pip install 'lorafft[plot]').
 
-example:
+examples:
   lorafft scan ./base ./lora --out report.json && lorafft report report.json --html report.html
+  lorafft report report.json --html report.html --no-heatmap   # the checkpoints are elsewhere
 """
 
 

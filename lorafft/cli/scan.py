@@ -11,6 +11,13 @@ from lorafft import options
 from lorafft.cli import arguments
 from lorafft.errors import InputError
 
+CACHE_EPILOG = """\
+examples:
+  lorafft cache build ./base --out ./base-cache
+  lorafft scan ./base ./lora-adapter --base-cache ./base-cache --out report.json
+  lorafft cache build meta-llama/Llama-3.1-8B --revision main --out ./llama-cache --device cuda
+"""
+
 SCAN_EPILOG = """\
 BASE and TUNED: a Hugging Face checkpoint directory (model.safetensors, sharded with
 model.safetensors.index.json, pytorch_model.bin or its sharded index), a single .safetensors/.bin file,
@@ -61,10 +68,12 @@ def add_commands(subparsers) -> None:
     cache = subparsers.add_parser("cache", help="build a base-spectrum cache reused by later scans",
                                   description="Compute every base singular basis once and store it (safetensors, "
                                               "fp32, fingerprinted); then 'lorafft scan --base-cache DIR' skips that "
-                                              "work.")
+                                              "work.", epilog=CACHE_EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     build = actions.add_parser("build", help="compute and store the bases of BASE",
-                               description="Compute and store the singular basis of every 2-D weight of BASE.")
+                               description="Compute and store the singular basis of every 2-D weight of BASE.",
+                               epilog=CACHE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("base", metavar="BASE", help="base checkpoint (directory, file or Hub id)")
     build.add_argument("--out", metavar="DIR", required=True, help="cache directory (created if needed)")
     arguments.add_revision(build)

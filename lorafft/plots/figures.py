@@ -46,8 +46,9 @@ def new_axes(ax=None, size=(6.4, 4.2)):
 
 
 def intruders(row, eps: float) -> int:
-    """Number of intruders at ``eps`` among the row's k tuned vectors."""
-    return sum(value < eps for value in row.max_cos)
+    """Number of intruders at ``eps`` among the row's k tuned vectors (:meth:`lorafft.report.MatrixRow.intruders`:
+    the undetermined vectors of a rank-deficient base are not counted, as in the report)."""
+    return row.intruders(eps)
 
 
 def select_rows(report, side: str, checkpoint: int | None = None):
