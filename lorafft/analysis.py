@@ -168,6 +168,15 @@ def analyze(
     return results
 
 
+def classify(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps) -> linalg.CosineMatch:
+    """max |cos| of tuned unit vectors ``vectors [L, d, k]`` against the base basis of ``side`` and which of them are
+    intruders at each ε, decided as :func:`analyze` decides (the undetermined vectors of a rank-deficient base are
+    not intruders): for pictures of vectors computed outside :func:`analyze`."""
+    eps = options.thresholds(eps)
+    match = linalg.match(basis, vectors, side, eps, "torch")
+    return _defined_match(basis, vectors, side, eps, match, base_rank(basis))[0]
+
+
 def base_rank(basis: linalg.BaseBasis) -> torch.Tensor:
     """Numerical rank ρ ``[L]`` int64 of each base matrix: the σ_i above ``σ_1 · max(m, n) · ε_fp32`` (NumPy's
     ``matrix_rank`` rule at the precision weights are stored in); 0 for an all-zero matrix."""

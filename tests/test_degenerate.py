@@ -144,3 +144,22 @@ def test_adapter_alpha_that_is_not_a_usable_number_is_refused(trio, tmp_path, al
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("'lora_alpha' must be a positive number" in err or "beyond float32" in err)
     assert not out.exists() and not (tmp_path / "r.json.journal").exists()
+
+
+def test_heatmap_and_trajectory_outline_what_the_report_counts(tmp_path):
+    """On a rank-deficient base the similarity heatmap and the trajectory take the report's intruders, not every
+    vector with a small max |cos| over the defined base vectors."""
+    from lorafft.plots.heatmaps import similarity
+    from lorafft.plots.trajectory import intruder_trajectory
+
+    generator = torch.Generator().manual_seed(8)
+    W0 = torch.zeros(32, 32)
+    W0[:4, :4] = 5 * torch.randn(4, 4, generator=generator)
+    Wt = W0 + 0.3 * torch.randn(32, 32, generator=generator)
+    base, tuned = _checkpoint(tmp_path / "base", {"w.weight": W0}), _checkpoint(tmp_path / "tuned", {"w.weight": Wt})
+    (row,) = lorafft.scan(base, tuned, k=10, eps=0.5).rows
+    assert row.undetermined["0.5"] > 0  # the case in question
+    drawn = similarity(base, tuned, "w.weight", n=10, eps=0.5)
+    assert int(drawn.intruders.sum()) == row.counts["0.5"]
+    followed = intruder_trajectory(base, [tuned], "w.weight", eps=0.5, k=10)
+    assert len(followed.intruders) == row.counts["0.5"]

@@ -59,8 +59,10 @@ class Similarity:
 
     cosines: ``[n, n]`` fp64, ``cosines[i, j] = |<x_i, y_j>|`` — row i the base vector x_i, column j the tuned
         vector y_j, both by descending singular value (0-based), as the paper draws it (tuned along x).
-    max_cos: ``[n]`` fp64, ``max_i |<y_j, x_i>|`` over **all** base singular vectors of the side.
-    intruders: ``[n]`` bool, ``max_cos < eps`` for ``j < k_intruders`` (the paper's k), False beyond.
+    max_cos: ``[n]`` fp64, ``max_i |<y_j, x_i>|`` over **all** base singular vectors of the side (over the defined
+        ones of a rank-deficient base, as in a scan's rows).
+    intruders: ``[n]`` bool, ``max_cos < eps`` for ``j < k_intruders`` (the paper's k), False beyond; the
+        undetermined vectors of a rank-deficient base are not intruders (:func:`lorafft.analysis.classify`).
     tuned_sigma: ``[n]`` fp64, the σ_j of Wt; base_sigma: ``[n]`` fp64, the σ_i of W0.
     """
 
@@ -94,7 +96,8 @@ def similarity(base, tuned, name: str, *, n: int = 10, side: str = "left", eps: 
                                      generator=torch.Generator().manual_seed(0))
     vectors = tuned_svd.U if side == "left" else tuned_svd.V  # [1, d, n] fp64
     every_base = basis.project(vectors, side)  # [1, s, n]: each y_j against every x_i
-    max_cos = linalg.max_abs_cos(every_base, (eps,)).max_cos[0]
+    match = analysis.classify(basis, vectors, side, (eps,))  # intruders as the report counts them
+    max_cos = match.max_cos[0]
     n = vectors.shape[-1]
     k_intruders = n if k_intruders is None else min(k_intruders, n)
     return Similarity(
@@ -104,7 +107,7 @@ def similarity(base, tuned, name: str, *, n: int = 10, side: str = "left", eps: 
         k_intruders=k_intruders,
         cosines=every_base[0, :n].abs(),
         max_cos=max_cos,
-        intruders=(max_cos < eps) & (torch.arange(n) < k_intruders),
+        intruders=match.intruders[0, :, 0] & (torch.arange(n) < k_intruders),
         tuned_sigma=tuned_svd.S[0],
         base_sigma=basis.sigma[0, :n],
     )

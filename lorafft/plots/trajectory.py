@@ -81,8 +81,8 @@ def intruder_trajectory(base, checkpoints: list, name: str, *, side: str = "left
                                  block_size=block, generator=torch.Generator().manual_seed(0))
     vectors = tuned.U if side == "left" else tuned.V  # [C, d, K] fp64
     last = vectors[-1:, :, :k]
-    max_cos = linalg.max_abs_cos(basis.project(last, side), (eps,)).max_cos[0]
-    intruders = (max_cos < eps).nonzero().flatten()
+    match = analysis.classify(basis, last, side, (eps,))  # intruders as the report counts them
+    max_cos, intruders = match.max_cos[0], match.intruders[0, :, 0].nonzero().flatten()
     alignment, rank = (vectors.mT @ last[0, :, intruders]).abs().max(dim=1)  # over the K vectors: [C, p]
     return Trajectory(
         name=base_name,
