@@ -71,12 +71,24 @@ def train(callbacks, directory: str) -> float:
 
 def cold_and_warm(directory: str) -> list[dict]:
     """At every tracked step: one warm track (from the previous step's vectors) and one cold track of the same
-    weights (a second tracker with warm starts off), both timed."""
+    weights (a second tracker with warm starts off), both timed, with the seconds each spent in the dense top-k's
+    LAPACK eigen-solve (``linalg._top_eigenpairs``)."""
     from transformers import TrainerCallback
 
+    from lorafft import linalg
     from lorafft.tracking import Tracker
 
-    timings = []
+    timings, eigen = [], [0.0]
+    solve = linalg._top_eigenpairs
+
+    def timed_solve(*args):
+        start = time.perf_counter()
+        try:
+            return solve(*args)
+        finally:
+            eigen[0] += time.perf_counter() - start
+
+    linalg._top_eigenpairs = timed_solve
 
     class Both(TrainerCallback):
         def __init__(self, model):
@@ -89,14 +101,18 @@ def cold_and_warm(directory: str) -> list[dict]:
             if state.global_step % EVERY == 0:
                 entry = {"step": state.global_step}
                 for name, tracker in (("warm", self.warm), ("cold", self.cold)):
-                    start = time.perf_counter()
+                    start, eigen[0] = time.perf_counter(), 0.0
                     rows = tracker.step(state.global_step)
                     entry[f"{name}_seconds"] = time.perf_counter() - start
+                    entry[f"{name}_eigen_seconds"] = eigen[0]
                     entry[f"{name}_iterations"] = sorted({row.iterations for row in rows})
                     entry[f"{name}_intruders"] = sum(row.counts["0.5"] for row in rows)
                 timings.append(entry)
 
-    train(lambda model: [Both(model)], directory)
+    try:
+        train(lambda model: [Both(model)], directory)
+    finally:
+        linalg._top_eigenpairs = solve
     return timings
 
 

@@ -31,15 +31,16 @@ class SideAnalysis:
     max_cos ``[L, k]``, argmax ``[L, k]`` int64 (0-based rank
     of the best-matching base vector), error_bound ``[L, k]`` (bound on each max_cos error from the truncated SVD;
     inf where the tuned singular value is not separated from its neighbours), intruders ``[L, k, E]`` bool (y_j
-    counted as an intruder at eps_e), counts ``[L, E]`` int64 (their number),
-    near_threshold ``[L, k]`` bool (max_cos within max(1e-3, error_bound) of some ε), random_floor ``1/sqrt(d)``,
+    counted as an intruder at eps_e; ``counts [L, E]`` their number), near_threshold ``[L, k]`` bool (max_cos
+    within max(1e-3, error_bound) of some ε), random_floor ``1/sqrt(d)``,
     random_reference: quantiles of max |cos| of a uniformly random unit vector of R^d against the side's basis
     (see :func:`random_max_cos`), to read whether an ε means anything at this width.
     base_rank ``[L]`` int64: numerical rank ρ of W0 (:func:`base_rank`); undetermined ``[L, E]`` int64: vectors
     whose intruder status at ε depends on how a rank-deficient base basis is completed (:func:`_defined_match`),
     left out of ``counts``; zero when ρ = min(m, n); outside ``[L, k]`` fp64: each y_j's length outside the span of
-    the ρ defined base vectors (0 at full rank), so y_j is an intruder at ε iff ``max(max_cos, outside) < ε``. vectors ``[L, d, k]`` fp64: the tuned singular vectors y_j
-    themselves (a tracker warm-starts the next step's iteration from them).
+    the ρ defined base vectors (0 at full rank), so y_j is an intruder at ε iff ``max(max_cos, outside) < ε``.
+    vectors ``[L, d, k]`` fp64: the tuned singular vectors y_j themselves (a tracker warm-starts the next step's
+    iteration from them).
     """
 
     side: str
@@ -50,7 +51,6 @@ class SideAnalysis:
     argmax: torch.Tensor
     error_bound: torch.Tensor
     intruders: torch.Tensor
-    counts: torch.Tensor
     near_threshold: torch.Tensor
     random_floor: float
     random_reference: dict[str, float]
@@ -59,6 +59,11 @@ class SideAnalysis:
     undetermined: torch.Tensor
     outside: torch.Tensor
     vectors: torch.Tensor
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``[L, E]`` int64: the number of intruders at each ε."""
+        return self.intruders.sum(dim=-2)
 
 
 RANDOM_QUANTILES = (0.05, 0.5, 0.95, 0.99)
@@ -139,8 +144,7 @@ def analyze(
     results, rank = {}, base_rank(basis)
     for side in sides:
         vectors = tuned.U if side == "left" else tuned.V
-        match, undetermined, outside = _defined_match(basis, vectors, side, eps,
-                                                      linalg.match(basis, vectors, side, eps, backend), rank)
+        match, undetermined, outside = _defined_match(basis, vectors, side, eps, backend, rank)
         max_cos = match.max_cos.double()
         thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
         slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)  # vectors without a bound are not "near": see report
@@ -155,7 +159,6 @@ def analyze(
             argmax=match.argmax,
             error_bound=tuned.error_bound,
             intruders=match.intruders,
-            counts=match.counts,
             near_threshold=near,
             random_floor=1.0 / math.sqrt(vectors.shape[-2]),
             random_reference=random_max_cos(vectors.shape[-2], basis.sigma.shape[-1]),
@@ -173,8 +176,7 @@ def classify(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps) -> 
     intruders at each ε, decided as :func:`analyze` decides (the undetermined vectors of a rank-deficient base are
     not intruders): for pictures of vectors computed outside :func:`analyze`."""
     eps = options.thresholds(eps)
-    match = linalg.match(basis, vectors, side, eps, "torch")
-    return _defined_match(basis, vectors, side, eps, match, base_rank(basis))[0]
+    return _defined_match(basis, vectors, side, eps, "torch", base_rank(basis))[0]
 
 
 def base_rank(basis: linalg.BaseBasis) -> torch.Tensor:
@@ -185,9 +187,10 @@ def base_rank(basis: linalg.BaseBasis) -> torch.Tensor:
     return (basis.sigma > floor).sum(dim=-1)
 
 
-def _defined_match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps: tuple[float, ...],
-                   match: linalg.CosineMatch, rank: torch.Tensor) -> tuple[linalg.CosineMatch, torch.Tensor]:
-    """The match against the defined part of a rank-deficient base basis, and the undetermined vectors.
+def _defined_match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps: tuple[float, ...], backend: str,
+                   rank: torch.Tensor) -> tuple[linalg.CosineMatch, torch.Tensor, torch.Tensor]:
+    """:func:`lorafft.linalg.match` of ``vectors`` against the basis (``backend`` as there), restricted to the
+    defined part of a rank-deficient base basis; and the undetermined vectors.
 
     Beyond its rank ρ a base matrix's singular vectors are any orthonormal completion: the paper's max over
     *all* x_i is then not a property of W0. For a tuned vector y (unit, ``vectors [L, d, k]``) let ``c`` be its
@@ -197,6 +200,7 @@ def _defined_match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, ep
     Rows of full rank keep ``match``; rank-deficient ones get max_cos = c and argmax over the defined x_i, and
     counts of the certain intruders only. Returns ``(match, undetermined [L, E] int64, outside [L, k] fp64)``.
     """
+    match = linalg.match(basis, vectors, side, eps, backend)
     undetermined = torch.zeros(match.counts.shape, dtype=torch.int64, device=match.counts.device)
     outside = torch.zeros(match.max_cos.shape, dtype=torch.float64, device=match.max_cos.device)
     deficient = (rank < basis.sigma.shape[-1]).nonzero().flatten().tolist()

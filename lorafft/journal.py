@@ -91,19 +91,13 @@ class Journal:
         if resume:
             if not exists:
                 raise InputError(self.path, "no journal to resume from")
-            self._check_header(self._read_lines()[0])
-            self._read()
+            self._resume()
         elif exists:
             self._refuse_overwrite()
         self._log = DurableLog(self.path, fresh=not resume)
         if not resume:
             self._write(self.header)
 
-    def _read_lines(self) -> list:
-        """``[header, line, line, ...]``: the parsed header and the raw row lines (bytes) after it."""
-        with open(self.path, "rb") as handle:
-            lines = handle.read().split(b"\n")
-        return [_header(lines[0], self.path), *lines[1:]]
 
     def _check_header(self, header: dict) -> None:
         """The journal must be this scan's: same inputs and options, and input files unchanged since."""
@@ -118,7 +112,8 @@ class Journal:
 
     def _refuse_overwrite(self) -> None:
         """An earlier scan's journal is here: say how to go on, never overwrite it."""
-        header = self._read_lines()[0]
+        with open(self.path, "rb") as handle:
+            header = _header(handle.readline().rstrip(b"\n"), self.path)
         if {**header, "fingerprints": None} == {**self.header, "fingerprints": None}:
             raise InputError(self.path, "an interrupted run of this scan left this journal: pass --resume to "
                                         "finish it, or remove the file to start over")
@@ -126,18 +121,28 @@ class Journal:
                                     "to start this scan, name another (--journal), or finish that scan with its "
                                     "own arguments and --resume")
 
-    def _read(self) -> None:
-        lines = self._read_lines()
-        for number, line in enumerate(lines[1:], start=2):
+    def _resume(self) -> None:
+        """Check the header, read the finished rows into ``rows``, and cut off what follows the last newline (a row
+        a crash left partly written), so that the rows appended next start on a line of their own."""
+        with open(self.path, "rb") as handle:
+            data = handle.read()
+        header, *lines = data.split(b"\n")
+        self._check_header(_header(header, self.path))
+        for number, line in enumerate(lines[:-1], start=2):
             if not line:
                 continue
             try:
                 row = MatrixRow.from_dict(parse_json(line, self.path, max_bytes=JOURNAL_LINE_BYTES))
             except (InputError, ValueError, TypeError, KeyError, AttributeError):
-                if number == len(lines):
-                    break  # after the last newline: a write cut short by the crash
                 raise InputError(self.path, f"line {number} is not a report row") from None
             self.rows[row_key(row)] = row
+        with open(self.path, "rb+") as handle:
+            if not lines:  # the header alone, its newline lost
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\n")
+            elif lines[-1]:
+                handle.truncate(len(data) - len(lines[-1]))
+            os.fsync(handle.fileno())
 
     def _write(self, record: dict) -> None:
         self._log.append(json.dumps(record, allow_nan=False))

@@ -60,7 +60,7 @@ def resolve_backend(device: torch.device, backend: str | None = None, dtype: tor
     choice = backend or os.environ.get("LORAFFT_BACKEND", "auto")
     if choice not in BACKENDS:
         raise InputError(source, f"must be one of {', '.join(BACKENDS)}, got {choice!r}")
-    installed = importlib.util.find_spec("triton") is not None
+    installed = _triton_installed()
     if choice == "triton" and not installed:
         raise InputError(source, "'triton' asked for, but triton is not installed (pip install 'lorafft[triton]')")
     if choice == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -71,6 +71,12 @@ def resolve_backend(device: torch.device, backend: str | None = None, dtype: tor
     if choice != "auto":
         return choice
     return "triton" if device.type == "cuda" and installed else "torch"
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """Whether triton can be imported (looked up once: every batch resolves its backend)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 @dataclass

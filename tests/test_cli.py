@@ -15,7 +15,11 @@ from lorafft.cli import build_parser, main
 
 
 def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
+    """``main(argv)``'s exit status whether it returns (InputError) or argparse exits, its stdout and stderr."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_info:
+        code = exit_info.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -183,15 +187,6 @@ def test_shape_mismatch_warns_or_fails_with_strict(tmp_path, capsys):
 # Arguments checked before any work: one line, exit 2, nothing written
 
 
-def _exit_status(capsys, argv) -> tuple[int, str]:
-    """``main(argv)``'s exit status whether it returns (InputError) or argparse exits; and its stderr."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_info:
-        code = exit_info.code
-    return code, capsys.readouterr().err
-
-
 BAD_SCAN_ARGUMENTS = {
     "k zero": (["--k", "0"], "--k"),
     "k negative": (["--k", "-3"], "--k"),
@@ -216,7 +211,7 @@ BAD_SCAN_ARGUMENTS = {
 def test_bad_scan_argument_exits_2_before_any_work(trio, case, tmp_path, capsys):
     extra, named = BAD_SCAN_ARGUMENTS[case]
     out = tmp_path / "report.json"
-    code, stderr = _exit_status(capsys, ["scan", trio.base, trio.lora, "--out", out, "--quiet", *extra])
+    code, _, stderr = _run(capsys, "scan", trio.base, trio.lora, "--out", out, "--quiet", *extra)
     assert code == 2
     (line,) = stderr.splitlines()
     assert line.startswith("lorafft: error: ") and named in line
@@ -237,7 +232,7 @@ def test_bad_output_paths_exit_2_naming_them(trio, tmp_path, capsys):
         (["--write-base-cache", tmp_path / "a-file"], "exists and is not a directory"),
     ]
     for extra, words in cases:
-        code, stderr = _exit_status(capsys, ["scan", trio.base, trio.lora, "--quiet", *extra])
+        code, _, stderr = _run(capsys, "scan", trio.base, trio.lora, "--quiet", *extra)
         assert code == 2, extra
         (line,) = stderr.splitlines()
         assert line.startswith("lorafft: error: ") and words in line, line
@@ -261,7 +256,7 @@ def test_other_commands_check_their_outputs_first(trio, tmp_path, capsys):
         (["demo", "--dir", tmp_path / "no" / "demo"], "does not exist"),
     ]
     for argv, words in cases:
-        code, stderr = _exit_status(capsys, argv)
+        code, _, stderr = _run(capsys, *argv)
         assert code == 2, argv
         (line,) = stderr.splitlines()
         assert line.startswith("lorafft: error: ") and words in line, line

@@ -64,13 +64,11 @@ def write_atomic(path, text: str) -> None:
 
 class DurableLog:
     """A text file appended one line at a time, each on disk (fsync'd) before :meth:`append` returns, so a crash
-    or ``kill -9`` loses at most a partly written last line, which reopening it (not ``fresh``) cuts off before
-    appending. ``fresh`` truncates the file first."""
+    or ``kill -9`` loses at most a partly written last line (the reader cuts it off before appending:
+    :class:`lorafft.journal.Journal`). ``fresh`` truncates the file first."""
 
     def __init__(self, path, *, fresh: bool):
         self.path = os.fspath(path)
-        if not fresh:
-            _drop_partial_line(self.path)
         self._handle = open(self.path, "w" if fresh else "a", encoding="utf-8")
 
     def append(self, line: str) -> None:
@@ -83,24 +81,6 @@ class DurableLog:
         self._handle.close()
         if remove:
             os.unlink(self.path)
-
-
-def _drop_partial_line(path: str) -> None:
-    """Cut the file at ``path`` back to just after its last newline (what a crash mid-line left), fsync'd."""
-    with open(path, "rb+") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        end = size
-        while end > 0:  # backwards, a block at a time, to the last newline
-            start = max(0, end - 65536)
-            handle.seek(start)
-            newline = handle.read(end - start).rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
-        if end < size:
-            handle.truncate(end)
-            os.fsync(handle.fileno())
 
 
 def write_json(path, value, *, indent: int = 2) -> None:

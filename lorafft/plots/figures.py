@@ -45,12 +45,6 @@ def new_axes(ax=None, size=(6.4, 4.2)):
     return figure, figure.add_subplot()
 
 
-def intruders(row, eps: float) -> int:
-    """Number of intruders at ``eps`` among the row's k tuned vectors (:meth:`lorafft.report.MatrixRow.intruders`:
-    the undetermined vectors of a rank-deficient base are not counted, as in the report)."""
-    return row.intruders(eps)
-
-
 def select_rows(report, side: str, checkpoint: int | None = None):
     """The rows of one side and one checkpoint (default: the last one, the only one of a plain scan)."""
     checkpoint = len(report.checkpoints) - 1 if checkpoint is None else checkpoint
@@ -76,7 +70,7 @@ def worst_rows(report, eps: float, count: int = 5, side: str | None = None,
     given, of the last checkpoint by default); rows without intruders are included when fewer have any."""
     checkpoint = len(report.checkpoints) - 1 if checkpoint is None else checkpoint
     rows = [r for r in report.rows if (side is None or r.side == side) and r.checkpoint == checkpoint]
-    return sorted(rows, key=lambda r: (-intruders(r, eps), min(r.max_cos, default=1.0)))[:count]
+    return sorted(rows, key=lambda r: (-r.intruders(eps), min(r.max_cos, default=1.0)))[:count]
 
 
 def find_row(report, name: str, side: str = "left", checkpoint: int | None = None):
@@ -113,7 +107,7 @@ def plot_counts_vs_eps(reports, side: str = "left", eps_grid=None, *, ax=None):
             curve_label = label if label is not None else checkpoint_label(report, checkpoint)
             if count > 1:
                 curve_label = " ".join(filter(None, (label, f"[{checkpoint}]", checkpoint_label(report, checkpoint))))
-            counts = [sum(intruders(r, e) for r in rows) for e in grid]
+            counts = [sum(r.intruders(e) for r in rows) for e in grid]
             ax.plot(grid, counts, marker="o", markersize=3, label=curve_label)
     floor = statistics.median(floors)
     ax.axvline(floor, linestyle="--", color="grey", label=f"random floor 1/√d (median {floor:.3g})")
@@ -130,7 +124,7 @@ def plot_checkpoint_totals(report, side: str = "left", eps=None, *, ax=None):
     fine-tunes grew intruders. ``eps`` defaults to the report's thresholds; only each input's own matrices count."""
     eps = tuple(report.eps) if eps is None else tuple(sorted(float(e) for e in eps))
     checkpoints = range(len(report.checkpoints))
-    totals = [[sum(intruders(r, e) for r in report.rows if r.side == side and r.checkpoint == c) for c in checkpoints]
+    totals = [[sum(r.intruders(e) for r in report.rows if r.side == side and r.checkpoint == c) for c in checkpoints]
               for e in eps]
     figure, ax = new_axes(ax, size=(max(6.4, 0.9 * len(report.checkpoints) * len(eps) ** 0.5 + 3), 4.2))
     width = 0.8 / len(eps)
@@ -205,7 +199,7 @@ def plot_layer_bars(report, side: str = "left", eps: float = 0.5, *, checkpoint:
         heights = [0] * len(labels)
         for r in rows:
             if r.module == module:
-                heights[positions[r.layer]] += intruders(r, eps)
+                heights[positions[r.layer]] += r.intruders(eps)
         ax.bar(range(len(labels)), heights, bottom=bottom, label=module)
         bottom = [b + h for b, h in zip(bottom, heights)]
     step = math.ceil(len(labels) / 32)

@@ -147,7 +147,7 @@ def summary_html(report, ranked=None, *, figure: bool = False) -> str:
              _table(header + [f"ε = {key}" for key in keys], summary),
              f"<h3>Most intruders at ε = {eps:g}{' (last checkpoint)' if trajectory else ''}</h3>\n",
              _table(["matrix", "side", f"intruders at {eps:g}", "min max|cos|"],
-                    [[r.name, r.side, f"{fig.intruders(r, eps)}/{r.k}", f"{min(r.max_cos):.3f}"] for r in ranked])]
+                    [[r.name, r.side, f"{r.intruders(eps)}/{r.k}", f"{min(r.max_cos):.3f}"] for r in ranked])]
     if figure:
         try:
             parts.append(_figure(fig.plot_counts_vs_eps(report, sorted({r.side for r in report.rows})[0]),
