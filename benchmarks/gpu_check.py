@@ -53,6 +53,7 @@ except ImportError as error:  # the kernels exist as lorafft.kernels only once t
     sys.exit(f"{error}: install first: pip install --no-build-isolation --no-deps -e .")
 
 CALLS = 20
+PYTEST_SECONDS = 240
 SHAPES_70B = {"q_proj/o_proj": (8192, 8192), "gate/up_proj": (28672, 8192), "down_proj": (8192, 28672),
               "k/v_proj": (1024, 8192)}
 THRESHOLDS = {"sketch_error": 1e-5, "sketch_bf16_fraction_of_copy": 0.8, "cosine_fraction_of_copy": 0.5,
@@ -85,8 +86,12 @@ def run_pytest(device, quick: bool) -> dict:
     if quick:
         return {"skipped": "rehearsal", "pass": True}
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                           str(root / "tests")], capture_output=True, text=True, cwd=root)
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(root / "tests")]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=PYTEST_SECONDS)
+    except subprocess.TimeoutExpired as stopped:  # the timings after it matter as much: they get the time left
+        tail = (stopped.stdout or b"").decode(errors="replace")[-3000:]
+        return {"returncode": None, "tail": f"{tail}\nstopped after {PYTEST_SECONDS} s", "pass": False}
     return {"returncode": done.returncode, "tail": done.stdout[-3000:] + done.stderr[-1000:],
             "pass": done.returncode == 0}
 
@@ -275,10 +280,15 @@ def check_scan(device, quick: bool) -> dict:
     return {**result, "pass": ok}
 
 
+SECTIONS = ("pytest", "correctness", "rates", "sketch", "cosine", "krylov", "layer", "scan")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU rehearsal: small sizes, no speed thresholds")
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="results folder (default $OUT)")
+    parser.add_argument("--only", nargs="+", metavar="SECTION", choices=SECTIONS,
+                        help=f"run only these sections (a rerun of what failed): {', '.join(SECTIONS)}")
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error("--out DIR is needed when $OUT is not set")
@@ -291,7 +301,7 @@ def main(argv=None) -> int:
               "driver": _driver(), "torch": torch.__version__, "triton": _triton_version(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": quick, "thresholds": THRESHOLDS}
     copy = {"GBps": float("nan")}
-    sections = {
+    every_section = {
         "pytest": lambda: run_pytest(device, quick),
         "correctness": lambda: check_correctness(device, quick),
         "rates": lambda: measure_rates(device, quick),
@@ -301,6 +311,9 @@ def main(argv=None) -> int:
         "layer": lambda: time_layer(device, quick),
         "scan": lambda: check_scan(device, quick),
     }
+    sections = {name: every_section[name] for name in args.only or SECTIONS}
+    if "rates" not in sections and {"sketch", "cosine"} & set(sections):
+        sections = {"rates": every_section["rates"], **sections}  # their fractions are of the copy rate
     with open(args.out / "gpu_check.log", "w") as log:
         def say(line: str) -> None:
             print(line, flush=True)
