@@ -22,7 +22,9 @@ section so a timeout keeps what was measured. Sections, in order (each on its ow
    (fp32, as ``cache build`` stores them), for a rank-16 LoRA kept factored and for a full fine-tune.
 8. ``scan``: ``lorafft.scan`` of the synthetic trio on the GPU equal to the same scan on the CPU.
 
-Timings: CUDA events around ``CALLS`` (>= 20) back-to-back calls, median of 5 such pairs, after warm-up.
+Timings: CUDA events around ``CALLS`` (>= 20) back-to-back calls, median of 5 such pairs, after warm-up; the kernels'
+own time from the same calls captured in a CUDA graph (``gpu_*``; the speed thresholds apply to it), and one call
+from Python (``call_*``: the host's launch cost included, which a batch of L matrices per launch amortises).
 ``--quick`` is the CPU rehearsal (small sizes, Triton interpreter, no thresholds on speed) that the test suite runs.
 """
 
@@ -80,6 +82,43 @@ def seconds_per_call(function) -> float:
                 function()
             samples.append((time.perf_counter() - begin) / calls)
     return statistics.median(samples)
+
+
+def graph_seconds_per_call(function) -> float | str:
+    """GPU time of one call without the host's cost of launching it: ``CALLS`` calls captured in one CUDA graph,
+    the replay timed (median of 5, after a warm-up replay). Off CUDA: :func:`seconds_per_call`. A call that cannot
+    be captured gives the reason instead of a time."""
+    if not torch.cuda.is_available():
+        return seconds_per_call(function)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compilation and first allocations outside the capture
+            function()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(CALLS):
+                function()
+    except Exception as error:  # noqa: BLE001 (recorded, not fatal: the eager time stands)
+        return f"not captured: {type(error).__name__}: {error}"[:200]
+    graph.replay()
+    samples = []
+    for _ in range(5):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        samples.append(start.elapsed_time(stop) / 1e3 / CALLS)
+    return statistics.median(samples)
+
+
+def _rate(seconds, W_bytes: int, copy_GBps: float) -> dict:
+    """A timing and the rate of reading ``W_bytes`` it implies, as a fraction of the copy rate."""
+    if isinstance(seconds, str):
+        return {"s": seconds, "fraction_of_copy": None}
+    return {"s": seconds, "fraction_of_copy": W_bytes / seconds / 1e9 / copy_GBps}
 
 
 def run_pytest(device, quick: bool) -> dict:
@@ -152,7 +191,8 @@ def measure_rates(device, quick: bool) -> dict:
 
 
 def time_sketch(device, quick: bool, copy_GBps: float) -> dict:
-    """Sketch (default split) per shape and orientation, bf16 and fp8 e4m3 weights, against torch."""
+    """Sketch (default split) per shape and orientation, bf16 and fp8 e4m3 weights, against torch. Each timing twice:
+    ``gpu_*`` the kernels alone (CUDA graph), ``call_*`` one call from Python (the host's launch cost included)."""
     shapes = {"small": (256, 688)} if quick else SHAPES_70B
     rows = {}
     for name, (m, n) in shapes.items():
@@ -163,27 +203,31 @@ def time_sketch(device, quick: bool, copy_GBps: float) -> dict:
         for transpose in (False, True):
             X = torch.randn(1, m if transpose else n, 20, device=device)
             key = "WtX" if transpose else "WX"
-            seconds = seconds_per_call(lambda: sketch(W, X, transpose=transpose))
-            row[f"bf16_{key}"] = {"s": seconds, "fraction_of_copy": 2 * m * n / seconds / 1e9 / copy_GBps}
-            if W8 is not None:
-                seconds = seconds_per_call(lambda: sketch(W8, X, transpose=transpose))
-                row[f"fp8_{key}"] = {"s": seconds, "fraction_of_copy": m * n / seconds / 1e9 / copy_GBps}
-            row[f"torch_fp32_upcast_{key}_s"] = seconds_per_call(
+            for label, weights in (("bf16", W), ("fp8", W8)):
+                if weights is None:
+                    continue
+                call = lambda: sketch(weights, X, transpose=transpose)  # noqa: E731
+                row[f"gpu_{label}_{key}"] = _rate(graph_seconds_per_call(call), weights.nbytes, copy_GBps)
+                row[f"call_{label}_{key}"] = _rate(seconds_per_call(call), weights.nbytes, copy_GBps)
+            row[f"torch_fp32_upcast_{key}_s"] = graph_seconds_per_call(
                 lambda: torch.bmm(upcast.mT if transpose else upcast, X))
             try:
-                row[f"torch_bf16_bmm_fp32_out_{key}_s"] = seconds_per_call(
+                row[f"torch_bf16_bmm_fp32_out_{key}_s"] = graph_seconds_per_call(
                     lambda: torch.bmm(W.mT if transpose else W, X.to(torch.bfloat16), out_dtype=torch.float32))
             except (TypeError, RuntimeError) as error:
                 row[f"torch_bf16_bmm_fp32_out_{key}_s"] = f"not offered: {error}"[:200]
         rows[name] = row
     down = rows.get("down_proj", {})  # 8192×28672, the issue's target shape, both orientations
-    worst = min(down[key]["fraction_of_copy"] for key in ("bf16_WX", "bf16_WtX")) if down else None
+    fractions = [down.get(f"gpu_bf16_{key}", {}).get("fraction_of_copy") for key in ("WX", "WtX")] if down else []
+    worst = None if None in fractions or not fractions else min(fractions)
     return {"shapes": rows, "bf16_8192x28672_worst_fraction": worst,
             "threshold": THRESHOLDS["sketch_bf16_fraction_of_copy"],
-            "pass": quick or worst >= THRESHOLDS["sketch_bf16_fraction_of_copy"]}
+            "pass": quick or (worst is not None and worst >= THRESHOLDS["sketch_bf16_fraction_of_copy"])}
 
 
 def time_cosine(device, quick: bool, copy_GBps: float) -> dict:
+    """``linalg.match``'s GPU path: ``gpu`` the product and max/argmax alone (CUDA graph), ``call`` one whole match
+    from Python (with its NaN check, a host synchronisation)."""
     s = 64 if quick else 8192
     rows, worst = {}, float("inf")
     for L in (1, 8):
@@ -191,13 +235,21 @@ def time_cosine(device, quick: bool, copy_GBps: float) -> dict:
         W0 = torch.zeros(1, 1, 1, device=device).expand(L, s, s)  # unused by the small side's match
         basis = linalg.BaseBasis(W0=W0, sigma=torch.ones(L, s, device=device),
                                  Z=Z.float(), reflectors=None, tau=None)  # a cached (fp32) basis; left = small side
+        basis_fp32 = basis.small_basis_fp32
         for k in (10, 32):
             Y = torch.linalg.qr(torch.randn(L, s, k, device=device, dtype=torch.float64)).Q
-            seconds = seconds_per_call(lambda: linalg.match(basis, Y, "left", (0.5,), "triton"))
-            fraction = 4 * L * s * s / seconds / 1e9 / copy_GBps
-            rows[f"L{L}_k{k}"] = {"s": seconds, "fraction_of_copy": fraction}
-            worst = min(worst, fraction)
-    return {"cases": rows, "worst_fraction": worst, "threshold": THRESHOLDS["cosine_fraction_of_copy"],
+            Y32 = Y.float()
+
+            def product_and_reduction():
+                with linalg._full_precision_fp32_matmul():
+                    return (basis_fp32.mT @ Y32).abs().max(dim=-2)
+
+            gpu = _rate(graph_seconds_per_call(product_and_reduction), 4 * L * s * s, copy_GBps)
+            call = _rate(seconds_per_call(lambda: linalg.match(basis, Y, "left", (0.5,), "triton")),
+                         4 * L * s * s, copy_GBps)
+            rows[f"L{L}_k{k}"] = {"gpu": gpu, "call": call}
+            worst = min(worst, gpu["fraction_of_copy"] if gpu["fraction_of_copy"] is not None else 0.0)
+    return {"cases": rows, "worst_gpu_fraction": worst, "threshold": THRESHOLDS["cosine_fraction_of_copy"],
             "pass": quick or worst >= THRESHOLDS["cosine_fraction_of_copy"]}
 
 
@@ -232,11 +284,13 @@ def time_krylov(device, quick: bool) -> dict:
 
 
 def time_layer(device, quick: bool) -> dict:
-    """Seconds for one decoder layer against cached bases (built first, timed apart), tuned side only."""
+    """Seconds for one decoder layer against cached bases (built first, timed apart), tuned side only, each matrix
+    analysed alone (L = 1). The layer runs twice: the first pass compiles the kernels for its shapes (once per
+    process), the second is the time a scan pays per layer."""
     shapes = synthetic.llama_layer_shapes(256, 64, 688) if quick else synthetic.llama_layer_shapes(8192, 1024, 28672)
     shapes = dict(list(shapes.items())[:2]) if quick else shapes  # the rehearsal: two matrices
     generator = torch.Generator().manual_seed(2)
-    lora_s = full_s = build_s = 0.0
+    pairs, build_s = [], 0.0
     for name, (m, n) in shapes.items():
         W0 = synthetic.random_weight(m, n, generator=generator).to(device).to(torch.bfloat16)[None]
         begin = time.perf_counter()
@@ -245,16 +299,73 @@ def time_layer(device, quick: bool) -> dict:
         build_s += _synchronized(begin, device)
         A, B = synthetic.lora_update(m, n, 16, generator=generator, lora_alpha=32.0, sigma=7.5)
         A, B = A.to(device)[None], B.to(device)[None]
-        begin = time.perf_counter()
-        lorafft.analyze(W0, lora=(B, A, 2.0), k=10, basis=basis, backend="triton")
-        lora_s += _synchronized(begin, device)
-        Wt = (W0.float() + 2.0 * B @ A).to(torch.bfloat16)
-        begin = time.perf_counter()
-        lorafft.analyze(W0, Wt, k=10, basis=basis, backend="triton")
-        full_s += _synchronized(begin, device)
+        pairs.append((W0, basis, (B, A, 2.0), (W0.float() + 2.0 * B @ A).to(torch.bfloat16)))
+    passes = []
+    for _ in range(2):
+        lora_s = full_s = 0.0
+        iterations = {"lora": [], "full": []}
+        for W0, basis, lora, Wt in pairs:
+            begin = time.perf_counter()
+            result = lorafft.analyze(W0, lora=lora, k=10, basis=basis, backend="triton")["left"]
+            lora_s += _synchronized(begin, device)
+            iterations["lora"].append(result.iterations)
+            begin = time.perf_counter()
+            result = lorafft.analyze(W0, Wt, k=10, basis=basis, backend="triton")["left"]
+            full_s += _synchronized(begin, device)
+            iterations["full"].append(result.iterations)
+        passes.append({"lora_s": lora_s, "full_s": full_s, "iterations": iterations})
     limit = THRESHOLDS["layer_seconds"]
-    return {"layer_seconds_lora": lora_s, "layer_seconds_full": full_s, "base_cache_build_seconds": build_s,
-            "threshold": limit, "pass": quick or max(lora_s, full_s) < limit}
+    warm = passes[1]
+    return {"layer_seconds_lora": warm["lora_s"], "layer_seconds_full": warm["full_s"],
+            "iterations": warm["iterations"], "first_pass_with_compilation": passes[0],
+            "base_cache_build_seconds": build_s, "threshold": limit,
+            "pass": quick or max(warm["lora_s"], warm["full_s"]) < limit}
+
+
+# Tile candidates of the sweep: (BLOCK_R, BLOCK_K for 16-bit W, BLOCK_K for fp8 W, BLOCK_B, warps, stages); first the
+# default (kernels/sketch.py).
+TILE_CANDIDATES = [(128, 64, 128, 64, 4, 3), (128, 64, 128, 64, 4, 4), (128, 64, 128, 64, 8, 3),
+                   (256, 64, 128, 64, 8, 3), (128, 64, 128, 32, 4, 4), (256, 64, 128, 32, 8, 4),
+                   (64, 64, 128, 64, 4, 4), (128, 128, 128, 64, 8, 2)]
+
+
+def sweep_tiles(device, quick: bool, copy_GBps: float) -> dict:
+    """The sketch kernel's GPU time (CUDA graph) at two Llama-70B shapes, both orientations, bf16 and fp8 e4m3, for
+    each tile candidate, as a fraction of the copy rate, with its largest error relative to fp64 (a fast tile that
+    is wrong does not count). Not in the default run: ``--only tiles``."""
+    import lorafft.kernels.sketch as kernel
+
+    default = (kernel.BLOCK_R, kernel.BLOCK_K, kernel.BLOCK_B, kernel.NUM_WARPS, kernel.NUM_STAGES)
+    shapes = {"small": (256, 688)} if quick else {"down_proj": (8192, 28672), "q_proj/o_proj": (8192, 8192)}
+    cases = []
+    for name, (m, n) in shapes.items():
+        W = torch.randn(1, m, n, device=device).to(torch.bfloat16)
+        weights = {"bf16": W} if quick else {"bf16": W, "fp8": W.to(torch.float8_e4m3fn)}
+        for transpose in (False, True):
+            X = torch.randn(1, m if transpose else n, 20, device=device)
+            for label, Wq in weights.items():
+                Wd = Wq.double().mT if transpose else Wq.double()
+                reference, bound = Wd @ X.double(), Wd.abs() @ X.double().abs()
+                cases.append((f"{name}_{label}_{'WtX' if transpose else 'WX'}", Wq, X, transpose, reference, bound))
+    results = {}
+    try:
+        for candidate in TILE_CANDIDATES[:2] if quick else TILE_CANDIDATES:
+            r, k16, k8, b, warps, stages = candidate
+            kernel.BLOCK_R, kernel.BLOCK_K, kernel.BLOCK_B = r, {1: k8, 2: k16, 4: k16}, b
+            kernel.NUM_WARPS, kernel.NUM_STAGES = warps, stages
+            entry = {}
+            for case, Wq, X, transpose, reference, bound in cases:
+                try:
+                    error = float(((sketch(Wq, X, transpose=transpose).double() - reference).abs() / bound).max())
+                    timing = _rate(graph_seconds_per_call(lambda: sketch(Wq, X, transpose=transpose)), Wq.nbytes,
+                                   copy_GBps)
+                    entry[case] = {"fraction_of_copy": timing["fraction_of_copy"], "s": timing["s"], "error": error}
+                except Exception as failure:  # noqa: BLE001 (a tile that does not fit is a result too)
+                    entry[case] = {"error": f"{type(failure).__name__}: {failure}"[:200]}
+            results[str(candidate)] = entry
+    finally:
+        kernel.BLOCK_R, kernel.BLOCK_K, kernel.BLOCK_B, kernel.NUM_WARPS, kernel.NUM_STAGES = default
+    return {"candidates": results, "pass": True}
 
 
 def _synchronized(begin: float, device) -> float:
@@ -281,14 +392,16 @@ def check_scan(device, quick: bool) -> dict:
 
 
 SECTIONS = ("pytest", "correctness", "rates", "sketch", "cosine", "krylov", "layer", "scan")
+EXTRA_SECTIONS = ("tiles",)  # run only when named in --only
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU rehearsal: small sizes, no speed thresholds")
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="results folder (default $OUT)")
-    parser.add_argument("--only", nargs="+", metavar="SECTION", choices=SECTIONS,
-                        help=f"run only these sections (a rerun of what failed): {', '.join(SECTIONS)}")
+    parser.add_argument("--only", nargs="+", metavar="SECTION", choices=SECTIONS + EXTRA_SECTIONS,
+                        help=f"run only these sections: {', '.join(SECTIONS + EXTRA_SECTIONS)} (the last ones only "
+                             "when named)")
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error("--out DIR is needed when $OUT is not set")
@@ -310,9 +423,10 @@ def main(argv=None) -> int:
         "krylov": lambda: time_krylov(device, quick),
         "layer": lambda: time_layer(device, quick),
         "scan": lambda: check_scan(device, quick),
+        "tiles": lambda: sweep_tiles(device, quick, copy["GBps"]),
     }
     sections = {name: every_section[name] for name in args.only or SECTIONS}
-    if "rates" not in sections and {"sketch", "cosine"} & set(sections):
+    if "rates" not in sections and {"sketch", "cosine", "tiles"} & set(sections):
         sections = {"rates": every_section["rates"], **sections}  # their fractions are of the copy rate
     with open(args.out / "gpu_check.log", "w") as log:
         def say(line: str) -> None:

@@ -48,6 +48,7 @@ X_PARTS = 3
 # 32-column tile made Triton emit 8× the MMA instructions), 4 warps, 3 pipeline stages: no spills, and the fewest
 # issue cycles per byte of W among the tiles tried.
 BLOCK_R, BLOCK_B, NUM_WARPS, NUM_STAGES = 128, 64, 4, 3
+BLOCK_K = {1: 128, 2: 64, 4: 64}  # the reduction depth of a W tile, by W's itemsize
 
 
 # SCALE_MODE values; a per-channel scale on the reduction index (W^T X) is folded into X before the split
@@ -223,7 +224,7 @@ def _multiprocessors(index: int) -> int:
 def tiles_for(R: int, K: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_K, BLOCK_B)`` for an ``[R, K]`` product with weights of ``dtype``: the static-analysis
     tile, smaller (>= 16, ``tl.dot``'s minimum) only for smaller matrices. BLOCK_R and BLOCK_K divide FP8_BLOCK."""
-    return _block(R, BLOCK_R), _block(K, 128 if dtype.itemsize == 1 else 64), BLOCK_B
+    return _block(R, BLOCK_R), _block(K, BLOCK_K[dtype.itemsize]), BLOCK_B
 
 
 def _block(n: int, cap: int) -> int:

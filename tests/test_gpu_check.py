@@ -22,3 +22,18 @@ def test_quick_rehearsal_passes_and_writes_out(tmp_path):
     assert report["scan"]["lora"]["counts_and_argmax_equal"] and report["scan"]["full"]["counts_and_argmax_equal"]
     log = (tmp_path / "gpu_check.log").read_text()
     assert log.count("PASS ") == len(sections)
+
+
+def test_tile_sweep_rehearsal_restores_the_default_tiles(tmp_path):
+    """``--only tiles`` times each candidate tile (here two, under the interpreter), checks each against fp64, and
+    leaves the kernel's tiles as they were."""
+    import lorafft.kernels.sketch as kernel
+
+    before = (kernel.BLOCK_R, dict(kernel.BLOCK_K), kernel.BLOCK_B, kernel.NUM_WARPS, kernel.NUM_STAGES)
+    assert gpu_check.main(["--quick", "--only", "tiles", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(report) >= {"rates", "tiles"} and "sketch" not in report
+    candidates = report["tiles"]["candidates"]
+    assert len(candidates) == 2 and all(case["error"] <= 1e-5 for entry in candidates.values()
+                                        for case in entry.values())
+    assert (kernel.BLOCK_R, kernel.BLOCK_K, kernel.BLOCK_B, kernel.NUM_WARPS, kernel.NUM_STAGES) == before

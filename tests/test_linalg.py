@@ -465,6 +465,7 @@ def test_random_block_on_the_device_reproducible():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("krylov_path")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_krylov_synchronises_twice_per_iteration(backend):
     """CUDA host synchronisations of truncated_svd, counted by torch's sync debug mode: at most two per iteration
