@@ -169,7 +169,8 @@ def analyse(variant: Variant, shape: tuple[int, int], transpose: bool, out_dir: 
     from lorafft.kernels import sketch as module
 
     args, constexprs, (block_r, block_k, _) = launch_arguments(variant, shape, transpose)
-    compiled = _compile(("_sketch_kernel", tuple(args), tuple(sorted(constexprs.items())), module.NUM_STAGES))
+    stages = module.NUM_STAGES[TORCH_DTYPES[variant.dtype].itemsize]
+    compiled = _compile(("_sketch_kernel", tuple(args), tuple(sorted(constexprs.items())), stages))
     instructions = parse_sass(compiled["sass"])
     loop = count(main_loop(instructions))
     whole = count(instructions)
@@ -200,11 +201,12 @@ def analyse_split(x_dtype: str, part_dtype: str, out_dir: Path | None = None) ->
     from lorafft.kernels import sketch as module
 
     K, parts = 28672, 1 if part_dtype == "fp32" else module.X_PARTS
+    block_b = module.BLOCK_B[4 if part_dtype == "fp32" else 2]  # the X^T tile of fp32 / 16-bit weights
     args = [("X", f"*{x_dtype}"), ("M", "*fp32"), ("XP", f"*{part_dtype}"), ("COLUMN", "*fp32"), ("K", K),
-            ("NB", COLUMNS), ("K_PAD", K), ("B_PAD", module.BLOCK_B), ("stride_xl", K * COLUMNS),
-            ("stride_xk", COLUMNS), ("stride_xb", 1), ("stride_pl", parts * K * module.BLOCK_B),
-            ("stride_pp", K * module.BLOCK_B)]
-    constexprs = dict(PARTS=parts, COLUMN_TOP=module.COLUMN_TOP, BLOCK_K=64, BLOCK_B=module.BLOCK_B)
+            ("NB", COLUMNS), ("K_PAD", K), ("B_PAD", block_b), ("stride_xl", K * COLUMNS),
+            ("stride_xk", COLUMNS), ("stride_xb", 1), ("stride_pl", parts * K * block_b),
+            ("stride_pp", K * block_b)]
+    constexprs = dict(PARTS=parts, COLUMN_TOP=module.COLUMN_TOP, BLOCK_K=64, BLOCK_B=block_b)
     compiled = _compile(("_split_kernel", tuple(args), tuple(sorted(constexprs.items())), 1))
     name = f"split_{x_dtype}_to_{part_dtype}"
     if out_dir is not None:

@@ -43,12 +43,17 @@ COLUMN_TOP = 14  # X's columns are scaled so that their largest entry lies in [2
 PRECISIONS = ("split", "tf32x3")
 X_PARTS = 3
 
-# Tiles chosen from the sm_90 static analysis (benchmarks/results/static_sm90.md): W tiles of 128 rows × 128 bytes
-# (64 deep for 16-bit weights, 128 for fp8) against a 64-column X^T tile (one warpgroup MMA is 64 rows high; a
-# 32-column tile made Triton emit 8× the MMA instructions), 4 warps, 3 pipeline stages: no spills, and the fewest
-# issue cycles per byte of W among the tiles tried.
-BLOCK_R, BLOCK_B, NUM_WARPS, NUM_STAGES = 128, 64, 4, 3
-BLOCK_K = {1: 128, 2: 64, 4: 64}  # the reduction depth of a W tile, by W's itemsize
+# Tiles, by W's itemsize. W tiles are BLOCK_R = 128 rows × 128 bytes (BLOCK_K = 64 deep for 16-bit weights, 128 for
+# fp8), 4 warps: no spills in the sm_90 static analysis (benchmarks/results/static_sm90.md). The X^T tile's columns
+# (BLOCK_B) and the pipeline stages were measured on an H200 (``gpu_check.py --only tiles``,
+# benchmarks/results/gpu_check-2026-11-30-sweep.json): the three 16-bit products per W tile make the kernel
+# tensor-core bound, so the 32-column X^T tile (b = 20 columns padded to 32, not 64) with 4 stages streams bf16 W
+# 1.3× faster than 64 columns with 3; fp8 tiles (twice the elements per byte) were no faster with 32 columns, and
+# 4 stages do not fit their shared memory with 64; fp32 keeps the statically chosen tile (not measured).
+BLOCK_R, NUM_WARPS = 128, 4
+BLOCK_K = {1: 128, 2: 64, 4: 64}
+BLOCK_B = {1: 64, 2: 32, 4: 64}
+NUM_STAGES = {1: 3, 2: 4, 4: 3}
 
 
 # SCALE_MODE values; a per-channel scale on the reduction index (W^T X) is folded into X before the split
@@ -111,8 +116,8 @@ def _sketch_kernel(
 ):
     """``OUT[s, l, r, c] = sum_{k in split s} W'[l, r, k] X[l, k, c]`` where W' is W (or W^T: the launcher swaps
     the strides); split s covers ``[s K_SPLIT, (s + 1) K_SPLIT)`` of the reduction, K_SPLIT a multiple of BLOCK_K.
-    Computed transposed, ``OUT^T = X^T W'^T``: the thin X^T is the MMA's M side (BLOCK_B = 64, one Hopper
-    warpgroup MMA) and the W tile, widened in registers and stored once to shared memory, its N side.
+    Computed transposed, ``OUT^T = X^T W'^T``: the thin X^T is the MMA's M side (BLOCK_B columns of X) and the W
+    tile, widened in registers and stored once to shared memory, its N side.
     XP holds X's parts ``[L, parts, K_pad, B_pad]``, zero-padded to whole tiles (row stride stride_xk, unit column
     stride), so only W's loads need masks; COLUMN ``[L, B_pad]`` fp32 undoes X's column scaling on the output.
     PRECISION "split": 16-bit parts; "tf32x3": one fp32 part, fp32 W."""
@@ -222,9 +227,9 @@ def _multiprocessors(index: int) -> int:
 
 
 def tiles_for(R: int, K: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_K, BLOCK_B)`` for an ``[R, K]`` product with weights of ``dtype``: the static-analysis
-    tile, smaller (>= 16, ``tl.dot``'s minimum) only for smaller matrices. BLOCK_R and BLOCK_K divide FP8_BLOCK."""
-    return _block(R, BLOCK_R), _block(K, BLOCK_K[dtype.itemsize]), BLOCK_B
+    """``(BLOCK_R, BLOCK_K, BLOCK_B)`` for an ``[R, K]`` product with weights of ``dtype``: the tile of W's itemsize,
+    smaller (>= 16, ``tl.dot``'s minimum) only for smaller matrices. BLOCK_R and BLOCK_K divide FP8_BLOCK."""
+    return _block(R, BLOCK_R), _block(K, BLOCK_K[dtype.itemsize]), BLOCK_B[dtype.itemsize]
 
 
 def _block(n: int, cap: int) -> int:
@@ -272,7 +277,7 @@ def _check(W: torch.Tensor, X: torch.Tensor, transpose: bool, precision: str) ->
         raise RuntimeError("sketch: CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
 
 
-def _x_parts(X: torch.Tensor, parts: int, shape: tuple[int, int], dtype: torch.dtype):
+def _x_parts(X: torch.Tensor, parts: int, shape: tuple[int, int], dtype: torch.dtype, block_b: int):
     """``(XP, column)``: X's parts ``[L, parts, K_pad, B_pad]`` in ``dtype`` after scaling each column by a power
     of two (three 16-bit parts, or one fp32 part for tf32x3), zero-padded to ``shape``, and ``column [L, B_pad]``
     fp32, the inverse scales (exact powers of two) that the sketch kernel applies to its output's columns. Two
@@ -281,12 +286,12 @@ def _x_parts(X: torch.Tensor, parts: int, shape: tuple[int, int], dtype: torch.d
     top = torch.linalg.vector_norm(X, ord=float("inf"), dim=1).float()  # [L, nb]
     XP = torch.empty(L, parts, *shape, dtype=dtype, device=X.device)
     column = torch.empty(L, shape[1], dtype=torch.float32, device=X.device)
-    grid = (L, triton.cdiv(shape[0], 64), triton.cdiv(shape[1], BLOCK_B))
+    grid = (L, triton.cdiv(shape[0], 64), triton.cdiv(shape[1], block_b))
     _split_kernel[grid](
         X, top, XP, column,
         K, nb, shape[0], shape[1],
         X.stride(0), X.stride(1), X.stride(2), XP.stride(0), XP.stride(1),
-        PARTS=parts, COLUMN_TOP=COLUMN_TOP, BLOCK_K=64, BLOCK_B=BLOCK_B,
+        PARTS=parts, COLUMN_TOP=COLUMN_TOP, BLOCK_K=64, BLOCK_B=block_b,
     )
     return XP, column
 
@@ -350,7 +355,7 @@ def sketch(
     t_strides = target.stride()[-3:-1]
     with torch.cuda.device(W.device) if W.is_cuda else contextlib.nullcontext():
         XP, column = _x_parts(X, 1 if tf32 else X_PARTS, (triton.cdiv(K, block_k) * block_k, tiles[2] * block_b),
-                              torch.float32 if tf32 else PART_DTYPE[W.dtype])
+                              torch.float32 if tf32 else PART_DTYPE[W.dtype], block_b)
         _sketch_kernel[(L * splits, tiles[1], tiles[2])](
             W, XP, column, target, out if scale is None else scale,  # S is unused (a valid pointer) without a scale
             R, K, nb,
@@ -362,7 +367,7 @@ def sketch(
             SCALE_MODE=mode, SCALE_BLOCK=FP8_BLOCK,
             BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_B=block_b,
             W_PARTS=W_PARTS[W.dtype], PRECISION=precision, UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES[W.dtype.itemsize],
         )
         if splits > 1:
             torch.sum(target, dim=0, out=out)

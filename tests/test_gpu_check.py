@@ -29,7 +29,7 @@ def test_tile_sweep_rehearsal_restores_the_default_tiles(tmp_path):
     leaves the kernel's tiles as they were."""
     import lorafft.kernels.sketch as kernel
 
-    before = (kernel.BLOCK_R, dict(kernel.BLOCK_K), kernel.BLOCK_B, kernel.NUM_WARPS, kernel.NUM_STAGES)
+    before = (kernel.BLOCK_R, dict(kernel.BLOCK_K), dict(kernel.BLOCK_B), kernel.NUM_WARPS, dict(kernel.NUM_STAGES))
     assert gpu_check.main(["--quick", "--only", "tiles", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(report) >= {"rates", "tiles"} and "sketch" not in report

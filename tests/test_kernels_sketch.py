@@ -73,7 +73,7 @@ def test_split_parts_keep_fp32_accuracy(dtype, source):
     L, K, nb = 2, 300, 7
     X = torch.randn(L, K, nb, dtype=torch.float64) * torch.logspace(-3, 0, K, dtype=torch.float64)[:, None]
     X = (X * torch.logspace(-30, 30, nb, dtype=torch.float64)).to(source).to(DEVICE)
-    XP, column = _x_parts(X, 3, (320, 64), dtype)
+    XP, column = _x_parts(X, 3, (320, 64), dtype, 64)
     assert XP.shape == (L, 3, 320, 64) and XP.dtype == dtype and column.shape == (L, 64)
     assert (XP[:, :, K:] == 0).all() and (XP[:, :, :, nb:] == 0).all()
     parts = XP[:, :, :K, :nb].double().sum(dim=1)
