@@ -17,7 +17,7 @@ cores with fp32 accuracy and fp32 accumulation:
   (24 significant bits) in three bf16 parts.
 * ``X_j^T W_i`` is a 16-bit ``tl.dot`` into one fp32 accumulator for every ``i + j <= 2`` (three products, six
   for fp32; the terms left out are below 2^-24 relative), computing ``OUT^T`` so that the thin X^T is the MMA's
-  64-row side and the W tile its wide side.
+  row side (its b columns padded to BLOCK_B) and the W tile its wide side.
 
 fp32 weights can also use ``precision="tf32x3"`` (Triton's three tf32 passes, X as one fp32 part); the static
 analysis (``benchmarks/static_sm90.py``) chose the split as the default. Sums over the reduction are
