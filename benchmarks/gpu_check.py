@@ -21,6 +21,9 @@ section so a timeout keeps what was measured. Sections, in order (each on its ow
 7. ``layer``: one Llama-70B layer (q, k, v, o, gate, up, down; bf16 as stored) analysed against cached bases
    (fp32, as ``cache build`` stores them), for a rank-16 LoRA kept factored and for a full fine-tune.
 8. ``scan``: ``lorafft.scan`` of the synthetic trio on the GPU equal to the same scan on the CPU.
+9. ``cli``: ``lorafft demo``, ``scan`` (the GPU by default), ``cache build --device``, ``scan --base-cache`` run as
+   commands, each report equal to the same scan with ``--device cpu``.
+10. ``tracking``: ``lorafft.Tracker`` on a small PEFT LoRA model on the GPU equal to a CPU tracker, two steps.
 
 Timings: CUDA events around ``CALLS`` (>= 20) back-to-back calls, median of 5 such pairs, after warm-up; the kernels'
 own time from the same calls captured in a CUDA graph (``gpu_*``; the speed thresholds apply to it), and one call
@@ -327,6 +330,79 @@ def time_layer(device, quick: bool) -> dict:
             "pass": quick or max(warm["lora_s"], warm["full_s"]) < limit}
 
 
+def _same_rows(mine, theirs) -> dict:
+    """Rows of two analyses of the same weights: equal counts and argmax, and the largest max|cos| difference."""
+    same = len(mine) == len(theirs) and all(
+        (a.name, a.side, a.counts, a.argmax) == (b.name, b.side, b.counts, b.argmax) for a, b in zip(mine, theirs))
+    difference = max((abs(x - y) for a, b in zip(mine, theirs) for x, y in zip(a.max_cos, b.max_cos)), default=0.0)
+    return {"rows": len(mine), "counts_and_argmax_equal": same, "max_abs_difference": difference,
+            "pass": same and bool(mine) and difference <= THRESHOLDS["scan_max_cos_difference"]}
+
+
+def check_cli(device, quick: bool) -> dict:
+    """The command line as a user types it on a GPU machine: ``lorafft demo --dir``, ``lorafft scan`` of the adapter
+    (on the GPU by default), ``lorafft cache build --device``, ``lorafft scan --base-cache`` of the full fine-tune;
+    each report against the same scan with ``--device cpu``."""
+    import tempfile
+
+    from lorafft.report import Report
+
+    def lorafft_command(*args) -> dict:
+        done = subprocess.run([sys.executable, "-m", "lorafft", *map(str, args), "--quiet"], capture_output=True,
+                              text=True, timeout=300)
+        return {"returncode": done.returncode, "stderr": done.stderr[-500:]}
+
+    with tempfile.TemporaryDirectory() as directory:
+        d = Path(directory)
+        demo = d / "demo"
+        commands = {"demo": lorafft_command("demo", "--dir", demo),
+                    "scan_lora": lorafft_command("scan", demo / "lora", "--out", d / "lora.json"),
+                    "scan_lora_cpu": lorafft_command("scan", demo / "lora", "--device", "cpu", "--out",
+                                                     d / "lora_cpu.json"),
+                    "cache_build": lorafft_command("cache", "build", demo / "base", "--device", device, "--out",
+                                                   d / "cache"),
+                    "scan_full_cached": lorafft_command("scan", demo / "base", demo / "full", "--base-cache",
+                                                        d / "cache", "--out", d / "full.json"),
+                    "scan_full_cpu": lorafft_command("scan", demo / "base", demo / "full", "--device", "cpu",
+                                                     "--out", d / "full_cpu.json")}
+        result = {"commands": commands}
+        if all(c["returncode"] == 0 for c in commands.values()):
+            for kind in ("lora", "full"):
+                result[kind] = _same_rows(Report.load(d / f"{kind}.json").rows,
+                                          Report.load(d / f"{kind}_cpu.json").rows)
+    return {**result, "pass": all(result.get(kind, {}).get("pass", False) for kind in ("lora", "full"))}
+
+
+def check_tracking(device, quick: bool) -> dict:
+    """``lorafft.Tracker`` on a small PEFT LoRA BERT (2 layers, hidden 128, r = 8, random B) on the device: the rows
+    of two tracked steps (the second warm-started) equal a CPU tracker's of the same weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertModel
+
+    from lorafft.tracking import Tracker
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=512)
+    model = get_peft_model(BertModel(config), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value",
+                                                                                             "dense"]))
+    factors = [p for name, p in model.named_parameters() if "lora_B" in name]
+    generator = torch.Generator().manual_seed(1)
+    steps = [[torch.randn(p.shape, generator=generator) * 0.05 for p in factors] for _ in range(2)]
+    rows = {}
+    for where in ("cpu", str(device)):
+        model.to(where)
+        tracker = None
+        for step, values in enumerate(steps, start=1):
+            with torch.no_grad():
+                for p, value in zip(factors, values):
+                    p.copy_(value)
+            tracker = tracker or Tracker(model)
+            rows[(where, step)] = tracker.step(step)
+    result = {f"step_{step}": _same_rows(rows[(str(device), step)], rows[("cpu", step)]) for step in (1, 2)}
+    return {**result, "pass": all(entry["pass"] for entry in result.values())}
+
+
 # Tile candidates of the sweep, for 16-bit and fp8 W alike: (BLOCK_R, BLOCK_K for 16-bit W, BLOCK_K for fp8 W,
 # BLOCK_B, warps, stages). The first is the default of the first H200 run, the fifth the 16-bit default since.
 TILE_CANDIDATES = [(128, 64, 128, 64, 4, 3), (128, 64, 128, 64, 4, 4), (128, 64, 128, 64, 8, 3),
@@ -380,23 +456,19 @@ def _synchronized(begin: float, device) -> float:
 
 
 def check_scan(device, quick: bool) -> dict:
+    """``lorafft.scan`` of the synthetic trio on the device against the same scan on the CPU."""
     import tempfile
 
-    result, ok = {}, True
     with tempfile.TemporaryDirectory() as directory:
         trio = synthetic.write_trio(Path(directory))
-        for kind in ("lora", "full"):
-            tuned = getattr(trio, kind)
-            cpu = lorafft.scan(trio.base, tuned, eps=(0.5, 0.9), side="both", device="cpu")
-            here = lorafft.scan(trio.base, tuned, eps=(0.5, 0.9), side="both", device=str(device))
-            same = all(a.counts == b.counts and a.argmax == b.argmax for a, b in zip(here.rows, cpu.rows))
-            difference = max(abs(x - y) for a, b in zip(here.rows, cpu.rows) for x, y in zip(a.max_cos, b.max_cos))
-            result[kind] = {"rows": len(here.rows), "counts_and_argmax_equal": same, "max_abs_difference": difference}
-            ok &= same and len(here.rows) == len(cpu.rows) and difference <= THRESHOLDS["scan_max_cos_difference"]
-    return {**result, "pass": ok}
+        result = {kind: _same_rows(lorafft.scan(trio.base, getattr(trio, kind), eps=(0.5, 0.9), side="both",
+                                                device=str(device)).rows,
+                                   lorafft.scan(trio.base, getattr(trio, kind), eps=(0.5, 0.9), side="both",
+                                                device="cpu").rows)
+                  for kind in ("lora", "full")}
+    return {**result, "pass": all(entry["pass"] for entry in result.values())}
 
-
-SECTIONS = ("pytest", "correctness", "rates", "sketch", "cosine", "krylov", "layer", "scan")
+SECTIONS = ("pytest", "correctness", "rates", "sketch", "cosine", "krylov", "layer", "scan", "cli", "tracking")
 EXTRA_SECTIONS = ("tiles",)  # run only when named in --only
 
 
@@ -428,6 +500,8 @@ def main(argv=None) -> int:
         "krylov": lambda: time_krylov(device, quick),
         "layer": lambda: time_layer(device, quick),
         "scan": lambda: check_scan(device, quick),
+        "cli": lambda: check_cli(device, quick),
+        "tracking": lambda: check_tracking(device, quick),
         "tiles": lambda: sweep_tiles(device, quick, copy["GBps"]),
     }
     sections = {name: every_section[name] for name in args.only or SECTIONS}

@@ -15,11 +15,13 @@ import gpu_check  # noqa: E402
 def test_quick_rehearsal_passes_and_writes_out(tmp_path):
     assert gpu_check.main(["--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    sections = ("pytest", "correctness", "rates", "sketch", "cosine", "krylov", "layer", "scan")
+    sections = gpu_check.SECTIONS
     assert all(report[name]["pass"] for name in sections), {n: report[n] for n in sections if not report[n]["pass"]}
     assert len(report["correctness"]["relative_errors"]) == 2 * 12  # every dtype/scale/precision, both orientations
     assert report["correctness"]["worst"] <= 1e-5
-    assert report["scan"]["lora"]["counts_and_argmax_equal"] and report["scan"]["full"]["counts_and_argmax_equal"]
+    for section, parts in (("scan", ("lora", "full")), ("cli", ("lora", "full")), ("tracking", ("step_1", "step_2"))):
+        assert all(report[section][part]["counts_and_argmax_equal"] and report[section][part]["rows"]
+                   for part in parts), section
     log = (tmp_path / "gpu_check.log").read_text()
     assert log.count("PASS ") == len(sections)
 
