@@ -25,6 +25,10 @@ section so a timeout keeps what was measured. Sections, in order (each on its ow
    commands, each report equal to the same scan with ``--device cpu``.
 10. ``tracking``: ``lorafft.Tracker`` on a small PEFT LoRA model on the GPU equal to a CPU tracker, two steps.
 
+``--only SECTION ...`` runs chosen sections (``rates`` too when a timing needs the copy rate), and the one section
+not in the default run: ``tiles``, the sketch kernel's GPU time for each of eight tile shapes (the evidence for the
+tiles ``kernels/sketch.py`` uses).
+
 Timings: CUDA events around ``CALLS`` (>= 20) back-to-back calls, median of 5 such pairs, after warm-up; the kernels'
 own time from the same calls captured in a CUDA graph (``gpu_*``; the speed thresholds apply to it), and one call
 from Python (``call_*``: the host's launch cost included, which a batch of L matrices per launch amortises).

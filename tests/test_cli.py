@@ -254,6 +254,7 @@ def test_other_commands_check_their_outputs_first(trio, tmp_path, capsys):
         (["intervene", trio.base, trio.lora, "--lambda", "0.5", "--out", tmp_path / "o", "--k", "0"], "--k"),
         (["intervene", trio.base, trio.lora, "--lambda", "nan", "--out", tmp_path / "o"], "--lambda"),
         (["demo", "--dir", tmp_path / "no" / "demo"], "does not exist"),
+        (["demo", "--dir", tmp_path], "holds 'a-file'"),  # never into a checkpoint or other directory
     ]
     for argv, words in cases:
         code, _, stderr = _run(capsys, *argv)

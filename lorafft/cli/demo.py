@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 from lorafft import options
 from lorafft.cli import arguments
+from lorafft.errors import InputError
+
+DEMO_PARTS = ("base", "full", "lora")
 
 DEMO_EPILOG = """\
 examples:
@@ -24,7 +28,8 @@ def add_command(subparsers) -> None:
                                              "the base.",
                                  epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--dir", metavar="DIR",
-                      help="write the checkpoints here and keep them (default: a temporary directory)")
+                      help="write the checkpoints here and keep them: a new or empty directory, or an earlier "
+                           "demo's (default: a temporary directory)")
     arguments.add_quiet(demo)
     demo.set_defaults(run=run)
 
@@ -32,7 +37,7 @@ def add_command(subparsers) -> None:
 def run(args) -> int:
     """``lorafft demo``: write the trio, print both scans' summaries."""
     if args.dir is not None:
-        options.output_directory(args.dir)
+        _demo_directory(args.dir)
     from lorafft.scan import scan
     from lorafft.synthetic import write_trio
 
@@ -45,3 +50,14 @@ def run(args) -> int:
     print("\nLoRA grows intruder dimensions (max |cos| < eps against every base singular vector); "
           "the full fine-tune has few or none.")
     return 0
+
+
+def _demo_directory(path) -> None:
+    """InputError unless ``path`` may take the demo's checkpoints: new, empty, or holding only an earlier demo's
+    ``base/``, ``full/`` and ``lora/`` (so a checkpoint or any other directory is never written into)."""
+    options.output_directory(path)
+    others = sorted(set(os.listdir(path)) - set(DEMO_PARTS)) if os.path.isdir(path) else []
+    if others:
+        raise InputError(path, f"holds {others[0]!r}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+                         + ": the demo writes base/, full/ and lora/ only into a new or empty directory (or an "
+                           "earlier demo's)")
