@@ -168,7 +168,7 @@ def analyse(variant: Variant, shape: tuple[int, int], transpose: bool, out_dir: 
     """One record of the table (the fields of ``static_sm90.json``)."""
     from lorafft.kernels import sketch as module
 
-    args, constexprs, (block_r, block_k, _) = launch_arguments(variant, shape, transpose)
+    args, constexprs, (block_r, block_k, block_b) = launch_arguments(variant, shape, transpose)
     stages = module.NUM_STAGES[TORCH_DTYPES[variant.dtype].itemsize]
     compiled = _compile(("_sketch_kernel", tuple(args), tuple(sorted(constexprs.items())), stages))
     instructions = parse_sass(compiled["sass"])
@@ -183,7 +183,8 @@ def analyse(variant: Variant, shape: tuple[int, int], transpose: bool, out_dir: 
         (out_dir / f"{name}.sass").write_text(compiled["sass"])
     return {
         "variant": name, "kernel": "sketch", "dtype": variant.name, "orientation": orientation, "shape": list(shape),
-        "block": [block_r, block_k], "registers": compiled["registers"], "spill_bytes": compiled["spill_bytes"],
+        "block": [block_r, block_k], "x_columns": block_b, "stages": stages, "warps": module.NUM_WARPS,
+        "registers": compiled["registers"], "spill_bytes": compiled["spill_bytes"],
         "shared_bytes": compiled["shared_bytes"],
         "ops": {op: whole[op] for op in OPS if op in whole},
         "loop_ops": {op: loop[op] for op in OPS if op in loop},
