@@ -247,16 +247,16 @@ def time_cosine(device, quick: bool, copy_GBps: float) -> dict:
             Y = torch.linalg.qr(torch.randn(L, s, k, device=device, dtype=torch.float64)).Q
             Y32 = Y.float()
 
-            def product_and_reduction():
+            def cosines(transposed: bool):
+                """max/argmax of the cosines as ``Z^T Y`` ``[L, s, k]``, or ``transposed`` as ``Y^T Z``
+                ``[L, k, s]`` (the other GEMM shape)."""
                 with linalg._full_precision_fp32_matmul():
+                    if transposed:
+                        return (Y32.mT @ basis_fp32).abs().max(dim=-1)
                     return (basis_fp32.mT @ Y32).abs().max(dim=-2)
 
-            def transposed_product_and_reduction():  # the same cosines as Y^T Z, [L, k, s]: another GEMM shape
-                with linalg._full_precision_fp32_matmul():
-                    return (Y32.mT @ basis_fp32).abs().max(dim=-1)
-
-            gpu = _rate(graph_seconds_per_call(product_and_reduction), 4 * L * s * s, copy_GBps)
-            gpu_transposed = _rate(graph_seconds_per_call(transposed_product_and_reduction), 4 * L * s * s, copy_GBps)
+            gpu, gpu_transposed = (_rate(graph_seconds_per_call(lambda: cosines(transposed)), 4 * L * s * s,
+                                         copy_GBps) for transposed in (False, True))
             call = _rate(seconds_per_call(lambda: linalg.match(basis, Y, "left", (0.5,), "triton")),
                          4 * L * s * s, copy_GBps)
             rows[f"L{L}_k{k}"] = {"gpu": gpu, "gpu_transposed": gpu_transposed, "call": call}

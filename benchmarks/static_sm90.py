@@ -202,7 +202,7 @@ def analyse_split(x_dtype: str, part_dtype: str, out_dir: Path | None = None) ->
     from lorafft.kernels import sketch as module
 
     K, parts = 28672, 1 if part_dtype == "fp32" else module.X_PARTS
-    block_b = module.BLOCK_B[4 if part_dtype == "fp32" else 2]  # the X^T tile of fp32 / 16-bit weights
+    block_b = module.BLOCK_B[4 if part_dtype == "fp32" else 2]  # tf32x3 (fp32 W) / 16-bit W's X^T tile
     args = [("X", f"*{x_dtype}"), ("M", "*fp32"), ("XP", f"*{part_dtype}"), ("COLUMN", "*fp32"), ("K", K),
             ("NB", COLUMNS), ("K_PAD", K), ("B_PAD", block_b), ("stride_xl", K * COLUMNS),
             ("stride_xk", COLUMNS), ("stride_xb", 1), ("stride_pl", parts * K * block_b),

@@ -48,7 +48,7 @@ X_PARTS = 3
 # (BLOCK_B) and the pipeline stages were measured on an H200 (``gpu_check.py --only tiles``,
 # benchmarks/results/gpu_check-2026-11-30-sweep.json): the three 16-bit products per W tile make the kernel
 # tensor-core bound, so the 32-column X^T tile (b = 20 columns padded to 32, not 64) with 4 stages streams bf16 W
-# 1.3× faster than 64 columns with 3; fp8 tiles (twice the elements per byte) were no faster with 32 columns, and
+# 1.25–1.4× faster than 64 columns with 3; fp8 tiles (twice the elements per byte) were no faster with 32 columns, and
 # 4 stages do not fit their shared memory with 64; fp32 keeps the statically chosen tile (not measured).
 BLOCK_R, NUM_WARPS = 128, 4
 BLOCK_K = {1: 128, 2: 64, 4: 64}
