@@ -2,8 +2,9 @@
 
 Measures (issue 13): training time without and with :class:`lorafft.integrations.transformers.IntruderCallback`
 tracking every 10 steps (in the training step, and ``background=True``: in a worker thread), and the seconds of
-one track started cold (the scan's start: base top vectors and the adapter's B columns) against one warm-started
-from the previous tracked step's vectors, at the same weights.
+one track cold (the weights analysed as a scan analyses a saved adapter: ``Tracker(warm_start=False)``) against one
+warm (the tracker's default: from the previous tracked step's vectors, small LoRA matrices in their base's
+coordinates, ``lorafft.updating``), at the same weights.
 
     PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 1 --out benchmarks/results/tracking_cost.json
     PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 1 --krylov \
@@ -70,9 +71,9 @@ def train(callbacks, directory: str) -> float:
 
 
 def cold_and_warm(directory: str) -> list[dict]:
-    """At every tracked step: one warm track (from the previous step's vectors) and one cold track of the same
-    weights (a second tracker with warm starts off), both timed, with the seconds each spent in the dense top-k's
-    LAPACK eigen-solve (``linalg._top_eigenpairs``)."""
+    """At every tracked step: one warm track (the tracker's default) and one cold track of the same weights (a
+    second tracker with warm starts off: a scan's analysis), both timed, with the seconds each spent in the dense
+    top-k's LAPACK eigen-solve (``linalg._top_eigenpairs``)."""
     from transformers import TrainerCallback
 
     from lorafft import linalg

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafft import linalg, options
+from lorafft import linalg, options, updating
 from lorafft.arrays import as_tensor
 
 DEFAULT_EPS = options.DEFAULT_EPS
@@ -40,7 +40,7 @@ class SideAnalysis:
     left out of ``counts``; zero when ρ = min(m, n); outside ``[L, k]`` fp64: each y_j's length outside the span of
     the ρ defined base vectors (0 at full rank), so y_j is an intruder at ε iff ``max(max_cos, outside) < ε``.
     vectors ``[L, d, k]`` fp64: the tuned singular vectors y_j themselves (a tracker warm-starts the next step's
-    iteration from them).
+    iteration from them); None from :func:`analyze_update`, which keeps them in the base's coordinates.
     """
 
     side: str
@@ -58,7 +58,7 @@ class SideAnalysis:
     base_rank: torch.Tensor
     undetermined: torch.Tensor
     outside: torch.Tensor
-    vectors: torch.Tensor
+    vectors: torch.Tensor | None
 
     @property
     def counts(self) -> torch.Tensor:
@@ -144,31 +144,78 @@ def analyze(
     results, rank = {}, base_rank(basis)
     for side in sides:
         vectors = tuned.U if side == "left" else tuned.V
-        match, undetermined, outside = _defined_match(basis, vectors, side, eps, backend, rank)
-        max_cos = match.max_cos.double()
-        thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
-        slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)  # vectors without a bound are not "near": see report
-        near = ((max_cos.unsqueeze(-1) - thresholds).abs() < slack.unsqueeze(-1)).any(dim=-1)
-        near &= tuned.error_bound.isfinite()
-        results[side] = SideAnalysis(
-            side=side,
-            eps=eps,
-            singular_values=tuned.S,
-            base_singular_values=basis.sigma[:, : tuned.S.shape[-1]],
-            max_cos=max_cos,
-            argmax=match.argmax,
-            error_bound=tuned.error_bound,
-            intruders=match.intruders,
-            near_threshold=near,
-            random_floor=1.0 / math.sqrt(vectors.shape[-2]),
-            random_reference=random_max_cos(vectors.shape[-2], basis.sigma.shape[-1]),
-            iterations=tuned.iterations,
-            base_rank=rank,
-            undetermined=undetermined,
-            outside=outside,
-            vectors=vectors,
-        )
+        defined = _defined_match(basis, vectors, side, eps, backend, rank)
+        results[side] = _side_analysis(side, eps, tuned, basis, rank, defined, vectors)
     return results
+
+
+@dataclass
+class UpdateAnalysis:
+    """:func:`analyze_update`'s answer: ``sides`` ``{side: SideAnalysis}`` (``vectors`` None), the tuned vectors'
+    ``coordinates [L, s, k + 1]`` in the base's small-side basis (the next call's ``previous``), and ``changes``,
+    ``(ΔM [L], ΔD [L])`` of :func:`magnitude_direction`."""
+
+    sides: dict[str, SideAnalysis]
+    coordinates: torch.Tensor
+    changes: tuple[torch.Tensor, torch.Tensor]
+
+
+def analyze_update(basis: linalg.BaseBasis, lora: linalg.LowRank, *, k: int = 10, eps=DEFAULT_EPS,
+                   sides=("left",), previous: torch.Tensor | None = None, tol: float = 1e-5,
+                   base_norms: torch.Tensor | None = None) -> UpdateAnalysis | None:
+    """:func:`analyze` of ``basis.W0 + lora`` computed in the base's coordinates (:mod:`lorafft.updating`), for a
+    basis whose small side is explicit in fp64 (with the tuned matrices' ΔM and ΔD); None when the dense top-k must
+    answer instead (:func:`lorafft.updating.updated_top`). ``previous``: the last call's coordinates;
+    ``base_norms``: W0's squared row norms ``[L, m]`` fp64, when the caller keeps them."""
+    eps, k = options.thresholds(eps), options.positive_int(k)
+    tuned = updating.updated_top(basis, lora, k, previous, tol)
+    if tuned is None:
+        return None
+    results, rank = {}, base_rank(basis)
+    for side in sides:
+        cosines = tuned.cosines(side)
+        match = linalg.max_abs_cos(cosines, eps)
+        defined = _restrict_to_rank(match, lambda: cosines, rank, basis.sigma.shape[-1], eps)
+        results[side] = _side_analysis(side, eps, tuned, basis, rank, defined, None)
+    W0 = basis.W0
+    if base_norms is None:
+        base_norms = (W0.double() ** 2).sum(dim=-1)
+    # W0 A^T is the first half of the update's factors when the left side is the small one (updating.UpdatedSVD)
+    W0_At = tuned.product if tuned.small_side == "left" else (lora.A.to(W0.device, torch.float64) @ W0.double().mT).mT
+    return UpdateAnalysis(results, tuned.coordinates,
+                          magnitude_direction(W0, lora=lora, base_rows=(base_norms, W0_At)))
+
+
+def _side_analysis(side: str, eps: tuple[float, ...], tuned, basis: linalg.BaseBasis, rank: torch.Tensor,
+                   defined: tuple, vectors: torch.Tensor | None) -> SideAnalysis:
+    """One side's :class:`SideAnalysis` from the tuned top-k (``S``, ``error_bound``, ``iterations`` of a
+    :class:`lorafft.linalg.TruncatedSVD` or :class:`lorafft.updating.UpdatedSVD`) and the ``(match, undetermined,
+    outside)`` of :func:`_restrict_to_rank`."""
+    match, undetermined, outside = defined
+    max_cos = match.max_cos.double()
+    thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
+    slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)  # vectors without a bound are not "near": see report
+    near = ((max_cos.unsqueeze(-1) - thresholds).abs() < slack.unsqueeze(-1)).any(dim=-1)
+    near &= tuned.error_bound.isfinite()
+    dimension = basis.W0.shape[-2] if side == "left" else basis.W0.shape[-1]
+    return SideAnalysis(
+        side=side,
+        eps=eps,
+        singular_values=tuned.S,
+        base_singular_values=basis.sigma[:, : tuned.S.shape[-1]],
+        max_cos=max_cos,
+        argmax=match.argmax,
+        error_bound=tuned.error_bound,
+        intruders=match.intruders,
+        near_threshold=near,
+        random_floor=1.0 / math.sqrt(dimension),
+        random_reference=random_max_cos(dimension, basis.sigma.shape[-1]),
+        iterations=tuned.iterations,
+        base_rank=rank,
+        undetermined=undetermined,
+        outside=outside,
+        vectors=vectors,
+    )
 
 
 def classify(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps) -> linalg.CosineMatch:
@@ -201,14 +248,21 @@ def _defined_match(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, ep
     counts of the certain intruders only. Returns ``(match, undetermined [L, E] int64, outside [L, k] fp64)``.
     """
     match = linalg.match(basis, vectors, side, eps, backend)
+    return _restrict_to_rank(match, lambda: basis.project(vectors.double(), side), rank, basis.sigma.shape[-1], eps)
+
+
+def _restrict_to_rank(match: linalg.CosineMatch, cosine_matrix, rank: torch.Tensor, size: int,
+                      eps: tuple[float, ...]) -> tuple[linalg.CosineMatch, torch.Tensor, torch.Tensor]:
+    """:func:`_defined_match`'s rule applied to ``match``: ``cosine_matrix()`` gives the full cosine matrix
+    ``[L, s, k]`` (rows by descending σ_i), called only when some base matrix is rank-deficient (ρ < s = size)."""
     undetermined = torch.zeros(match.counts.shape, dtype=torch.int64, device=match.counts.device)
     outside = torch.zeros(match.max_cos.shape, dtype=torch.float64, device=match.max_cos.device)
-    deficient = (rank < basis.sigma.shape[-1]).nonzero().flatten().tolist()
+    deficient = (rank < size).nonzero().flatten().tolist()
     if not deficient:
         return match, undetermined, outside
     max_cos, argmax, intruders = match.max_cos.clone(), match.argmax.clone(), match.intruders.clone()
     thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
-    cosines = basis.project(vectors.double(), side)  # [L, s, k], rows by descending σ_i
+    cosines = cosine_matrix()
     for index in deficient:
         defined = cosines[index, : int(rank[index])]  # [ρ, k]
         best, best_index = (defined.abs().max(dim=0) if defined.shape[0] else
@@ -313,7 +367,7 @@ def delta_ranks(W0: torch.Tensor, Wt: torch.Tensor | None, modules: list) -> lis
 ROW_BLOCK = 1 << 18  # elements upcast to fp64 at a time by magnitude_direction: 2 MB temporaries stay in cache
 
 
-def magnitude_direction(W0, Wt=None, *, lora=None) -> tuple[torch.Tensor, torch.Tensor]:
+def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """DoRA's weight decomposition analysis (Liu et al. 2024, Sec. 3.2, Figure 2): how much each matrix of a stack
     changed its neurons' magnitudes and directions.
 
@@ -335,12 +389,18 @@ def magnitude_direction(W0, Wt=None, *, lora=None) -> tuple[torch.Tensor, torch.
         W0: base weights ``[m, n]`` or a stack ``[L, m, n]`` (any float dtype; torch or DLPack arrays).
         Wt: tuned weights of W0's shape, or None with ``lora``.
         lora: instead of Wt, the update ``(B, A, s)`` or a :class:`lorafft.linalg.LowRank`, as in :func:`analyze`.
+        base_rows: with ``lora``, ``(||w_0,i||² [L, m], W0 Aᵀ [L, m, r])`` fp64 when the caller has them (a tracker
+            keeps the first; :func:`analyze_update` forms the second): W0 is then not read.
 
     Returns:
         ``(ΔM [L], ΔD [L])`` fp64 on W0's device (L = 1 for a pair).
     """
     W0, Wt, low_rank, _ = _stacks(W0, Wt, lora)
-    base, tuned, inner = _row_products(W0, Wt, low_rank)
+    if base_rows is not None and low_rank is not None:
+        base = base_rows[0]
+        tuned, inner = _updated_rows(base, base_rows[1], low_rank.to(base.device, torch.float64))
+    else:
+        base, tuned, inner = _row_products(W0, Wt, low_rank)
     base_norm, tuned_norm = base.sqrt(), tuned.sqrt()
     magnitude = (tuned_norm - base_norm).abs().mean(dim=-1)
     defined = (base > 0) & (tuned > 0)
@@ -356,11 +416,7 @@ def _row_products(W0: torch.Tensor, Wt: torch.Tensor | None,
     factored update ``low_rank``, see :func:`magnitude_direction`), upcast to fp64 a block of rows at a time."""
     L, m, n = W0.shape
     device = W0.device
-    if low_rank is not None:
-        A = low_rank.A.to(device, torch.float64)
-        B = low_rank.B.to(device, torch.float64)
-        scale = low_rank.scale.to(device, torch.float64)[:, None]
-        BG = B @ (A @ A.mT)  # [L, m, r]: b_i (A Aᵀ)
+    low_rank = None if low_rank is None else low_rank.to(device, torch.float64)
     base, tuned, inner = (torch.empty(L, m, dtype=torch.float64, device=device) for _ in range(3))
     step = max(1, ROW_BLOCK // max(1, L * n))
     for start in range(0, m, step):
@@ -371,8 +427,16 @@ def _row_products(W0: torch.Tensor, Wt: torch.Tensor | None,
             wt = Wt[:, rows].double()
             tuned[:, rows], inner[:, rows] = (wt * wt).sum(dim=-1), (wt * w0).sum(dim=-1)
         else:
-            along = scale * ((w0 @ A.mT) * B[:, rows]).sum(dim=-1)  # s <w_0,i, b_i A>
-            squared = scale**2 * (BG[:, rows] * B[:, rows]).sum(dim=-1)  # s² b_i A Aᵀ b_iᵀ
-            tuned[:, rows] = (base[:, rows] + 2 * along + squared).clamp_min(0)
-            inner[:, rows] = base[:, rows] + along
+            part = linalg.LowRank(low_rank.B[:, rows], low_rank.A, low_rank.scale)
+            tuned[:, rows], inner[:, rows] = _updated_rows(base[:, rows], w0 @ low_rank.A.mT, part)
     return base, tuned, inner
+
+
+def _updated_rows(base: torch.Tensor, W0_At: torch.Tensor,
+                  low_rank: linalg.LowRank) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||w_t,i||², <w_t,i, w_0,i>)`` ``[L, m]`` of ``W0 + s B A`` from ``base = ||w_0,i||² [L, m]`` and
+    ``W0_At = W0 Aᵀ [L, m, r]`` (all fp64; see :func:`magnitude_direction`)."""
+    B, A, scale = low_rank.B, low_rank.A, low_rank.scale[:, None]
+    along = scale * (W0_At * B).sum(dim=-1)  # s <w_0,i, b_i A>
+    squared = scale**2 * ((B @ (A @ A.mT)) * B).sum(dim=-1)  # s² b_i A Aᵀ b_iᵀ
+    return (base + 2 * along + squared).clamp_min(0), base + along

@@ -319,17 +319,28 @@ class TruncatedSVD:
     iterations: int
 
 
-def _orthonormalize(block: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+def orthonormalize(block: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     """Orthonormal columns spanning ``block [L, m, b]`` minus its projection on ``basis [L, m, D]`` (fp64;
-    classical Gram–Schmidt applied twice, then QR)."""
-    for _ in range(2):
+    classical Gram–Schmidt and QR, twice; one Householder QR without a basis)."""
+    for _ in range(1 if basis is None else 2):
         if basis is not None:
             block = block - basis @ (basis.mT @ block)
         block, _ = torch.linalg.qr(block)
     return block
 
 
-def _error_bounds(theta: torch.Tensor, residual: torch.Tensor, k: int) -> torch.Tensor:
+def finished(bound: torch.Tensor, residual: torch.Tensor, previous: torch.Tensor | None, floor: torch.Tensor,
+             tol: float) -> torch.Tensor:
+    """The iterations' stopping rule, per matrix ``[L]`` bool: every vector's ``bound [L, k]`` is ``<= tol``, or
+    its ``residual [L, k]`` is at the rounding floor of the products (``<= floor [L, 1]``) and stopped falling (less
+    than halved since the ``previous`` iteration's residual): it is then as determined as the matrix makes it, and
+    its bound says how well."""
+    stalled = torch.zeros_like(bound, dtype=torch.bool) if previous is None else (
+        (residual <= floor) & (residual > 0.5 * previous))
+    return ((bound <= tol) | stalled).all(dim=-1)
+
+
+def error_bounds(theta: torch.Tensor, residual: torch.Tensor, k: int) -> torch.Tensor:
     """Wedin-type bound ``sqrt(2) * rho_j / delta_j`` for the first k Ritz pairs.
 
     theta, residual: ``[L, D]`` Ritz values (descending) and their residual norms. ``delta_j`` is the distance
@@ -351,7 +362,7 @@ def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None,
     From the fp64 Gram matrix of the smaller side, only its top ``q = k + 1`` eigenpairs (LAPACK ?syevr on the CPU:
     a quarter of a full SVD's time at 384²); the other side's vectors by one product, and the residual of the side
     that product does not fix (``W v - σ u`` or ``W^T u - σ v``) measured in fp64 against the matrix, so that the
-    bound of :func:`_error_bounds` is certified as the Krylov path's is. With a LoRA update and W's own Gram matrix
+    bound of :func:`error_bounds` is certified as the Krylov path's is. With a LoRA update and W's own Gram matrix
     (``base_gram [L, s, s]`` fp64, :attr:`BaseBasis.gram`), the tuned Gram matrix is that plus the update's
     low-rank terms (:func:`_gram_of_sum`) and the tuned matrix is never formed. When a top-k singular value is below
     what an fp64 Gram matrix resolves (``sqrt(eps) σ1``; rank below k) the product does not define its vectors:
@@ -379,22 +390,30 @@ def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None,
     Y = tuned(X, left) * torch.where(keep, 1.0 / theta, 0.0).unsqueeze(1)  # [L, d, q]; 0 for a (k+1)-th σ of ~0
     residual = (tuned(Y, not left) - X * theta.unsqueeze(1)).norm(dim=1)  # the side the product does not fix
     U, V = (X, Y) if left else (Y, X)
-    return TruncatedSVD(U[..., :k], theta[:, :k], V[..., :k], residual[:, :k], _error_bounds(theta, residual, k), 0)
+    return TruncatedSVD(U[..., :k], theta[:, :k], V[..., :k], residual[:, :k], error_bounds(theta, residual, k), 0)
 
 
 def _gram_of_sum(W: torch.Tensor, low_rank: LowRank, left: bool, gram: torch.Tensor) -> torch.Tensor:
-    """The Gram matrix of the smaller side of ``W + low_rank`` from W's own, ``gram [L, s, s]`` (all fp64): for
-    ``left`` (``m <= n``), ``(W + s B A)(W + s B A)^T = W W^T + F C F^T`` with ``F = [W A^T, B]`` ``[L, s, 2r]`` and
-    ``C = [[0, s I], [s I, s² A A^T]]``; else the same with ``W^T`` for W, ``A^T`` for B and ``B^T`` for A. One
-    product of inner size 2r: ``O(s d r + s² r)``, not the ``O(s² d)`` of forming a Gram matrix."""
+    """The Gram matrix of the smaller side of ``W + low_rank`` from W's own, ``gram [L, s, s]`` (all fp64):
+    ``gram + F C F^T`` (:func:`update_factors`). One product of inner size 2r: ``O(s d r + s² r)``, not the
+    ``O(s² d)`` of forming a Gram matrix."""
+    F, C = update_factors(W, low_rank, left)
+    return torch.baddbmm(gram, F, C @ F.mT)
+
+
+def update_factors(W: torch.Tensor, low_rank: LowRank, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms a LoRA update adds to the smaller side's Gram matrix: for ``left`` (``m <= n``),
+    ``(W + s B A)(W + s B A)^T = W W^T + F C F^T`` with ``F = [W A^T, B]`` ``[L, s, 2r]`` and
+    ``C = [[0, s I], [s I, s² A A^T]]`` ``[L, 2r, 2r]``; else the same with ``W^T`` for W, ``A^T`` for B and
+    ``B^T`` for A. All fp64 (``W`` and ``low_rank`` as given: fp64)."""
     first, second = (low_rank.B, low_rank.A) if left else (low_rank.A.mT, low_rank.B.mT)  # the small orientation
     L, r = first.shape[0], first.shape[-1]
-    F = torch.cat([(W if left else W.mT) @ second.mT, first], dim=-1)
+    F = torch.cat([(second @ (W.mT if left else W)).mT, first], dim=-1)  # (A W^T)^T: BLAS streams W by rows
     scale = low_rank.scale[:, None, None]
     eye = torch.eye(r, dtype=torch.float64, device=W.device).expand(L, r, r)
     C = torch.cat([torch.cat([torch.zeros_like(eye), scale * eye], -1),
                    torch.cat([scale * eye, scale**2 * (second @ second.mT)], -1)], -2)
-    return torch.baddbmm(gram, F, C @ F.mT)
+    return F, C
 
 
 def _top_eigenpairs(gram: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,7 +435,7 @@ def _full_svd(dense: torch.Tensor, k: int) -> TruncatedSVD:
     """Top-k of fp64 ``dense [L, m, n]`` from one batched full LAPACK SVD, residuals at its backward error."""
     U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
     residual = (S[:, :1] * torch.finfo(torch.float64).eps * math.sqrt(max(dense.shape[-2:]))).expand_as(S).clone()
-    return TruncatedSVD(U[..., :k], S[:, :k], Vh.mT[..., :k], residual[:, :k], _error_bounds(S, residual, k), 0)
+    return TruncatedSVD(U[..., :k], S[:, :k], Vh.mT[..., :k], residual[:, :k], error_bounds(S, residual, k), 0)
 
 
 def _random_block(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -454,7 +473,7 @@ def truncated_svd(
     ``W v - sigma u`` are assembled from those products without touching W again.
 
     Stopping rule: after each iteration, the residual ``||W v_j - sigma_j u_j||`` of every Ritz pair is turned into
-    the bound of :func:`_error_bounds` (``W^T u - sigma v`` is zero by construction after Rayleigh–Ritz, so it
+    the bound of :func:`error_bounds` (``W^T u - sigma v`` is zero by construction after Rayleigh–Ritz, so it
     certifies nothing). A vector is finished when its bound is ``<= tol``, or when its residual is already small
     (``<= sqrt(eps) sigma_1``, eps of the products' precision: fp32 or fp64) and stopped falling (less than halved
     by the last iteration): it sits at the rounding floor of the products with W, and its bound says how well W
@@ -512,7 +531,7 @@ def truncated_svd(
     small_residual = math.sqrt(torch.finfo(precision).eps)
     previous = None
 
-    blocks = [_orthonormalize(first, None)]  # K_j, [L, m, b] fp64
+    blocks = [orthonormalize(first, None)]  # K_j, [L, m, b] fp64
     rows = []  # (W^T K_j)^T, the blocks of rows of Q^T W
     images = []  # W W^T K_j
     for iteration in range(1, max_iters + 1):
@@ -529,17 +548,15 @@ def truncated_svd(
         inverse_theta = torch.where(keep, 1.0 / theta, 0.0)
         U = Q @ U_hat
         residual = ((P @ U_hat) * inverse_theta.unsqueeze(1) - U * theta.unsqueeze(1)).norm(dim=1)
-        bound = _error_bounds(theta, residual, k)
-        stalled = torch.zeros_like(bound, dtype=torch.bool) if previous is None else (
-            (residual[:, :k] <= small_residual * theta[:, :1]) & (residual[:, :k] > 0.5 * previous)
-        )
-        if bool(((bound <= tol) | stalled).all()) or iteration == max_iters:
+        bound = error_bounds(theta, residual, k)
+        done = finished(bound, residual[:, :k], previous, theta[:, :1] * small_residual, tol)
+        if bool(done.all()) or iteration == max_iters:
             V = (B.mT @ U_hat[..., :k]) * inverse_theta[:, None, :k]
             return TruncatedSVD(U[..., :k], theta[:, :k], V, residual[:, :k], bound, iteration)
         if Q.shape[-1] + b > min(m, n):
             return _dense_svd(dequantized(W, scale), k, low_rank, None if scale is not None else base_gram)
         previous = residual[:, :k]
-        blocks.append(_orthonormalize(images[-1], Q))
+        blocks.append(orthonormalize(images[-1], Q))
     raise AssertionError("unreachable")
 
 

@@ -5,13 +5,13 @@ in the model and whose updates ΔW = s·B·A are read from the live LoRA modules
 PEFT merges it), or a plain model, whose weights at creation are snapshotted as W0. Each tracked matrix's complete
 base basis (the paper's x_i) is computed once (at creation, or by :meth:`Tracker.prepare`), or read from a
 ``lorafft cache build`` directory.
-:meth:`Tracker.step` then analyses the current weights exactly as :func:`lorafft.scan` analyses a saved checkpoint
-(same rows, same certificate), except that each matrix's block Krylov iteration starts from that matrix's top
-singular vectors at the previous tracked step (and the adapter's B columns): weights move little between steps,
-so the iteration certifies in fewer products (MiniLM: 10–14 iterations instead of 14–15). Matrices with
-min(m, n) <= 512 take the scan's dense top-k instead, with no iteration to start warm: there the Gram matrix of a
-LoRA model's tuned matrix is the base's, kept when its basis is computed here (not read from a base cache), plus the
-update's low-rank terms.
+:meth:`Tracker.step` then analyses the current weights as :func:`lorafft.scan` analyses a saved checkpoint (same
+rows, same certificate), started from each matrix's top singular vectors at the previous tracked step: weights move
+little between steps. A LoRA update of a matrix with min(m, n) <= DENSE_SVD_MAX, whose basis the tracker computed
+(not read from a base cache), is analysed in that basis's fp64 coordinates (:mod:`lorafft.updating`: about a fifth
+of the dense top-k a scan takes there, on MiniLM); larger matrices by the scan's block Krylov iteration, started
+from the previous vectors and the adapter's B columns; other small ones (DoRA, a plain model, a base cache's fp32
+bases) by the scan's dense top-k.
 :meth:`Tracker.report` is a :class:`~lorafft.report.Report` with one checkpoint per tracked step (``"step N"``),
 drawn by ``lorafft plot`` like a scan of a run's checkpoints.
 """
@@ -66,13 +66,15 @@ class _Tracked:
 @dataclasses.dataclass
 class _Batch:
     """Tracked matrices of one shape (a scan's batch), analysed together: ``W0 [L, m, n]`` in the analysed
-    orientation on the tracker's device, their base basis, and the left top vectors ``[L, m, k]`` of the last
-    tracked step."""
+    orientation on the tracker's device (fp64 when ``min(m, n) <= DENSE_SVD_MAX``, else fp32), their base basis,
+    and the last tracked step's top vectors, in the form the next step starts from."""
 
     matrices: list[_Tracked]
     W0: torch.Tensor
     basis: linalg.BaseBasis | None = None  # computed by Tracker.prepare
-    previous: torch.Tensor | None = None
+    previous: torch.Tensor | None = None  # [L, m, k] the last step's left vectors (the Krylov start)
+    coordinates: torch.Tensor | None = None  # [L, s, k + 1] the last step's vectors in the base's coordinates
+    base_norms: torch.Tensor | None = None  # [L, m] fp64 squared row norms of W0 (ΔM, ΔD)
 
 
 class Tracker:
@@ -83,14 +85,15 @@ class Tracker:
             tracked) or a plain torch module (its 2-D weights are tracked against a snapshot taken now).
         k, eps, side, include, exclude: as in :func:`lorafft.scan` (regexes are searched in the report names).
         device: where the base bases live and the analysis runs ("cpu", "cuda:0", ...); default the device of the
-            model's first tracked weight. Held there per matrix: W0 in fp32 and the smaller side's basis in fp32,
-            ``4 (m n + s^2)`` bytes for ``s = min(m, n)``, and for ``s <= 512`` the base's fp64 Gram matrix
-            (``8 s^2`` bytes; not with ``base_cache``), to which each step adds the LoRA update.
+            model's first tracked weight. Held there per matrix: W0 and the smaller side's basis in fp32,
+            ``4 (m n + s^2)`` bytes for ``s = min(m, n)``; for ``s <= 512`` both in fp64 and the base's fp64 Gram
+            matrix too (``8 (m n + 2 s^2)`` bytes; a base cache's bases stay fp32).
         base_cache: a ``lorafft cache build`` directory of the base model: bases found there are read, not
             computed, and matrices are named by the cache's names (as a scan against that base names them).
         tol, seed: as in :func:`lorafft.scan`.
-        warm_start: start each step's iteration from the previous step's vectors (off: every step starts as a
-            scan does, from the base's top vectors and the B columns; for measuring what warm starts save).
+        warm_start: start each step from the previous step's vectors, and analyse small LoRA matrices in their
+            base's coordinates (off: every step is analysed as a scan analyses a checkpoint; for measuring what that
+            saves).
         prepare: compute the base bases now (default); False leaves that to :meth:`prepare` or the first
             :meth:`step` (a plain model's weights are snapshotted now either way).
 
@@ -123,7 +126,8 @@ class Tracker:
         self.batches = []
         for group in pairing.shape_batches(tracked, DEFAULT_MAX_BATCH_BYTES):  # cut as a scan cuts its batches
             pairs = [t.pair() for t in group]
-            W0 = torch.stack([loading.oriented(t.stored, p) for t, p in zip(group, pairs)]).to(self.device)
+            W0 = torch.stack([loading.oriented(t.stored, p) for t, p in zip(group, pairs)])
+            W0 = W0.to(self.device, torch.float64 if min(W0.shape[1:]) <= linalg.DENSE_SVD_MAX else torch.float32)
             self.batches.append(_Batch(group, W0))
         self.rows: dict[int, list[MatrixRow]] = {}
         if prepare:
@@ -169,18 +173,37 @@ class Tracker:
         return rows
 
     def _analyse(self, batch: _Batch, index: int, step: int, pairs, update, Wt, B) -> list[MatrixRow]:
-        """One batch's rows at ``step``: the Krylov start is the previous step's top vectors, then the B columns."""
+        """One batch's rows at ``step``. A LoRA update of a basis held in fp64 is analysed in the base's
+        coordinates, started from the previous step's (:func:`lorafft.analysis.analyze_update`); everything else
+        as a scan analyses it, the Krylov start being the previous step's top vectors, then the B columns."""
+        Wt, update = None if Wt is None else Wt.to(self.device), None if update is None else update.to(self.device)
+        updated = None
+        if self.warm_start and update is not None and _in_coordinates(batch.basis):
+            if batch.base_norms is None:
+                batch.base_norms = (batch.W0.double() ** 2).sum(dim=-1)
+            updated = analysis.analyze_update(batch.basis, update, k=self.settings.k, eps=self.eps, sides=self.sides,
+                                              previous=batch.coordinates, tol=self.settings.tol,
+                                              base_norms=batch.base_norms)
+        batch.coordinates = None if updated is None else updated.coordinates
+        if updated is not None:
+            results, changes = updated.sides, updated.changes
+        else:
+            results = self._as_scanned(batch, index, Wt, update, B)
+            changes = analysis.magnitude_direction(batch.W0, Wt, lora=update)  # ΔM, ΔD: as a scan's rows have them
+        return matrix_rows(pairs, {side: results[side] for side in self.sides}, step, changes=changes)
+
+    def _as_scanned(self, batch: _Batch, index: int, Wt, update, B) -> dict:
+        """:func:`lorafft.analysis.analyze` as a scan calls it, the Krylov start led by the previous step's vectors
+        (those of the left side, which it then keeps)."""
         extra = [e.to(self.device, torch.float64) for e in (batch.previous, B) if e is not None]
         sides = ("left", *self.sides) if self.warm_start else self.sides  # the left vectors start the next step
         generator = analysis.batch_generator(self.settings.seed, index)  # as scan seeds its batches
-        Wt, update = None if Wt is None else Wt.to(self.device), None if update is None else update.to(self.device)
         results = analysis.analyze(batch.W0, Wt, lora=update, k=self.settings.k, eps=self.eps,
                                    sides=tuple(dict.fromkeys(sides)),
                                    start=torch.cat(extra, dim=-1) if extra else None, tol=self.settings.tol,
                                    generator=generator, basis=batch.basis)
         batch.previous = results["left"].vectors if self.warm_start else None
-        changes = analysis.magnitude_direction(batch.W0, Wt, lora=update)  # ΔM, ΔD: as a scan's rows have them
-        return matrix_rows(pairs, {side: results[side] for side in self.sides}, step, changes=changes)
+        return results
 
     def restore(self, rows: list[MatrixRow]) -> None:
         """Keep rows tracked earlier (a resumed run's journal), ``checkpoint`` holding their step."""
@@ -279,15 +302,25 @@ def _snapshot_matrices(model: torch.nn.Module, scope: pairing.Scope, names) -> l
 
 
 def _explicit(basis: linalg.BaseBasis) -> linalg.BaseBasis:
-    """The basis as a base cache holds it (:func:`lorafft.cache.cached_basis`): the small side's vectors explicit,
-    ``[L, s, s]`` fp32 (4 s^2 bytes per matrix instead of 16 s^2 for reflectors and eigenvectors in fp64), so that
-    every step's projection is one product; max|cos| then carries the fp32 basis's error, as a cached scan's does
-    (README "Base cache"). The fp64 Gram matrix of a small matrix computed here is kept
-    (:attr:`~lorafft.linalg.BaseBasis.gram`): each step's dense top-k adds the LoRA update to it."""
-    if basis.reflectors is None and basis.Z.dtype == torch.float32:
+    """The basis with its small side's vectors explicit, so that every step's projection is one product.
+
+    Matrices with ``s = min(m, n) <= DENSE_SVD_MAX`` (whose fp64 Gram matrix the basis keeps: the dense top-k of a
+    cold step adds the LoRA update to it) keep them in fp64, ``[L, s, s]``: a LoRA update is then analysed in the
+    base's coordinates (:func:`lorafft.analysis.analyze_update`), exact to fp64. Larger ones hold them as a base cache
+    does (:func:`lorafft.cache.cached_basis`): fp32, 4 s^2 bytes per matrix instead of 16 s^2 for reflectors and
+    eigenvectors in fp64; max|cos| then carries the fp32 basis's error, as a cached scan's does (README "Base
+    cache")."""
+    if basis.reflectors is None and (basis.Z.dtype == torch.float32 or basis.gram is not None):
         return basis
-    return dataclasses.replace(cached_basis(basis.W0, list(basis.small_basis_fp32), list(basis.sigma)),
-                               gram=basis.gram)
+    if basis.gram is not None:
+        return dataclasses.replace(basis, Z=basis.top_vectors(basis.small_side, basis.sigma.shape[-1]),
+                                   reflectors=None, tau=None)
+    return cached_basis(basis.W0, list(basis.small_basis_fp32), list(basis.sigma))
+
+
+def _in_coordinates(basis: linalg.BaseBasis) -> bool:
+    """Whether LoRA updates of this basis are analysed in its coordinates: its small side explicit in fp64."""
+    return basis.reflectors is None and basis.Z.dtype == torch.float64
 
 
 def _tuned(tracked: _Tracked, pair: Pair, W0: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LAYERS = [  # lowest first: the order of docs/DESIGN.md's data flow
     ("errors", "options", "arrays", "kernels"),
-    ("linalg", "io"),
+    ("linalg", "updating", "io"),
     ("adapters",),
     ("pairing",),
     ("loading", "analysis"),

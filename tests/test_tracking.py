@@ -4,6 +4,7 @@ the weights PEFT's ``merge_and_unload`` produces (DoRA, rsLoRA) or of a plain mo
 """
 
 import copy
+import dataclasses
 import json
 import os
 import threading
@@ -116,6 +117,23 @@ def test_callback_matches_posthoc_scan_and_resumes(minilm_dir, tmp_path):
         assert entry["intruders/eps=0.5"] == report.totals(checkpoint=index)["0.5"]
         assert entry["intruders/eps=0.5/query"] + entry["intruders/eps=0.5/value"] == entry["intruders/eps=0.5"]
     assert report.totals(checkpoint=2)["0.5"] > 0
+
+
+def test_steps_analysed_in_base_coordinates_equal_posthoc_scans(minilm_dir, tmp_path):
+    """Without a base cache a tracker holds its bases in fp64 and analyses each step's LoRA update in their
+    coordinates, started from the previous step's vectors (lorafft.updating): every tracked step of a real run
+    equals a scan of the adapter saved then, and it was that path that answered (it iterates; the dense top-k a
+    scan takes at this size reports 0 iterations)."""
+    out = tmp_path / "run"
+    callback = IntruderCallback(every_n_steps=2, eps=(0.5, 0.7), include=QUERY_VALUE)
+    trainer(lora_model(minilm_dir, init_lora_weights=False), out, [callback], max_steps=4).train()
+    report = lorafft.Report.from_dict(json.loads((out / "lorafft-trajectory.json").read_text()))
+    for index, step in enumerate((2, 4)):
+        scanned = lorafft.scan(minilm_dir, out / f"checkpoint-{step}", eps=(0.5, 0.7), include=QUERY_VALUE)
+        rows = [dataclasses.replace(r, name=r.name.removeprefix("bert.")) for r in report.rows  # the model's names
+                if r.checkpoint == index]  # (BertForSequenceClassification), the base file's without "bert."
+        assert rows and all(r.iterations >= 1 for r in rows) and all(r.iterations == 0 for r in scanned.rows)
+        assert_rows_match(rows, scanned.rows)
 
 
 def test_background_tracking_equals_tracking_in_step(minilm_dir, tmp_path, monkeypatch):

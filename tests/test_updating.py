@@ -1,0 +1,185 @@
+"""LoRA updates analysed in the base's coordinates (lorafft.updating, lorafft.analysis.analyze_update, what a Tracker
+does at every step): against fp64 LAPACK SVDs and eigenvalues of the formed tuned matrices."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from lorafft import analysis, linalg, updating
+
+K = 10
+
+
+def explicit_basis(W0):
+    """The base basis as a tracker holds it for small matrices: the small side explicit in fp64."""
+    basis = linalg.base_basis(W0)
+    return dataclasses.replace(basis, Z=basis.top_vectors(basis.small_side, basis.sigma.shape[-1]),
+                               reflectors=None, tau=None)
+
+
+def base_stack(L, m, n, generator, rank=None):
+    """Base matrices with a slowly decaying spectrum (σ from 5 down to 0.1, like MiniLM's), fp64."""
+    s = min(m, n)
+    sigma = 5 * torch.linspace(1, 0.02, s, dtype=torch.float64) ** 0.7
+    if rank is not None:
+        sigma[rank:] = 0
+
+    def orthonormal(d):
+        return torch.linalg.qr(torch.randn(d, s, generator=generator, dtype=torch.float64))[0]
+
+    return torch.stack([orthonormal(m) * sigma @ orthonormal(n).T for _ in range(L)])
+
+
+def update(L, m, n, r, scale, generator, size=0.3):
+    B = size * torch.randn(L, m, r, generator=generator, dtype=torch.float64)
+    A = size * torch.randn(L, r, n, generator=generator, dtype=torch.float64)
+    return linalg.LowRank(B, A, torch.full((L,), float(scale), dtype=torch.float64))
+
+
+def reference(W0, low_rank, k=K):
+    """Top-k singular values and each side's cosines ``[L, s, k]`` with the base's vectors, by fp64 LAPACK SVDs."""
+    U0, _, V0h = torch.linalg.svd(W0, full_matrices=False)
+    U, S, Vh = torch.linalg.svd(W0 + low_rank.dense(), full_matrices=False)
+    return S[:, :k], {"left": U0.mT @ U[..., :k], "right": V0h @ Vh.mT[..., :k]}
+
+
+def assert_matches(found, W0, low_rank):
+    S, cosines = reference(W0, low_rank)
+    torch.testing.assert_close(found.S, S, rtol=1e-12, atol=1e-12)
+    assert (found.error_bound <= 1e-5).all()
+    for side in ("left", "right"):
+        got, expected = found.cosines(side).abs(), cosines[side].abs()
+        assert ((got.amax(dim=-2) - expected.amax(dim=-2)).abs() <= found.error_bound + 1e-12).all(), side
+        assert torch.equal(got.argmax(dim=-2), expected.argmax(dim=-2)), side
+
+
+@pytest.mark.parametrize("shape", [(96, 160), (160, 96), (128, 128)])
+def test_top_k_and_cosines_equal_lapack(shape):
+    """Both sides' max|cos| and argmax, and the singular values, from a first step (no previous vectors) and from
+    the previous step's vectors after the update moved."""
+    g = torch.Generator().manual_seed(sum(shape))
+    m, n = shape
+    W0 = base_stack(3, m, n, g)
+    basis = explicit_basis(W0)
+    first = update(3, m, n, 4, 2.0, g)
+    found = updating.updated_top(basis, first, K)
+    assert found is not None and found.iterations >= 1
+    assert_matches(found, W0, first)
+    moved = linalg.LowRank(first.B + 0.02 * torch.randn(first.B.shape, generator=g, dtype=torch.float64),
+                           first.A, first.scale)
+    again = updating.updated_top(basis, moved, K, previous=found.coordinates)
+    assert again is not None
+    assert_matches(again, W0, moved)
+
+
+def test_a_new_top_vector_from_the_tail_is_found_after_a_warm_start():
+    """A strong update along the base's weakest directions brings new top singular vectors (intruders): started
+    from the previous step's vectors (of a zero update: the base's own, on which this update does not act), the
+    answer is still LAPACK's."""
+    g = torch.Generator().manual_seed(5)
+    W0, strong = tail_update(g)
+    basis = explicit_basis(W0)
+    zero = update(2, 120, 200, 2, 1.0, g)
+    zero.B.zero_()
+    previous = updating.updated_top(basis, zero, K).coordinates
+    found = updating.updated_top(basis, strong, K, previous=previous)
+    assert found is not None
+    assert_matches(found, W0, strong)
+    assert (found.cosines("left").abs().amax(dim=-2)[:, 0] < 0.5).all()  # the new top vector is an intruder
+
+
+def test_an_answer_that_misses_a_top_vector_is_refused(monkeypatch):
+    """A start that cannot see the update (base vectors it does not act on) converges at once, with zero residuals,
+    to the base's values: the inertia count refuses that answer, and the second start, from the update's own
+    directions, gives LAPACK's."""
+    g = torch.Generator().manual_seed(6)
+    W0, strong = tail_update(g)
+    basis = explicit_basis(W0)
+    start, starts = updating._start, []
+
+    def blind_start(problem, previous):
+        starts.append(previous is not None)
+        if previous is None:
+            return start(problem, None)
+        eye = torch.eye(problem.lam0.shape[-1] - problem.head, 2 * (K + 1), dtype=torch.float64)
+        return eye.expand(problem.lam0.shape[0], -1, -1)  # tail unit vectors next to the head: untouched by B, A
+
+    monkeypatch.setattr(updating, "_start", blind_start)
+    found = updating.updated_top(basis, strong, K, previous=torch.zeros(2, 120, K + 1, dtype=torch.float64))
+    assert starts == [True, False]
+    assert_matches(found, W0, strong)
+
+
+def tail_update(generator, m=120, n=200, r=2):
+    """Base matrices ``[2, m, n]`` and a strong update acting only on their last 60 left and 40 right singular
+    vectors (two new top singular values, far above the base's)."""
+    W0 = base_stack(2, m, n, generator)
+    U0, _, V0h = torch.linalg.svd(W0, full_matrices=False)
+    B = U0[..., -60:] @ torch.randn(2, 60, r, generator=generator, dtype=torch.float64)
+    A = torch.randn(2, r, 40, generator=generator, dtype=torch.float64) @ V0h[:, -40:]
+    return W0, linalg.LowRank(B, A, torch.full((2,), 3.0, dtype=torch.float64))
+
+
+def test_count_above_equals_eigvalsh_of_the_formed_matrix():
+    """The inertia count against the eigenvalues of diag(σ0²) + U C U^T formed and decomposed by LAPACK: at random
+    thresholds, next to a base value, and for a zero update (scale 0) and a zero B (PEFT's initial adapter)."""
+    g = torch.Generator().manual_seed(11)
+    m, n, r = 60, 90, 3
+    W0 = base_stack(4, m, n, g)
+    basis = explicit_basis(W0)
+    low_rank = update(4, m, n, r, 2.0, g)
+    low_rank.scale[1] = 0.0
+    low_rank.B[2] = 0.0
+    F, C = linalg.update_factors(W0, low_rank, left=True)
+    U = basis.Z.mT @ F
+    lam0 = basis.sigma**2
+    H = torch.diag_embed(lam0) + U @ C @ U.mT
+    eigenvalues = torch.linalg.eigvalsh(H)
+    for tau in (lam0[:, 7] * (1 + 1e-12), 0.5 * (lam0[:, 3] + lam0[:, 4]), eigenvalues[:, -5] - 1e-6,
+                torch.rand(4, generator=g, dtype=torch.float64) * lam0[:, 0]):
+        expected = (eigenvalues > tau.unsqueeze(-1)).sum(dim=-1)
+        assert torch.equal(updating.count_above(lam0, U, low_rank.scale, C, tau), expected)
+
+
+def test_zero_update_keeps_the_base():
+    """B = 0 (PEFT's initial adapter): the tuned vectors are the base's, each found at max|cos| 1 at its own rank."""
+    g = torch.Generator().manual_seed(2)
+    W0 = base_stack(2, 80, 100, g)
+    low_rank = update(2, 80, 100, 4, 2.0, g)
+    low_rank.B.zero_()
+    found = updating.updated_top(explicit_basis(W0), low_rank, K)
+    torch.testing.assert_close(found.S, torch.linalg.svdvals(W0)[:, :K], rtol=1e-13, atol=0)
+    cosines = found.cosines("left").abs()
+    torch.testing.assert_close(cosines.amax(dim=-2), torch.ones(2, K, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(cosines.argmax(dim=-2), torch.arange(K).expand(2, K))
+
+
+def test_too_small_for_a_tail_leaves_it_to_the_dense_top_k():
+    g = torch.Generator().manual_seed(3)
+    W0 = base_stack(1, 14, 20, g)
+    assert updating.updated_top(explicit_basis(W0), update(1, 14, 20, 2, 2.0, g), K) is None
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_analyze_update_equals_analyze_on_a_rank_deficient_base(side):
+    """Same rows as :func:`lorafft.analysis.analyze` (the dense fp64 top-k a scan takes at this size), including
+    the undetermined vectors of a rank-deficient base, and ΔM, ΔD of the formed tuned matrices."""
+    g = torch.Generator().manual_seed(7)
+    m, n = (100, 150) if side == "left" else (150, 100)
+    W0 = base_stack(3, m, n, g, rank=60)
+    low_rank = update(3, m, n, 4, 2.0, g)
+    basis = explicit_basis(W0)
+    eps = (0.3, 0.5, 0.9)
+    updated = analysis.analyze_update(basis, low_rank, k=K, eps=eps, sides=("left", "right"))
+    expected = analysis.analyze(W0, lora=low_rank, k=K, eps=eps, sides=("left", "right"), basis=basis)
+    for name in ("left", "right"):
+        got, want = updated.sides[name], expected[name]
+        torch.testing.assert_close(got.singular_values, want.singular_values, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.max_cos, want.max_cos, rtol=0, atol=1e-9)
+        torch.testing.assert_close(got.outside, want.outside, rtol=0, atol=1e-9)
+        assert torch.equal(got.argmax, want.argmax) and torch.equal(got.counts, want.counts)
+        assert torch.equal(got.undetermined, want.undetermined) and int(got.undetermined.sum()) > 0
+        assert got.vectors is None and got.iterations >= 1
+    changes = analysis.magnitude_direction(W0, W0 + low_rank.dense())
+    torch.testing.assert_close(updated.changes, changes, rtol=1e-12, atol=1e-14)
