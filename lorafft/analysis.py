@@ -398,7 +398,8 @@ def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torc
     W0, Wt, low_rank, _ = _stacks(W0, Wt, lora)
     if base_rows is not None and low_rank is not None:
         base = base_rows[0]
-        tuned, inner = _updated_rows(base, base_rows[1], low_rank.to(base.device, torch.float64))
+        low_rank = low_rank.to(base.device, torch.float64)
+        tuned, inner = _updated_rows(base, base_rows[1], low_rank.B, low_rank.A @ low_rank.A.mT, low_rank.scale)
     else:
         base, tuned, inner = _row_products(W0, Wt, low_rank)
     base_norm, tuned_norm = base.sqrt(), tuned.sqrt()
@@ -416,7 +417,9 @@ def _row_products(W0: torch.Tensor, Wt: torch.Tensor | None,
     factored update ``low_rank``, see :func:`magnitude_direction`), upcast to fp64 a block of rows at a time."""
     L, m, n = W0.shape
     device = W0.device
-    low_rank = None if low_rank is None else low_rank.to(device, torch.float64)
+    if low_rank is not None:
+        low_rank = low_rank.to(device, torch.float64)
+        A_At = low_rank.A @ low_rank.A.mT  # [L, r, r], once for every block of rows
     base, tuned, inner = (torch.empty(L, m, dtype=torch.float64, device=device) for _ in range(3))
     step = max(1, ROW_BLOCK // max(1, L * n))
     for start in range(0, m, step):
@@ -427,16 +430,16 @@ def _row_products(W0: torch.Tensor, Wt: torch.Tensor | None,
             wt = Wt[:, rows].double()
             tuned[:, rows], inner[:, rows] = (wt * wt).sum(dim=-1), (wt * w0).sum(dim=-1)
         else:
-            part = linalg.LowRank(low_rank.B[:, rows], low_rank.A, low_rank.scale)
-            tuned[:, rows], inner[:, rows] = _updated_rows(base[:, rows], w0 @ low_rank.A.mT, part)
+            tuned[:, rows], inner[:, rows] = _updated_rows(base[:, rows], w0 @ low_rank.A.mT, low_rank.B[:, rows],
+                                                           A_At, low_rank.scale)
     return base, tuned, inner
 
 
-def _updated_rows(base: torch.Tensor, W0_At: torch.Tensor,
-                  low_rank: linalg.LowRank) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(||w_t,i||², <w_t,i, w_0,i>)`` ``[L, m]`` of ``W0 + s B A`` from ``base = ||w_0,i||² [L, m]`` and
-    ``W0_At = W0 Aᵀ [L, m, r]`` (all fp64; see :func:`magnitude_direction`)."""
-    B, A, scale = low_rank.B, low_rank.A, low_rank.scale[:, None]
-    along = scale * (W0_At * B).sum(dim=-1)  # s <w_0,i, b_i A>
-    squared = scale**2 * ((B @ (A @ A.mT)) * B).sum(dim=-1)  # s² b_i A Aᵀ b_iᵀ
+def _updated_rows(base: torch.Tensor, W0_At: torch.Tensor, B: torch.Tensor, A_At: torch.Tensor,
+                  scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||w_t,i||², <w_t,i, w_0,i>)`` ``[L, m]`` of ``W0 + s B A`` from ``base = ||w_0,i||² [L, m]``,
+    ``W0_At = W0 Aᵀ [L, m, r]``, ``B [L, m, r]``, ``A_At = A Aᵀ [L, r, r]`` and ``scale [L]`` (all fp64; see
+    :func:`magnitude_direction`)."""
+    along = scale[:, None] * (W0_At * B).sum(dim=-1)  # s <w_0,i, b_i A>
+    squared = scale[:, None] ** 2 * ((B @ A_At) * B).sum(dim=-1)  # s² b_i A Aᵀ b_iᵀ
     return (base + 2 * along + squared).clamp_min(0), base + along

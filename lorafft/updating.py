@@ -221,7 +221,8 @@ def _off_the_base(lam0: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     certifies all the more. (An unchanged base vector has its base value exactly: a zero update, PEFT's B = 0.)"""
     tau = tau.clone()
     floor = 1e-9 * lam0[:, 0]
-    for index in range(lam0.shape[0]):
+    on_a_value = ((lam0 - tau.unsqueeze(-1)).abs() <= floor.unsqueeze(-1)).any(dim=-1)
+    for index in on_a_value.nonzero().flatten().tolist():  # one host sync, and a loop only where τ must move
         values = lam0[index]
         while bool(((values - tau[index]).abs() <= floor[index]).any()):
             i = int(((values - tau[index]).abs() <= floor[index]).nonzero()[-1])
