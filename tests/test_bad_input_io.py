@@ -20,7 +20,7 @@ from lorafft.io import open_adapter, open_checkpoint
 from lorafft.errors import InputError
 from lorafft.io.jsonfile import CONFIG_BYTES, MAX_DEPTH, parse_json
 
-from fixtures.bad_files import Exploit, expect_input_error, write_raw_safetensors
+from lorafft_fixtures.bad_files import Exploit, expect_input_error, write_raw_safetensors
 
 F32_24X16 = {"dtype": "F32", "shape": [24, 16], "data_offsets": [0, 24 * 16 * 4]}
 DATA = bytes(24 * 16 * 4)

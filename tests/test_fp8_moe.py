@@ -10,7 +10,7 @@ from lorafft.errors import InputError
 from lorafft.io.safetensors import SafetensorsShard
 from lorafft.pairing import Scope, layer_and_module
 
-from fixtures import checkpoints
+from lorafft_fixtures import checkpoints
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers

@@ -13,7 +13,7 @@ from lorafft import io, synthetic
 from lorafft.errors import InputError
 from lorafft.io.safetensors import SafetensorsShard
 
-from fixtures import checkpoints
+from lorafft_fixtures import checkpoints
 
 CONFIG = checkpoints.phi3_config()  # hidden 128, 4 heads of 32, 2 key/value heads, intermediate 96
 HIDDEN, Q_ROWS, KV_ROWS, INTER = 128, 4 * 32, 2 * 32, 96

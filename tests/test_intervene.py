@@ -23,7 +23,7 @@ from lorafft.io import open_adapter, open_checkpoint
 from lorafft.pairing import NameIndex
 from lorafft.synthetic import random_weight, write_checkpoint
 
-from fixtures import checkpoints
+from lorafft_fixtures import checkpoints
 
 intervene_module = importlib.import_module("lorafft.intervene")
 LAM = 0.5

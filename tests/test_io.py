@@ -12,7 +12,7 @@ from lorafft.errors import InputError
 from lorafft.io import writer
 from lorafft.io import Checkpoint, is_adapter, open_adapter, open_checkpoint
 
-from fixtures.bad_files import Exploit, expect_input_error, write_raw_safetensors
+from lorafft_fixtures.bad_files import Exploit, expect_input_error, write_raw_safetensors
 
 
 def reference_tensors() -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from lorafft.cli import main
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES
 from lorafft.scan import BUDGET_FRACTION, BUDGET_ITERATIONS, _recorded_budget, device_batch_bytes
 
-from fixtures import checkpoints
+from lorafft_fixtures import checkpoints
 from test_fp8_moe import reference_dequantize
 
 pytestmark = pytest.mark.usefixtures("krylov_path")  # the kernels run in the Krylov products

@@ -1,7 +1,8 @@
 """The built wheel holds every module of the source tree (``kernels/`` as ``lorafft.kernels``) and works installed
 non-editable, away from the checkout: ``lorafft demo``, ``--version``, ``scan``, ``plot``, ``report --html`` and the
-kernels import."""
+kernels import. And nothing in the checkout shadows an installed distribution for Python started at its root."""
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -40,13 +41,13 @@ def _source_modules() -> set[str]:
 
 
 def _copy_checkout(target) -> None:
-    """The files a build reads, as a clean checkout has them (no caches, no development symlink, no build/)."""
+    """The files a build reads, as a clean checkout has them (the ``lorafft/kernels`` link kept as a link; no caches,
+    no build/)."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
     for name in SOURCES:
         source = os.path.join(ROOT, name)
         if os.path.isdir(source):
-            shutil.copytree(source, target / name, ignore=lambda d, names: set(ignore(d, names)) | {
-                n for n in names if os.path.islink(os.path.join(d, n))})
+            shutil.copytree(source, target / name, symlinks=True, ignore=ignore)
         else:
             shutil.copy(source, target / name)
 
@@ -108,3 +109,54 @@ def test_installed_wheel_runs_the_demo_outside_the_checkout(wheel, tmp_path):
                            capture_output=True, text=True, timeout=120)  # the base the adapter names, from its dir
     assert alone.returncode == 0 and "intruders" in alone.stdout, alone.stderr
     assert any(name.startswith("similarity-") for name in os.listdir(work / "figures"))
+
+
+def _top_level_folders() -> list[str]:
+    """The checkout's top-level folders that Python started at its root could import by name (not ``lorafft``)."""
+    return sorted(name for name in os.listdir(ROOT) if name.isidentifier() and name != "lorafft"
+                  and os.path.isdir(os.path.join(ROOT, name)))
+
+
+def _from_root(code: str, **env) -> subprocess.CompletedProcess:
+    """``python -c code`` in the checkout's root: its working directory first on ``sys.path``, as ``python -m`` has."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, **env), capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name", _top_level_folders())
+def test_no_top_level_folder_shadows_an_installed_distribution(name, tmp_path):
+    """A regular package named like one of our folders (``kernels``: Hugging Face's, which transformers imports),
+    installed into a site directory, is what ``import name`` gets from the root; ``lorafft.kernels.sketch`` still
+    imports from the checkout."""
+    assert "kernels" in _top_level_folders()
+    site = tmp_path / "site"
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text("INSTALLED = True\n")
+    (site / f"{name}-1.0.dist-info").mkdir()
+    (site / f"{name}-1.0.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    code = (f"import {name}, lorafft.kernels.sketch as k; print({name}.__file__); print(k.__file__); "
+            f"assert {name}.INSTALLED")
+    done = _from_root(code, PYTHONPATH=str(site))
+    assert done.returncode == 0, done.stderr
+    installed, kernels = done.stdout.split()
+    assert installed == str(site / name / "__init__.py")
+    assert kernels == os.path.join(ROOT, "lorafft", "kernels", "sketch.py")
+
+
+def test_transformers_peft_and_our_kernels_import_from_the_root():
+    """What failed on a fresh machine: transformers 5 imports Hugging Face's ``kernels``, and the checkout's own
+    folder of that name must not be what it finds."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels is not installed (the stand-in test above covers the name)")
+    if importlib.util.find_spec("transformers.integrations.hub_kernels") is None:
+        pytest.skip("this transformers has no hub_kernels integration")
+    code = ("import transformers.integrations.hub_kernels, kernels; from transformers import Trainer; import peft; "
+            "import lorafft.kernels.sketch; print(kernels.__file__)")
+    done = _from_root(code)
+    assert done.returncode == 0, done.stderr
+    installed = importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")
+    assert os.path.samefile(done.stdout.strip(), installed), done.stdout
