@@ -33,6 +33,7 @@ import torch
 
 from lorafft.errors import InputError
 from lorafft.io import writer
+from lorafft.io.checkpoint import all_finite
 
 ADAPTER_CONFIG = "adapter_config.json"
 BASE_PREFIX = "base_model.model."  # prefix PeftModel puts before the wrapped model's module names
@@ -93,10 +94,15 @@ def lora_modules(adapter, base_index, shape_of: Callable[[str], Sequence[int]] |
     base_names = {module: base_index.resolve(module + ".weight") for module in parts}
     unmatched = [module for module, base_name in base_names.items() if base_name is None]
     if unmatched:
+        file = tensors.file_of(next(iter(parts[unmatched[0]].values())))
+        several = sorted(base_index.candidates(unmatched[0] + ".weight"))
+        if several:
+            raise InputError(file, f"adapter module '{unmatched[0]}' matches {len(several)} base tensors "
+                                   f"({_listing(several)}): which one it adapts is ambiguous (its key needs the "
+                                   f"module's full path)")
         what = (f"adapter module '{unmatched[0]}' matches" if len(unmatched) == 1
                 else f"{len(unmatched)} adapter modules ({_listing(unmatched)}) match")
-        raise InputError(tensors.file_of(next(iter(parts[unmatched[0]].values()))),
-                         f"{what} no tensor in the base checkpoint")
+        raise InputError(file, f"{what} no tensor in the base checkpoint")
     modules = [
         _module(tensors, module, roles, base_names[module],
                 None if shape_of is None else tuple(shape_of(base_names[module])), settings)
@@ -140,7 +146,7 @@ def merged_weight(module: LoraModule, base_weight: torch.Tensor) -> torch.Tensor
 
     Plain LoRA: W0 + ΔW. DoRA: (m / ‖W0 + ΔW‖) · (W0 + ΔW), the norm per output channel. Computed in fp32
     throughout, so for (b)f16 models it is PEFT's result before PEFT rounds ΔW and the sum to the model's dtype.
-    InputError (naming the base tensor) if W0's shape is not ΔW's.
+    InputError (naming the base tensor) if W0's shape is not ΔW's, or a DoRA row of W0 + ΔW is zero (no direction).
     """
     delta = delta_weight(module)
     if tuple(base_weight.shape) != tuple(delta.shape):
@@ -150,7 +156,13 @@ def merged_weight(module: LoraModule, base_weight: torch.Tensor) -> torch.Tensor
     if module.magnitude is None:
         return merged
     rows = merged.T if module.fan_in_fan_out else merged  # [out, in]
-    rows = (module.magnitude.float() / torch.linalg.norm(rows, dim=1))[:, None] * rows
+    norms = torch.linalg.norm(rows, dim=1)
+    zero = (norms == 0).nonzero().flatten()
+    if len(zero):
+        raise InputError(module.base_name, f"DoRA row {int(zero[0])} of W0 + s·B·A is zero" + (
+            f" (and {len(zero) - 1} more)" if len(zero) > 1 else "") + ": its direction, and so PEFT's merged weight "
+            "m · (W0 + s·B·A) / ||W0 + s·B·A||, is undefined there")
+    rows = (module.magnitude.float() / norms)[:, None] * rows
     return rows.T.contiguous() if module.fan_in_fan_out else rows
 
 
@@ -305,6 +317,9 @@ def write_adapter(adapter, base_checkpoint, base_index, triplets: Mapping[str, t
         base_weight = base_checkpoint.get(name) if module.magnitude is not None else None
         lora_a, lora_b, magnitude = extended_factors(module, U, S, V, lam, tensors[roles["A"]], tensors[roles["B"]],
                                                      base_weight)
+        if not all(all_finite(t) for t in (lora_a, lora_b, magnitude) if t is not None):
+            raise InputError("lambda", f"{lam:g} leaves non-finite values in the factors of '{key}': nothing "
+                                       f"written")
         tensors[roles["A"]], tensors[roles["B"]] = lora_a, lora_b
         if magnitude is not None:
             tensors[roles["magnitude"]] = magnitude

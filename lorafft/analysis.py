@@ -18,6 +18,7 @@ import torch
 
 from lorafft import linalg, options, updating
 from lorafft.arrays import as_tensor
+from lorafft.errors import InternalError
 
 DEFAULT_EPS = options.DEFAULT_EPS
 NEAR_THRESHOLD = 1e-3  # max|cos| this close to an ε is flagged: its count may flip under rounding
@@ -191,8 +192,13 @@ def _side_analysis(side: str, eps: tuple[float, ...], tuned, basis: linalg.BaseB
     """One side's :class:`SideAnalysis` from the tuned top-k (``S``, ``error_bound``, ``iterations`` of a
     :class:`lorafft.linalg.TruncatedSVD` or :class:`lorafft.updating.UpdatedSVD`) and the ``(match, undetermined,
     outside)`` of :func:`_restrict_to_rank`."""
-    match, undetermined, outside = defined
+    match, undetermined, outside = _without_tuned_null(tuned.S, basis.W0.shape[-2:], eps, *defined)
     max_cos = match.max_cos.double()
+    limit = 1 + NEAR_THRESHOLD + torch.where(tuned.error_bound.isfinite(), tuned.error_bound, 0.0)
+    if bool((max_cos > limit).any()):
+        worst = int((max_cos - limit).argmax())
+        raise InternalError(f"a max |cos| of {float(max_cos.flatten()[worst]):.6g} for a {list(basis.W0.shape[-2:])} "
+                            f"matrix: above 1 plus its error bound, so the base basis is not this matrix's")
     thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
     slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)  # vectors without a bound are not "near": see report
     near = ((max_cos.unsqueeze(-1) - thresholds).abs() < slack.unsqueeze(-1)).any(dim=-1)
@@ -216,6 +222,24 @@ def _side_analysis(side: str, eps: tuple[float, ...], tuned, basis: linalg.BaseB
         outside=outside,
         vectors=vectors,
     )
+
+
+def _without_tuned_null(S: torch.Tensor, shape, eps: tuple[float, ...], match: linalg.CosineMatch,
+                        undetermined: torch.Tensor, outside: torch.Tensor):
+    """``(match, undetermined, outside)`` with the tuned vectors beyond the tuned matrix's numerical rank taken out
+    of the counts: a singular value ``S [L, k]`` at or below ``σ_1 · max(m, n) · ε_fp32`` (all of them for an
+    all-zero tuned matrix) belongs to its null space, where any unit vector is a y_j. Such a vector gets ``outside``
+    1 (it is unconstrained), so it is undetermined at every ε its computed max |cos| is below, as a rank-deficient
+    base's undetermined vectors are (:func:`_defined_match`), and never an intruder."""
+    null = S <= S[:, :1] * max(shape) * torch.finfo(torch.float32).eps
+    if not bool(null.any()):
+        return match, undetermined, outside
+    thresholds = torch.tensor(eps, dtype=torch.float64, device=S.device)
+    unsure = null.unsqueeze(-1) & (match.max_cos.double().unsqueeze(-1) < thresholds)  # [L, k, E]
+    undetermined = undetermined + (unsure & match.intruders).sum(dim=-2)
+    outside = torch.where(null, 1.0, outside)
+    return (linalg.CosineMatch(match.max_cos, match.argmax, match.intruders & ~null.unsqueeze(-1)), undetermined,
+            outside)
 
 
 def classify(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps) -> linalg.CosineMatch:

@@ -2,10 +2,21 @@
 scan of a fine-tune of that base.
 
 Layout of a cache directory: ``lorafft-base-cache.json`` (the index: format version, ``hub`` ``{"id", "revision"}``
-when ``lorafft cache build`` read the base as a Hub id, and per base tensor name its entry file, shape,
-analysed-side layout and fingerprint) and one safetensors file per matrix holding ``basis``
-(the smaller side's singular vectors as columns, ``[s, s]`` fp32, ordered by descending singular value) and
-``sigma`` (``[s]`` fp64). Only the smaller side is stored; the other is one product with W0 away.
+when ``lorafft cache build`` read the base as a Hub id, and a list of entries) and one safetensors file per entry
+holding ``basis`` (the smaller side's singular vectors as columns, ``[s, s]`` fp32, ordered by descending singular
+value) and ``sigma`` (``[s]`` fp64). Only the smaller side is stored; the other is one product with W0 away.
+
+An entry is bound to exactly what it answers for: the base tensor's ``name``, the ``orientation`` it was analysed in
+(``"stored"``, or ``"transposed"`` for a PEFT ``fan_in_fan_out`` module, whose ``[in, out]`` weight is analysed as
+``[out, in]``), the analysed ``shape``, the ``side`` its basis spans, the stored ``dtype`` and a ``fingerprint`` of the
+stored tensor. A lookup matches all of them or misses (a square GPT-2 ``c_proj`` analysed both ways has two entries);
+an entry of that name and orientation built from another tensor is an InputError (the cache belongs to another
+model or revision). Entry file names are the name made file-safe and cut to 80 characters, plus a hash of name and
+orientation: unique and bounded. Every basis read is checked against the matrix it answers for (its top base vectors
+must be singular vectors of W0 with the cached σ: :func:`cached_basis`), so a cache that lies is an error, not rows.
+
+Writers (``cache build``, ``scan --write-base-cache``, concurrently or not) merge their entries into the index under
+a lock (:class:`lorafft.io.writer.FileLock`), so no one's entries are lost.
 
 Precision, measured against fp64 SVD (max|cos| of LoRA-tuned top-10 vectors, all-MiniLM-L6-v2 384×384 and
 384×1536, synthetic 1024×2752; ``benchmarks/measure_claims.py``): an fp32 basis is off by at most 1.3e-8, fp16 by
@@ -29,12 +40,16 @@ from lorafft import linalg, loading, pairing
 from lorafft.errors import InputError
 from lorafft.io import hub
 from lorafft.io.jsonfile import read_json_object
-from lorafft.io.writer import write_json, write_safetensors
+from lorafft.io.writer import FileLock, write_json, write_safetensors
+from lorafft.options import CACHE_INDEX as INDEX
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES, patterns
 
-INDEX = "lorafft-base-cache.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ORIENTATIONS = ("stored", "transposed")
 _SAMPLES = 1 << 18
+_FIELDS = {"name": str, "orientation": str, "shape": list, "side": str, "dtype": str, "fingerprint": str, "file": str}
+CHECKED_VECTORS = 4  # top base vectors of every cached basis checked against W0 (cached_basis)
+CHECK_TOLERANCE = 1e-3  # relative: ||M0^T x_i|| against sigma_i, an fp32 basis is good to ~1e-7
 
 
 def fingerprint(W0: torch.Tensor) -> str:
@@ -47,23 +62,44 @@ def fingerprint(W0: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def _checked_entries(entries, index_path: str) -> dict[str, dict]:
-    """The index's entries, each ``{"file": a file name in the cache directory, "shape": [out, in], "fingerprint":
-    str}``; InputError naming the index for anything else."""
-    if not isinstance(entries, dict):
-        raise InputError(index_path, "'entries' is not an object")
-    for name, entry in entries.items():
-        fine = (isinstance(entry, dict) and isinstance(entry.get("file"), str) and isinstance(entry.get("fingerprint"),
-                str) and os.path.basename(entry["file"]) == entry["file"] and entry["file"] not in ("", ".", "..")
-                and isinstance(entry.get("shape"), list) and len(entry["shape"]) == 2
-                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry["shape"]))
+def entry_key(pair: pairing.Pair) -> tuple[str, str]:
+    """``(base tensor name, orientation)``: what one cache entry answers for."""
+    return pair.name, "transposed" if pair.transposed else "stored"
+
+
+def entry_file(name: str, orientation: str) -> str:
+    """The entry's file name: file-safe, at most 80 characters of the name, and a hash of the whole key, so that two
+    names that read alike (``blk/q.weight``, ``blk_q.weight``) never share a file."""
+    digest = hashlib.blake2b(f"{name}\0{orientation}".encode(errors="surrogatepass"), digest_size=8).hexdigest()
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)[:80]}-{digest}.safetensors"
+
+
+def _small_side(shape) -> str:
+    return "left" if shape[0] <= shape[1] else "right"
+
+
+def _checked_entries(index: dict, index_path: str) -> dict[tuple[str, str], dict]:
+    """The index's entries by :func:`entry_key`, each checked to hold :data:`_FIELDS` as ``cache build`` writes them
+    (a file name in the cache directory, the file name of its key); InputError naming the index otherwise."""
+    version = index.get("format_version")
+    if version != FORMAT_VERSION:
+        older = " (an older lorafft's, which did not bind entries to an orientation): rebuild it" if version == 1 else ""
+        raise InputError(index_path, f"not a lorafft base cache of format version {FORMAT_VERSION}{older}")
+    entries = index.get("entries", [])
+    if not isinstance(entries, list):
+        raise InputError(index_path, "'entries' is not a list")
+    checked = {}
+    for number, entry in enumerate(entries):
+        fine = (isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in _FIELDS.items())
+                and entry["orientation"] in ORIENTATIONS and len(entry["shape"]) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry["shape"])
+                and entry["side"] == _small_side(entry["shape"])
+                and entry["file"] == entry_file(entry["name"], entry["orientation"]))
         if not fine:
-            raise InputError(index_path, f"entry '{name}' is not {{file, shape [out, in], fingerprint}}")
-    return entries
-
-
-def _entry_file(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".safetensors"
+            raise InputError(index_path, f"entry {number} is not {{name, orientation, shape [out, in], side, dtype, "
+                                         f"fingerprint, file}} as lorafft cache build writes it")
+        checked[(entry["name"], entry["orientation"])] = entry
+    return checked
 
 
 class BaseCache:
@@ -72,63 +108,91 @@ class BaseCache:
     def __init__(self, directory, *, writable: bool = False):
         self.directory = os.fspath(directory)
         self.index_path = os.path.join(self.directory, INDEX)
-        self.entries: dict[str, dict] = {}
+        self.entries: dict[tuple[str, str], dict] = {}
         self.hub: dict | None = None  # {"id", "revision"} of the base, when built from a Hub id
         if os.path.isfile(self.index_path):
-            index = read_json_object(self.index_path, what="base-cache index")
-            if index.get("format_version") != FORMAT_VERSION:
-                raise InputError(self.index_path, f"not a lorafft base cache of format version {FORMAT_VERSION}")
-            self.entries = _checked_entries(index.get("entries", {}), self.index_path)
-            self.hub = index.get("hub")
+            self._read_index()
         elif not writable:
             raise InputError(self.directory, f"no base cache here (no {INDEX}); build one with 'lorafft cache build'")
 
-    def lookup(self, name: str, W0_stored: torch.Tensor,
-               shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(basis [s, s] fp32, sigma [s] fp64)`` for base tensor ``name`` analysed as ``shape``, or None if not
-        cached (or cached in the other orientation, e.g. a GPT-2 Conv1D weight scanned with and without an adapter).
+    def _read_index(self) -> None:
+        index = read_json_object(self.index_path, what="base-cache index")
+        self.entries = _checked_entries(index, self.index_path)
+        self.hub = index.get("hub", self.hub)
 
-        ``W0_stored`` is the base tensor as stored in its checkpoint; a cache entry with another fingerprint is
-        an InputError (the cache belongs to another model or revision).
+    @property
+    def names(self) -> set[str]:
+        """The base tensor names the cache holds (in any orientation)."""
+        return {name for name, _ in self.entries}
+
+    def lookup(self, pair: pairing.Pair, W0_stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(basis [s, s] fp32, sigma [s] fp64)`` for the base matrix of ``pair`` (name, orientation, analysed
+        shape), or None when the cache has no entry for exactly that.
+
+        ``W0_stored`` is the base tensor as its checkpoint stores it: an entry of this name and orientation built
+        from another tensor (fingerprint, dtype) is an InputError (the cache belongs to another model or revision).
         """
-        entry = self.entries.get(name)
-        if entry is None or tuple(entry["shape"]) != tuple(shape):
+        entry = self.entries.get(entry_key(pair))
+        if entry is None:
             return None
-        if entry["fingerprint"] != fingerprint(W0_stored):
-            raise InputError(self.index_path, f"entry '{name}' was built from another tensor (fingerprint "
+        if (entry["fingerprint"] != fingerprint(W0_stored) or entry["dtype"] != str(W0_stored.dtype)
+                or tuple(entry["shape"]) != tuple(pair.shape)):
+            raise InputError(self.index_path, f"entry '{pair.name}' was built from another tensor (fingerprint "
                                               f"differs): the cache belongs to another base model or revision")
         path = os.path.join(self.directory, entry["file"])
         try:
             tensors = load_file(path)
         except Exception as e:  # noqa: BLE001 - any unreadable entry file is the same bad input
             raise InputError(path, f"unreadable base-cache entry: {e}") from None
-        s = min(shape)
+        s = min(pair.shape)
         basis, sigma = tensors.get("basis"), tensors.get("sigma")
         if basis is None or sigma is None or tuple(basis.shape) != (s, s) or tuple(sigma.shape) != (s,):
-            raise InputError(path, f"base-cache entry for '{name}' does not hold basis [{s}, {s}] and sigma [{s}]")
+            raise InputError(path, f"base-cache entry for '{pair.name}' does not hold basis [{s}, {s}] and sigma [{s}]")
         return basis, sigma
 
-    def store(self, name: str, W0_stored: torch.Tensor, basis: torch.Tensor, sigma: torch.Tensor,
-              shape: tuple[int, int]) -> None:
-        """Write one entry (atomically) and the index: ``basis [s, s]`` stored fp32, ``sigma [s]`` fp64, for the
-        base tensor ``name`` analysed as ``shape`` (``[out, in]``). InputError when the cache holds ``name`` built
-        from another tensor: a cache holds one base model."""
-        digest = fingerprint(W0_stored)
-        if name in self.entries and self.entries[name]["fingerprint"] != digest:
-            raise InputError(self.index_path, f"entry '{name}' was built from another tensor (fingerprint differs): "
-                                              f"the cache belongs to another base model or revision; write the "
-                                              f"bases into a new directory")
+    def store(self, pairs: list[pairing.Pair], stored: list[torch.Tensor], basis: torch.Tensor,
+              sigma: torch.Tensor) -> None:
+        """Write one entry per matrix of a batch (each file atomically) and merge them into the index: ``basis
+        [L, s, s]`` stored fp32, ``sigma [L, s]`` fp64, for the base matrices of ``pairs`` (analysed orientation and
+        shape; ``stored``: the tensors as their checkpoint holds them). InputError when the cache holds one of them
+        built from another tensor: a cache holds one base model."""
         os.makedirs(self.directory, exist_ok=True)
-        file = _entry_file(name)
-        write_safetensors(os.path.join(self.directory, file), {"basis": basis.float(), "sigma": sigma.double()},
-                          metadata={"name": name})
-        self.entries[name] = {"file": file, "shape": list(shape), "fingerprint": digest}
-        self.write_index()
+        new = {}
+        for pair, tensor, small_basis, values in zip(pairs, stored, basis, sigma):
+            name, orientation = key = entry_key(pair)
+            entry = {"name": name, "orientation": orientation, "shape": list(pair.shape),
+                     "side": _small_side(pair.shape), "dtype": str(tensor.dtype), "fingerprint": fingerprint(tensor),
+                     "file": entry_file(name, orientation)}
+            known = self.entries.get(key)
+            if known is not None and known["fingerprint"] != entry["fingerprint"]:
+                raise _other_model(self.index_path, name)
+            write_safetensors(os.path.join(self.directory, entry["file"]),
+                              {"basis": small_basis.float().cpu(), "sigma": values.double().cpu()},
+                              metadata={"name": name, "orientation": orientation})
+            new[key] = entry
+        self.write_index(new)
 
-    def write_index(self) -> None:
-        """Write the index (atomically): format version, ``hub`` when set, entries."""
-        index = {"format_version": FORMAT_VERSION, **({"hub": self.hub} if self.hub else {}), "entries": self.entries}
-        write_json(self.index_path, index, indent=1)
+    def write_index(self, new: dict[tuple[str, str], dict] | None = None) -> None:
+        """Merge ``new`` entries into the index on disk and write it (atomically, under the cache's lock, so that
+        concurrent writers keep each other's entries): format version, ``hub`` when set, entries."""
+        os.makedirs(self.directory, exist_ok=True)
+        with FileLock(self.index_path, "base cache", wait=True):
+            mine = {**self.entries, **(new or {})}
+            if os.path.isfile(self.index_path):
+                self._read_index()
+            for key, entry in mine.items():
+                known = self.entries.get(key)
+                if known is not None and known["fingerprint"] != entry["fingerprint"]:
+                    raise _other_model(self.index_path, key[0])
+            self.entries.update(mine)
+            index = {"format_version": FORMAT_VERSION, **({"hub": self.hub} if self.hub else {}),
+                     "entries": list(self.entries.values())}
+            write_json(self.index_path, index, indent=1)
+
+
+def _other_model(index_path: str, name: str) -> InputError:
+    return InputError(index_path, f"entry '{name}' was built from another tensor (fingerprint differs): the cache "
+                                  f"belongs to another base model or revision; write the bases into a new directory")
 
 
 def cached_basis(W0: torch.Tensor, bases: list[torch.Tensor], sigmas: list[torch.Tensor]) -> linalg.BaseBasis:
@@ -138,20 +202,41 @@ def cached_basis(W0: torch.Tensor, bases: list[torch.Tensor], sigmas: list[torch
     return linalg.BaseBasis(W0=W0, sigma=sigma, Z=Z, reflectors=None, tau=None)
 
 
-def batch_basis(W0: torch.Tensor, stored: list[torch.Tensor], names: list[str], reader: BaseCache | None = None,
-                writer: BaseCache | None = None) -> linalg.BaseBasis:
-    """The base basis of a batch ``W0 [L, m, n]`` (analysed orientation) of the base tensors ``names`` (``stored``
-    as their checkpoint holds them): read from ``reader`` when every matrix is there in this orientation, else
+def answers_for(basis: linalg.BaseBasis) -> torch.Tensor:
+    """``[L]`` bool: whether a cached basis answers for its matrix, checked on its top :data:`CHECKED_VECTORS`
+    vectors x_i: unit length, and with M0 the small-side orientation of W0,
+    ``||M0 M0^T x_i - σ_i² x_i|| <= CHECK_TOLERANCE σ_1²`` (two thin products with W0). A basis of another matrix,
+    or of this one in the other orientation, fails it."""
+    count = min(CHECKED_VECTORS, basis.sigma.shape[-1])
+    X = basis.Z[..., :count].double()
+    left = basis.small_side == "left"
+    image = linalg.matmul_fp64(basis.W0.mT if left else basis.W0, X)  # M0^T X [L, d, c]
+    back = linalg.matmul_fp64(basis.W0 if left else basis.W0.mT, image)  # M0 M0^T X [L, s, c]
+    residual = (back - X * basis.sigma[:, None, :count] ** 2).norm(dim=1).amax(dim=-1)
+    unit = (X.norm(dim=1) - 1).abs().amax(dim=-1) <= CHECK_TOLERANCE
+    return unit & (residual <= CHECK_TOLERANCE * basis.sigma[:, 0].clamp_min(torch.finfo(torch.float64).tiny) ** 2)
+
+
+def batch_basis(W0: torch.Tensor, stored: list[torch.Tensor], pairs: list[pairing.Pair],
+                reader: BaseCache | None = None, writer: BaseCache | None = None) -> linalg.BaseBasis:
+    """The base basis of a batch ``W0 [L, m, n]`` (analysed orientation) of the base matrices of ``pairs``
+    (``stored`` as their checkpoint holds them): read from ``reader`` when every matrix is there in this
+    orientation (and checked to answer for it, :func:`answers_for`: InputError naming the entry otherwise), else
     computed (:func:`lorafft.linalg.base_basis`) and stored in ``writer`` when given."""
-    shape = tuple(W0.shape[1:])
     if reader is not None:
-        found = [reader.lookup(name, tensor, shape) for name, tensor in zip(names, stored)]
+        found = [reader.lookup(pair, tensor) for pair, tensor in zip(pairs, stored)]
         if all(entry is not None for entry in found):
-            return cached_basis(W0, [basis for basis, _ in found], [sigma for _, sigma in found])
+            basis = cached_basis(W0, [basis for basis, _ in found], [sigma for _, sigma in found])
+            wrong = (~answers_for(basis)).nonzero().flatten().tolist()
+            if wrong:
+                pair = pairs[wrong[0]]
+                raise InputError(os.path.join(reader.directory, entry_file(*entry_key(pair))),
+                                 f"does not hold the singular vectors of '{pair.name}' as analysed "
+                                 f"{list(pair.shape)}: the cache is damaged; rebuild it")
+            return basis
     basis = linalg.base_basis(W0)
     if writer is not None:
-        for index, (name, tensor) in enumerate(zip(names, stored)):
-            writer.store(name, tensor, basis.small_basis_fp32[index].cpu(), basis.sigma[index].cpu(), shape)
+        writer.store(pairs, stored, basis.small_basis_fp32, basis.sigma)
     return basis
 
 
@@ -172,7 +257,8 @@ def build_base_cache(base, directory, *, revision: str | None = None, include=()
     located = hub.locate_inputs(base, [], revision=revision)
     with loading.open_base(located.base, split_fused=split_fused) as checkpoint:
         pairs = [pairing.Pair(name, name, tuple(checkpoint.shape(name))) for name in checkpoint.names()
-                 if len(checkpoint.shape(name)) == 2 and 0 not in checkpoint.shape(name) and scope.admits(name)]
+                 if len(checkpoint.shape(name)) == 2 and 0 not in checkpoint.shape(name) and scope.admits(name)
+                 and pairing.not_a_weight(checkpoint.dtype(name)) is None]
         if not pairs:
             raise InputError(checkpoint.path, "no 2-D weight matrices in scope")
         writer = BaseCache(directory, writable=True)
@@ -182,7 +268,7 @@ def build_base_cache(base, directory, *, revision: str | None = None, include=()
         loader = loading.BatchLoader(checkpoint, [], [], device=device)
         with tqdm(total=len(batches), unit="batch", disable=not progress, desc="lorafft cache") as bar:
             for position, loaded in loader.batches(batches):
-                batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batches[position]], writer, writer)
+                batch_basis(loaded.W0, loaded.stored, batches[position], writer, writer)
                 bar.update(1)
         writer.write_index()  # the hub record also when every entry was there already
     return writer

@@ -1,8 +1,9 @@
-"""The one exception type for bad input.
+"""The exception types a user sees: bad input, and results that cannot be right.
 
 Every problem with a user's files (missing, truncated, lying headers, bad configs, NaN weights, nothing to
 compare) is raised as :class:`InputError`, whose message is one line: ``<file>: <problem>``. The CLI prints that
-line and exits with status 2; library callers can catch it.
+line and exits with status 2; library callers can catch it. :class:`InternalError` is lorafft's own failure: a
+number no correct computation gives (a max |cos| above 1), raised instead of a report row that would be wrong.
 """
 
 
@@ -13,3 +14,10 @@ class InputError(ValueError):
         self.path = str(path)
         self.problem = " ".join(str(problem).split())  # always a single line
         super().__init__(f"{self.path}: {self.problem}")
+
+
+class InternalError(RuntimeError):
+    """A result that cannot be right (lorafft's bug, or hardware): never written as a row."""
+
+    def __init__(self, problem: str):
+        super().__init__(" ".join(str(problem).split()))

@@ -60,6 +60,7 @@ from lorafft import adapters, analysis, distributed, io, linalg, loading, option
 from lorafft.cache import BaseCache, batch_basis
 from lorafft.errors import InputError
 from lorafft.io import hub, writer
+from lorafft.io.checkpoint import all_finite
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES
 from lorafft.pairing import Pair
 from lorafft.report import timestamp
@@ -225,6 +226,8 @@ def intervene(
                                      device=device, native=linalg.resolve_backend(device, backend) == "triton")
         finder = _EditFinder(settings, lam, which, cache_in, backend)
         edits, matrices = finder.find(loader, pairing.shape_batches(pairs, settings.max_batch_bytes), progress)
+        published = base_checkpoint if is_adapter else tuned_checkpoint  # an adapter is merged in W0's dtype
+        _check_lambda(lam, edits, lambda edit: published.dtype(edit.pair.name if is_adapter else edit.pair.tuned_name))
         summary = InterventionSummary(
             base=loading.describe(base), tuned=os.fspath(tuned),
             out_dir=out_dir, tuned_kind="lora" if is_adapter else "full", lam=lam, which=which, eps=float(eps),
@@ -256,6 +259,20 @@ def _check_options(lam, which, eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise InputError("eps", f"must be one threshold in (0, 1], got {eps!r}")
     return lam
+
+
+def _check_lambda(lam: float, edits: dict[str, _Edit], dtype_of) -> None:
+    """InputError when λ·σ_j, a singular value of a published matrix, would overflow the dtype its weights are
+    published in (``dtype_of(edit)``: the checkpoint's, or for an adapter its base's, where it is merged), naming
+    the largest λ that matrix allows; every entry of a matrix is at most its largest singular value."""
+    for edit in edits.values():
+        dtype = dtype_of(edit)
+        largest = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
+        top = float(edit.S.max())
+        if lam * top >= largest:
+            raise InputError("lambda", f"{lam:g} makes a singular value of '{edit.pair.name}' {lam * top:.3g}, "
+                                       f"beyond the largest {str(dtype).removeprefix('torch.')} ({largest:.3g}) "
+                                       f"its weights are published in: λ must stay below {largest / top:.3g} there")
 
 
 def _check_rewritable(checkpoint: io.Checkpoint, pairs: list[Pair]) -> None:
@@ -302,7 +319,7 @@ class _EditFinder:
         settings = self.settings
         batch, (entry,), (columns,) = loaded.pairs[0], loaded.tuned, loaded.columns
         generator = analysis.batch_generator(settings.seed, position)
-        basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.cache_in)
+        basis = batch_basis(loaded.W0, loaded.stored, batch, self.cache_in)
         Wt, update = loading.dense_or_update(entry)
         result = analysis.analyze(loaded.W0, Wt, lora=update, k=settings.k, eps=settings.eps, start=columns,
                                   tol=settings.tol, generator=generator, basis=basis, backend=self.backend)["left"]
@@ -385,4 +402,7 @@ def _rescaled(stored: torch.Tensor, edit: _Edit, lam: float) -> torch.Tensor:
     assert not edit.pair.transposed
     W = stored.double()
     W.addmm_(edit.U * edit.S, edit.V.T, alpha=lam - 1)
-    return W.to(stored.dtype)
+    W = W.to(stored.dtype)
+    if not all_finite(W):  # _check_lambda bounds every entry; this is what is published, checked all the same
+        raise InputError("lambda", f"{lam:g} leaves non-finite values in '{edit.pair.tuned_name}': nothing written")
+    return W

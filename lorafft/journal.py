@@ -2,23 +2,29 @@
 
 Format: JSON lines. The first line is the header ``{"lorafft_journal": 1, "inputs": ..., "options": ...,
 "fingerprints": {file: digest}}``; each further line is one report row (``MatrixRow.to_dict()``), appended and
-fsync'd as soon as its matrix is done. A crash can leave at most a partial last line, which is ignored on resume. A
-journal whose header names other inputs or options than the resuming scan is refused, and so is one whose input
-files changed since (:func:`fingerprints`): its rows would not belong in the report.
+fsync'd as soon as its matrix is done; a scan that finished without writing a report (no ``out``) keeps its journal
+and ends it with ``{"lorafft_journal_end": rows}``. A crash can leave at most a partial last line, which is ignored on
+resume. A journal whose header names other inputs or options than the resuming scan is refused, and so is one whose
+input files changed since (:func:`fingerprints`): its rows would not belong in the report. A finished journal of the
+same scan is read again instead of recomputed (with a warning). One process at a time writes a journal
+(:class:`lorafft.io.writer.FileLock`): a second one is told which process holds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import warnings
 
 from lorafft.errors import InputError
 from lorafft.io.jsonfile import JOURNAL_LINE_BYTES, parse_json
-from lorafft.io.writer import DurableLog
+from lorafft.io.writer import DurableLog, FileLock
 from lorafft.report import MatrixRow
 
 FORMAT_VERSION = 1
+END = "lorafft_journal_end"  # the last line of a finished journal: {"lorafft_journal_end": number of rows}
 _HEAD_BYTES = 1 << 20  # a safetensors header, an adapter or model config: read whole
 _SAMPLES, _SAMPLE_BYTES = 64, 4096  # and strided samples of the rest
 _INPUT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
@@ -77,27 +83,41 @@ def _header(line: bytes, path: str) -> dict:
 
 
 class Journal:
-    """An open journal at ``path`` for a scan described by ``header`` (its inputs and options).
+    """An open journal at ``path`` for a scan described by ``header`` (its inputs and options), locked against other
+    lorafft processes until :meth:`close`.
 
-    ``resume=False`` starts a new journal (an existing non-empty one is an error: pass resume or remove it);
-    ``resume=True`` reads the finished rows of an existing one into ``rows`` and keeps appending.
+    ``resume=False`` starts a new journal (an existing one is an error: pass resume or remove it; except a finished
+    journal of this very scan, whose rows are read back); ``resume=True`` reads the finished rows of an existing one
+    into ``rows`` and keeps appending. ``finished``: the journal holds a whole scan (its end line was read).
     """
 
     def __init__(self, path, header: dict, *, resume: bool):
         self.path = os.fspath(path)
         self.header = json.loads(json.dumps({"lorafft_journal": FORMAT_VERSION, **header}))
         self.rows: dict[tuple[str, int, str], MatrixRow] = {}
-        exists = os.path.isfile(self.path) and os.path.getsize(self.path) > 0
-        if resume:
-            if not exists:
+        self.finished = False
+        self._lock = FileLock(self.path, "journal").__enter__()
+        self._log, created = None, False
+        try:
+            exists = os.path.isfile(self.path) and os.path.getsize(self.path) > 0
+            if exists and not resume:
+                resume = self._refuse_overwrite()
+            if resume and not exists:
                 raise InputError(self.path, "no journal to resume from")
-            self._resume()
-        elif exists:
-            self._refuse_overwrite()
-        self._log = DurableLog(self.path, fresh=not resume)
-        if not resume:
-            self._write(self.header)
-
+            if resume:
+                self._resume()
+            created = not resume
+            self._log = DurableLog(self.path, fresh=not resume)
+            if not resume:
+                self._write(self.header)
+        except BaseException:
+            if self._log is not None:
+                self._log.close()
+            if created:  # nothing of ours to keep: a journal this run began (perhaps empty on a full disk)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+            self._lock.__exit__()
+            raise
 
     def _check_header(self, header: dict) -> None:
         """The journal must be this scan's: same inputs and options, and input files unchanged since."""
@@ -107,19 +127,28 @@ class Journal:
         recorded, current = header.get("fingerprints") or {}, self.header.get("fingerprints") or {}
         for file in sorted(recorded.keys() | current.keys()):
             if recorded.get(file) != current.get(file):
-                raise InputError(file, f"changed since the interrupted scan of journal {self.path} (size, time or "
+                raise InputError(file, f"changed since the scan of journal {self.path} (size, time or "
                                        "content): its rows would mix two versions; remove the journal to rescan")
 
-    def _refuse_overwrite(self) -> None:
-        """An earlier scan's journal is here: say how to go on, never overwrite it."""
+    def _refuse_overwrite(self) -> bool:
+        """An earlier scan's journal is here: True (read it back) when it is this scan's and finished, else an
+        InputError saying how to go on; it is never overwritten."""
         with open(self.path, "rb") as handle:
-            header = _header(handle.readline().rstrip(b"\n"), self.path)
-        if {**header, "fingerprints": None} == {**self.header, "fingerprints": None}:
+            header = _header(handle.readline(JOURNAL_LINE_BYTES + 1).rstrip(b"\n"), self.path)
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 256))
+            finished = handle.read().rstrip(b"\n").rsplit(b"\n", 1)[-1].startswith(b'{"' + END.encode() + b'"')
+        same = {**header, "fingerprints": None} == {**self.header, "fingerprints": None}
+        if same and finished:
+            warnings.warn(f"{self.path}: the rows of the finished scan this journal holds are read back, not "
+                          f"computed again (remove it to recompute)", stacklevel=4)
+            return True
+        if same:
             raise InputError(self.path, "an interrupted run of this scan left this journal: pass --resume to "
                                         "finish it, or remove the file to start over")
-        raise InputError(self.path, "an interrupted scan of other inputs or options left this journal: remove it "
-                                    "to start this scan, name another (--journal), or finish that scan with its "
-                                    "own arguments and --resume")
+        raise InputError(self.path, f"{'a finished' if finished else 'an interrupted'} scan of other inputs or "
+                                    f"options left this journal: remove it to start this scan, name another "
+                                    f"(--journal)" + ("" if finished else ", or finish that scan with its own "
+                                                                          "arguments and --resume"))
 
     def _resume(self) -> None:
         """Check the header, read the finished rows into ``rows``, and cut off what follows the last newline (a row
@@ -132,7 +161,11 @@ class Journal:
             if not line:
                 continue
             try:
-                row = MatrixRow.from_dict(parse_json(line, self.path, max_bytes=JOURNAL_LINE_BYTES))
+                record = parse_json(line, self.path, max_bytes=JOURNAL_LINE_BYTES)
+                if isinstance(record, dict) and END in record:
+                    self.finished = True
+                    continue
+                row = MatrixRow.from_dict(record)
             except (InputError, ValueError, TypeError, KeyError, AttributeError):
                 raise InputError(self.path, f"line {number} is not a report row") from None
             self.rows[row_key(row)] = row
@@ -152,6 +185,10 @@ class Journal:
         self._write(row.to_dict())
         self.rows[row_key(row)] = row
 
-    def close(self, *, remove: bool) -> None:
-        """Close; ``remove`` deletes the file (the scan finished and its report is written)."""
+    def close(self, *, remove: bool, finished: bool = False) -> None:
+        """Close and unlock; ``remove`` deletes the file (the scan finished and its report is written); ``finished``
+        ends a kept journal with its end line (the scan finished without a report)."""
+        if finished and not remove and not self.finished:
+            self._write({END: len(self.rows)})
         self._log.close(remove=remove)
+        self._lock.__exit__()

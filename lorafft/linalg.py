@@ -159,11 +159,12 @@ def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return gram
 
 
-def _matmul(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``A @ B`` in ``dtype`` for ``A [L, p, q]`` of another dtype, converting A a slab of q at a time."""
-    out = torch.zeros(A.shape[0], A.shape[1], B.shape[-1], dtype=dtype, device=A.device)
+def matmul_fp64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A @ B`` in fp64 for ``A [L, p, q]`` of any dtype and a thin ``B [L, q, c]``, converting A a slab of q at a
+    time (no fp64 copy of A)."""
+    out = torch.zeros(A.shape[0], A.shape[1], B.shape[-1], dtype=torch.float64, device=A.device)
     for start in range(0, A.shape[-1], 2048):
-        out += A[:, :, start : start + 2048].to(dtype) @ B[:, start : start + 2048].to(dtype)
+        out += A[:, :, start : start + 2048].double() @ B[:, start : start + 2048].to(A.device, torch.float64)
     return out
 
 
@@ -241,7 +242,7 @@ class BaseBasis:
         """
         if side == self.small_side:
             return self._small_to_eigen(Y.to(self.Z.dtype)).to(Y.dtype)
-        image = _matmul(self.W0 if self.small_side == "left" else self.W0.mT, Y)
+        image = matmul_fp64(self.W0 if self.small_side == "left" else self.W0.mT, Y)
         inverse_sigma = torch.where(self.sigma > 0, 1.0 / self.sigma, 0.0).double()
         return (self._small_to_eigen(image) * inverse_sigma.unsqueeze(-1)).to(Y.dtype)
 
@@ -259,7 +260,7 @@ class BaseBasis:
         small = self._reflect(self.Z[..., :count], transpose=False).double()  # X_small @ (first count unit vectors)
         if side == self.small_side:
             return small
-        other = _matmul(self.W0.mT if self.small_side == "left" else self.W0, small)
+        other = matmul_fp64(self.W0.mT if self.small_side == "left" else self.W0, small)
         sigma = self.sigma[:, :count]
         return other * torch.where(sigma > 0, 1.0 / sigma, 0.0).unsqueeze(1)  # 0 where sigma_i = 0, as in project
 

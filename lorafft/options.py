@@ -19,6 +19,9 @@ SIDE_CHOICES = (*SIDES, "both")
 DEFAULT_EPS = (0.5,)
 DEFAULT_MAX_BATCH_BYTES = 1 << 30  # fp32 weights (base + tuned) held at once per batch; the basis adds ~4x
 REPORT_SUFFIXES = (".json", ".csv")
+CACHE_INDEX = "lorafft-base-cache.json"  # a base cache directory's index (lorafft.cache)
+CACHE_FILE_SUFFIXES = (".safetensors",)  # and its entry files
+LOCK_PREFIX = ".lorafft-lock-"  # lorafft.io.writer.FileLock's files
 WHICH = ("top", "all")  # the intervention's choices: the highest-ranked intruder of each matrix, or every one
 
 
@@ -95,11 +98,13 @@ def scale_factor(value, what: str = "lambda") -> float:
 
 
 def output_file(path, suffixes: tuple[str, ...] = REPORT_SUFFIXES) -> str:
-    """A file lorafft may write: its directory exists and is writable, it is not a directory, and its suffix is one
-    the writer knows. Returns the path as a string."""
+    """A file lorafft may write: its directory exists and is writable, it is not a directory (nor a FIFO, device or
+    socket), and its suffix is one the writer knows. Returns the path as a string."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(path, "is a directory; name a file to write")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise InputError(path, "exists and is not a regular file (a FIFO, device or socket): name a file to write")
     if suffixes and not path.lower().endswith(suffixes):
         raise InputError(path, f"unknown output format: the name must end in {' or '.join(suffixes)}")
     _writable_parent(path)
@@ -130,6 +135,27 @@ def not_an_input(path, inputs, what: str) -> None:
         real = os.path.realpath(source)
         if target == real or (os.path.isdir(real) and target.startswith(real + os.sep)):
             raise InputError(path, f"is a file of the input {os.fspath(source)}: {what} would overwrite it")
+
+
+def separate_outputs(outputs: dict[str, object], inputs, caches=()) -> None:
+    """InputError when writing the ``outputs`` (``{what: path or None}``: "--out", "--journal", ...) could destroy
+    something: two of them are one file, or one is an existing file of an input (:func:`not_an_input`), or one is a
+    file a base cache directory among ``caches`` holds or will hold (its index, entries, lock)."""
+    named = {what: os.path.realpath(os.fspath(path)) for what, path in outputs.items() if path is not None}
+    seen = {}
+    for what, real in named.items():
+        if real in seen:
+            raise InputError(outputs[what], f"is named by both {seen[real]} and {what}: one would overwrite or "
+                                            f"remove the other")
+        seen[real] = what
+        not_an_input(outputs[what], inputs, f"the {what.lstrip('-')} file")
+        for cache in caches:
+            if cache is None or os.path.dirname(real) != os.path.realpath(os.fspath(cache)):
+                continue
+            name = os.path.basename(real)
+            if name == CACHE_INDEX or name.endswith(CACHE_FILE_SUFFIXES) or name.startswith(LOCK_PREFIX):
+                raise InputError(outputs[what], f"is a file of the base cache {os.fspath(cache)}: {what} would "
+                                                f"overwrite it")
 
 
 def _writable_parent(path: str) -> None:

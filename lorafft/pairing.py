@@ -38,13 +38,19 @@ class NameIndex:
                 self._by_suffix[".".join(parts[start:])].append(name)
 
     def resolve(self, name: str) -> str | None:
+        found = self.candidates(name)
+        return found.pop() if len(found) == 1 else None
+
+    def candidates(self, name: str) -> set[str]:
+        """Every indexed name ``name`` could mean: itself, or the names equal to it up to leading components (more
+        than one: ambiguous)."""
         if name in self.names:
-            return name
+            return {name}
         parts = name.split(".")
         suffixes = (".".join(parts[start:]) for start in range(1, len(parts)))  # this name carries an extra prefix
         found = {suffix for suffix in suffixes if suffix in self.names}
         found.update(self._by_suffix.get(name, []))  # the indexed name carries an extra prefix
-        return found.pop() if len(found) == 1 else None
+        return found
 
 
 def layer_and_module(name: str) -> tuple[int | None, str]:
@@ -145,14 +151,27 @@ def _adapter_pairs(base: io.Checkpoint, adapter: io.Adapter, scope: Scope):
             shape = tuple(base.shape(module.base_name))
             pair = Pair(module.base_name, module.base_name, shape, module)
             pair.shape = shape[::-1] if pair.transposed else shape
-            _admit(pair, pairs, skipped)
+            _admit(pair, pairs, skipped, [base.dtype(module.base_name)])
     return pairs, skipped
 
 
-def _admit(pair: Pair, pairs: list[Pair], skipped: list[dict]) -> None:
-    """Add ``pair``, or skip it with a reason when it has no entries (a ``[0, n]`` weight has no singular vectors)."""
+def not_a_weight(dtype) -> str | None:
+    """Why a 2-D tensor of ``dtype`` is no weight matrix to analyse (integers, bools: an int8 quantized weight is W
+    only with scales whose layout lorafft does not know), or None for a floating-point one (FP8 included)."""
+    if dtype.is_floating_point:
+        return None
+    return (f"{str(dtype).removeprefix('torch.')} tensor: not a floating-point weight (a quantized weight is W only "
+            f"with its scales, and lorafft reads those for FP8 only)")
+
+
+def _admit(pair: Pair, pairs: list[Pair], skipped: list[dict], dtypes=()) -> None:
+    """Add ``pair``, or skip it with a reason when it has no entries (a ``[0, n]`` weight has no singular vectors)
+    or one of its tensors' ``dtypes`` is not floating point (:func:`not_a_weight`)."""
+    reasons = [reason for reason in map(not_a_weight, dtypes) if reason]
     if 0 in pair.shape:
         skipped.append({"name": pair.name, "reason": f"empty matrix {list(pair.shape)}: no singular vectors"})
+    elif reasons:
+        skipped.append({"name": pair.name, "reason": reasons[0]})
     else:
         pairs.append(pair)
 
@@ -185,7 +204,7 @@ def _checkpoint_pairs(base: io.Checkpoint, tuned: io.Checkpoint, scope: Scope, s
             noted.append((tuned.file_of(tuned_name), problem))
             skipped.append({"name": name, "reason": problem})
             continue
-        _admit(Pair(name, tuned_name, tuple(base_shape)), pairs, skipped)
+        _admit(Pair(name, tuned_name, tuple(base_shape)), pairs, skipped, [base.dtype(name), tuned.dtype(tuned_name)])
     return pairs, skipped, noted
 
 

@@ -439,7 +439,8 @@ def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None, c
                     iterations=result.iterations,
                     base_rank=int(result.base_rank[index]),
                     undetermined={eps_key(e): int(c) for e, c in zip(result.eps, result.undetermined[index].tolist())},
-                    outside=result.outside[index].tolist() if int(result.base_rank[index]) < min(pair.shape) else None,
+                    outside=(result.outside[index].tolist() if int(result.base_rank[index]) < min(pair.shape)
+                             or bool(result.outside[index].any()) else None),
                     delta_magnitude=magnitude,
                     delta_direction=direction if direction is None or math.isfinite(direction) else None,
                 )

@@ -118,8 +118,10 @@ def scan(
         raise InputError("device", f"{device} requested but CUDA is not available")
     located = hub.locate_inputs(base, tuned_list, revision=revision)
     base, tuned_list = located.base, located.tuned
-    options.not_an_input(out, [base, *tuned_list], "the report")
-    options.not_an_input(journal, [base, *tuned_list], "the journal")
+    options.separate_outputs({"the report (out)": out, "the journal": journal}, [base, *tuned_list],
+                             caches=(base_cache, write_base_cache))
+    if write_base_cache is not None:
+        options.not_an_input(write_base_cache, [base, *tuned_list], "the base cache written")
     if settings.split_fused and any(io.is_adapter(source) for source in tuned_list):
         warnings.warn("split_fused ignored: a PEFT adapter is merged onto whole fused projections, so they are "
                       "analysed whole", stacklevel=2)
@@ -148,13 +150,18 @@ def scan(
             mine = [index for index, owner in enumerate(owners) if owner == rank]
             rows_by_batch = run.rows(inputs, batches, mine, progress=progress and rank == 0)
         except BaseException as error:
-            if record is not None:  # bad input leaves no partial output; a crash or interrupt keeps it to resume
-                record.close(remove=isinstance(error, InputError) and not resume)
+            if record is not None:  # bad input leaves no partial output; a crash, interrupt or full disk keeps the
+                record.close(remove=not record.rows or (isinstance(error, InputError) and not resume))  # rows
             raise
-    report = _report(distributed.gather(rows_by_batch, rank, size), inputs, settings, out)
+    try:
+        report = _report(distributed.gather(rows_by_batch, rank, size), inputs, settings, out)
+    except BaseException:
+        if record is not None:  # the report could not be written (a full disk): its rows stay for --resume
+            record.close(remove=False)
+        raise
     distributed.barrier(size)  # the report is on disk before any rank drops its journal
     if record is not None:
-        record.close(remove=out is not None)
+        record.close(remove=out is not None, finished=True)
     return report
 
 
@@ -299,7 +306,7 @@ class _Run:
         """Rows of one loaded batch, for every tuned source, journaled as they are made."""
         settings, rows = self.settings, []
         generator = analysis.batch_generator(settings.seed, index)
-        basis = batch_basis(loaded.W0, loaded.stored, [pair.name for pair in batch], self.cache_in, self.cache_out)
+        basis = batch_basis(loaded.W0, loaded.stored, batch, self.cache_in, self.cache_out)
         for checkpoint, (entry, pairs, positions, columns, scale) in enumerate(
                 zip(loaded.tuned, loaded.pairs, loaded.rows, loaded.columns, loaded.scales)):
             if not pairs:

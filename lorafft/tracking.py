@@ -25,6 +25,7 @@ import torch
 from lorafft import adapters, analysis, linalg, loading, pairing
 from lorafft.cache import BaseCache, batch_basis, cached_basis
 from lorafft.errors import InputError
+from lorafft.io.checkpoint import all_finite
 from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
 from lorafft.pairing import Pair
 from lorafft.report import MatrixRow, Report, eps_key, matrix_rows, timestamp, versions
@@ -113,7 +114,7 @@ class Tracker:
         self.sides, self.eps, self.warm_start = self.settings.sides, self.settings.eps, warm_start
         reader = self._cache = None if base_cache is None else BaseCache(base_cache)
         scope = pairing.Scope(self.settings.include, self.settings.exclude)
-        names = None if reader is None else pairing.NameIndex(reader.entries)
+        names = None if reader is None else pairing.NameIndex(reader.names)
         lora = _lora_layers(model)
         tracked = _lora_matrices(lora, scope, names) if lora else _snapshot_matrices(model, scope, names)
         if not tracked:
@@ -138,8 +139,8 @@ class Tracker:
         one expensive set-up (``IntruderCallback(background=True)`` runs it in its worker thread)."""
         for batch in self.batches:
             if batch.basis is None:
-                names, stored = [t.name for t in batch.matrices], [t.stored for t in batch.matrices]
-                batch.basis = _explicit(batch_basis(batch.W0, stored, names, self._cache))
+                pairs, stored = [t.pair() for t in batch.matrices], [t.stored for t in batch.matrices]
+                batch.basis = _explicit(batch_basis(batch.W0, stored, pairs, self._cache))
 
     def capture(self) -> list[tuple]:
         """The tracked weights as they are now, copied, for :meth:`step` to analyse later (say, in another thread
@@ -149,6 +150,8 @@ class Tracker:
         with torch.no_grad():
             for batch in self.batches:
                 pairs = [t.pair(self.device) for t in batch.matrices]
+                for tracked, pair in zip(batch.matrices, pairs):
+                    _check_finite(tracked, pair)
                 update = loading.adapter_update(pairs) if self.kind == "lora" else None  # stacked: copies
                 Wt = None if update is not None else torch.stack(
                     [_tuned(t, p, w0) for t, p, w0 in zip(batch.matrices, pairs, batch.W0)])
@@ -321,6 +324,16 @@ def _explicit(basis: linalg.BaseBasis) -> linalg.BaseBasis:
 def _in_coordinates(basis: linalg.BaseBasis) -> bool:
     """Whether LoRA updates of this basis are analysed in its coordinates: its small side explicit in fp64."""
     return basis.reflectors is None and basis.Z.dtype == torch.float64
+
+
+def _check_finite(tracked: _Tracked, pair: Pair) -> None:
+    """InputError naming the matrix when its live weights (a plain model's, or the LoRA factors and DoRA magnitude)
+    hold NaN or Inf: training diverged, and no singular vector is defined."""
+    module = pair.adapter
+    live = [tracked.parameter] if module is None else [module.lora_A, module.lora_B, module.magnitude]
+    if not all(all_finite(t.detach()) for t in live if t is not None):
+        raise InputError(tracked.name, "the weights hold NaN or Inf now (training diverged?): no singular vectors "
+                                       "to track")
 
 
 def _tuned(tracked: _Tracked, pair: Pair, W0: torch.Tensor) -> torch.Tensor:

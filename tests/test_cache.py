@@ -33,8 +33,11 @@ def test_cache_written_during_a_scan_is_fp32_and_fingerprinted(trio, tmp_path):
     cache = tmp_path / "cache"
     lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.mlp"], write_base_cache=cache)
     index = json.loads((cache / "lorafft-base-cache.json").read_text())
-    assert sorted(index["entries"]) == [f"model.layers.0.mlp.{m}_proj.weight" for m in ("down", "gate", "up")]
-    entry = index["entries"]["model.layers.0.mlp.gate_proj.weight"]
+    entries = {entry["name"]: entry for entry in index["entries"]}
+    assert sorted(entries) == [f"model.layers.0.mlp.{m}_proj.weight" for m in ("down", "gate", "up")]
+    entry = entries["model.layers.0.mlp.gate_proj.weight"]
+    assert (entry["orientation"], entry["shape"], entry["side"], entry["dtype"]) == (
+        "stored", [688, 256], "right", "torch.float32")
     tensors = load_file(cache / entry["file"])
     assert tensors["basis"].dtype == torch.float32 and tensors["basis"].shape == (256, 256)
     with lorafft.io.open_checkpoint(trio.base) as base:
@@ -64,10 +67,11 @@ def test_missing_entries_are_computed(trio, tmp_path):
     lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn\.q"], write_base_cache=cache)
     report = lorafft.scan(trio.base, trio.full, include=[r"layers\.0\.self_attn"], base_cache=cache)
     assert len(report.rows) == 4
-    assert BaseCache(cache).entries.keys() == {"model.layers.0.self_attn.q_proj.weight"}
+    assert BaseCache(cache).names == {"model.layers.0.self_attn.q_proj.weight"}
 
 
-@pytest.mark.parametrize("tamper", ["entries list", "no fingerprint", "path in file", "shape", "entry tensors"])
+@pytest.mark.parametrize("tamper", ["entries list", "no fingerprint", "path in file", "shape", "entry tensors",
+                                    "orientation", "format 1"])
 def test_tampered_cache_is_one_line_input_error(trio, tmp_path, capsys, tamper):
     """A cache index or entry file that is not what ``cache build`` writes: one line naming the file, exit 2."""
     cache = tmp_path / "cache"
@@ -75,15 +79,19 @@ def test_tampered_cache_is_one_line_input_error(trio, tmp_path, capsys, tamper):
     lorafft.scan(trio.base, trio.full, include=include, write_base_cache=cache)
     index_path = cache / "lorafft-base-cache.json"
     index = json.loads(index_path.read_text())
-    (name, entry), = index["entries"].items()
+    entry, = index["entries"]
     if tamper == "entries list":
-        index["entries"] = [entry]
+        index["entries"] = {entry["name"]: entry}
     elif tamper == "no fingerprint":
         del entry["fingerprint"]
     elif tamper == "path in file":
         entry["file"] = str(cache / entry["file"])
     elif tamper == "shape":
         entry["shape"] = [256, "256"]
+    elif tamper == "orientation":
+        entry["orientation"] = "sideways"
+    elif tamper == "format 1":
+        index["format_version"] = 1
     else:
         save_file({"basis": load_file(cache / entry["file"])["basis"]}, str(cache / entry["file"]))  # no sigma
     index_path.write_text(json.dumps(index))

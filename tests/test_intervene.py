@@ -369,7 +369,7 @@ def test_cli_bad_input(trio, tmp_path, capsys, problem):
     assert code == 2 and stdout == ""
     assert stderr.startswith("lorafft: error: ") and stderr.count("\n") == 1, stderr
     assert not out.exists() or os.listdir(out) == ["keep.txt"]
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".out.tmp")]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".lorafft-")]
 
 
 def test_failed_write_leaves_nothing(trio, tmp_path, monkeypatch):

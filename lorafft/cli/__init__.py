@@ -14,8 +14,8 @@ import warnings
 
 from lorafft import __version__
 from lorafft.cli import demo, intervene, plot, scan
-from lorafft.cli.arguments import Parser
-from lorafft.errors import InputError
+from lorafft.cli.arguments import Parser, printable
+from lorafft.errors import InputError, InternalError
 
 DESCRIPTION = """\
 Find intruder dimensions (Shuttleworth et al., arXiv 2410.21228): for every weight matrix W0 of a base model and
@@ -53,17 +53,21 @@ def main(argv=None) -> int:
     """Run the ``lorafft`` command line ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
     Warnings print as ``lorafft: warning: ...``; an :class:`InputError` as ``lorafft: error: <path>: <problem>``
-    with status 2. Usage errors exit 2 from argparse (``SystemExit``), with one line. Ctrl-C prints one line and
-    exits 130 (a scan's journal keeps its finished rows for ``--resume``); a closed stdout (``| head``) ends quietly.
+    with status 2, and so does an OSError of a file lorafft reads or writes (no space left on device, a directory
+    removed mid-run, permission denied). Usage errors exit 2 from argparse (``SystemExit``), with one line. Ctrl-C
+    (and SIGTERM under the console script) prints one line and exits 130 (a scan's journal keeps its finished rows for
+    ``--resume``); a closed stdout (``| head``) ends quietly; an :class:`InternalError` (a result that cannot be
+    right) is one line asking for a report, status 3.
     """
-    args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *_, **__: print(f"lorafft: warning: {message}", file=sys.stderr)
+        warnings.showwarning = lambda message, *_, **__: print(printable(f"lorafft: warning: {message}"),
+                                                                    file=sys.stderr)
         try:
+            args = build_parser().parse_args(argv)
             return args.run(args)
         except InputError as error:
-            print(f"lorafft: error: {error}", file=sys.stderr)
+            print(printable(f"lorafft: error: {error}"), file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("lorafft: interrupted", file=sys.stderr)
@@ -71,3 +75,10 @@ def main(argv=None) -> int:
         except BrokenPipeError:  # the reader of stdout went away: nothing more to say, and say nothing at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 1
+        except OSError as error:
+            where = f"{os.fsdecode(error.filename)}: " if error.filename is not None else ""
+            print(printable(f"lorafft: error: {where}{(error.strerror or str(error)).lower()}"), file=sys.stderr)
+            return 2
+        except InternalError as error:
+            print(printable(f"lorafft: internal error: {error} (please report this)"), file=sys.stderr)
+            return 3

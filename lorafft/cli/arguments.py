@@ -16,6 +16,18 @@ from lorafft.errors import InputError
 HTML_SUFFIXES = (".html", ".htm")
 
 
+def printable(text: str) -> str:
+    """``text`` as any terminal can print it: lone surrogates (a file name's undecodable byte as Python decodes it
+    from the file system, shown ``\\xff``; any other, from a pickled tensor name, ``\\ud800``), so a strict UTF-8
+    stdout never raises UnicodeEncodeError."""
+    return re.sub("[\ud800-\udfff]", _escaped, text)
+
+
+def _escaped(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"  # a file name's raw byte
+
+
 def threshold(value: float, name: str = "--eps") -> float:
     """One intruder threshold ε, finite in (0, 1] (:func:`lorafft.options.thresholds`)."""
     return options.thresholds(value)[0]
@@ -51,6 +63,15 @@ def checked(convert, check, name: str):
     return parse
 
 
+class Gathered(argparse.Action):
+    """A ``nargs="+"`` option whose repeats add up (``--eps 0.5 --eps 0.7`` is ``--eps 0.5 0.7``, not the last one
+    alone); its default stands only when the option is absent."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, ([] if current is self.default else list(current)) + list(values))
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line, ``lorafft: error: ... (see 'lorafft CMD --help')``, as
     the CLI prints an InputError; exit status 2."""
@@ -72,9 +93,9 @@ def add_scope(parser: argparse.ArgumentParser, *, split_fused: bool = True) -> N
     """``--include``, ``--exclude``, ``--embeddings`` (and ``--split-fused``): which matrices are analysed."""
     group = parser.add_argument_group("which matrices")
     group.add_argument("--include", nargs="+", default=[], metavar="REGEX", type=checked(str, regex, "--include"),
-                       help="only tensors whose name matches one")
+                       action=Gathered, help="only tensors whose name matches one (repeats add up)")
     group.add_argument("--exclude", nargs="+", default=[], metavar="REGEX", type=checked(str, regex, "--exclude"),
-                       help="skip tensors whose name matches one")
+                       action=Gathered, help="skip tensors whose name matches one (repeats add up)")
     group.add_argument("--embeddings", action="store_true",
                        help="also analyse embeddings and lm_head (left out by default)")
     if split_fused:
@@ -88,7 +109,7 @@ def add_analysis(parser: argparse.ArgumentParser, *, several_eps: bool) -> None:
                        help="top singular vectors of the fine-tune examined per matrix (default: 10, as the paper)")
     if several_eps:
         group.add_argument("--eps", type=checked(float, threshold, "--eps"), nargs="+", default=[0.5],
-                           metavar="EPS",
+                           metavar="EPS", action=Gathered,
                            help="thresholds in (0, 1]: a vector is an intruder when its max |cos| < EPS (default: "
                                 "0.5; the paper's sweep: 0.5 0.6 0.7 0.8 0.9)")
     else:

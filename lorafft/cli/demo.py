@@ -11,6 +11,7 @@ from lorafft.cli import arguments
 from lorafft.errors import InputError
 
 DEMO_PARTS = ("base", "full", "lora")
+MARKER = ".lorafft-demo"  # left by the demo in --dir: only a directory holding it may have its parts replaced
 
 DEMO_EPILOG = """\
 examples:
@@ -42,7 +43,11 @@ def run(args) -> int:
     from lorafft.synthetic import write_trio
 
     with tempfile.TemporaryDirectory(prefix="lorafft-demo-") as temporary:
-        trio = write_trio(args.dir or temporary)
+        directory = args.dir or temporary
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, MARKER), "w", encoding="utf-8") as marker:
+            marker.write("written by lorafft demo: its base/, full/ and lora/ may be replaced by the next demo\n")
+        trio = write_trio(directory)
         print(f"synthetic checkpoints in {trio.base.parent}" + ("" if args.dir else " (temporary)"))
         for label, tuned in (("full fine-tune", trio.full), ("LoRA adapter (rank 1)", trio.lora)):
             print(f"\n== {label}: lorafft scan {trio.base} {tuned}")
@@ -53,11 +58,16 @@ def run(args) -> int:
 
 
 def _demo_directory(path) -> None:
-    """InputError unless ``path`` may take the demo's checkpoints: new, empty, or holding only an earlier demo's
-    ``base/``, ``full/`` and ``lora/`` (so a checkpoint or any other directory is never written into)."""
+    """InputError unless ``path`` may take the demo's checkpoints: new, empty, or an earlier demo's (it holds the
+    demo's marker file and nothing but ``base/``, ``full/`` and ``lora/``), so that a user's own checkpoints are never
+    written into or replaced, whatever their folders are called."""
     options.output_directory(path)
-    others = sorted(set(os.listdir(path)) - set(DEMO_PARTS)) if os.path.isdir(path) else []
+    present = set(os.listdir(path)) if os.path.isdir(path) else set()
+    others = sorted(present - {*DEMO_PARTS, MARKER})
     if others:
         raise InputError(path, f"holds {others[0]!r}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
                          + ": the demo writes base/, full/ and lora/ only into a new or empty directory (or an "
                            "earlier demo's)")
+    if present and MARKER not in present:
+        raise InputError(path, f"holds {', '.join(sorted(present))} that an earlier demo did not write (no {MARKER} "
+                               f"marker): the demo replaces only its own checkpoints; name a new or empty directory")

@@ -9,6 +9,7 @@ import sys
 
 from lorafft import options
 from lorafft.cli import arguments
+from lorafft.cli.arguments import printable
 from lorafft.errors import InputError
 
 CACHE_EPILOG = """\
@@ -141,14 +142,15 @@ def run_scan(args) -> int:
                       seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
     except KeyboardInterrupt:
         if journal is not None and os.path.isfile(journal):
-            print(f"lorafft: the finished matrices are in {journal}: the same command with --resume continues",
+            print(printable(f"lorafft: the finished matrices are in {journal}: the same command with --resume "
+                            f"continues"),
                   file=sys.stderr)
         raise
     if report is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
-    print(report.summary())
+    print(printable(report.summary()))
     if args.out:
-        print(f"full report: {args.out}")
+        print(printable(f"full report: {args.out}"))
     return 0
 
 
@@ -160,5 +162,5 @@ def run_cache(args) -> int:
     cache = build_base_cache(args.base, args.out, revision=args.revision, include=args.include,
                              exclude=args.exclude, embeddings=args.embeddings, split_fused=args.split_fused,
                              device=args.device or "cpu", progress=not args.quiet)
-    print(f"{len(cache.entries)} base bases in {cache.directory}")
+    print(printable(f"{len(cache.entries)} base bases in {cache.directory}"))
     return 0

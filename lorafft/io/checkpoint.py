@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Mapping
 
 import torch
@@ -195,14 +196,18 @@ def open_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor], *, v
 
 
 def existing_path(source: str | os.PathLike) -> str:
-    """``source`` as a string if it resolves; else InputError saying why (no such file, a symlink loop, ...)."""
+    """``source`` as a string if it resolves to a regular file or a directory; else InputError saying why (no such
+    file, a symlink loop, a FIFO or device, which reading would block on or never finish)."""
     path = os.fspath(source)
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
     except OSError as e:
         reason = {errno.ENOENT: "no such file or directory",
                   errno.ELOOP: "symbolic link loop (the link resolves to itself)"}.get(e.errno, e.strerror or str(e))
         raise InputError(path, reason) from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InputError(path, "is not a regular file or a directory (a FIFO, device or socket): lorafft reads "
+                               "checkpoints from files")
     return path
 
 

@@ -2,7 +2,8 @@
 
 Python's :mod:`json` has neither limit: an array nested 100000 deep exhausts the interpreter's recursion limit
 (``RecursionError``) and a "config" of many gigabytes is read whole. Here a document is at most ``max_bytes`` long
-(one limit per kind below) and nested at most :data:`MAX_DEPTH` levels, and each problem is one
+(one limit per kind below), nested at most :data:`MAX_DEPTH` levels, with no key twice in one object (a
+safetensors header naming a tensor twice is refused, not read as its last entry), and each problem is one
 :class:`~lorafft.errors.InputError` naming the file. Values are the callers' to check (Python's ``NaN`` and
 ``Infinity`` literals parse, as :mod:`json` parses them, and are refused where a finite number is needed).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 from lorafft.errors import InputError
 
@@ -44,7 +46,7 @@ def parse_json(raw: bytes | str, source, *, max_bytes: int, what: str = ""):
         raise InputError(source, f"{said}too large: {len(raw)} bytes, more than the {max_bytes} lorafft reads")
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
     except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
         raise InputError(source, f"{said}not valid JSON: {_one_line(e)}") from None
     except RecursionError:
@@ -59,6 +61,8 @@ def read_json_object(path, *, max_bytes: int = DOCUMENT_BYTES, what: str = "") -
     before it is read."""
     path = os.fspath(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InputError(path, "is not a regular file (a directory, FIFO, device or socket)")
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > max_bytes:
@@ -70,6 +74,17 @@ def read_json_object(path, *, max_bytes: int = DOCUMENT_BYTES, what: str = "") -
     value = parse_json(raw, path, max_bytes=max_bytes, what=what)
     if not isinstance(value, dict):
         raise InputError(path, f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique (Python's json keeps the last of repeated keys, silently: a safetensors
+    header naming one tensor twice would then describe a tensor that is not where the reader looks)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {repeated!r} appears twice in one object (which one is meant is ambiguous)")
     return value
 
 

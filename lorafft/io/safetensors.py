@@ -122,6 +122,11 @@ class SafetensorsShard:
         self.path = path
         self._metas = read_header(path)
         self._handle = None
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(path, "the safetensors library opens only paths that are valid UTF-8, and this one is "
+                                   "not (a file or directory name in another encoding): rename it") from None
 
     def names(self) -> Collection[str]:
         return self._metas.keys()

@@ -44,7 +44,8 @@ def _short_reason(e: Exception) -> str:
 
 def check_tensors(path: str, obj) -> dict[str, torch.Tensor]:
     """``obj`` as a dict of tensors if it maps strings to tensors (or to DLPack arrays such as CuPy's, wrapped
-    without a copy: :func:`lorafft.arrays.as_tensor`), else InputError naming ``path``."""
+    without a copy: :func:`lorafft.arrays.as_tensor`) whose storage holds every element of their shape, else
+    InputError naming ``path`` (a 1.5 KB file can hold ``zeros(1).expand(10**5, 10**5)``: 40 GB once read)."""
     if not isinstance(obj, Mapping):
         raise InputError(path, f"expected a dict of tensors, got {type(obj).__name__}")
     tensors = {}
@@ -52,9 +53,17 @@ def check_tensors(path: str, obj) -> dict[str, torch.Tensor]:
         if not isinstance(name, str):
             raise InputError(path, f"tensor name {name!r} is not a string")
         try:
-            tensors[name] = as_tensor(value)
+            tensor = as_tensor(value)
         except TypeError:
             raise InputError(path, f"'{name}' is not a tensor (got {type(value).__name__})") from None
+        if tensor.layout != torch.strided or tensor.is_meta:
+            raise InputError(path, f"'{name}' is not a dense tensor with data ({tensor.layout}, {tensor.device})")
+        needed = tensor.numel() * tensor.element_size()
+        if needed > tensor.untyped_storage().nbytes():
+            raise InputError(path, f"'{name}' has shape {list(tensor.shape)} ({needed} bytes) but its storage holds "
+                                   f"{tensor.untyped_storage().nbytes()}: an expanded or overlapping view, which "
+                                   f"reading would blow up in memory; save it with .contiguous()")
+        tensors[name] = tensor
     return tensors
 
 
