@@ -241,7 +241,7 @@ def time_cosine(device, quick: bool, copy_GBps: float) -> dict:
         Z = torch.linalg.qr(torch.randn(L, s, s, device=device, dtype=torch.float64)).Q
         W0 = torch.zeros(1, 1, 1, device=device).expand(L, s, s)  # unused by the small side's match
         basis = linalg.BaseBasis(W0=W0, sigma=torch.ones(L, s, device=device),
-                                 Z=Z.float(), reflectors=None, tau=None)  # a cached (fp32) basis; left = small side
+                                 Z=Z.float(), kind="explicit32")  # a cached (fp32) basis; left = small side
         basis_fp32 = basis.small_basis_fp32
         for k in (10, 32):
             Y = torch.linalg.qr(torch.randn(L, s, k, device=device, dtype=torch.float64)).Q
@@ -283,8 +283,8 @@ def time_krylov(device, quick: bool) -> dict:
     B = torch.randn(1, 60, n, device=device, dtype=torch.float64)
 
     def products():
-        WtK = linalg._product(W, K, transpose=True, backend="triton")
-        return linalg._product(W, WtK, transpose=False, backend="triton")
+        WtK = linalg.product(W, K, transpose=True, backend="triton")
+        return linalg.product(W, WtK, transpose=False, backend="triton")
 
     def rest():
         linalg.orthonormalize(K, Q)
@@ -307,7 +307,7 @@ def time_layer(device, quick: bool) -> dict:
         W0 = synthetic.random_weight(m, n, generator=generator).to(device).to(torch.bfloat16)[None]
         begin = time.perf_counter()
         basis = linalg.base_basis(W0)
-        basis = linalg.BaseBasis(W0=W0, sigma=basis.sigma, Z=basis.small_basis_fp32, reflectors=None, tau=None)
+        basis = linalg.BaseBasis(W0=W0, sigma=basis.sigma, Z=basis.small_basis_fp32, kind="explicit32")
         build_s += _synchronized(begin, device)
         A, B = synthetic.lora_update(m, n, 16, generator=generator, lora_alpha=32.0, sigma=7.5)
         A, B = A.to(device)[None], B.to(device)[None]

@@ -22,8 +22,8 @@ _LAZY = {"analyze": "lorafft.analysis", "InputError": "lorafft.errors", "Report"
 # the submodules ``lorafft.cache`` and the like reach after a plain ``import lorafft`` (the ``scan`` submodule is
 # ``lorafft.scan``'s module: the attribute stays the function)
 _SUBMODULES = frozenset({"adapters", "analysis", "arrays", "cache", "distributed", "errors", "integrations", "intervene",
-                         "io", "journal", "linalg", "loading", "options", "pairing", "plots", "report", "synthetic",
-                         "tracking"})
+                         "io", "journal", "linalg", "loading", "memory", "options", "pairing", "plots", "profiling",
+                         "recipe", "report", "synthetic", "tracking", "updating"})
 
 __all__ = ["InputError", "Report", "Tracker", "analyze", "scan", "__version__"]
 

@@ -11,17 +11,18 @@ a reference scale, not a bound).
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
 
-from lorafft import linalg, options, updating
+from lorafft import linalg, options, profiling, updating
 from lorafft.arrays import as_tensor
-from lorafft.errors import InternalError
+from lorafft.errors import InternalError, WrongBasis
 
-DEFAULT_EPS = options.DEFAULT_EPS
 NEAR_THRESHOLD = 1e-3  # max|cos| this close to an ε is flagged: its count may flip under rounding
+PRODUCT_FLOOR = 16  # a certified residual at or below 16 eps σ_1 is at the rounding floor of the products
 
 
 @dataclass
@@ -41,7 +42,10 @@ class SideAnalysis:
     left out of ``counts``; zero when ρ = min(m, n); outside ``[L, k]`` fp64: each y_j's length outside the span of
     the ρ defined base vectors (0 at full rank), so y_j is an intruder at ε iff ``max(max_cos, outside) < ε``.
     vectors ``[L, d, k]`` fp64: the tuned singular vectors y_j themselves (a tracker warm-starts the next step's
-    iteration from them); None from :func:`analyze_update`, which keeps them in the base's coordinates.
+    Krylov iteration from them). method: per matrix, the path that answered (``"dense"``, ``"krylov"`` or
+    ``"update"``, :func:`tuned_top`). coordinates ``[L, s, k + 1]`` fp64 or None: the tuned vectors in the base's
+    small-side basis where the update path answered (a tracker's next start). delta_magnitude, delta_direction
+    ``[L]`` fp64: DoRA's ΔM and ΔD of each matrix (:func:`magnitude_direction`), the same on every side.
     """
 
     side: str
@@ -60,6 +64,10 @@ class SideAnalysis:
     undetermined: torch.Tensor
     outside: torch.Tensor
     vectors: torch.Tensor | None
+    method: list[str]
+    coordinates: torch.Tensor | None
+    delta_magnitude: torch.Tensor
+    delta_direction: torch.Tensor
 
     @property
     def counts(self) -> torch.Tensor:
@@ -88,22 +96,23 @@ def random_max_cos(dimension: int, basis_size: int, samples: int = 2000, seed: i
 
 
 def analyze(
-    W0: torch.Tensor,
-    Wt: torch.Tensor | None = None,
+    W0,
+    Wt=None,
     *,
     lora=None,
-    k: int = 10,
-    eps=DEFAULT_EPS,
+    k: int = options.DEFAULT_K,
+    eps=options.DEFAULT_EPS,
     sides=("left",),
     start: torch.Tensor | None = None,
-    tol: float = 1e-5,
-    generator: torch.Generator | None = None,
+    tol: float = options.DEFAULT_TOL,
+    generator=None,
     basis: linalg.BaseBasis | None = None,
     backend: str | None = None,
     scale: torch.Tensor | None = None,
+    previous: torch.Tensor | None = None,
 ) -> dict[str, SideAnalysis]:
     """Intruder analysis of one pair ``W0, Wt [m, n]`` or a stack of same-shape pairs ``[L, m, n]`` (a pair is
-    treated as L = 1).
+    treated as L = 1), with DoRA's ΔM and ΔD of each matrix.
 
     Args:
         W0, Wt: base and tuned weights: torch tensors, or DLPack arrays (CuPy, NumPy, JAX: wrapped without a copy,
@@ -111,20 +120,23 @@ def analyze(
             copy; the torch backend upcasts Wt once).
         lora: instead of Wt, a LoRA update ``(B, A, s)`` (B ``[m, r]`` / ``[L, m, r]``, A ``[r, n]`` / ``[L, r, n]``,
             s a number or one per matrix) or a :class:`lorafft.linalg.LowRank`: the tuned matrix is ``W0 + s·B·A``,
-            never formed (each product is W0's plus two thin ones).
+            never formed, and is analysed in the base's coordinates (:func:`tuned_top`).
         k, eps, tol: as in :func:`lorafft.scan`; sides: a tuple of "left" and/or "right".
-        start: optional extra left-space vectors ``[L, m, c]`` for the tuned SVD's first block (a LoRA adapter's
-            B columns); the base's own top left singular vectors are always used.
-        generator: for the random part of the start block (reproducible results).
+        start: optional extra left-space vectors ``[L, m, c]`` for the Krylov start block (a LoRA adapter's B
+            columns, a tracker's previous vectors); the base's own top left singular vectors are always used.
+        generator: for the random part of the Krylov start block (reproducible results): one for the stack or one
+            per matrix (:func:`matrix_generators`).
         basis: ``linalg.base_basis(W0)`` when the caller already has it (scans of several checkpoints of one run
-            pay for it once).
-        backend: "torch", "triton" or "auto" (:func:`lorafft.linalg.resolve_backend`): with Triton, the products of
-            the truncated SVD run in :mod:`lorafft.kernels.sketch`; the max |cos| is one full-fp32 product with the
-            basis and a reduction (:func:`lorafft.linalg.match`).
+            pay for it once), or a cache's; a basis not yet ``verified`` is checked against W0 here.
+        backend: "torch", "triton" or "auto" (:func:`lorafft.linalg.resolve_backend`): with Triton, the products with
+            the weights run in :mod:`lorafft.kernels.sketch`; the max |cos| is one full-fp32 product with the basis
+            and a reduction (:func:`lorafft.linalg.match`).
         scale: an FP8 ``Wt``'s dequantisation scale as stored (``Wt · scale`` is the matrix; layouts as
             :func:`lorafft.linalg.truncated_svd`'s ``scale``): the Triton kernels read both as they are.
+        previous: a LoRA update's last :attr:`SideAnalysis.coordinates`, where the update path starts (a tracker).
 
-    Returns ``{side: SideAnalysis}``.
+    Returns ``{side: SideAnalysis}``. Raises :class:`lorafft.errors.WrongBasis` when a basis given unverified does
+    not answer for W0.
     """
     W0, Wt, low_rank, single = _stacks(W0, Wt, lora)
     start = None if start is None else as_tensor(start)
@@ -136,91 +148,179 @@ def analyze(
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
     eps, k = options.thresholds(eps), options.positive_int(k)
     basis = linalg.base_basis(W0) if basis is None else basis
-    guesses, block = start_block(basis, k, start)
-    tuned_matrix = W0 if Wt is None else Wt
-    backend = linalg.resolve_backend(tuned_matrix.device, backend)
-    tuned = linalg.truncated_svd(tuned_matrix, k, start=guesses, block_size=block, tol=tol, generator=generator,
-                                 backend=backend, low_rank=low_rank, scale=scale,
-                                 base_gram=basis.gram if Wt is None else None)
-    results, rank = {}, base_rank(basis)
-    for side in sides:
-        vectors = tuned.U if side == "left" else tuned.V
-        defined = _defined_match(basis, vectors, side, eps, backend, rank)
-        results[side] = _side_analysis(side, eps, tuned, basis, rank, defined, vectors)
+    backend = linalg.resolve_backend((W0 if Wt is None else Wt).device, backend)
+    device = W0.device
+    with profiling.stage("tuned_topk", device):
+        tuned = tuned_top(W0, Wt, k=k, low_rank=low_rank, scale=scale, basis=basis, start=start, tol=tol,
+                          generator=generator, backend=backend, previous=previous)
+    with profiling.stage("magnitude_direction", device):
+        Wt = None if Wt is None else linalg.dequantized(Wt, scale)
+        changes = magnitude_direction(W0, Wt, lora=low_rank, base_rows=(basis.base_rows(), tuned.W0_At))
+    results = {}
+    with profiling.stage("match", device):
+        rank = base_rank(basis)
+        for side in sides:
+            vectors = tuned.svd.U if side == "left" else tuned.svd.V
+            defined = _defined_match(basis, vectors, side, eps, backend, rank)
+            results[side] = _side_analysis(side, eps, tuned, basis, rank, defined, vectors, changes)
     return results
 
 
 @dataclass
-class UpdateAnalysis:
-    """:func:`analyze_update`'s answer: ``sides`` ``{side: SideAnalysis}`` (``vectors`` None), the tuned vectors'
-    ``coordinates [L, s, k + 1]`` in the base's small-side basis (the next call's ``previous``), and ``changes``,
-    ``(ΔM [L], ΔD [L])`` of :func:`magnitude_direction`."""
+class Tuned:
+    """:func:`tuned_top`'s answer: the certified top-k ``svd`` (a :class:`lorafft.linalg.TruncatedSVD`), which path
+    answered each matrix (``method``), the update path's ``coordinates`` ``[L, s, k + 1]`` (None elsewhere), and
+    ``W0_At`` ``[L, m, r]`` fp64, ``W0 Aᵀ`` of a LoRA update when the update path formed it (DoRA's ΔM, ΔD)."""
 
-    sides: dict[str, SideAnalysis]
-    coordinates: torch.Tensor
-    changes: tuple[torch.Tensor, torch.Tensor]
+    svd: linalg.TruncatedSVD
+    method: list[str]
+    coordinates: torch.Tensor | None = None
+    W0_At: torch.Tensor | None = None
 
 
-def analyze_update(basis: linalg.BaseBasis, lora: linalg.LowRank, *, k: int = 10, eps=DEFAULT_EPS,
-                   sides=("left",), previous: torch.Tensor | None = None, tol: float = 1e-5,
-                   base_norms: torch.Tensor | None = None) -> UpdateAnalysis | None:
-    """:func:`analyze` of ``basis.W0 + lora`` computed in the base's coordinates (:mod:`lorafft.updating`), for a
-    basis whose small side is explicit in fp64 (with the tuned matrices' ΔM and ΔD); None when the dense top-k must
-    answer instead (:func:`lorafft.updating.updated_top`). ``previous``: the last call's coordinates;
-    ``base_norms``: W0's squared row norms ``[L, m]`` fp64, when the caller keeps them."""
-    eps, k = options.thresholds(eps), options.positive_int(k)
-    tuned = updating.updated_top(basis, lora, k, previous, tol)
-    if tuned is None:
+def tuned_top(W0: torch.Tensor, Wt: torch.Tensor | None, *, k: int, basis: linalg.BaseBasis, backend: str,
+              low_rank: linalg.LowRank | None = None, scale: torch.Tensor | None = None,
+              start: torch.Tensor | None = None, tol: float = options.DEFAULT_TOL, generator=None,
+              previous: torch.Tensor | None = None) -> Tuned:
+    """The certified top-k singular triplets of the tuned matrices: the one place that chooses how.
+
+    * **update** (a LoRA update kept factored, ``Wt`` None): in the base's coordinates (:mod:`lorafft.updating`,
+      from ``previous`` coordinates when given), then certified on the matrix itself: one Rayleigh–Ritz step on the
+      vectors found, two passes over W0 (:func:`lorafft.linalg.certify`), whatever the basis's precision. With
+      ``W0 Aᵀ`` (also what ΔM and ΔD need) that makes three passes over W0 per matrix when the left side is the
+      small one; four otherwise (``W0ᵀ B``, and ``W0 Aᵀ`` for ΔM, ΔD). A vector is certified when its bound is
+      ``<= tol`` or its residual is at the rounding floor of the products (``<= PRODUCT_FLOOR eps σ_1``, where the
+      Krylov iteration would stall too; small matrices are certified in fp64, as the dense top-k answers them).
+      A matrix whose answer is not certified (the inertia count disagrees, clustered values, a residual above the
+      floor) takes the Krylov path, started from the vectors found.
+    * **dense** (``min(m, n) <= DENSE_SVD_MAX``) or **krylov** otherwise: :func:`lorafft.linalg.truncated_svd`,
+      started from ``start``, the base's top vectors and random vectors (:func:`start_block`).
+
+    An unverified basis (a base cache's) is checked against W0 on the way (:meth:`lorafft.linalg.BaseBasis.answers`,
+    riding in the certifying passes on the update path): :class:`lorafft.errors.WrongBasis` when it fails.
+    """
+    L, m, n = W0.shape
+    if low_rank is not None and Wt is None:
+        found = _update_path(W0, k, basis, backend, low_rank, previous, tol)
+        if found is not None:
+            tuned, failed = found
+            if not failed:
+                return tuned
+            start = tuned.svd.U[failed] if start is None else torch.cat([tuned.svd.U, start.to(W0.device)], -1)[failed]
+            rescue = _krylov(W0[failed], k, basis.select(failed), backend, low_rank.select(failed), None, start, tol,
+                             _select(generator, failed))
+            tuned.svd = _merged(tuned.svd, rescue, failed)
+            tuned.method = [rescue.method if i in failed else "update" for i in range(L)]
+            return tuned
+    if not basis.verified:
+        _refuse_wrong(basis.verify(backend), basis)
+    svd = _krylov(W0 if Wt is None else Wt, k, basis, backend, low_rank, scale, start, tol, generator,
+                  base_gram=basis.gram if Wt is None else None)
+    return Tuned(svd, [svd.method] * L)
+
+
+def _update_path(W0, k, basis, backend, low_rank, previous, tol) -> tuple[Tuned, list[int]] | None:
+    """The update path: ``(Tuned, matrices whose answer is not certified)``, or None when the coordinates give no
+    answer at all (then every matrix takes the Krylov path)."""
+    L, m, n = W0.shape
+    image = linalg.update_image(W0, low_rank, backend)
+    updated = updating.updated_top(basis, low_rank, k, previous, tol, image)
+    if updated is None:
+        if not basis.verified:
+            _refuse_wrong(basis.verify(backend), basis)
         return None
-    results, rank = {}, base_rank(basis)
-    for side in sides:
-        cosines = tuned.cosines(side)
-        match = linalg.max_abs_cos(cosines, eps)
-        defined = _restrict_to_rank(match, lambda: cosines, rank, basis.sigma.shape[-1], eps)
-        results[side] = _side_analysis(side, eps, tuned, basis, rank, defined, None)
-    W0 = basis.W0
-    if base_norms is None:
-        base_norms = (W0.double() ** 2).sum(dim=-1)
-    # W0 A^T is the first half of the update's factors when the left side is the small one (updating.UpdatedSVD)
-    W0_At = tuned.product if tuned.small_side == "left" else (lora.A.to(W0.device, torch.float64) @ W0.double().mT).mT
-    return UpdateAnalysis(results, tuned.coordinates,
-                          magnitude_direction(W0, lora=lora, base_rows=(base_norms, W0_At)))
+    right = basis.small_side == "right"
+    vectors = basis.small_vectors(updated.coordinates)
+    checked = None if basis.verified else basis.checked_vectors()
+    small = linalg.dense_is_cheaper(m, n)  # certified in fp64, as the dense top-k would answer there
+    certified = linalg.certify(W0.double() if small else W0, vectors, min(k, m, n), backend="torch" if small else
+                               backend, low_rank=low_rank, transposed=right, checked=checked)
+    if checked is not None:
+        _refuse_wrong(basis.answers(certified.checked), basis)
+    svd = certified.svd
+    svd.iterations = updated.iterations
+    precision = torch.float64 if small or W0.dtype == torch.float64 else torch.float32
+    floor = svd.S[:, :1] * PRODUCT_FLOOR * torch.finfo(precision).eps  # no product in this precision does better
+    done = ((svd.error_bound <= tol) | (svd.residual <= floor)).all(dim=-1)
+    failed = (~done).nonzero().flatten().tolist()
+    return Tuned(svd, ["update"] * L, updated.coordinates, None if right else image), failed
 
 
-def _side_analysis(side: str, eps: tuple[float, ...], tuned, basis: linalg.BaseBasis, rank: torch.Tensor,
-                   defined: tuple, vectors: torch.Tensor | None) -> SideAnalysis:
-    """One side's :class:`SideAnalysis` from the tuned top-k (``S``, ``error_bound``, ``iterations`` of a
-    :class:`lorafft.linalg.TruncatedSVD` or :class:`lorafft.updating.UpdatedSVD`) and the ``(match, undetermined,
-    outside)`` of :func:`_restrict_to_rank`."""
-    match, undetermined, outside = _without_tuned_null(tuned.S, basis.W0.shape[-2:], eps, *defined)
+def _krylov(W, k, basis, backend, low_rank, scale, start, tol, generator, base_gram=None) -> linalg.TruncatedSVD:
+    """:func:`lorafft.linalg.truncated_svd` from :func:`start_block` (``start`` first)."""
+    guesses, block = start_block(basis, k, start)
+    return linalg.truncated_svd(W, k, start=guesses, block_size=block, tol=tol, generator=generator,
+                                backend=backend, low_rank=low_rank, scale=scale, base_gram=base_gram)
+
+
+def _refuse_wrong(answers: torch.Tensor, basis: linalg.BaseBasis) -> None:
+    """WrongBasis for the matrices whose basis failed its check; else the basis is marked verified."""
+    wrong = (~answers).nonzero().flatten().tolist()
+    if wrong:
+        raise WrongBasis(wrong)
+    basis.verified = True
+
+
+def _select(generator, rows: list[int]):
+    return [generator[i] for i in rows] if isinstance(generator, (list, tuple)) else generator
+
+
+def _merged(svd: linalg.TruncatedSVD, rescue: linalg.TruncatedSVD, rows: list[int]) -> linalg.TruncatedSVD:
+    """``svd`` with the matrices ``rows`` replaced by ``rescue``'s answers."""
+    for name in ("U", "S", "V", "residual", "error_bound"):
+        getattr(svd, name)[rows] = getattr(rescue, name).to(getattr(svd, name).device)
+    svd.iterations = max(svd.iterations, rescue.iterations)
+    return svd
+
+
+def matrix_generators(seed: int, names: list[str]) -> list[torch.Generator]:
+    """One random stream per matrix, seeded by ``seed`` and the matrix's name: the random part of its Krylov start
+    is then the same whatever batch it is analysed in (a resumed, distributed, tracked, or memory-split run, or
+    another device's batch size), so every run draws exactly what one scan draws."""
+    return [torch.Generator().manual_seed((seed + int(hashlib.blake2b(name.encode(errors="surrogatepass"),
+                                                                      digest_size=8).hexdigest(), 16)) % 2**63)
+            for name in names]
+
+
+def _side_analysis(side: str, eps: tuple[float, ...], tuned: Tuned, basis: linalg.BaseBasis, rank: torch.Tensor,
+                   defined: tuple, vectors: torch.Tensor, changes: tuple[torch.Tensor, torch.Tensor]) -> SideAnalysis:
+    """One side's :class:`SideAnalysis` from the tuned top-k (:func:`tuned_top`), the ``(match, undetermined,
+    outside)`` of :func:`_restrict_to_rank` and the matrices' ``(ΔM, ΔD)``. InternalError for a max |cos| above 1
+    plus its bound: no correct basis gives one, so it is never a row."""
+    svd = tuned.svd
+    match, undetermined, outside = _without_tuned_null(svd.S, basis.W0.shape[-2:], eps, *defined)
     max_cos = match.max_cos.double()
-    limit = 1 + NEAR_THRESHOLD + torch.where(tuned.error_bound.isfinite(), tuned.error_bound, 0.0)
+    limit = 1 + NEAR_THRESHOLD + torch.where(svd.error_bound.isfinite(), svd.error_bound, 0.0)
     if bool((max_cos > limit).any()):
         worst = int((max_cos - limit).argmax())
         raise InternalError(f"a max |cos| of {float(max_cos.flatten()[worst]):.6g} for a {list(basis.W0.shape[-2:])} "
                             f"matrix: above 1 plus its error bound, so the base basis is not this matrix's")
     thresholds = torch.tensor(eps, dtype=torch.float64, device=max_cos.device)
-    slack = tuned.error_bound.clamp_min(NEAR_THRESHOLD)  # vectors without a bound are not "near": see report
+    slack = svd.error_bound.clamp_min(NEAR_THRESHOLD)  # vectors without a bound are not "near": see report
     near = ((max_cos.unsqueeze(-1) - thresholds).abs() < slack.unsqueeze(-1)).any(dim=-1)
-    near &= tuned.error_bound.isfinite()
+    near &= svd.error_bound.isfinite()
     dimension = basis.W0.shape[-2] if side == "left" else basis.W0.shape[-1]
     return SideAnalysis(
         side=side,
         eps=eps,
-        singular_values=tuned.S,
-        base_singular_values=basis.sigma[:, : tuned.S.shape[-1]],
+        singular_values=svd.S,
+        base_singular_values=basis.sigma[:, : svd.S.shape[-1]],
         max_cos=max_cos,
         argmax=match.argmax,
-        error_bound=tuned.error_bound,
+        error_bound=svd.error_bound,
         intruders=match.intruders,
         near_threshold=near,
         random_floor=1.0 / math.sqrt(dimension),
         random_reference=random_max_cos(dimension, basis.sigma.shape[-1]),
-        iterations=tuned.iterations,
+        iterations=svd.iterations,
         base_rank=rank,
         undetermined=undetermined,
         outside=outside,
         vectors=vectors,
+        method=tuned.method,
+        coordinates=tuned.coordinates,
+        delta_magnitude=changes[0],
+        delta_direction=changes[1],
     )
 
 
@@ -299,22 +399,16 @@ def _restrict_to_rank(match: linalg.CosineMatch, cosine_matrix, rank: torch.Tens
     return linalg.CosineMatch(max_cos=max_cos, argmax=argmax, intruders=intruders), undetermined, outside
 
 
-def batch_generator(seed: int, position: int) -> torch.Generator:
-    """The random stream of the start blocks of batch ``position``: one per batch, so that a resumed, distributed or
-    tracked run draws exactly what one scan draws."""
-    return torch.Generator().manual_seed(seed + 7919 * position)
-
-
 def start_block(basis: linalg.BaseBasis, k: int, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """The tuned SVD's start: ``(guesses [L, m, c] fp64, block size)`` for the top ``k`` left singular vectors.
 
-    The block holds ``max(2k, k + 10)`` vectors; the guesses are ``extra`` (a LoRA adapter's B columns, or the
-    previous vectors of a tracked matrix) followed by the base's top three quarters of a block of left singular
-    vectors, since a fine-tune mostly keeps them (a synthetic 4096² fine-tune started there certifies in 7 iterations,
-    ``benchmarks/results/claims.json``); :func:`lorafft.linalg.truncated_svd` fills the rest of the block with
-    random vectors.
+    The block holds :func:`lorafft.linalg.krylov_block` vectors; the guesses are ``extra`` (a LoRA adapter's B
+    columns, the update path's vectors, or the previous vectors of a tracked matrix) followed by the base's top three
+    quarters of a block of left singular vectors, since a fine-tune mostly keeps them (a synthetic 4096² fine-tune
+    started there certifies in 7 iterations, ``benchmarks/results/claims.json``); :func:`lorafft.linalg.truncated_svd`
+    fills the rest of the block with random vectors.
     """
-    block = max(2 * k, k + 10)
+    block = linalg.krylov_block(k)
     guesses = basis.top_vectors("left", block - block // 4)
     if extra is not None:
         guesses = torch.cat([extra.to(guesses.device, torch.float64), guesses], dim=-1)
@@ -388,7 +482,7 @@ def delta_ranks(W0: torch.Tensor, Wt: torch.Tensor | None, modules: list) -> lis
     return [(float(effective_rank(s)[0]), float(stable_rank(s)[0])) for s in sigmas]
 
 
-ROW_BLOCK = 1 << 18  # elements upcast to fp64 at a time by magnitude_direction: 2 MB temporaries stay in cache
+ROW_BLOCK = 1 << 24  # elements widened to fp64 at a time by magnitude_direction: a few batched ops per stack
 
 
 def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,27 +499,31 @@ def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torc
     of ΔD's mean (ΔD is NaN when no row has a direction); ΔM counts every row. The paper plots ΔD (x) against ΔM
     (y) over layers and training steps: full fine-tuning shows a negative slope, LoRA a positive one.
 
-    Everything is accumulated in fp64. For a factored LoRA update ΔW = s·B·A the tuned matrix is not formed: with
-    rows b_i of B, ``||w_0,i + s b_i A||² = ||w_0,i||² + 2s <w_0,i, b_i A> + s² b_i (A Aᵀ) b_iᵀ`` and
-    ``<w_t,i, w_0,i> = ||w_0,i||² + s <w_0,i, b_i A>``, from ``W0 Aᵀ [m, r]`` and ``A Aᵀ [r, r]``.
+    Everything is accumulated in fp64, over the whole stack at once, a slab of :data:`ROW_BLOCK` elements widened at
+    a time (a handful of batched ops per stack). For a factored LoRA update ΔW = s·B·A the tuned matrix is not
+    formed: with rows b_i of B, ``||w_0,i + s b_i A||² = ||w_0,i||² + 2s <w_0,i, b_i A> + s² b_i (A Aᵀ) b_iᵀ`` and
+    ``<w_t,i, w_0,i> = ||w_0,i||² + s <w_0,i, b_i A>``, from ``W0 Aᵀ [m, r]`` and ``A Aᵀ [r, r]``: O(m n r).
 
     Args:
         W0: base weights ``[m, n]`` or a stack ``[L, m, n]`` (any float dtype; torch or DLPack arrays).
         Wt: tuned weights of W0's shape, or None with ``lora``.
         lora: instead of Wt, the update ``(B, A, s)`` or a :class:`lorafft.linalg.LowRank`, as in :func:`analyze`.
-        base_rows: with ``lora``, ``(||w_0,i||² [L, m], W0 Aᵀ [L, m, r])`` fp64 when the caller has them (a tracker
-            keeps the first; :func:`analyze_update` forms the second): W0 is then not read.
+        base_rows: ``(||w_0,i||² [L, m] or None, W0 Aᵀ [L, m, r] or None)`` fp64, what the caller has already (a
+            basis's row norms, :meth:`lorafft.linalg.BaseBasis.base_rows`; the update path's ``W0 Aᵀ``): what is
+            given is not computed from W0 again.
 
     Returns:
         ``(ΔM [L], ΔD [L])`` fp64 on W0's device (L = 1 for a pair).
     """
     W0, Wt, low_rank, _ = _stacks(W0, Wt, lora)
-    if base_rows is not None and low_rank is not None:
-        base = base_rows[0]
-        low_rank = low_rank.to(base.device, torch.float64)
-        tuned, inner = _updated_rows(base, base_rows[1], low_rank.B, low_rank.A @ low_rank.A.mT, low_rank.scale)
+    base, W0_At = (None, None) if base_rows is None else base_rows
+    base = linalg.row_norms(W0) if base is None else base.to(W0.device)
+    if low_rank is not None:
+        low_rank = low_rank.to(W0.device, torch.float64)
+        W0_At = linalg.matmul_fp64(W0, low_rank.A.mT) if W0_At is None else W0_At.to(W0.device)
+        tuned, inner = _updated_rows(base, W0_At, low_rank.B, low_rank.A @ low_rank.A.mT, low_rank.scale)
     else:
-        base, tuned, inner = _row_products(W0, Wt, low_rank)
+        tuned, inner = _tuned_rows(W0, Wt)
     base_norm, tuned_norm = base.sqrt(), tuned.sqrt()
     magnitude = (tuned_norm - base_norm).abs().mean(dim=-1)
     defined = (base > 0) & (tuned > 0)
@@ -435,28 +533,17 @@ def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torc
     return magnitude, direction
 
 
-def _row_products(W0: torch.Tensor, Wt: torch.Tensor | None,
-                  low_rank: linalg.LowRank | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(||w_0,i||², ||w_t,i||², <w_t,i, w_0,i>)``, each ``[L, m]`` fp64, for W0 ``[L, m, n]`` and Wt (or the
-    factored update ``low_rank``, see :func:`magnitude_direction`), upcast to fp64 a block of rows at a time."""
+def _tuned_rows(W0: torch.Tensor, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(||w_t,i||², <w_t,i, w_0,i>)``, each ``[L, m]`` fp64, for stacks ``W0, Wt [L, m, n]``, widened to fp64 a slab
+    of rows at a time."""
     L, m, n = W0.shape
-    device = W0.device
-    if low_rank is not None:
-        low_rank = low_rank.to(device, torch.float64)
-        A_At = low_rank.A @ low_rank.A.mT  # [L, r, r], once for every block of rows
-    base, tuned, inner = (torch.empty(L, m, dtype=torch.float64, device=device) for _ in range(3))
     step = max(1, ROW_BLOCK // max(1, L * n))
+    tuned, inner = [], []
     for start in range(0, m, step):
-        rows = slice(start, start + step)
-        w0 = W0[:, rows].double()
-        base[:, rows] = (w0 * w0).sum(dim=-1)
-        if low_rank is None:
-            wt = Wt[:, rows].double()
-            tuned[:, rows], inner[:, rows] = (wt * wt).sum(dim=-1), (wt * w0).sum(dim=-1)
-        else:
-            tuned[:, rows], inner[:, rows] = _updated_rows(base[:, rows], w0 @ low_rank.A.mT, low_rank.B[:, rows],
-                                                           A_At, low_rank.scale)
-    return base, tuned, inner
+        w0, wt = W0[:, start : start + step].double(), Wt[:, start : start + step].double()
+        tuned.append(torch.einsum("lmn,lmn->lm", wt, wt))
+        inner.append(torch.einsum("lmn,lmn->lm", wt, w0))
+    return torch.cat(tuned, dim=1), torch.cat(inner, dim=1)
 
 
 def _updated_rows(base: torch.Tensor, W0_At: torch.Tensor, B: torch.Tensor, A_At: torch.Tensor,

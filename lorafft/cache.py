@@ -36,7 +36,7 @@ import re
 import torch
 from safetensors.torch import load_file
 
-from lorafft import linalg, loading, pairing
+from lorafft import linalg, loading, memory, pairing
 from lorafft.errors import InputError
 from lorafft.io import hub
 from lorafft.io.jsonfile import read_json_object
@@ -48,8 +48,6 @@ FORMAT_VERSION = 2
 ORIENTATIONS = ("stored", "transposed")
 _SAMPLES = 1 << 18
 _FIELDS = {"name": str, "orientation": str, "shape": list, "side": str, "dtype": str, "fingerprint": str, "file": str}
-CHECKED_VECTORS = 4  # top base vectors of every cached basis checked against W0 (cached_basis)
-CHECK_TOLERANCE = 1e-3  # relative: ||M0^T x_i|| against sigma_i, an fp32 basis is good to ~1e-7
 
 
 def fingerprint(W0: torch.Tensor) -> str:
@@ -125,9 +123,13 @@ class BaseCache:
         """The base tensor names the cache holds (in any orientation)."""
         return {name for name, _ in self.entries}
 
-    def lookup(self, pair: pairing.Pair, W0_stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(basis [s, s] fp32, sigma [s] fp64)`` for the base matrix of ``pair`` (name, orientation, analysed
-        shape), or None when the cache has no entry for exactly that.
+    def entry_path(self, pair: pairing.Pair) -> str:
+        """The entry file that answers (or would answer) for the base matrix of ``pair``."""
+        return os.path.join(self.directory, entry_file(*entry_key(pair)))
+
+    def lookup(self, pair: pairing.Pair, W0_stored: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """``{"basis": [s, s] fp32, "sigma": [s] fp64, "row_norms": [m] fp64}`` for the base matrix of ``pair`` (name,
+        orientation, analysed shape ``[m, n]``), or None when the cache has no entry for exactly that.
 
         ``W0_stored`` is the base tensor as its checkpoint stores it: an entry of this name and orientation built
         from another tensor (fingerprint, dtype) is an InputError (the cache belongs to another model or revision).
@@ -137,28 +139,49 @@ class BaseCache:
             return None
         if (entry["fingerprint"] != fingerprint(W0_stored) or entry["dtype"] != str(W0_stored.dtype)
                 or tuple(entry["shape"]) != tuple(pair.shape)):
-            raise InputError(self.index_path, f"entry '{pair.name}' was built from another tensor (fingerprint "
-                                              f"differs): the cache belongs to another base model or revision")
-        path = os.path.join(self.directory, entry["file"])
+            raise _other_model(self.index_path, pair.name)
+        path = self.entry_path(pair)
         try:
             tensors = load_file(path)
         except Exception as e:  # noqa: BLE001 - any unreadable entry file is the same bad input
             raise InputError(path, f"unreadable base-cache entry: {e}") from None
-        s = min(pair.shape)
-        basis, sigma = tensors.get("basis"), tensors.get("sigma")
-        if basis is None or sigma is None or tuple(basis.shape) != (s, s) or tuple(sigma.shape) != (s,):
-            raise InputError(path, f"base-cache entry for '{pair.name}' does not hold basis [{s}, {s}] and sigma [{s}]")
-        return basis, sigma
+        m, s = pair.shape[0], min(pair.shape)
+        shapes = {"basis": (s, s), "sigma": (s,), "row_norms": (m,)}
+        if any(tuple(getattr(tensors.get(key), "shape", ())) != shape for key, shape in shapes.items()):
+            raise InputError(path, f"base-cache entry for '{pair.name}' does not hold basis [{s}, {s}], sigma [{s}] "
+                                   f"and row_norms [{m}]")
+        return tensors
 
-    def store(self, pairs: list[pairing.Pair], stored: list[torch.Tensor], basis: torch.Tensor,
-              sigma: torch.Tensor) -> None:
-        """Write one entry per matrix of a batch (each file atomically) and merge them into the index: ``basis
-        [L, s, s]`` stored fp32, ``sigma [L, s]`` fp64, for the base matrices of ``pairs`` (analysed orientation and
-        shape; ``stored``: the tensors as their checkpoint holds them). InputError when the cache holds one of them
-        built from another tensor: a cache holds one base model."""
+    def holds(self, pairs: list[pairing.Pair], stored: list[torch.Tensor]) -> bool:
+        """Whether every matrix of ``pairs`` has its entry (no file read); InputError for one built from another
+        tensor."""
+        for pair, tensor in zip(pairs, stored):
+            entry = self.entries.get(entry_key(pair))
+            if entry is None:
+                return False
+            if entry["fingerprint"] != fingerprint(tensor):
+                raise _other_model(self.index_path, pair.name)
+        return True
+
+    def read(self, pairs: list[pairing.Pair],
+             stored: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A batch's cached bases stacked, ``(basis [L, s, s] fp32, sigma [L, s] fp64, row norms [L, m] fp64)``, when
+        every matrix of ``pairs`` is cached in its orientation; else None (the batch computes its bases). What the
+        loader's reader thread calls (:class:`lorafft.loading.BatchLoader`)."""
+        found = [self.lookup(pair, tensor) for pair, tensor in zip(pairs, stored)]
+        if any(entry is None for entry in found):
+            return None
+        return tuple(torch.stack([entry[key] for entry in found]) for key in ("basis", "sigma", "row_norms"))
+
+    def store(self, pairs: list[pairing.Pair], stored: list[torch.Tensor], basis: linalg.BaseBasis) -> None:
+        """Write one entry per matrix of a batch (each file atomically) and merge them into the index: the small
+        side's basis ``[s, s]`` stored fp32, ``sigma [s]`` and W0's row norms ``[m]`` fp64, for the base matrices of
+        ``pairs`` (analysed orientation and shape; ``stored``: the tensors as their checkpoint holds them).
+        InputError when the cache holds one of them built from another tensor: a cache holds one base model."""
         os.makedirs(self.directory, exist_ok=True)
         new = {}
-        for pair, tensor, small_basis, values in zip(pairs, stored, basis, sigma):
+        for pair, tensor, small_basis, values, rows in zip(pairs, stored, basis.small_basis_fp32, basis.sigma,
+                                                          basis.base_rows()):
             name, orientation = key = entry_key(pair)
             entry = {"name": name, "orientation": orientation, "shape": list(pair.shape),
                      "side": _small_side(pair.shape), "dtype": str(tensor.dtype), "fingerprint": fingerprint(tensor),
@@ -167,7 +190,8 @@ class BaseCache:
             if known is not None and known["fingerprint"] != entry["fingerprint"]:
                 raise _other_model(self.index_path, name)
             write_safetensors(os.path.join(self.directory, entry["file"]),
-                              {"basis": small_basis.float().cpu(), "sigma": values.double().cpu()},
+                              {"basis": small_basis.float().cpu(), "sigma": values.double().cpu(),
+                               "row_norms": rows.double().cpu()},
                               metadata={"name": name, "orientation": orientation})
             new[key] = entry
         self.write_index(new)
@@ -195,49 +219,13 @@ def _other_model(index_path: str, name: str) -> InputError:
                                   f"belongs to another base model or revision; write the bases into a new directory")
 
 
-def cached_basis(W0: torch.Tensor, bases: list[torch.Tensor], sigmas: list[torch.Tensor]) -> linalg.BaseBasis:
-    """A :class:`~lorafft.linalg.BaseBasis` for ``W0 [L, m, n]`` from cached explicit small-side bases
-    ``[s, s]`` fp32 (``BaseBasis.project`` works in fp64 on the larger side, where it divides by sigma_i)."""
-    sigma, Z = torch.stack(sigmas).double().to(W0.device), torch.stack(bases).to(W0.device)
-    return linalg.BaseBasis(W0=W0, sigma=sigma, Z=Z, reflectors=None, tau=None)
-
-
-def answers_for(basis: linalg.BaseBasis) -> torch.Tensor:
-    """``[L]`` bool: whether a cached basis answers for its matrix, checked on its top :data:`CHECKED_VECTORS`
-    vectors x_i: unit length, and with M0 the small-side orientation of W0,
-    ``||M0 M0^T x_i - σ_i² x_i|| <= CHECK_TOLERANCE σ_1²`` (two thin products with W0). A basis of another matrix,
-    or of this one in the other orientation, fails it."""
-    count = min(CHECKED_VECTORS, basis.sigma.shape[-1])
-    X = basis.Z[..., :count].double()
-    left = basis.small_side == "left"
-    image = linalg.matmul_fp64(basis.W0.mT if left else basis.W0, X)  # M0^T X [L, d, c]
-    back = linalg.matmul_fp64(basis.W0 if left else basis.W0.mT, image)  # M0 M0^T X [L, s, c]
-    residual = (back - X * basis.sigma[:, None, :count] ** 2).norm(dim=1).amax(dim=-1)
-    unit = (X.norm(dim=1) - 1).abs().amax(dim=-1) <= CHECK_TOLERANCE
-    return unit & (residual <= CHECK_TOLERANCE * basis.sigma[:, 0].clamp_min(torch.finfo(torch.float64).tiny) ** 2)
-
-
-def batch_basis(W0: torch.Tensor, stored: list[torch.Tensor], pairs: list[pairing.Pair],
-                reader: BaseCache | None = None, writer: BaseCache | None = None) -> linalg.BaseBasis:
-    """The base basis of a batch ``W0 [L, m, n]`` (analysed orientation) of the base matrices of ``pairs``
-    (``stored`` as their checkpoint holds them): read from ``reader`` when every matrix is there in this
-    orientation (and checked to answer for it, :func:`answers_for`: InputError naming the entry otherwise), else
-    computed (:func:`lorafft.linalg.base_basis`) and stored in ``writer`` when given."""
-    if reader is not None:
-        found = [reader.lookup(pair, tensor) for pair, tensor in zip(pairs, stored)]
-        if all(entry is not None for entry in found):
-            basis = cached_basis(W0, [basis for basis, _ in found], [sigma for _, sigma in found])
-            wrong = (~answers_for(basis)).nonzero().flatten().tolist()
-            if wrong:
-                pair = pairs[wrong[0]]
-                raise InputError(os.path.join(reader.directory, entry_file(*entry_key(pair))),
-                                 f"does not hold the singular vectors of '{pair.name}' as analysed "
-                                 f"{list(pair.shape)}: the cache is damaged; rebuild it")
-            return basis
-    basis = linalg.base_basis(W0)
-    if writer is not None:
-        writer.store(pairs, stored, basis.small_basis_fp32, basis.sigma)
-    return basis
+def cached_basis(W0: torch.Tensor, cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> linalg.BaseBasis:
+    """An ``"explicit32"`` :class:`~lorafft.linalg.BaseBasis` for ``W0 [L, m, n]`` from a batch's cached bases
+    (:meth:`BaseCache.read`: ``basis [L, s, s]`` fp32, ``sigma``, row norms), not yet verified against W0: the
+    analysis checks its top vectors before using it (:meth:`lorafft.linalg.BaseBasis.answers`)."""
+    basis, sigma, rows = (t.to(W0.device) for t in cached)
+    return linalg.BaseBasis(W0=W0, sigma=sigma.double(), Z=basis.float(), kind="explicit32", row_norms=rows.double(),
+                            verified=False)
 
 
 def build_base_cache(base, directory, *, revision: str | None = None, include=(), exclude=(),
@@ -264,11 +252,15 @@ def build_base_cache(base, directory, *, revision: str | None = None, include=()
         writer = BaseCache(directory, writable=True)
         if "hub" in located.record:
             writer.hub = located.record["hub"]["base"]
-        batches = pairing.shape_batches(pairs, max_batch_bytes, copies=1)
-        loader = loading.BatchLoader(checkpoint, [], [], device=device)
+        device = torch.device(device)
+        plan = memory.Plan(device=device.type, base_itemsize=2 if device.type == "cuda" else 4, sources=(), k=0)
+        batches = pairing.shape_batches(pairs, lambda shape: memory.batch_size(shape, max_batch_bytes, plan))
+        loader = loading.BatchLoader(checkpoint, [], [], device=device, native=device.type == "cuda")
         with tqdm(total=len(batches), unit="batch", disable=not progress, desc="lorafft cache") as bar:
             for position, loaded in loader.batches(batches):
-                batch_basis(loaded.W0, loaded.stored, batches[position], writer, writer)
+                batch = batches[position]
+                if not writer.holds(batch, loaded.stored):
+                    writer.store(batch, loaded.stored, linalg.base_basis(loaded.W0))
                 bar.update(1)
         writer.write_index()  # the hub record also when every entry was there already
     return writer

@@ -3,14 +3,29 @@
 ``torchrun --nproc-per-node N -m lorafft scan ...`` (and the same across nodes with ``--nnodes`` and a rendezvous
 endpoint) starts N copies of the scan. Every rank pairs the checkpoints (headers only), cuts the same global
 batches, and computes the batches assigned to it, reading only those tensors; rank 0 gathers the rows and writes
-the one report, identical to a single-process run's (the batches and their random streams are the same).
+the one report, identical to a single-process run's (every matrix draws its own random stream).
+
+A scan of a 70B model takes hours, and ranks finish at different times: the process group is made with a timeout of
+:data:`TIMEOUT` (``$LORAFFT_DIST_TIMEOUT`` seconds overrides it), not NCCL's default 10 minutes, and the rows are
+gathered and the end awaited on a CPU (gloo) group of the same timeout, so a rank that finishes early waits for the
+others without a GPU collective that could time out or hold device memory.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 import os
 
 import torch
+
+TIMEOUT = datetime.timedelta(days=7)
+
+
+def _timeout() -> datetime.timedelta:
+    seconds = os.environ.get("LORAFFT_DIST_TIMEOUT")
+    return TIMEOUT if not seconds else datetime.timedelta(seconds=float(seconds))
+
 
 
 def world() -> tuple[int, int]:
@@ -24,8 +39,16 @@ def world() -> tuple[int, int]:
     if not dist.is_initialized():
         if torch.cuda.is_available():  # NCCL works on the current device: one GPU per local rank
             torch.cuda.set_device(local_device())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=_timeout())
     return dist.get_rank(), dist.get_world_size()
+
+
+@functools.cache
+def _group():
+    """The CPU (gloo) group every rank gathers rows and waits on, with the long timeout (made once)."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=_timeout())
 
 
 def local_device() -> torch.device:
@@ -53,7 +76,7 @@ def gather(rows_by_batch: dict[int, list], rank: int, size: int) -> dict[int, li
     import torch.distributed as dist
 
     parts = [None] * size if rank == 0 else None
-    dist.gather_object(rows_by_batch, parts, dst=0)
+    dist.gather_object(rows_by_batch, parts, dst=0, group=_group())
     if rank != 0:
         return None
     return {index: rows for part in parts for index, rows in part.items()}
@@ -64,4 +87,4 @@ def barrier(size: int) -> None:
     if size > 1:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=_group())

@@ -21,3 +21,12 @@ class InternalError(RuntimeError):
 
     def __init__(self, problem: str):
         super().__init__(" ".join(str(problem).split()))
+
+
+class WrongBasis(InputError):
+    """A base basis (read from a cache) that does not answer for its matrix: ``rows`` of the batch failed the check
+    of its top vectors against W0. The caller names the cache entry."""
+
+    def __init__(self, rows: list[int]):
+        self.rows = rows
+        super().__init__("base cache", f"the basis of matrix {rows[0]} of this batch does not answer for its W0")

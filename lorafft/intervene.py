@@ -56,13 +56,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lorafft import adapters, analysis, distributed, io, linalg, loading, options, pairing
-from lorafft.cache import BaseCache, batch_basis
+from lorafft import adapters, analysis, distributed, io, linalg, loading, memory, pairing
+from lorafft import options as options_module
+from lorafft.cache import BaseCache
 from lorafft.errors import InputError
 from lorafft.io import hub, writer
 from lorafft.io.checkpoint import all_finite
-from lorafft.options import DEFAULT_MAX_BATCH_BYTES
 from lorafft.pairing import Pair
+from lorafft.recipe import Recipe
 from lorafft.report import timestamp
 
 TRIPLET_TOL = 1e-8  # certified error bound of each rescaled singular vector (fp64 iteration)
@@ -165,18 +166,19 @@ def intervene(
     lam: float,
     revision: str | None = None,
     which: str = "top",
-    eps: float = 0.5,
-    k: int = 10,
-    include=(),
-    exclude=(),
-    embeddings: bool = False,
-    tol: float = 1e-5,
-    seed: int = 0,
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    eps: float | None = None,
+    k: int | None = None,
+    include=None,
+    exclude=None,
+    embeddings: bool | None = None,
+    tol: float | None = None,
+    seed: int | None = None,
+    max_batch_bytes: int | None = None,
     base_cache=None,
     device=None,
     backend: str | None = None,
     progress: bool = False,
+    options: options_module.ScanOptions | None = None,
 ) -> InterventionSummary:
     """Rescale the intruder dimensions of ``tuned`` (relative to ``base``) by ``lam`` and write the result to
     ``out_dir`` (see the module docstring for the formula and both output formats).
@@ -197,14 +199,19 @@ def intervene(
         base_cache, device, backend: as in :func:`lorafft.scan` (a ``lorafft cache build`` directory; where and how
             the analysis runs). LoRA updates are kept factored as the scan keeps them.
         progress: a progress bar on stderr.
+        options: a :class:`lorafft.options.ScanOptions`, as :func:`lorafft.scan` takes it (its first ε is the
+            intervention's); the keyword arguments override it when given.
 
     Returns an :class:`InterventionSummary`. Raises InputError on bad input or options, and before any analysis
     when a matrix in scope of a full fine-tune is stored FP8-quantized or stacked per expert (it cannot be
     rewritten); nothing is written then.
     """
+    given = dict(k=k, eps=eps, include=include, exclude=exclude, embeddings=embeddings, tol=tol, seed=seed,
+                 base_cache=base_cache, max_batch_bytes=max_batch_bytes)
     lam = _check_options(lam, which, eps)
-    settings = options.ScanOptions(k=k, eps=eps, include=include, exclude=exclude, embeddings=embeddings, tol=tol,
-                                   seed=seed, base_cache=base_cache, max_batch_bytes=max_batch_bytes)
+    settings = (options or options_module.ScanOptions()).replace(
+        **{name: value for name, value in given.items() if value is not None})
+    settings = settings.replace(eps=settings.eps[:1])  # one threshold: the intruders rescaled
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_out_dir(out_dir)
     if isinstance(tuned, dict):
@@ -222,16 +229,20 @@ def intervene(
         pairs, skipped = pairing.find_pairs(base_checkpoint, tuned_source, scope)
         if not is_adapter:
             _check_rewritable(tuned_checkpoint, pairs)
+        recipe = Recipe(settings, backend, cache_in)
+        native = linalg.resolve_backend(device, backend) == "triton"
         loader = loading.BatchLoader(base_checkpoint, [tuned_source], [{pair.name: pair for pair in pairs}],
-                                     device=device, native=linalg.resolve_backend(device, backend) == "triton")
-        finder = _EditFinder(settings, lam, which, cache_in, backend)
-        edits, matrices = finder.find(loader, pairing.shape_batches(pairs, settings.max_batch_bytes), progress)
+                                     device=device, native=native, read_bases=recipe.read_bases())
+        plan = memory.Plan(device=device.type, sources=(("lora", 64) if is_adapter else ("full", 4),),
+                           cached=cache_in is not None, k=settings.k, torch_products=not native)
+        batches = pairing.shape_batches(pairs, lambda shape: memory.batch_size(shape, settings.max_batch_bytes, plan))
+        edits, matrices = _EditFinder(recipe, lam, which).find(loader, batches, progress)
         published = base_checkpoint if is_adapter else tuned_checkpoint  # an adapter is merged in W0's dtype
         _check_lambda(lam, edits, lambda edit: published.dtype(edit.pair.name if is_adapter else edit.pair.tuned_name))
         summary = InterventionSummary(
             base=loading.describe(base), tuned=os.fspath(tuned),
-            out_dir=out_dir, tuned_kind="lora" if is_adapter else "full", lam=lam, which=which, eps=float(eps),
-            k=k, matrices=matrices, skipped=skipped, files=[],
+            out_dir=out_dir, tuned_kind="lora" if is_adapter else "full", lam=lam, which=which,
+            eps=settings.eps[0], k=settings.k, matrices=matrices, skipped=skipped, files=[],
             created=timestamp(),
             inputs=located.record,
         )
@@ -251,12 +262,12 @@ def intervene(
 
 
 def _check_options(lam, which, eps) -> float:
-    """λ as a float; ``which`` one of ``options.WHICH``; ``eps`` one threshold (k, ε's range and the rest:
+    """λ as a float; ``which`` one of ``options.WHICH``; ``eps`` one threshold or None (k, ε's range and the rest:
     ScanOptions)."""
-    lam = options.scale_factor(lam)
-    if which not in options.WHICH:
+    lam = options_module.scale_factor(lam)
+    if which not in options_module.WHICH:
         raise InputError("which", f"must be 'top' or 'all', got {which!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
         raise InputError("eps", f"must be one threshold in (0, 1], got {eps!r}")
     return lam
 
@@ -295,14 +306,13 @@ def _check_out_dir(out_dir: str) -> None:
 
 @dataclass
 class _EditFinder:
-    """Finds the triplets to rescale: each batch analysed as :func:`lorafft.scan` analyses it (same loader, base
-    basis, start block and per-batch random stream), then the chosen intruders' triplets recomputed in fp64."""
+    """Finds the triplets to rescale: each batch analysed as :func:`lorafft.scan` analyses it (the same
+    :class:`lorafft.recipe.Recipe`), then the chosen intruders' triplets recomputed in fp64 by the same chooser
+    (:func:`lorafft.analysis.tuned_top`), started from the vectors the analysis found."""
 
-    settings: options.ScanOptions
+    recipe: Recipe
     lam: float
     which: str
-    cache_in: BaseCache | None  # base bases read from here (intervene's base_cache)
-    backend: str | None
 
     def find(self, loader: loading.BatchLoader, batches: list[list[Pair]], progress: bool):
         """``({name: _Edit}, [MatrixIntervention])``: edits only for matrices with something to rescale."""
@@ -310,23 +320,19 @@ class _EditFinder:
 
         edits, matrices = {}, []
         with tqdm(total=sum(map(len, batches)), unit="matrix", disable=not progress, desc="lorafft intervene") as bar:
-            for position, loaded in loader.batches(batches):
-                self._batch(position, loaded, edits, matrices)
+            for _, loaded in loader.batches(batches):
+                self._batch(loaded, edits, matrices)
                 bar.update(len(loaded.pairs[0]))
         return edits, matrices
 
-    def _batch(self, position: int, loaded: loading.LoadedBatch, edits: dict, matrices: list) -> None:
-        settings = self.settings
-        batch, (entry,), (columns,) = loaded.pairs[0], loaded.tuned, loaded.columns
-        generator = analysis.batch_generator(settings.seed, position)
-        basis = batch_basis(loaded.W0, loaded.stored, batch, self.cache_in)
-        Wt, update = loading.dense_or_update(entry)
-        result = analysis.analyze(loaded.W0, Wt, lora=update, k=settings.k, eps=settings.eps, start=columns,
-                                  tol=settings.tol, generator=generator, basis=basis, backend=self.backend)["left"]
+    def _batch(self, loaded: loading.LoadedBatch, edits: dict, matrices: list) -> None:
+        batch = loaded.pairs[0]
+        basis = self.recipe.basis(loaded)
+        result = self.recipe.analyse(loaded, 0, basis, sides=("left",))["left"]
         intruders = [torch.nonzero(result.intruders[index, :, 0]).flatten().tolist() for index in range(len(batch))]
         chosen = [ranks[:1] if self.which == "top" else ranks for ranks in intruders]
         rows = [index for index, ranks in enumerate(chosen) if ranks]
-        triplets = self._triplets(loaded, basis, rows, columns, generator) if rows else None
+        triplets = self._triplets(loaded, basis, rows, result) if rows else None
         for index, pair in enumerate(batch):
             ranks = chosen[index]
             matrix = MatrixIntervention(pair.name, pair.tuned_name, tuple(pair.shape), intruders=len(intruders[index]))
@@ -342,20 +348,22 @@ class _EditFinder:
                              triplets.error_bound[row])
             for j, sigma in zip(ranks, S.tolist()):
                 matrix.rescaled.append(RescaledDimension(j, float(result.max_cos[index, j]), sigma, self.lam * sigma))
-            edits[pair.name] = _Edit(pair, triplets.U[row][:, ranks], S, triplets.V[row][:, ranks])
+            U, V = triplets.U[row][:, ranks], triplets.V[row][:, ranks]
+            sign = U.gather(0, U.abs().argmax(dim=0, keepdim=True)).sign()  # u_j's largest entry positive: the
+            edits[pair.name] = _Edit(pair, U * sign, S, V * sign)  # same factors whichever path found (u, v) or -(u, v)
 
-    def _triplets(self, loaded: loading.LoadedBatch, basis, rows: list[int], columns, generator) -> linalg.TruncatedSVD:
-        """Top-k singular triplets of the tuned matrices ``rows`` of the batch in fp64, certified to TRIPLET_TOL,
-        started as ``analyze`` starts (:func:`lorafft.analysis.start_block`), so a few iterations suffice."""
-        guesses, block = analysis.start_block(basis, self.settings.k, columns)
-        entry = loaded.tuned[0]
-        if isinstance(entry, linalg.LowRank):
-            W, low_rank = loaded.W0[rows].double(), linalg.LowRank(entry.B[rows], entry.A[rows], entry.scale[rows])
-        else:
-            W, low_rank = entry[rows].double(), None
-        return linalg.truncated_svd(W, self.settings.k, start=guesses[rows], block_size=block, tol=TRIPLET_TOL,
-                                    generator=generator, low_rank=low_rank,
-                                    base_gram=None if basis.gram is None else basis.gram[rows])
+    def _triplets(self, loaded: loading.LoadedBatch, basis, rows: list[int], result) -> linalg.TruncatedSVD:
+        """Top-k singular triplets of the tuned matrices ``rows`` of the batch in fp64, certified to TRIPLET_TOL, by
+        the analysis' own chooser, started from the vectors it found (a few iterations, or one certifying step)."""
+        entry, settings = loaded.tuned[0], self.recipe.options
+        update = entry.select(rows) if isinstance(entry, linalg.LowRank) else None
+        Wt = None if update is not None else linalg.dequantized(entry, loaded.scales[0])[rows].double()
+        names = [loaded.pairs[0][row].name for row in rows]
+        tuned = analysis.tuned_top(loaded.W0[rows].double(), Wt, k=settings.k,
+                                   basis=basis.select(rows), backend="torch", low_rank=update,
+                                   start=result.vectors[rows], tol=TRIPLET_TOL,
+                                   generator=analysis.matrix_generators(settings.seed, names))
+        return tuned.svd
 
 
 def _check_agreement(pair, ranks, S, S_analysis, error_bound, triplet_bound) -> None:

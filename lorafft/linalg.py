@@ -32,7 +32,19 @@ from lorafft.io import fp8
 
 SIDES = ("left", "right")
 BACKENDS = ("auto", "torch", "triton")
+SLAB_COLUMNS = 2048  # columns of a weight widened to fp64 at a time (Gram matrices, fp64 products)
 DENSE_SVD_MAX = 512  # min(m, n) up to which the tuned top-k comes from a dense fp64 Gram matrix (dense_is_cheaper)
+
+
+BASIS_KINDS = ("householder", "explicit64", "explicit32")
+CHECKED_VECTORS = 4  # top base vectors of a cached basis checked against W0 before its answers are used
+CHECK_TOLERANCE = 1e-3  # relative: ||M0 M0^T x_i - σ_i² x_i|| against σ_1² (an fp32 basis is good to ~1e-7)
+
+
+def krylov_block(k: int) -> int:
+    """Columns of a Krylov block for the top ``k`` (and of the start block :func:`lorafft.analysis.start_block`
+    fills): ``max(2k, k + 10)``, the one place this rule is written."""
+    return max(2 * k, k + 10)
 
 
 def dense_is_cheaper(m: int, n: int, block_size: int = 0) -> bool:
@@ -89,7 +101,11 @@ class LowRank:
     A: torch.Tensor
     scale: torch.Tensor
 
-    def to(self, device, dtype: torch.dtype | None = None) -> "LowRank":
+    def select(self, rows: list[int]) -> LowRank:
+        """The updates of the matrices ``rows`` of the stack."""
+        return LowRank(B=self.B[rows], A=self.A[rows], scale=self.scale[rows])
+
+    def to(self, device, dtype: torch.dtype | None = None) -> LowRank:
         return LowRank(B=self.B.to(device, dtype), A=self.A.to(device, dtype), scale=self.scale.to(device, dtype))
 
     def times(self, X: torch.Tensor, transpose: bool) -> torch.Tensor:
@@ -104,12 +120,21 @@ class LowRank:
         return self.scale.double()[:, None, None].to(self.B.device) * (self.B.double() @ self.A.double())
 
 
-def _product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str,
-             low_rank: LowRank | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+def operand(W: torch.Tensor, backend: str, scale: torch.Tensor | None = None):
+    """``(W, scale)`` as :func:`product` multiplies them with ``backend``: as stored for the Triton kernels; for
+    torch dequantised, and fp32 when stored in 16 bits (torch would multiply in the stored (b)f16)."""
+    if backend != "torch":
+        return W, None if scale is None else scale.to(W.device, torch.float32)
+    W = dequantized(W, scale)
+    return (W if W.dtype in (torch.float32, torch.float64) else W.float()), None
+
+
+def product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str,
+            low_rank: LowRank | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``(W scale + low_rank) @ X`` or its transpose times X, for ``W [L, m, n]`` and a thin fp64 block X, in fp64:
-    the batched Triton sketch kernel (W read once in its stored dtype with its dequantisation ``scale``,
-    fp32-accurate tensor-core products, fp32 accumulation) or torch in W's dtype (``scale`` None: the caller
-    dequantised); the low-rank term through its thin factors."""
+    one pass over W. The batched Triton sketch kernel (W read once in its stored dtype with its dequantisation
+    ``scale``, fp32-accurate tensor-core products, fp32 accumulation) or torch in W's dtype (W and scale as
+    :func:`operand` gives them); the low-rank term through its thin factors."""
     if backend == "triton":
         from lorafft.kernels.sketch import sketch
 
@@ -151,8 +176,8 @@ def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     L, s, d = W.shape
     gram = torch.zeros(L, s, s, dtype=dtype, device=W.device)
     columns = max(256, math.ceil(s / 8))
-    for start in range(0, d, 2048):
-        slab = W[:, :, start : start + 2048].to(dtype)
+    for start in range(0, d, SLAB_COLUMNS):
+        slab = W[:, :, start : start + SLAB_COLUMNS].to(dtype)
         for first in range(0, s, columns):
             stop = min(s, first + columns)
             gram[:, :stop, first:stop] += slab[:, :stop] @ slab[:, first:stop].mT
@@ -163,8 +188,9 @@ def matmul_fp64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A @ B`` in fp64 for ``A [L, p, q]`` of any dtype and a thin ``B [L, q, c]``, converting A a slab of q at a
     time (no fp64 copy of A)."""
     out = torch.zeros(A.shape[0], A.shape[1], B.shape[-1], dtype=torch.float64, device=A.device)
-    for start in range(0, A.shape[-1], 2048):
-        out += A[:, :, start : start + 2048].double() @ B[:, start : start + 2048].to(A.device, torch.float64)
+    for start in range(0, A.shape[-1], SLAB_COLUMNS):
+        out += A[:, :, start : start + SLAB_COLUMNS].double() @ B[:, start : start + SLAB_COLUMNS].to(A.device,
+                                                                                                     torch.float64)
     return out
 
 
@@ -195,18 +221,38 @@ def _lapack_tridiagonal_eigh(gram: np.ndarray):
 class BaseBasis:
     """All singular vectors of a stack of base matrices ``W0 [L, m, n]``, kept as the eigen-decomposition of
     the smaller side's Gram matrix (``s = min(m, n)``): ``W0 W0^T`` when ``m <= n`` (left side small), else
-    ``W0^T W0``. The small side's basis is ``X = Q Z`` (Householder reflectors times tridiagonal eigenvectors;
-    ``Q = I`` when ``reflectors`` is None); the other side's is recovered by one product, ``W0^T X / sigma``.
+    ``W0^T W0``. The small side's basis X (the paper's x_i of that side) comes in one of three forms, its ``kind``:
+
+    * ``"householder"``: ``X = Q Z`` in fp64, Q the LAPACK ``?sytrd`` reflectors (``reflectors``, ``tau``) and Z
+      the tridiagonal problem's eigenvectors: what :func:`base_basis` builds on the CPU, never formed whole;
+    * ``"explicit64"``: ``X = Z`` fp64 (``torch.linalg.eigh`` on a GPU; a tracker's small matrices);
+    * ``"explicit32"``: ``X = Z`` fp32, from a base cache (or a tracker's large matrices): not orthonormal to fp64
+      (about 1e-7), so answers computed in its coordinates are certified on the matrix itself.
+
+    The other side's basis is recovered by one product, ``W0^T X / sigma``.
 
     sigma: ``[L, s]`` fp64, descending (sqrt of the Gram eigenvalues; the paper's base singular values).
+    row_norms: ``[L, m]`` fp64, ``||w_0,i||²`` of W0's rows (DoRA's ΔM and ΔD), when known without reading W0 again.
+    verified: False for a basis read from a cache whose top vectors were not yet checked against W0
+    (:func:`answers_for`).
     """
 
     W0: torch.Tensor  # [L, m, n] as given (products with it are done in fp64, a slab at a time)
     sigma: torch.Tensor  # [L, s] fp64, descending
     Z: torch.Tensor  # [L, s, s], columns ordered by descending sigma
-    reflectors: torch.Tensor | None  # [L, s, s] LAPACK ?sytrd output (lower, column-major), or None when Z is the basis
-    tau: torch.Tensor | None  # [L, s-1]
+    kind: str
+    reflectors: torch.Tensor | None = None  # [L, s, s] LAPACK ?sytrd output (lower, column-major): "householder"
+    tau: torch.Tensor | None = None  # [L, s-1]: "householder"
     gram: torch.Tensor | None = None  # [L, s, s] fp64 small-side Gram matrix, kept for s <= DENSE_SVD_MAX (_dense_svd)
+    row_norms: torch.Tensor | None = None
+    verified: bool = True
+
+    def __post_init__(self):
+        expected = {"householder": (self.Z.dtype, True), "explicit64": (torch.float64, False),
+                    "explicit32": (torch.float32, False)}.get(self.kind)
+        if expected is None or (self.Z.dtype, self.reflectors is not None) != expected:
+            raise ValueError(f"a {self.kind!r} basis cannot hold Z of {self.Z.dtype} with"
+                             f"{'' if self.reflectors is not None else 'out'} reflectors")
 
     @property
     def small_side(self) -> str:
@@ -217,8 +263,9 @@ class BaseBasis:
         if rows == list(range(self.sigma.shape[0])):
             return self
         pick = (lambda t: None if t is None else t[rows])
-        return BaseBasis(W0=self.W0[rows], sigma=self.sigma[rows], Z=self.Z[rows], reflectors=pick(self.reflectors),
-                         tau=pick(self.tau), gram=pick(self.gram))
+        return BaseBasis(W0=self.W0[rows], sigma=self.sigma[rows], Z=self.Z[rows], kind=self.kind,
+                         reflectors=pick(self.reflectors), tau=pick(self.tau), gram=pick(self.gram),
+                         row_norms=pick(self.row_norms), verified=self.verified)
 
     def _reflect(self, Y: torch.Tensor, transpose: bool) -> torch.Tensor:
         """``Q^T Y`` (``transpose``) or ``Q Y`` for ``Y [L, s, k]``; Q = I when there are no reflectors."""
@@ -231,6 +278,22 @@ class BaseBasis:
     def _small_to_eigen(self, Y: torch.Tensor) -> torch.Tensor:
         """``X_small^T Y`` for ``Y [L, s, k]`` (in Y's dtype): coordinates of Y in the small side's basis."""
         return self.Z.to(Y.dtype).mT @ self._reflect(Y, transpose=True)
+
+    def coordinates(self, Y: torch.Tensor) -> torch.Tensor:
+        """``X^T Y`` ``[L, s, c]`` fp64 for small-side vectors ``Y [L, s, c]``: their coordinates in the small side's
+        basis, row i for the base vector of the i-th largest σ (an explicit fp32 basis is widened a slab at a
+        time)."""
+        Y = Y.to(self.Z.device, torch.float64)
+        if self.kind == "explicit32":
+            return matmul_fp64(self.Z.mT, Y)
+        return self._small_to_eigen(Y)
+
+    def small_vectors(self, Y: torch.Tensor) -> torch.Tensor:
+        """``X Y`` ``[L, s, c]`` fp64: small-side vectors from their coordinates ``Y [L, s, c]``."""
+        Y = Y.to(self.Z.device, torch.float64)
+        if self.kind == "explicit32":
+            return matmul_fp64(self.Z, Y)
+        return self._reflect(self.Z @ Y, transpose=False)
 
     def project(self, Y: torch.Tensor, side: str) -> torch.Tensor:
         """Cosines ``X^T Y`` of unit vectors ``Y [L, d, k]`` against every base singular vector of ``side``.
@@ -264,6 +327,49 @@ class BaseBasis:
         sigma = self.sigma[:, :count]
         return other * torch.where(sigma > 0, 1.0 / sigma, 0.0).unsqueeze(1)  # 0 where sigma_i = 0, as in project
 
+    def checked_vectors(self) -> torch.Tensor:
+        """The top :data:`CHECKED_VECTORS` small-side base vectors ``[L, s, c]`` fp64, which :meth:`answers` checks."""
+        return self.top_vectors(self.small_side, CHECKED_VECTORS)
+
+    def answers(self, image: torch.Tensor) -> torch.Tensor:
+        """``[L]`` bool: whether this basis answers for its matrix W0, from ``image = M0 M0^T X_c`` (M0 W0 in the
+        small side's orientation, X_c :meth:`checked_vectors`): the checked vectors are unit and
+        ``||M0 M0^T x_i - σ_i² x_i|| <= CHECK_TOLERANCE σ_1²``. A basis of another matrix, or of this one in the other
+        orientation (a square GPT-2 ``Conv1D`` weight), fails it."""
+        X = self.checked_vectors()
+        count = X.shape[-1]
+        residual = (image.to(X.device) - X * self.sigma[:, None, :count] ** 2).norm(dim=1).amax(dim=-1)
+        unit = (X.norm(dim=1) - 1).abs().amax(dim=-1) <= CHECK_TOLERANCE
+        top = self.sigma[:, 0].clamp_min(torch.finfo(torch.float64).tiny) ** 2
+        return unit & (residual <= CHECK_TOLERANCE * top)
+
+    def verify(self, backend: str = "torch") -> torch.Tensor:
+        """:meth:`answers` with its two thin products with W0 computed here: ``[L]`` bool."""
+        W, _ = operand(self.W0, backend)
+        transposed = self.small_side == "right"
+        X = self.checked_vectors()
+        back = product(W, product(W, X, transpose=not transposed, backend=backend), transpose=transposed,
+                       backend=backend)
+        return self.answers(back)
+
+    def base_rows(self) -> torch.Tensor:
+        """``||w_0,i||²`` ``[L, m]`` fp64: :attr:`row_norms`, or from the basis when the left side is the small one
+        (``sum_j σ_j² x_j[i]²``), else one pass over W0; kept for the next call."""
+        if self.row_norms is None:
+            if self.small_side == "left" and self.reflectors is None:
+                self.row_norms = (self.Z.double() ** 2) @ (self.sigma**2).unsqueeze(-1)
+                self.row_norms = self.row_norms.squeeze(-1)
+            else:
+                self.row_norms = row_norms(self.W0)
+        return self.row_norms
+
+
+def row_norms(W: torch.Tensor) -> torch.Tensor:
+    """``||w_i||²`` ``[L, m]`` fp64 of the rows of ``W [L, m, n]`` (any dtype), widened a slab of rows at a time."""
+    rows = max(1, (1 << 24) // max(1, W.shape[0] * W.shape[-1]))
+    return torch.cat([W[:, start : start + rows].double().square().sum(dim=-1)
+                      for start in range(0, W.shape[1], rows)], dim=1)
+
 
 def base_basis(W0: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> BaseBasis:
     """Exact (full) singular basis of both sides of ``W0 [L, m, n]`` from the smaller side's Gram matrix.
@@ -272,11 +378,15 @@ def base_basis(W0: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> BaseB
     all-MiniLM-L6-v2's query matrices (sigma from 5.8 down to 0.0016) an fp32 Gram put max|cos| off by up to
     0.12 against fp64 SVD, fp64 by under 1e-9 (``benchmarks/measure_claims.py``). On the CPU the symmetric
     eigen-problem goes through LAPACK's tridiagonal route without forming the basis (4.2 s against 8.2 s for
-    ``torch.linalg.eigh`` at 4096, same script); on other devices ``torch.linalg.eigh`` is used.
+    ``torch.linalg.eigh`` at 4096, same script): a ``"householder"`` basis; on other devices ``torch.linalg.eigh``
+    gives an ``"explicit64"`` one. W0's row norms come with it (the Gram diagonal when the left side is small, one
+    pass otherwise). Device memory at the peak, per matrix: the Gram matrix and ``eigh``'s eigenvectors, ``16 s²``
+    bytes, plus the solver's workspace for one matrix (:mod:`lorafft.memory`).
     """
     small = W0 if W0.shape[-2] <= W0.shape[-1] else W0.mT
     gram = _gram_upper(small, dtype)
     L, s, _ = gram.shape
+    rows = gram.diagonal(dim1=-2, dim2=-1).double().clone() if small is W0 else row_norms(W0)
     kept = None  # the Gram matrix itself, for the dense top-k of LoRA updates of small matrices (_dense_svd)
     if s <= DENSE_SVD_MAX and dtype == torch.float64:
         kept = gram.triu() + gram.triu(1).mT  # the upper triangle mirrored (LAPACK overwrites gram below)
@@ -289,16 +399,22 @@ def base_basis(W0: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> BaseB
             tau_g.numpy()[:] = tau_lapack
             lam_g.numpy()[:] = lam_lapack
             Z_g.numpy()[:] = Z_lapack[:, ::-1]  # columns by descending sigma
-        reflectors = gram.mT  # LAPACK overwrote the Gram matrix with them
-    else:
-        lam, Z = torch.linalg.eigh(gram, UPLO="U")
-        Z, reflectors, tau = Z.flip(-1), None, None
-    return BaseBasis(W0=W0, sigma=_sigma(lam), Z=Z, reflectors=reflectors, tau=tau, gram=kept)
+        return BaseBasis(W0=W0, sigma=_sigma(lam), Z=Z, kind="householder", reflectors=gram.mT, tau=tau,
+                         gram=kept, row_norms=rows)  # LAPACK overwrote the Gram matrix with the reflectors
+    lam, Z = torch.linalg.eigh(gram, UPLO="U")
+    del gram  # before the columns are reordered: one matrix's copy at a time, not the batch's
+    for index in range(L):
+        Z[index] = Z[index].flip(-1)
+    return BaseBasis(W0=W0, sigma=_sigma(lam), Z=Z.to(dtype), kind="explicit64" if dtype == torch.float64 else
+                     "explicit32", gram=kept, row_norms=rows)
 
 
 def _sigma(lam: torch.Tensor) -> torch.Tensor:
     """Singular values ``[L, s]`` fp64, descending, from a Gram matrix's ascending eigenvalues ``lam [L, s]``."""
     return lam.flip(-1).double().clamp_min(0).sqrt()
+
+
+METHODS = ("dense", "krylov", "update")
 
 
 @dataclass
@@ -309,7 +425,8 @@ class TruncatedSVD:
     between each computed vector and the exact one (sign-aligned), hence on the error of any max|cos| computed
     from it; ``inf`` where the singular value is not separated from its neighbours (the vector is then not
     determined by the matrix, and no method can certify it). ``residual [L, k]``: ``||W v_j - sigma_j u_j||``.
-    ``iterations``: Krylov iterations used (0 for a dense SVD).
+    ``iterations``: Krylov iterations used (0 for a dense SVD; for the update path, its iterations in the base's
+    coordinates). ``method``: which of :data:`METHODS` answered (:func:`lorafft.analysis.tuned_top` chooses).
     """
 
     U: torch.Tensor
@@ -318,6 +435,7 @@ class TruncatedSVD:
     residual: torch.Tensor
     error_bound: torch.Tensor
     iterations: int
+    method: str = "krylov"
 
 
 def orthonormalize(block: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
@@ -391,7 +509,8 @@ def _dense_svd(W: torch.Tensor, k: int, low_rank: LowRank | None = None,
     Y = tuned(X, left) * torch.where(keep, 1.0 / theta, 0.0).unsqueeze(1)  # [L, d, q]; 0 for a (k+1)-th σ of ~0
     residual = (tuned(Y, not left) - X * theta.unsqueeze(1)).norm(dim=1)  # the side the product does not fix
     U, V = (X, Y) if left else (Y, X)
-    return TruncatedSVD(U[..., :k], theta[:, :k], V[..., :k], residual[:, :k], error_bounds(theta, residual, k), 0)
+    return TruncatedSVD(U[..., :k], theta[:, :k], V[..., :k], residual[:, :k], error_bounds(theta, residual, k), 0,
+                        "dense")
 
 
 def _gram_of_sum(W: torch.Tensor, low_rank: LowRank, left: bool, gram: torch.Tensor) -> torch.Tensor:
@@ -402,19 +521,33 @@ def _gram_of_sum(W: torch.Tensor, low_rank: LowRank, left: bool, gram: torch.Ten
     return torch.baddbmm(gram, F, C @ F.mT)
 
 
-def update_factors(W: torch.Tensor, low_rank: LowRank, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def update_factors(W: torch.Tensor, low_rank: LowRank, left: bool,
+                   image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The terms a LoRA update adds to the smaller side's Gram matrix: for ``left`` (``m <= n``),
     ``(W + s B A)(W + s B A)^T = W W^T + F C F^T`` with ``F = [W A^T, B]`` ``[L, s, 2r]`` and
     ``C = [[0, s I], [s I, s² A A^T]]`` ``[L, 2r, 2r]``; else the same with ``W^T`` for W, ``A^T`` for B and
-    ``B^T`` for A. All fp64 (``W`` and ``low_rank`` as given: fp64)."""
+    ``B^T`` for A. ``image``: ``W A^T`` (``W^T B``) when the caller has it (:func:`update_image`, one pass over W);
+    else formed from W in fp64. All fp64."""
     first, second = (low_rank.B, low_rank.A) if left else (low_rank.A.mT, low_rank.B.mT)  # the small orientation
     L, r = first.shape[0], first.shape[-1]
-    F = torch.cat([(second @ (W.mT if left else W)).mT, first], dim=-1)  # (A W^T)^T: BLAS streams W by rows
-    scale = low_rank.scale[:, None, None]
-    eye = torch.eye(r, dtype=torch.float64, device=W.device).expand(L, r, r)
+    if image is None:
+        image = (second @ (W.mT if left else W).double()).mT  # (A W^T)^T: BLAS streams W by rows
+    F = torch.cat([image.to(first.device, torch.float64), first.double()], dim=-1)
+    scale = low_rank.scale.double()[:, None, None]
+    eye = torch.eye(r, dtype=torch.float64, device=first.device).expand(L, r, r)
     C = torch.cat([torch.cat([torch.zeros_like(eye), scale * eye], -1),
-                   torch.cat([scale * eye, scale**2 * (second @ second.mT)], -1)], -2)
+                   torch.cat([scale * eye, scale**2 * (second.double() @ second.double().mT)], -1)], -2)
     return F, C
+
+
+def update_image(W: torch.Tensor, low_rank: LowRank, backend: str) -> torch.Tensor:
+    """``W A^T [L, m, r]`` when the left side is the small one (``m <= n``), else ``W^T B [L, n, r]``, fp64: the
+    one product with W0 that the update path (:mod:`lorafft.updating`) needs, in one pass over W. ``W A^T`` is
+    computed in fp64 (W widened a slab at a time): DoRA's ΔM and ΔD reuse it, to fp64 accuracy."""
+    if W.shape[-2] <= W.shape[-1]:
+        return matmul_fp64(W, low_rank.A.to(W.device, torch.float64).mT)
+    W, _ = operand(W, backend)
+    return product(W, low_rank.B.to(W.device, torch.float64), transpose=True, backend=backend)
 
 
 def _top_eigenpairs(gram: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,17 +569,101 @@ def _full_svd(dense: torch.Tensor, k: int) -> TruncatedSVD:
     """Top-k of fp64 ``dense [L, m, n]`` from one batched full LAPACK SVD, residuals at its backward error."""
     U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
     residual = (S[:, :1] * torch.finfo(torch.float64).eps * math.sqrt(max(dense.shape[-2:]))).expand_as(S).clone()
-    return TruncatedSVD(U[..., :k], S[:, :k], Vh.mT[..., :k], residual[:, :k], error_bounds(S, residual, k), 0)
+    return TruncatedSVD(U[..., :k], S[:, :k], Vh.mT[..., :k], residual[:, :k], error_bounds(S, residual, k), 0,
+                        "dense")
 
 
-def _random_block(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard normal fp64 block drawn on ``device``. A generator on another device (a CPU generator for CUDA
-    tensors) seeds a generator on ``device`` with one draw, so results are reproducible per device; on the CPU the
-    values are ``torch.randn(..., generator=generator)``'s."""
+def _random_block(shape: tuple[int, ...], generator, device: torch.device) -> torch.Tensor:
+    """Standard normal fp64 block ``[L, n, c]`` drawn on ``device``: from one generator for the whole stack, or from
+    a list of one generator per matrix (:func:`lorafft.analysis.matrix_generators`: each matrix's draw then does not
+    depend on which matrices share its batch). A generator on another device (a CPU generator for CUDA tensors)
+    seeds a generator on ``device`` with one draw, so results are reproducible per device; on the CPU the values
+    are ``torch.randn(..., generator=generator)``'s."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_random_block((1, *shape[1:]), g, device) for g in generator])
     if generator is not None and generator.device.type != device.type:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         generator = torch.Generator(device).manual_seed(seed)
     return torch.randn(*shape, generator=generator, dtype=torch.float64, device=device)
+
+
+@dataclass
+class _Ritz:
+    """Rayleigh–Ritz on ``span(Q)`` for W: ``theta [L, D]`` descending, ``U_hat [L, D, D]`` (Ritz vectors in Q's
+    coordinates), ``U = Q U_hat``, ``residual [L, D]`` ``||W v - theta u||`` (the side Rayleigh–Ritz does not make
+    zero) and the rows ``B = Q^T W`` it came from."""
+
+    theta: torch.Tensor
+    U_hat: torch.Tensor
+    U: torch.Tensor
+    residual: torch.Tensor
+    B: torch.Tensor
+
+    @classmethod
+    def of(cls, Q: torch.Tensor, B: torch.Tensor, P: torch.Tensor) -> _Ritz:
+        """From ``Q [L, m, D]`` orthonormal, ``B = Q^T W [L, D, n]`` and ``P = W W^T Q [L, m, D]``: the SVD of B
+        through the eigen-decomposition of ``B B^T [D, D]`` (fp64: the top Ritz values and vectors keep full
+        accuracy; the D×D problem is cheaper than a thin SVD of B)."""
+        lam, U_hat = torch.linalg.eigh(B @ B.mT)
+        lam, U_hat = lam.flip(-1), U_hat.flip(-1)
+        theta = lam.clamp_min(0).sqrt()
+        inverse = torch.where(theta > theta[:, :1] * torch.finfo(torch.float64).eps, 1.0 / theta, 0.0)
+        U = Q @ U_hat
+        residual = ((P @ U_hat) * inverse.unsqueeze(1) - U * theta.unsqueeze(1)).norm(dim=1)
+        return cls(theta, U_hat, U, residual, B)
+
+    def top(self, k: int, iterations: int, method: str, transposed: bool = False) -> TruncatedSVD:
+        """The top-k triplets with their residuals and bounds (W's, or Wᵀ's swapped back when ``transposed``)."""
+        theta = self.theta[:, :k]
+        inverse = torch.where(theta > self.theta[:, :1] * torch.finfo(torch.float64).eps, 1.0 / theta, 0.0)
+        U, V = self.U[..., :k], (self.B.mT @ self.U_hat[..., :k]) * inverse[:, None, :]
+        U, V = (V, U) if transposed else (U, V)
+        return TruncatedSVD(U, theta, V, self.residual[:, :k], error_bounds(self.theta, self.residual, k), iterations,
+                            method)
+
+
+@dataclass
+class Certified:
+    """:func:`certify`'s answer: ``svd`` (method ``"update"``), and ``checked``, ``M0 M0^T`` times the checked
+    vectors (the product that rode in its passes), or None."""
+
+    svd: TruncatedSVD
+    checked: torch.Tensor | None
+
+
+def certify(W: torch.Tensor, vectors: torch.Tensor, k: int, *, backend: str, low_rank: LowRank | None = None,
+            transposed: bool = False, checked: torch.Tensor | None = None) -> Certified:
+    """The top-k singular triplets of ``W + low_rank`` in ``span(vectors)``, with their measured residuals and
+    bounds: one Rayleigh–Ritz step, two passes over W (what certifies an answer found elsewhere, such as in the
+    base's coordinates: :mod:`lorafft.updating`). Write M for W, or for Wᵀ when ``transposed``.
+
+    Args:
+        W: ``[L, m, n]`` as :func:`truncated_svd` takes it (no FP8 scale: the update path is for LoRA updates).
+        vectors: ``[L, d, q]`` approximate left singular vectors of M (W's left ones, or with ``transposed`` its
+            right ones); the triplets come back as W's.
+        k: triplets returned (q >= k; the others' Ritz values bound the gaps).
+        backend: the products with W (:func:`resolve_backend`).
+        low_rank: the LoRA update, kept factored (``s·B(A X)`` added to each product).
+        checked: ``[L, d, c]`` vectors multiplied by ``M0 M0^T`` (W alone, without the update) in the same two
+            passes: a cached base basis checked against W0 (:meth:`BaseBasis.answers`).
+    """
+    q = vectors.shape[-1]
+    W, _ = operand(W, backend)
+    Q = orthonormalize(vectors.to(W.device, torch.float64), None)
+    low_rank = None if low_rank is None else low_rank.to(W.device, torch.float64)
+    block = Q if checked is None else torch.cat([Q, checked.to(W.device, torch.float64)], dim=-1)
+
+    def times(X: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """(M^T or M) X, the update added to the first q columns only."""
+        result = product(W, X, transpose=transpose != transposed, backend=backend)
+        if low_rank is not None:
+            result[..., :q] += low_rank.times(X[..., :q], transpose != transposed)
+        return result
+
+    rows = times(block, True)  # M^T [Q, checked]
+    image = times(rows, False)  # M M^T [Q, checked] (M0 M0^T for the checked columns)
+    ritz = _Ritz.of(Q, rows[..., :q].mT, image[..., :q])
+    return Certified(ritz.top(k, 0, "update", transposed), None if checked is None else image[..., q:])
 
 
 def truncated_svd(
@@ -457,7 +674,7 @@ def truncated_svd(
     block_size: int | None = None,
     tol: float = 1e-5,
     max_iters: int = 40,
-    generator: torch.Generator | None = None,
+    generator=None,
     backend: str | None = None,
     low_rank: LowRank | None = None,
     scale: torch.Tensor | None = None,
@@ -488,10 +705,10 @@ def truncated_svd(
         start: optional left-space vectors ``[L, m, c]`` that should lie near the answer (the base matrix's top
             left singular vectors, a LoRA adapter's B columns): with them a synthetic 4096² fine-tune certifies
             in 7 iterations (``benchmarks/results/claims.json``).
-        block_size: columns per block, default ``max(2k, k + 10)``; at least a quarter of them random.
+        block_size: columns per block, default :func:`krylov_block`; at least a quarter of them random.
         tol: target error bound per vector (the max|cos| error it allows).
         max_iters: safety cap on iterations.
-        generator: for the random start (reproducible results).
+        generator: for the random start (reproducible results): one for the stack, or one per matrix.
         backend: the products with W: "torch", "triton" (:mod:`lorafft.kernels.sketch`) or "auto" (see
             :func:`resolve_backend`).
         low_rank: a LoRA update ``s·B·A`` to add to W, kept factored: each product with the sum is W's product
@@ -511,21 +728,17 @@ def truncated_svd(
     """
     L, m, n = W.shape
     k = min(k, m, n)
-    b = block_size or max(2 * k, k + 10)
+    b = block_size or krylov_block(k)
     if dense_is_cheaper(m, n, b):
         return _dense_svd(dequantized(W, scale), k, low_rank, None if scale is not None else base_gram)
     backend = resolve_backend(W.device, backend, W.dtype)
-    if backend == "torch":
-        W, scale = dequantized(W, scale), None
-        if W.dtype not in (torch.float32, torch.float64):
-            W = W.float()  # torch would multiply in the stored (b)f16; the Triton kernel reads it as stored
-    scale = None if scale is None else scale.to(W.device, torch.float32)
+    W, scale = operand(W, backend, scale)
     # Factors moved and converted once, not in every product: a CPU-held scale or factor would otherwise cost a
     # blocking host-to-device copy per product on CUDA.
     low_rank = None if low_rank is None else low_rank.to(W.device, torch.float64)
     n_random = b - (0 if start is None else min(start.shape[-1], b - max(1, b // 4)))
     omega = _random_block((L, n, n_random), generator, W.device)
-    first = _product(W, omega, transpose=False, backend=backend, low_rank=low_rank, scale=scale)
+    first = product(W, omega, transpose=False, backend=backend, low_rank=low_rank, scale=scale)
     if start is not None:
         first = torch.cat([start[..., : b - n_random].to(W.device, torch.float64), first], dim=-1)
     precision = torch.float64 if W.dtype == torch.float64 else torch.float32  # the products' precision
@@ -536,27 +749,18 @@ def truncated_svd(
     rows = []  # (W^T K_j)^T, the blocks of rows of Q^T W
     images = []  # W W^T K_j
     for iteration in range(1, max_iters + 1):
-        WtK = _product(W, blocks[-1], transpose=True, backend=backend, low_rank=low_rank, scale=scale)  # [L, n, b]
+        WtK = product(W, blocks[-1], transpose=True, backend=backend, low_rank=low_rank, scale=scale)  # [L, n, b]
         rows.append(WtK.mT)
-        images.append(_product(W, WtK, transpose=False, backend=backend, low_rank=low_rank, scale=scale))
-        Q, B, P = torch.cat(blocks, -1), torch.cat(rows, -2), torch.cat(images, -1)
-        # Rayleigh–Ritz on span(Q): the SVD of B = Q^T W [D, n] through the eigen-decomposition of B B^T [D, D]
-        # (fp64: the top Ritz values and vectors keep full accuracy; the D×D problem is cheaper than a thin SVD of B)
-        lam, U_hat = torch.linalg.eigh(B @ B.mT)
-        lam, U_hat = lam.flip(-1), U_hat.flip(-1)
-        theta = lam.clamp_min(0).sqrt()
-        keep = theta > theta[:, :1] * torch.finfo(torch.float64).eps
-        inverse_theta = torch.where(keep, 1.0 / theta, 0.0)
-        U = Q @ U_hat
-        residual = ((P @ U_hat) * inverse_theta.unsqueeze(1) - U * theta.unsqueeze(1)).norm(dim=1)
-        bound = error_bounds(theta, residual, k)
-        done = finished(bound, residual[:, :k], previous, theta[:, :1] * small_residual, tol)
+        images.append(product(W, WtK, transpose=False, backend=backend, low_rank=low_rank, scale=scale))
+        Q = torch.cat(blocks, -1)
+        ritz = _Ritz.of(Q, torch.cat(rows, -2), torch.cat(images, -1))
+        bound = error_bounds(ritz.theta, ritz.residual, k)
+        done = finished(bound, ritz.residual[:, :k], previous, ritz.theta[:, :1] * small_residual, tol)
         if bool(done.all()) or iteration == max_iters:
-            V = (B.mT @ U_hat[..., :k]) * inverse_theta[:, None, :k]
-            return TruncatedSVD(U[..., :k], theta[:, :k], V, residual[:, :k], bound, iteration)
+            return ritz.top(k, iteration, "krylov")
         if Q.shape[-1] + b > min(m, n):
             return _dense_svd(dequantized(W, scale), k, low_rank, None if scale is not None else base_gram)
-        previous = residual[:, :k]
+        previous = ritz.residual[:, :k]
         blocks.append(orthonormalize(images[-1], Q))
     raise AssertionError("unreachable")
 

@@ -13,9 +13,11 @@ are decided here and nowhere else:
   projections and the magnitude/direction rows, so a LoRA adapter's Krylov products use that fp32 copy (a second,
   float8 copy of W0 would add device memory to save reads of a matrix that must be resident anyway);
 * one reader thread prefetches the next batch while the device works on this one (at most two in memory), and
-  each shard is released right after the last tensor read from it. On CUDA that thread also pins the batch in
-  host memory and copies it on a dedicated stream (``non_blocking``), so the next batch's transfer overlaps this
-  batch's compute; the consumer's stream waits for the copy's event before using it.
+  each shard is released right after the last tensor read from it. The same thread reads the batch's cached base
+  bases when a base cache has them (``read_bases``). On CUDA it also pins the batch in host memory and copies it
+  on a dedicated stream (``non_blocking``), so the next batch's transfer overlaps this batch's compute; the
+  consumer's stream waits for the copy's event before using it. Its work is timed as the ``read`` and
+  ``to_device`` stages of an active :class:`lorafft.profiling.Profile`.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafft import adapters, io, linalg
+from lorafft import adapters, io, linalg, profiling
 from lorafft.errors import InputError
 from lorafft.io import fp8
 from lorafft.pairing import Pair
 
 NATIVE_DTYPES = (torch.float16, torch.bfloat16)  # read as stored by the Triton kernels
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # a full fine-tune's FP8 weights, kept as stored for them
 
 
 def describe(source) -> str:
@@ -104,18 +107,22 @@ def stack(matrices: list[torch.Tensor]) -> torch.Tensor:
 class LoadedBatch:
     """One batch of same-shape matrices, ``L`` of them, ready for the linear algebra.
 
+    batch: the ``L`` base matrices' pairs (their names, orientations and shapes).
     pairs: per tuned source, its pairs among the batch's (all ``L`` unless sources adapt different matrices).
     rows: per tuned source, the positions of its pairs in the batch (``W0[rows]`` is what it is compared with).
     stored: the ``L`` base tensors as stored (dtype and orientation of the file: cache fingerprints).
     W0: ``[L, m, n]`` base stack in the analysed orientation, on the device.
     tuned: per tuned source, ``Wt [L', m, n]`` (L' = len(rows)) or its update kept factored
         (:class:`~lorafft.linalg.LowRank`); None for a source with no matrix in this batch.
+    cached: the batch's base bases read from a base cache, ``(basis [L, s, s] fp32, sigma [L, s] fp64, row norms
+        [L, m] fp64)``, or None (not all cached, or no cache).
     columns: per tuned source, the adapter's B columns ``[L', m, r]`` (:func:`adapter_columns`) or None.
     scales: per tuned source, the dequantisation scale of ``Wt`` kept float8 as stored (``native`` only): ``[L']``
         per tensor, ``[L', m]`` per output channel, ``[L', ceil(m/128), ceil(n/128)]`` per block (``Wt · scale``
         is the matrix, :func:`lorafft.linalg.truncated_svd`'s ``scale``); None when ``Wt`` is the matrix itself.
     """
 
+    batch: list[Pair]
     pairs: list[list[Pair]]
     rows: list[list[int]]
     stored: list[torch.Tensor]
@@ -123,6 +130,24 @@ class LoadedBatch:
     tuned: list[torch.Tensor | linalg.LowRank | None]
     columns: list[torch.Tensor | None]
     scales: list[torch.Tensor | None]
+    cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def select(self, positions: list[int]) -> LoadedBatch:
+        """The batch restricted to the matrices at ``positions`` (an out-of-memory retry splits a batch in two)."""
+        pairs, rows, tuned, columns, scales = [], [], [], [], []
+        for source_pairs, source_rows, entry, column, scale in zip(self.pairs, self.rows, self.tuned, self.columns,
+                                                                    self.scales):
+            keep = [index for index, row in enumerate(source_rows) if row in positions]
+            pairs.append([source_pairs[index] for index in keep])
+            rows.append([positions.index(source_rows[index]) for index in keep])
+            tuned.append(None if not keep else entry.select(keep) if isinstance(entry, linalg.LowRank)
+                         else entry[keep])
+            columns.append(None if column is None or not keep else column[keep])
+            scales.append(None if scale is None or not keep else scale[keep])
+        cached = None if self.cached is None else tuple(t[positions] for t in self.cached)
+        return LoadedBatch(batch=[self.batch[p] for p in positions], pairs=pairs, rows=rows,
+                           stored=[self.stored[p] for p in positions], W0=self.W0[positions], tuned=tuned,
+                           columns=columns, scales=scales, cached=cached)
 
 
 def dense_or_update(entry: torch.Tensor | linalg.LowRank) -> tuple[torch.Tensor | None, linalg.LowRank | None]:
@@ -183,10 +208,12 @@ class BatchLoader:
 
     def __init__(self, base: io.Checkpoint, sources: list, pairs_by_source: list[dict[str, Pair]], *,
                  device: torch.device | str = "cpu", native: bool = False, factored: bool = True,
-                 fp8_stored: bool = False):
+                 fp8_stored: bool = False, read_bases=None):
         self.base, self.sources, self.pairs_by_source = base, sources, pairs_by_source
         self.device, self.native, self.factored = torch.device(device), native, factored
         self.fp8_stored = native and fp8_stored
+        self.read_bases = read_bases  # (pairs, stored tensors) -> LoadedBatch.cached or None, in the reader thread
+        self.profile = profiling.current()
 
     def batches(self, batches: list[list[Pair]]) -> Iterator[tuple[int, LoadedBatch]]:
         """``(position, LoadedBatch)`` for each batch in order, read ahead by one thread, on the device."""
@@ -199,16 +226,24 @@ class BatchLoader:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
         def load(position: int):
-            loaded = self._load(batches[position], base, tuned)
-            return loaded if stream is None else self._sent(loaded, stream)
+            with profiling.stage("read", profile=self.profile):
+                loaded = self._load(batches[position], base, tuned)
+                if self.read_bases is not None:
+                    loaded.cached = self.read_bases(batches[position], loaded.stored)
+            if stream is None:
+                return loaded
+            with profiling.stage("to_device", profile=self.profile):
+                return self._sent(loaded, stream)
 
         for position, loaded in prefetched(load, list(range(len(batches)))):
-            yield position, _mapped(loaded, lambda t: t.to(self.device)) if stream is None else self._arrived(*loaded)
+            with profiling.stage("to_device", self.device if stream is not None else None, profile=self.profile):
+                moved = _mapped(loaded, lambda t: t.to(self.device)) if stream is None else self._arrived(*loaded)
+            yield position, moved
 
     def _load(self, batch: list[Pair], base: _ShardReleaser, tuned: list) -> LoadedBatch:
         stored = [base.get(pair.name) for pair in batch]
         W0 = stack([oriented(tensor, pair, native=self.native) for tensor, pair in zip(stored, batch)])
-        loaded = LoadedBatch(pairs=[], rows=[], stored=stored, W0=W0, tuned=[], columns=[], scales=[])
+        loaded = LoadedBatch(batch=batch, pairs=[], rows=[], stored=stored, W0=W0, tuned=[], columns=[], scales=[])
         for source, pairs in zip(tuned, self.pairs_by_source):
             rows = [index for index, pair in enumerate(batch) if _same_matrix(pairs.get(pair.name), pair)]
             here = [pairs[batch[index].name] for index in rows]
@@ -252,15 +287,17 @@ class BatchLoader:
 
 def _mapped(loaded: LoadedBatch, move) -> LoadedBatch:
     """``loaded`` with ``move`` applied to every tensor the analysis reads (W0, tuned stacks or factors, columns,
-    scales); ``stored`` stays on the host (cache fingerprints)."""
+    scales, cached bases); ``stored`` stays on the host (cache fingerprints)."""
     def each(entry):
         if isinstance(entry, linalg.LowRank):
             return linalg.LowRank(B=move(entry.B), A=move(entry.A), scale=move(entry.scale))
         return None if entry is None else move(entry)
 
-    return LoadedBatch(pairs=loaded.pairs, rows=loaded.rows, stored=loaded.stored, W0=move(loaded.W0),
+    return LoadedBatch(batch=loaded.batch, pairs=loaded.pairs, rows=loaded.rows, stored=loaded.stored,
+                       W0=move(loaded.W0),
                        tuned=[each(entry) for entry in loaded.tuned], columns=[each(c) for c in loaded.columns],
-                       scales=[each(scale) for scale in loaded.scales])
+                       scales=[each(scale) for scale in loaded.scales],
+                       cached=None if loaded.cached is None else tuple(move(t) for t in loaded.cached))
 
 
 def _same_matrix(pair: Pair | None, reference: Pair) -> bool:

@@ -16,8 +16,10 @@ from lorafft.errors import InputError
 
 SIDES = ("left", "right")
 SIDE_CHOICES = (*SIDES, "both")
-DEFAULT_EPS = (0.5,)
-DEFAULT_MAX_BATCH_BYTES = 1 << 30  # fp32 weights (base + tuned) held at once per batch; the basis adds ~4x
+DEFAULT_K = 10  # the paper's k: top singular vectors examined per matrix
+DEFAULT_EPS = (0.5,)  # the paper's ε
+DEFAULT_TOL = 1e-5  # the certified error bound of each max|cos|
+DEFAULT_MAX_BATCH_BYTES = 4 << 30  # the memory one batch may hold at its peak on the CPU (lorafft.memory)
 REPORT_SUFFIXES = (".json", ".csv")
 CACHE_INDEX = "lorafft-base-cache.json"  # a base cache directory's index (lorafft.cache)
 CACHE_FILE_SUFFIXES = (".safetensors",)  # and its entry files
@@ -174,7 +176,7 @@ class ScanOptions:
     a report and a journal store, so two scans with equal records compute equal rows.
     """
 
-    k: int = 10
+    k: int = DEFAULT_K
     eps: tuple[float, ...] = DEFAULT_EPS
     side: str = "left"
     include: tuple[str, ...] = ()
@@ -183,7 +185,7 @@ class ScanOptions:
     strict: bool = False
     split_fused: bool = False
     delta_ranks: bool = False
-    tol: float = 1e-5
+    tol: float = DEFAULT_TOL
     seed: int = 0
     base_cache: str | None = None
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES

@@ -208,11 +208,11 @@ def _checkpoint_pairs(base: io.Checkpoint, tuned: io.Checkpoint, scope: Scope, s
     return pairs, skipped, noted
 
 
-def shape_batches(pairs: list[Pair], max_batch_bytes: int, copies: int = 2) -> list[list[Pair]]:
-    """Same-shape groups of ``pairs``, cut so that a batch's fp32 stacks (``copies`` per matrix: the base and each
-    tuned checkpoint) fit ``max_batch_bytes``; in first-seen order."""
+def shape_batches(pairs: list[Pair], batch_size) -> list[list[Pair]]:
+    """Same-shape groups of ``pairs``, cut into batches of at most ``batch_size(shape)`` matrices (the memory model's
+    answer, :func:`lorafft.memory.batch_size`), in first-seen order."""
     batches = []
     for shape, group in group_by_shape(pairs, lambda p: p.shape).items():
-        size = max(1, max_batch_bytes // (copies * 4 * shape[0] * shape[1]))
+        size = max(1, int(batch_size(shape)))
         batches.extend(group[start : start + size] for start in range(0, len(group), size))
     return batches

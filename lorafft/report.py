@@ -69,6 +69,9 @@ class MatrixRow:
     # rank-deficient base only: each y_j's length outside the span of the defined base vectors; y_j is an intruder
     # at ε iff max(max_cos_j, outside_j) < ε (``intruders``); None at full rank, where it is 0
     outside: list[float] | None = None
+    # how the tuned top-k were found and certified: "dense", "krylov" or "update" (analysis.tuned_top); None in
+    # reports written before it was recorded
+    method: str | None = None
 
     def intruders(self, eps: float) -> int:
         """The number of intruders at any ``eps`` (``counts`` holds the scan's ε's): y_j with max |cos| < eps that
@@ -112,6 +115,7 @@ class Report:
     versions: dict
     skipped: list[dict] = field(default_factory=list)
     created: str = ""
+    profile: dict | None = None  # a profiled scan's {"wall_seconds", "stages": {stage: seconds}} (lorafft.profiling)
 
     @property
     def checkpoints(self) -> list[str]:
@@ -139,6 +143,7 @@ class Report:
             "totals_by_side": {side: self.totals(side) for side in sides},
             "totals_by_checkpoint": [self.totals(checkpoint=c) for c in range(len(self.checkpoints))],
             "skipped": self.skipped,
+            **({"profile": self.profile} if self.profile is not None else {}),
         }
 
     @classmethod
@@ -154,6 +159,7 @@ class Report:
             versions=data["versions"],
             skipped=data.get("skipped", []),
             created=data.get("created", ""),
+            profile=data.get("profile"),
         )
         keys, checkpoints = {eps_key(e) for e in report.eps}, len(report.checkpoints)
         for row in report.rows:
@@ -404,12 +410,13 @@ def versions() -> dict:
     }
 
 
-def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None, changes=None) -> list[MatrixRow]:
+def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None) -> list[MatrixRow]:
     """The report rows of one analysed batch: per matrix of ``pairs``, one row per side of ``results``
-    (``{side: lorafft.analysis.SideAnalysis}`` of the stack); ``ranks`` per matrix ``(effective, stable)`` of ΔW;
-    ``changes`` the stack's ``(ΔM [L], ΔD [L])`` (:func:`lorafft.analysis.magnitude_direction`)."""
+    (``{side: lorafft.analysis.SideAnalysis}`` of the stack, with its ΔM and ΔD); ``ranks`` per matrix
+    ``(effective, stable)`` of ΔW."""
     rows = []
-    changes = [(None, None)] * len(pairs) if changes is None else list(zip(*(v.tolist() for v in changes)))
+    first = next(iter(results.values()))
+    changes = list(zip(first.delta_magnitude.tolist(), first.delta_direction.tolist()))
     for index, pair in enumerate(pairs):
         layer, module = layer_and_module(pair.name)
         effective, stable = (None, None) if ranks is None else ranks[index]
@@ -443,6 +450,7 @@ def matrix_rows(pairs: list[Pair], results: dict, checkpoint: int, ranks=None, c
                              or bool(result.outside[index].any()) else None),
                     delta_magnitude=magnitude,
                     delta_direction=direction if direction is None or math.isfinite(direction) else None,
+                    method=result.method[index],
                 )
             )
     return rows

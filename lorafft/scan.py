@@ -1,9 +1,9 @@
 """``scan``: checkpoints in, the paper's intruder dimensions out (orchestration only).
 
 Data flow (docs/DESIGN.md): :mod:`lorafft.io` opens the inputs, :mod:`lorafft.pairing` pairs base and tuned
-matrices and cuts same-shape batches, :mod:`lorafft.loading` reads them onto the device, :mod:`lorafft.cache` or
-:mod:`lorafft.linalg` gives each batch's base basis, :func:`lorafft.analysis.analyze` compares, and
-:mod:`lorafft.report` turns the results into rows, journaled as they finish (:mod:`lorafft.journal`).
+matrices and cuts same-shape batches as large as :mod:`lorafft.memory` allows, :mod:`lorafft.loading` reads them onto
+the device (with their cached bases), :class:`lorafft.recipe.Recipe` turns each batch into rows, journaled as they
+finish (:mod:`lorafft.journal`), and :mod:`lorafft.report` makes the report.
 """
 
 from __future__ import annotations
@@ -14,44 +14,51 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorafft import analysis, distributed, io, linalg, loading, options, pairing
-from lorafft.cache import BaseCache, batch_basis
+from lorafft import distributed, io, linalg, loading, memory, pairing, profiling
+from lorafft import options as options_module
+from lorafft.cache import BaseCache
 from lorafft.errors import InputError
 from lorafft.io import hub
 from lorafft.journal import Journal, fingerprints, read_header, row_key
-from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
-from lorafft.report import MatrixRow, Report, matrix_rows, timestamp, versions
+from lorafft.options import ScanOptions
+from lorafft.recipe import Recipe, split_on_out_of_memory
+from lorafft.report import MatrixRow, Report, timestamp, versions
 
 
 def scan(
     base=None,
     tuned=None,
     *,
+    options: ScanOptions | None = None,
     revision: str | None = None,
-    k: int = 10,
-    eps=options.DEFAULT_EPS,
-    side: str = "left",
-    include=(),
-    exclude=(),
-    embeddings: bool = False,
-    strict: bool = False,
-    split_fused: bool = False,
+    k: int | None = None,
+    eps=None,
+    side: str | None = None,
+    include=None,
+    exclude=None,
+    embeddings: bool | None = None,
+    strict: bool | None = None,
+    split_fused: bool | None = None,
     backend: str | None = None,
     device=None,
-    delta_ranks: bool = False,
+    delta_ranks: bool | None = None,
     base_cache=None,
     write_base_cache=None,
     journal=None,
     resume: bool = False,
     out=None,
-    tol: float = 1e-5,
-    seed: int = 0,
+    tol: float | None = None,
+    seed: int | None = None,
     max_batch_bytes: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
+    profile: bool = False,
 ) -> Report | None:
     """Intruder analysis of every weight matrix a base and a fine-tuned checkpoint share.
 
     Args:
+        options: a :class:`lorafft.options.ScanOptions` with every setting of what is computed; the keyword
+            arguments below (k, eps, side, include, exclude, embeddings, strict, split_fused, delta_ranks, tol, seed,
+            base_cache, max_batch_bytes) override it when given (default: ``ScanOptions()``'s values).
         base: Hugging Face checkpoint directory, ``.safetensors``/``.bin`` file, shard index, ``{name: tensor}``, or
             a Hugging Face Hub id (``org/name``; a local path of that name wins; :mod:`lorafft.io.hub`). None: the
             base every PEFT adapter in ``tuned`` names (``base_model_name_or_path`` in its ``adapter_config.json``,
@@ -90,11 +97,16 @@ def scan(
             at a time; with the Triton backend fp16/bf16 weights, and a full fine-tune's FP8 weights with their
             scales, are moved and read as stored.
         seed: seeds the random start blocks (results are reproducible).
-        max_batch_bytes: cap on the fp32 base + tuned weights analysed together. Default
-            ``options.DEFAULT_MAX_BATCH_BYTES``, except on a CUDA device of a single-process scan, where it comes from
-            the device's free memory (:func:`device_batch_bytes`), so that a large GPU takes many layers' same-shape
-            matrices at once (a resumed scan reuses its journal's value); the report's ``options`` records it.
+        max_batch_bytes: cap on the memory one batch holds at its peak, as :mod:`lorafft.memory` predicts it (both
+            batches in flight, the basis, the Krylov blocks, workspace). Default ``options.DEFAULT_MAX_BATCH_BYTES``,
+            except on a CUDA device of a single-process scan, where it is :data:`BUDGET_FRACTION` of the device's
+            free memory, so that a large GPU takes many layers' same-shape matrices at once (a resumed scan reuses
+            its journal's value); the report's ``options`` records it. If the device still runs out of memory, the
+            batch is analysed in halves (same rows, one warning).
         progress: show a progress bar (tqdm) on stderr.
+        profile: time each stage (:mod:`lorafft.profiling`: reading, copying, base bases, tuned top-k, max |cos|,
+            ΔM and ΔD, writing) and keep the seconds in the report's ``profile`` (on a GPU each stage synchronises
+            the device, which slows the scan a little).
 
     Under ``torchrun`` (WORLD_SIZE > 1) the batches are spread over the ranks (:mod:`lorafft.distributed`): rank 0
     returns the whole report (and writes ``out``), the other ranks return None; journals get a ``.rankN`` suffix.
@@ -102,79 +114,99 @@ def scan(
     Returns a :class:`~lorafft.report.Report` (None on ranks other than 0). Raises
     :class:`~lorafft.errors.InputError` on bad input or options, before any matrix is read.
     """
-    settings = ScanOptions(k=k, eps=eps, side=side, include=include, exclude=exclude, embeddings=embeddings,
-                           strict=strict, split_fused=split_fused, delta_ranks=delta_ranks, tol=tol, seed=seed,
-                           base_cache=base_cache,
-                           max_batch_bytes=DEFAULT_MAX_BATCH_BYTES if max_batch_bytes is None else max_batch_bytes)
+    given = dict(k=k, eps=eps, side=side, include=include, exclude=exclude, embeddings=embeddings, strict=strict,
+                 split_fused=split_fused, delta_ranks=delta_ranks, tol=tol, seed=seed, base_cache=base_cache,
+                 max_batch_bytes=max_batch_bytes)
+    settings = (options or ScanOptions()).replace(**{name: value for name, value in given.items() if value is not None})
+    budget_given = max_batch_bytes is not None or (options is not None and options.max_batch_bytes !=
+                                                   ScanOptions().max_batch_bytes)
     tuned_list = list(tuned) if isinstance(tuned, (list, tuple)) else [] if tuned is None else [tuned]
     if not tuned_list:
         raise InputError("tuned", "scan needs at least one tuned checkpoint")
     if resume and journal is None:
         raise InputError("resume", "needs the journal of the scan to finish (give journal=, or out= for OUT.journal)")
-    out = None if out is None else options.output_file(out)
-    journal = None if journal is None else options.output_file(journal, suffixes=None)
+    out = None if out is None else options_module.output_file(out)
+    journal = None if journal is None else options_module.output_file(journal, suffixes=None)
     device = distributed.local_device() if device is None else torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("device", f"{device} requested but CUDA is not available")
     located = hub.locate_inputs(base, tuned_list, revision=revision)
     base, tuned_list = located.base, located.tuned
-    options.separate_outputs({"the report (out)": out, "the journal": journal}, [base, *tuned_list],
-                             caches=(base_cache, write_base_cache))
+    options_module.separate_outputs({"the report (out)": out, "the journal": journal}, [base, *tuned_list],
+                                    caches=(settings.base_cache, write_base_cache))
     if write_base_cache is not None:
-        options.not_an_input(write_base_cache, [base, *tuned_list], "the base cache written")
+        options_module.not_an_input(write_base_cache, [base, *tuned_list], "the base cache written")
     if settings.split_fused and any(io.is_adapter(source) for source in tuned_list):
         warnings.warn("split_fused ignored: a PEFT adapter is merged onto whole fused projections, so they are "
                       "analysed whole", stacklevel=2)
         settings = settings.replace(split_fused=False)
-    cache_in = None if base_cache is None else BaseCache(base_cache)
+    cache_in = None if settings.base_cache is None else BaseCache(settings.base_cache)
     cache_out = None if write_base_cache is None else BaseCache(write_base_cache, writable=True)
     if cache_out is not None and "base" in located.record.get("hub", {}):
         cache_out.hub = located.record["hub"]["base"]  # recorded as lorafft cache build records it
     rank, size = distributed.world()
-    with contextlib.ExitStack() as stack:
+    recorder = profiling.Profile() if profile else None
+    with contextlib.ExitStack() as stack, profiling.active(recorder):
         inputs = _Inputs.open(base, tuned_list, settings, stack, located.record)
-        if max_batch_bytes is None and device.type == "cuda" and size == 1:  # ranks must cut the same batches
-            budget = (_recorded_budget(journal) if resume else None) or device_batch_bytes(
-                torch.cuda.mem_get_info(device)[0], [pair.shape for pair in inputs.matrices],
-                copies=1 + len(inputs.sources), k=settings.k, cached=cache_in is not None)
+        native = linalg.resolve_backend(device, backend) == "triton"
+        plan = inputs.plan(device, native, settings.k, cache_in is not None)
+        if not budget_given and device.type == "cuda" and size == 1:  # ranks must cut the same batches
+            budget = (_recorded_budget(journal) if resume else None) or int(
+                BUDGET_FRACTION * torch.cuda.mem_get_info(device)[0])
             settings = settings.replace(max_batch_bytes=budget)
-        batches = pairing.shape_batches(inputs.matrices, settings.max_batch_bytes, copies=1 + len(inputs.sources))
+        batches = pairing.shape_batches(inputs.matrices,
+                                        lambda shape: memory.batch_size(shape, settings.max_batch_bytes, plan))
         owners = distributed.assign([_cost(batch) * len(inputs.sources) for batch in batches], size)
         if journal is not None and size > 1:
             journal = f"{journal}.rank{rank}"
         header = {"inputs": inputs.record, "options": settings.record(),
                   "fingerprints": fingerprints([base, *tuned_list])}
         record = None if journal is None else Journal(journal, header, resume=resume)
-        run = _Run(settings, device, backend, cache_in, cache_out, record)
+        run = _Run(Recipe(settings, backend, cache_in, cache_out), device, native, record)
         try:
             mine = [index for index, owner in enumerate(owners) if owner == rank]
-            rows_by_batch = run.rows(inputs, batches, mine, progress=progress and rank == 0)
+            rows_by_batch = run.rows(inputs, batches, mine, progress=_show_progress(progress) and rank == 0)
         except BaseException as error:
             if record is not None:  # bad input leaves no partial output; a crash, interrupt or full disk keeps the
                 record.close(remove=not record.rows or (isinstance(error, InputError) and not resume))  # rows
             raise
-    try:
-        report = _report(distributed.gather(rows_by_batch, rank, size), inputs, settings, out)
-    except BaseException:
-        if record is not None:  # the report could not be written (a full disk): its rows stay for --resume
-            record.close(remove=False)
-        raise
+        try:
+            report = _report(distributed.gather(rows_by_batch, rank, size), inputs, settings, out, recorder)
+        except BaseException:
+            if record is not None:  # the report could not be written (a full disk): its rows stay for --resume
+                record.close(remove=False)
+            raise
     distributed.barrier(size)  # the report is on disk before any rank drops its journal
     if record is not None:
         record.close(remove=out is not None, finished=True)
     return report
 
 
-def _report(gathered: dict[int, list[MatrixRow]] | None, inputs: _Inputs, settings: ScanOptions, out) -> Report | None:
-    """The report of every batch's rows (None on ranks other than 0), written to ``out`` when given."""
+def _show_progress(progress: bool | None) -> bool:
+    """``progress``, or by default a bar only where a person watches: stderr a terminal."""
+    if progress is not None:
+        return progress
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def _report(gathered: dict[int, list[MatrixRow]] | None, inputs: _Inputs, settings: ScanOptions, out,
+            recorder: profiling.Profile | None) -> Report | None:
+    """The report of every batch's rows (None on ranks other than 0), written to ``out`` when given, with the
+    stages' seconds when profiled."""
     if gathered is None:
         return None
     rows = [row for index in sorted(gathered) for row in gathered[index]]
     report = Report(eps=settings.eps, rows=rows, inputs=inputs.record, options=settings.record(), versions=versions(),
-                    skipped=inputs.skipped,
-                    created=timestamp())
+                    skipped=inputs.skipped, created=timestamp())
     if out is not None:
-        report.save(out)
+        with profiling.stage("write"):
+            report.save(out)
+    if recorder is not None:
+        report.profile = recorder.finish()
+        if out is not None:
+            report.save(out)
     return report
 
 
@@ -221,30 +253,27 @@ class _Inputs:
                          **found}
         return inputs
 
+    def plan(self, device: torch.device, native: bool, k: int, cached: bool) -> memory.Plan:
+        """What a batch of these inputs holds (:class:`lorafft.memory.Plan`): W0 and full fine-tunes as the loader
+        keeps them (16-bit as stored for the Triton kernels, else fp32), adapters by their largest rank."""
+        def held(dtype: torch.dtype) -> int:
+            return dtype.itemsize if native and dtype in loading.NATIVE_DTYPES + loading.FP8_DTYPES else 4
+
+        sample = next(iter(self.matrices), None)
+        base_size = 4 if sample is None else held(self.base.dtype(sample.name))
+        sources = []
+        for source, pairs in zip(self.sources, self.pairs_by_source):
+            if isinstance(source, io.Adapter):
+                ranks = [pair.adapter.lora_A.shape[0] for pair in pairs.values() if pair.adapter is not None]
+                sources.append(("lora", max(ranks, default=1)))
+            else:
+                pair = next(iter(pairs.values()), None)
+                sources.append(("full", 4 if pair is None else held(source.dtype(pair.tuned_name))))
+        return memory.Plan(device=device.type, base_itemsize=base_size, sources=tuple(sources), cached=cached, k=k,
+                           torch_products=not native)
+
 
 BUDGET_FRACTION = 0.8  # of the device's free memory, the rest left to torch's allocator and the kernels
-BUDGET_ITERATIONS = 10  # Krylov iterations the budget provides for (a synthetic 4096² fine-tune certifies in 7)
-
-
-def device_batch_bytes(free: int, shapes: list[tuple[int, int]], *, copies: int, k: int, cached: bool) -> int:
-    """``max_batch_bytes`` for a device with ``free`` bytes free: :func:`lorafft.pairing.shape_batches` then puts
-    at most ``BUDGET_FRACTION · free / cost`` matrices of each shape in a batch.
-
-    ``shape_batches`` counts ``copies · 4·m·n`` bytes per matrix (fp32 base and tuned stacks: an upper bound for
-    weights kept as stored); the cost of a matrix adds what the analysis allocates beside them: the fp64 Krylov
-    blocks, ``(m + n) · b · 8 · (BUDGET_ITERATIONS + 2)`` with ``b = max(2k, k + 10)``, and the base basis of its
-    smaller side s, ``16·s²`` bytes when built (fp64 Gram and eigenvectors) or ``4·s²`` when read from a cache
-    (``cached``). The budget is the smallest over ``shapes`` of ``BUDGET_FRACTION · free · counted / cost``, so
-    every shape fits; at least 1 (one matrix per batch, as the CPU default gives for a large shape).
-    """
-    block = max(2 * k, k + 10)
-    ratios = []
-    for m, n in set(shapes):
-        counted = copies * 4 * m * n
-        small = min(m, n)
-        cost = counted + (m + n) * block * 8 * (BUDGET_ITERATIONS + 2) + (4 if cached else 16) * small * small
-        ratios.append(counted / cost)
-    return max(1, int(BUDGET_FRACTION * free * min(ratios, default=1.0)))
 
 
 def _recorded_budget(journal) -> int | None:
@@ -265,13 +294,12 @@ def _cost(batch: list[pairing.Pair]) -> float:
 
 @dataclass
 class _Run:
-    """How one scan computes its rows: options, device and backend, base caches, and the journal."""
+    """How one scan computes its rows: the recipe, the device (``native``: weights kept as stored for the kernels),
+    and the journal."""
 
-    settings: ScanOptions
+    recipe: Recipe
     device: torch.device
-    backend: str | None
-    cache_in: BaseCache | None  # base bases read from here (scan --base-cache)
-    cache_out: BaseCache | None  # and those computed stored here (scan --write-base-cache)
+    native: bool
     record: Journal | None
 
     def rows(self, inputs: _Inputs, batches: list[list[pairing.Pair]], mine: list[int], *,
@@ -280,7 +308,7 @@ class _Run:
         rows already in the journal are taken from it, the others computed and appended to it."""
         from tqdm.auto import tqdm
 
-        sides, rows_by_batch = self.settings.sides, {}
+        sides, rows_by_batch = self.recipe.options.sides, {}
         to_compute = []
         for index in mine:
             keys = [(pair.name, c, side) for c, pairs in enumerate(inputs.pairs_by_source)
@@ -289,42 +317,25 @@ class _Run:
                 rows_by_batch[index] = [self.record.rows[key] for key in keys]
             else:
                 to_compute.append(index)
-        native = linalg.resolve_backend(self.device, self.backend) == "triton"
         loader = loading.BatchLoader(inputs.base, inputs.sources, inputs.pairs_by_source, device=self.device,
-                                     native=native, fp8_stored=True)
+                                     native=self.native, fp8_stored=True, read_bases=self.recipe.read_bases())
         total = sum(pair.name in pairs for index in to_compute for pairs in inputs.pairs_by_source
                     for pair in batches[index])
+        warned = [False]
         with tqdm(total=total, unit="matrix", disable=not progress, desc="lorafft scan") as bar:
             for position, loaded in loader.batches([batches[index] for index in to_compute]):
                 index = to_compute[position]
-                rows_by_batch[index] = self._batch_rows(index, batches[index], loaded, bar)
+                rows_by_batch[index] = self._journaled(split_on_out_of_memory(self.recipe.rows, loaded, warned))
+                bar.update(sum(len(loaded_pairs) for loaded_pairs in loaded.pairs))
                 del loaded  # before the next batch arrives: at most two batches in memory
         return dict(sorted(rows_by_batch.items()))
 
-    def _batch_rows(self, index: int, batch: list[pairing.Pair], loaded: loading.LoadedBatch,
-                    bar) -> list[MatrixRow]:
-        """Rows of one loaded batch, for every tuned source, journaled as they are made."""
-        settings, rows = self.settings, []
-        generator = analysis.batch_generator(settings.seed, index)
-        basis = batch_basis(loaded.W0, loaded.stored, batch, self.cache_in, self.cache_out)
-        for checkpoint, (entry, pairs, positions, columns, scale) in enumerate(
-                zip(loaded.tuned, loaded.pairs, loaded.rows, loaded.columns, loaded.scales)):
-            if not pairs:
-                continue
-            W0 = loaded.W0 if len(positions) == len(batch) else loaded.W0[positions]
-            Wt, update = loading.dense_or_update(entry)
-            results = analysis.analyze(W0, Wt, lora=update, k=settings.k, eps=settings.eps, sides=settings.sides,
-                                       start=columns, tol=settings.tol, generator=generator,
-                                       basis=basis.select(positions), backend=self.backend, scale=scale)
-            if scale is not None:  # float8 as stored: the rows below need the matrix itself (one fp32 copy)
-                Wt = linalg.dequantized(Wt, scale)
-            ranks = None
-            if settings.delta_ranks:
-                ranks = analysis.delta_ranks(W0, Wt, [pair.adapter for pair in pairs])
-            changes = analysis.magnitude_direction(W0, Wt, lora=update)
-            for row in matrix_rows(pairs, results, checkpoint, ranks, changes):
-                if self.record is not None and row_key(row) not in self.record.rows:
-                    self.record.append(row)
-                rows.append(row)
-            bar.update(len(pairs))
+    def _journaled(self, by_source: list[list[MatrixRow]]) -> list[MatrixRow]:
+        """A batch's rows in canonical order, each appended to the journal (once)."""
+        rows = [row for source_rows in by_source for row in source_rows]
+        if self.record is not None:
+            with profiling.stage("write"):
+                for row in rows:
+                    if row_key(row) not in self.record.rows:
+                        self.record.append(row)
         return rows

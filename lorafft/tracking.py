@@ -4,14 +4,12 @@ A :class:`Tracker` holds a torch module that is being trained: a PEFT LoRA model
 in the model and whose updates ΔW = s·B·A are read from the live LoRA modules and kept factored (DoRA merged as
 PEFT merges it), or a plain model, whose weights at creation are snapshotted as W0. Each tracked matrix's complete
 base basis (the paper's x_i) is computed once (at creation, or by :meth:`Tracker.prepare`), or read from a
-``lorafft cache build`` directory.
-:meth:`Tracker.step` then analyses the current weights as :func:`lorafft.scan` analyses a saved checkpoint (same
-rows, same certificate), started from each matrix's top singular vectors at the previous tracked step: weights move
-little between steps. A LoRA update of a matrix with min(m, n) <= DENSE_SVD_MAX, whose basis the tracker computed
-(not read from a base cache), is analysed in that basis's fp64 coordinates (:mod:`lorafft.updating`: about a fifth
-of the dense top-k a scan takes there, on MiniLM); larger matrices by the scan's block Krylov iteration, started
-from the previous vectors and the adapter's B columns; other small ones (DoRA, a plain model, a base cache's fp32
-bases) by the scan's dense top-k.
+``lorafft cache build`` directory, and kept explicit: fp64 for ``min(m, n) <= DENSE_SVD_MAX``, fp32 above (as a
+base cache holds it).
+:meth:`Tracker.step` then analyses the current weights as :func:`lorafft.scan` analyses a saved checkpoint (the same
+:class:`lorafft.recipe.Recipe`: same rows, same certificate), warm: a LoRA update in its base's coordinates
+(:mod:`lorafft.updating`) from the previous tracked step's vectors there, at every size; anything else by the
+scan's Krylov iteration (or dense top-k) started from the previous step's top vectors and the adapter's B columns.
 :meth:`Tracker.report` is a :class:`~lorafft.report.Report` with one checkpoint per tracked step (``"step N"``),
 drawn by ``lorafft plot`` like a scan of a run's checkpoints.
 """
@@ -22,11 +20,12 @@ import dataclasses
 
 import torch
 
-from lorafft import adapters, analysis, linalg, loading, pairing
-from lorafft.cache import BaseCache, batch_basis, cached_basis
+from lorafft import adapters, linalg, loading, memory, pairing
+from lorafft.cache import BaseCache
 from lorafft.errors import InputError
 from lorafft.io.checkpoint import all_finite
-from lorafft.options import DEFAULT_MAX_BATCH_BYTES, ScanOptions
+from lorafft.options import ScanOptions
+from lorafft.recipe import Recipe
 from lorafft.pairing import Pair
 from lorafft.report import MatrixRow, Report, eps_key, matrix_rows, timestamp, versions
 
@@ -75,7 +74,6 @@ class _Batch:
     basis: linalg.BaseBasis | None = None  # computed by Tracker.prepare
     previous: torch.Tensor | None = None  # [L, m, k] the last step's left vectors (the Krylov start)
     coordinates: torch.Tensor | None = None  # [L, s, k + 1] the last step's vectors in the base's coordinates
-    base_norms: torch.Tensor | None = None  # [L, m] fp64 squared row norms of W0 (ΔM, ΔD)
 
 
 class Tracker:
@@ -86,15 +84,17 @@ class Tracker:
             tracked) or a plain torch module (its 2-D weights are tracked against a snapshot taken now).
         k, eps, side, include, exclude: as in :func:`lorafft.scan` (regexes are searched in the report names).
         device: where the base bases live and the analysis runs ("cpu", "cuda:0", ...); default the device of the
-            model's first tracked weight. Held there per matrix: W0 and the smaller side's basis in fp32,
-            ``4 (m n + s^2)`` bytes for ``s = min(m, n)``; for ``s <= 512`` both in fp64 and the base's fp64 Gram
-            matrix too (``8 (m n + 2 s^2)`` bytes; a base cache's bases stay fp32).
+            model's first tracked weight. Held there per matrix (``s = min(m, n)``): W0, the smaller side's basis,
+            its σ and W0's row norms: in fp32, ``4 (m n + s²)`` bytes, for ``s > 512``; in fp64 with the base's fp64
+            Gram matrix, ``8 (m n + 2 s²)`` bytes, for ``s <= 512`` (a base cache's bases stay fp32); and the last
+            step's vectors, ``8 (m + s) (k + 1)`` bytes.
         base_cache: a ``lorafft cache build`` directory of the base model: bases found there are read, not
             computed, and matrices are named by the cache's names (as a scan against that base names them).
         tol, seed: as in :func:`lorafft.scan`.
-        warm_start: start each step from the previous step's vectors, and analyse small LoRA matrices in their
-            base's coordinates (off: every step is analysed as a scan analyses a checkpoint; for measuring what that
-            saves).
+        warm_start: start each step from the previous step's vectors (off: every step is analysed as a scan
+            analyses a saved checkpoint, from scratch; for measuring what that saves).
+        options: a :class:`lorafft.options.ScanOptions`, as :func:`lorafft.scan` takes it; the keyword arguments
+            override it when given.
         prepare: compute the base bases now (default); False leaves that to :meth:`prepare` or the first
             :meth:`step` (a plain model's weights are snapshotted now either way).
 
@@ -106,13 +106,17 @@ class Tracker:
     device, or partitioned away as DeepSpeed ZeRO-3 does).
     """
 
-    def __init__(self, model: torch.nn.Module, k: int = 10, eps=analysis.DEFAULT_EPS, include=(), exclude=(),
-                 side: str = "left", device=None, base_cache=None, tol: float = 1e-5, seed: int = 0,
-                 warm_start: bool = True, prepare: bool = True):
-        self.settings = ScanOptions(k=k, eps=eps, side=side, include=include, exclude=exclude, tol=tol, seed=seed,
-                                    base_cache=base_cache)  # validated as a scan's options are
+    def __init__(self, model: torch.nn.Module, k: int | None = None, eps=None, include=None, exclude=None,
+                 side: str | None = None, device=None, base_cache=None, tol: float | None = None,
+                 seed: int | None = None, warm_start: bool = True, prepare: bool = True,
+                 options: ScanOptions | None = None):
+        given = dict(k=k, eps=eps, side=side, include=include, exclude=exclude, tol=tol, seed=seed,
+                     base_cache=base_cache)
+        self.settings = (options or ScanOptions()).replace(
+            **{name: value for name, value in given.items() if value is not None})  # validated as a scan's are
         self.sides, self.eps, self.warm_start = self.settings.sides, self.settings.eps, warm_start
-        reader = self._cache = None if base_cache is None else BaseCache(base_cache)
+        reader = None if self.settings.base_cache is None else BaseCache(self.settings.base_cache)
+        self.recipe = Recipe(self.settings, cache_in=reader)
         scope = pairing.Scope(self.settings.include, self.settings.exclude)
         names = None if reader is None else pairing.NameIndex(reader.names)
         lora = _lora_layers(model)
@@ -125,7 +129,9 @@ class Tracker:
         self.device = torch.device(device) if device is not None else tracked[0].stored.device
         self.options = {**self.settings.record(), "tracking": True}
         self.batches = []
-        for group in pairing.shape_batches(tracked, DEFAULT_MAX_BATCH_BYTES):  # cut as a scan cuts its batches
+        plan = memory.Plan(device=self.device.type, sources=(("lora", 64) if lora else ("full", 4),), k=self.settings.k)
+        for group in pairing.shape_batches(tracked, lambda shape: memory.batch_size(
+                shape, self.settings.max_batch_bytes, plan)):  # cut as a scan cuts its batches
             pairs = [t.pair() for t in group]
             W0 = torch.stack([loading.oriented(t.stored, p) for t, p in zip(group, pairs)])
             W0 = W0.to(self.device, torch.float64 if min(W0.shape[1:]) <= linalg.DENSE_SVD_MAX else torch.float32)
@@ -139,8 +145,10 @@ class Tracker:
         one expensive set-up (``IntruderCallback(background=True)`` runs it in its worker thread)."""
         for batch in self.batches:
             if batch.basis is None:
-                pairs, stored = [t.pair() for t in batch.matrices], [t.stored for t in batch.matrices]
-                batch.basis = _explicit(batch_basis(batch.W0, stored, pairs, self._cache))
+                loaded = self._loaded(batch, None, None, None)
+                if self.recipe.cache_in is not None:
+                    loaded.cached = self.recipe.cache_in.read(loaded.batch, loaded.stored)
+                batch.basis = _explicit(self.recipe.basis(loaded))
 
     def capture(self) -> list[tuple]:
         """The tracked weights as they are now, copied, for :meth:`step` to analyse later (say, in another thread
@@ -176,37 +184,28 @@ class Tracker:
         return rows
 
     def _analyse(self, batch: _Batch, index: int, step: int, pairs, update, Wt, B) -> list[MatrixRow]:
-        """One batch's rows at ``step``. A LoRA update of a basis held in fp64 is analysed in the base's
-        coordinates, started from the previous step's (:func:`lorafft.analysis.analyze_update`); everything else
-        as a scan analyses it, the Krylov start being the previous step's top vectors, then the B columns."""
-        Wt, update = None if Wt is None else Wt.to(self.device), None if update is None else update.to(self.device)
-        updated = None
-        if self.warm_start and update is not None and _in_coordinates(batch.basis):
-            if batch.base_norms is None:
-                batch.base_norms = (batch.W0.double() ** 2).sum(dim=-1)
-            updated = analysis.analyze_update(batch.basis, update, k=self.settings.k, eps=self.eps, sides=self.sides,
-                                              previous=batch.coordinates, tol=self.settings.tol,
-                                              base_norms=batch.base_norms)
-        batch.coordinates = None if updated is None else updated.coordinates
-        if updated is not None:
-            results, changes = updated.sides, updated.changes
-        else:
-            results = self._as_scanned(batch, index, Wt, update, B)
-            changes = analysis.magnitude_direction(batch.W0, Wt, lora=update)  # ΔM, ΔD: as a scan's rows have them
-        return matrix_rows(pairs, {side: results[side] for side in self.sides}, step, changes=changes)
+        """One batch's rows at ``step``, by the scan's recipe, warm-started from the previous step: a LoRA update in
+        the base's coordinates from the previous coordinates, anything else (and the fallbacks) by Krylov from the
+        previous step's top vectors, then the B columns."""
+        Wt = None if Wt is None else Wt.to(self.device)
+        update = None if update is None else update.to(self.device)
+        loaded = self._loaded(batch, pairs, update if update is not None else Wt, B)
+        warm = self.warm_start
+        sides = tuple(dict.fromkeys(("left", *self.sides) if warm else self.sides))  # left vectors start the next
+        results = self.recipe.analyse(loaded, 0, batch.basis, sides=sides,
+                                      start=batch.previous if warm else None,
+                                      previous=batch.coordinates if warm else None)
+        batch.previous = results["left"].vectors if warm else None
+        batch.coordinates = results["left"].coordinates if warm else None
+        return matrix_rows(pairs, {side: results[side] for side in self.sides}, step)
 
-    def _as_scanned(self, batch: _Batch, index: int, Wt, update, B) -> dict:
-        """:func:`lorafft.analysis.analyze` as a scan calls it, the Krylov start led by the previous step's vectors
-        (those of the left side, which it then keeps)."""
-        extra = [e.to(self.device, torch.float64) for e in (batch.previous, B) if e is not None]
-        sides = ("left", *self.sides) if self.warm_start else self.sides  # the left vectors start the next step
-        generator = analysis.batch_generator(self.settings.seed, index)  # as scan seeds its batches
-        results = analysis.analyze(batch.W0, Wt, lora=update, k=self.settings.k, eps=self.eps,
-                                   sides=tuple(dict.fromkeys(sides)),
-                                   start=torch.cat(extra, dim=-1) if extra else None, tol=self.settings.tol,
-                                   generator=generator, basis=batch.basis)
-        batch.previous = results["left"].vectors if self.warm_start else None
-        return results
+    def _loaded(self, batch: _Batch, pairs, tuned, columns) -> loading.LoadedBatch:
+        """The batch as the recipe takes a loaded one: W0 on the tracker's device and the step's tuned weights."""
+        pairs = pairs or [t.pair() for t in batch.matrices]
+        everything = list(range(len(pairs)))
+        return loading.LoadedBatch(batch=pairs, pairs=[pairs], rows=[everything],
+                                   stored=[t.stored for t in batch.matrices], W0=batch.W0, tuned=[tuned],
+                                   columns=[None if columns is None else columns.to(self.device)], scales=[None])
 
     def restore(self, rows: list[MatrixRow]) -> None:
         """Keep rows tracked earlier (a resumed run's journal), ``checkpoint`` holding their step."""
@@ -305,25 +304,16 @@ def _snapshot_matrices(model: torch.nn.Module, scope: pairing.Scope, names) -> l
 
 
 def _explicit(basis: linalg.BaseBasis) -> linalg.BaseBasis:
-    """The basis with its small side's vectors explicit, so that every step's projection is one product.
-
-    Matrices with ``s = min(m, n) <= DENSE_SVD_MAX`` (whose fp64 Gram matrix the basis keeps: the dense top-k of a
-    cold step adds the LoRA update to it) keep them in fp64, ``[L, s, s]``: a LoRA update is then analysed in the
-    base's coordinates (:func:`lorafft.analysis.analyze_update`), exact to fp64. Larger ones hold them as a base cache
-    does (:func:`lorafft.cache.cached_basis`): fp32, 4 s^2 bytes per matrix instead of 16 s^2 for reflectors and
-    eigenvectors in fp64; max|cos| then carries the fp32 basis's error, as a cached scan's does (README "Base
-    cache")."""
-    if basis.reflectors is None and (basis.Z.dtype == torch.float32 or basis.gram is not None):
+    """The basis with its small side's vectors explicit, so that every step's coordinates are one product: fp64
+    (``"explicit64"``, with the fp64 Gram matrix the dense top-k of small matrices uses) for ``s <= DENSE_SVD_MAX``,
+    fp32 (``"explicit32"``, 4 s² bytes instead of 16 s² for reflectors and eigenvectors in fp64) above, as a base
+    cache holds it; the update path certifies either on the matrix itself."""
+    if basis.kind == "explicit32" or (basis.kind == "explicit64" and basis.gram is not None):
         return basis
-    if basis.gram is not None:
-        return dataclasses.replace(basis, Z=basis.top_vectors(basis.small_side, basis.sigma.shape[-1]),
-                                   reflectors=None, tau=None)
-    return cached_basis(basis.W0, list(basis.small_basis_fp32), list(basis.sigma))
-
-
-def _in_coordinates(basis: linalg.BaseBasis) -> bool:
-    """Whether LoRA updates of this basis are analysed in its coordinates: its small side explicit in fp64."""
-    return basis.reflectors is None and basis.Z.dtype == torch.float64
+    small = basis.sigma.shape[-1] <= linalg.DENSE_SVD_MAX and basis.gram is not None
+    Z = basis.top_vectors(basis.small_side, basis.sigma.shape[-1])
+    return dataclasses.replace(basis, Z=Z if small else Z.float(), kind="explicit64" if small else "explicit32",
+                               reflectors=None, tau=None, row_norms=basis.base_rows())
 
 
 def _check_finite(tracked: _Tracked, pair: Pair) -> None:

@@ -1,32 +1,32 @@
-"""Top singular triplets of a LoRA-updated matrix ``W = W0 + s·B·A`` from W0's known SVD, in W0's coordinates:
-what a :class:`lorafft.tracking.Tracker` computes at every step for matrices with ``min(m, n) <= DENSE_SVD_MAX``.
+"""Top singular triplets of a LoRA-updated matrix ``W = W0 + s·B·A`` from W0's known SVD, in W0's coordinates: the
+update path of :func:`lorafft.analysis.tuned_top` (scans of LoRA adapters at every size, a tracker's steps).
 
 Write the smaller side first: ``M = W`` when ``m <= n`` (else ``W^T``), ``M = M0 + s P Q`` with ``(P, Q) = (B, A)``
-(else ``(A^T, B^T)``), and let ``X0 [s, s]`` (fp64) hold M0's left singular vectors x_i, ``σ0`` its singular values.
-In X0's coordinates the Gram matrix of M is a diagonal plus rank 2r (:func:`lorafft.linalg.update_factors`):
+(else ``(A^T, B^T)``), and let ``X0 [s, s]`` hold M0's left singular vectors x_i (a base basis of any kind:
+Householder fp64, explicit fp64, or a cache's explicit fp32), ``σ0`` its singular values. In X0's coordinates the
+Gram matrix of M is a diagonal plus rank 2r (:func:`lorafft.linalg.update_factors`):
 
     H = X0^T M M^T X0 = diag(σ0²) + U C U^T,    U = X0^T [M0 Q^T, P]  [s, 2r],    C = [[0, s I], [s I, s² Q Q^T]],
 
-so a product with H costs ``O(s r)``, and a top eigenvector y_j of H *is* the list of the tuned vector's cosines
-with every base vector of that side: the paper's ``max_i |<y_j, x_i>|`` is ``max_i |y_ij|``. The other side's
-cosines follow from y_j, U and σ0 (:meth:`UpdatedSVD.cosines`). Nothing of size ``m n`` is touched but the one
-product ``M0 Q^T``.
+so a product with H costs ``O(s r)``, and a top eigenvector y_j of H is the list of the tuned vector's cosines
+with every base vector of that side. Nothing of size ``m n`` is touched but the one product ``M0 Q^T``
+(:func:`lorafft.linalg.update_image`).
 
 The eigenvectors: Rayleigh–Ritz on the base's *head* (every e_i with ``σ0_i² > HEAD σ0_q²``, ``q = k + 1``:
 where the tuned top eigenvalues can sit) plus a *tail* block: the tail rows of the previous step's vectors and of
 their corrections (below), or at a first step those of U. Each iteration adds to the tail, for every Ritz pair
 ``(θ, y)``, the exact solution of the tail rows of ``(H - θ I) y = 0`` given y's ``U C U^T y``, that is
 ``(θ - σ0_t²)^{-1} (U C U^T y)_t`` (Davidson's correction with the tail's own diagonal: exact there, and well
-conditioned since θ lies above the tail).
-Matrices leave the batch as they finish. On MiniLM LoRA fine-tunes two or three iterations reach bounds below 1e-5
-(``benchmarks/tracking_cost.py``); ``tests/test_updating.py`` checks every answer against fp64 LAPACK.
+conditioned since θ lies above the tail). Matrices leave the batch as they finish.
 
-The certificate is the scan's: residuals ``||W v - σ u|| = ||H y - σ² y|| / σ`` turned into
-:func:`lorafft.linalg.error_bounds`, which assume that no singular value but the q found lies above
-``σ_q - ρ_q``. A dense eigen-solve gives that for free; here an inertia count proves it (:func:`count_above`).
-When the count disagrees after a start from the previous step (a new vector rose from the tail), the iteration runs
-once more from U; when it still disagrees, a top singular value is below what fp64 resolves, or the iteration does
-not finish, :func:`updated_top` returns None and the caller takes the dense top-k.
+What this module certifies, in the coordinates: residuals ``||H y - σ² y|| / σ`` small enough for
+:func:`lorafft.linalg.error_bounds`, and an inertia count (:func:`count_above`) proving that no eigenvalue of H but
+the q found lies above ``(σ_q - ρ_q)²`` (lowered by the basis's own error for an fp32 basis), which the bounds
+assume. When the count disagrees after a start from the previous step (a new vector rose from the tail), the
+iteration runs once more from U; when it still disagrees, a top singular value is below what fp64 resolves, or the
+iteration does not finish, :func:`updated_top` returns None and the caller takes another path. The coordinates are
+exact only as far as X0 is orthonormal and ``M0 Q^T`` is exact, so the caller certifies the vectors they give on
+the matrix itself (:func:`lorafft.linalg.certify`: two passes over W0).
 """
 
 from __future__ import annotations
@@ -40,15 +40,16 @@ from lorafft import linalg
 
 HEAD = 0.9  # base directions with σ0_i² above HEAD × σ0_q² are kept whole; the tail below is solved for exactly
 MAX_ITERATIONS = 8
+FP32_BASIS_ERROR = 1e-5  # relative to σ0_1²: how far an fp32 basis's H may be from X0^T M M^T X0 (inertia margin)
 
 
 @dataclass
 class UpdatedSVD:
     """Top-k triplets of a stack ``W0 + s·B·A`` (``[L, m, n]``) in the base's coordinates (all fp64).
 
-    S, residual, error_bound ``[L, k]`` and iterations: as :class:`lorafft.linalg.TruncatedSVD`'s.
-    coordinates ``[L, s, q]``: the small side's tuned vectors y_j (j < q = k + 1) in the base basis of that side,
-    row i for the base vector of the i-th largest σ0 (a tracker starts the next step from them).
+    S, residual, error_bound ``[L, k]`` and iterations: as :class:`lorafft.linalg.TruncatedSVD`'s, measured in the
+    coordinates. coordinates ``[L, s, q]``: the small side's tuned vectors y_j (j < q = k + 1) in the base basis of
+    that side, row i for the base vector of the i-th largest σ0 (a tracker starts the next step from them).
     """
 
     S: torch.Tensor
@@ -57,68 +58,51 @@ class UpdatedSVD:
     iterations: int
     coordinates: torch.Tensor
     small_side: str
-    sigma0: torch.Tensor  # [L, s] the base's singular values, descending
-    product: torch.Tensor  # [L, s, r] M0 Q^T: W0 A^T when m <= n, else W0^T B
-    image: torch.Tensor  # [L, s, r] X0^T M0 Q^T: the base's large-side vectors against Q^T, times σ0
-    update: torch.Tensor  # [L, s, r] X0^T P
-    scale: torch.Tensor  # [L] the LoRA scaling s
-
-    def cosines(self, side: str) -> torch.Tensor:
-        """``[L, s, k]`` cosines of the top-k tuned vectors of ``side`` with every base vector of that side.
-
-        Small side: the coordinates themselves. Large side: base vectors ``x'_i = M0^T x_i / σ0_i`` and tuned
-        ``z_j = M^T x_j / σ_j`` give ``<x'_i, z_j> = (σ0_i y_ij + s (X0^T M0 Q^T)_i (P^T x_j) / σ0_i) / σ_j``
-        (a zero σ0_i leaves row i undefined: 0, as :meth:`lorafft.linalg.BaseBasis.project` sets it)."""
-        k = self.S.shape[-1]
-        Y = self.coordinates[..., :k]
-        if side == self.small_side:
-            return Y
-        inverse = torch.where(self.sigma0 > 0, 1.0 / self.sigma0, 0.0).unsqueeze(-1)
-        along = self.scale[:, None, None] * (self.image * inverse) @ (self.update.mT @ Y)  # [L, s, k]
-        return (self.sigma0.unsqueeze(-1) * Y + along) / self.S.unsqueeze(1)
 
 
 def updated_top(basis: linalg.BaseBasis, low_rank: linalg.LowRank, k: int, previous: torch.Tensor | None = None,
-                tol: float = 1e-5) -> UpdatedSVD | None:
-    """Certified top-k triplets of ``basis.W0 + low_rank`` (see the module docstring), or None where the dense
-    top-k must answer.
+                tol: float = 1e-5, image: torch.Tensor | None = None) -> UpdatedSVD | None:
+    """Top-k triplets of ``basis.W0 + low_rank`` in the base's coordinates (see the module docstring), or None
+    where another path must answer.
 
     Args:
-        basis: the base's basis with the small side explicit in fp64 (``reflectors`` None, ``Z [L, s, s]`` fp64:
-            what a tracker keeps for small matrices).
-        low_rank: the update ``s·B·A`` (:class:`lorafft.linalg.LowRank`), on the basis's device.
+        basis: the base's basis, of any kind (:class:`lorafft.linalg.BaseBasis`).
+        low_rank: the update ``s·B·A`` (:class:`lorafft.linalg.LowRank`).
         k: number of triplets.
         previous: ``[L, s, c]`` coordinates of the last step's vectors (:attr:`UpdatedSVD.coordinates`), to start
             from.
         tol: target error bound per vector, as in :func:`lorafft.linalg.truncated_svd`.
+        image: ``W0 A^T`` (``W0^T B`` when the right side is the small one), :func:`lorafft.linalg.update_image`;
+            formed from W0 in fp64 when not given.
     """
     L, m, n = basis.W0.shape
     left = m <= n
-    X0, sigma0 = basis.Z, basis.sigma
+    sigma0 = basis.sigma
     s = sigma0.shape[-1]
     q = min(k + 1, s)
-    low_rank = low_rank.to(X0.device, torch.float64)
-    F, C = linalg.update_factors(basis.W0.double(), low_rank, left)
-    U = (F.mT @ X0).mT  # [L, s, 2r] X0^T F (this way round BLAS streams X0 by rows)
+    low_rank = low_rank.to(sigma0.device, torch.float64)
+    F, C = linalg.update_factors(basis.W0, low_rank, left, image)
+    U = basis.coordinates(F)  # [L, s, 2r] X0^T F
     if not bool(U.isfinite().all()):
         return None
     lam0 = sigma0**2
     head = max(q, int((lam0 > HEAD * lam0[:, q - 1 : q]).sum(dim=-1).max()))  # the batch's widest head
     if head + U.shape[-1] >= s:
         return None  # no tail to speak of: the dense top-k is as cheap
+    exact = basis.kind != "explicit32"
     problem = _Problem(lam0, U, C, head)
+    floor = math.sqrt(torch.finfo(torch.float64 if exact else torch.float32).eps)
+    margin = 0.0 if exact else FP32_BASIS_ERROR
     starts = [None] if previous is None else [previous, None]  # then from U, where a new top vector comes from
     for start in starts:
-        found = _iterate(problem, _start(problem, start), k, q, tol)
-        if found is not None and _certified(problem, low_rank.scale, found[0], found[1]):
+        found = _iterate(problem, _start(problem, start), k, q, tol, floor)
+        if found is not None and _certified(problem, low_rank.scale, found[0], found[1], margin):
             break
     else:
         return None
     sigma, residual, bound, Y, iterations = found
-    r = U.shape[-1] // 2
     return UpdatedSVD(S=sigma[:, :k], residual=residual[:, :k], error_bound=bound, iterations=iterations,
-                      coordinates=Y, small_side="left" if left else "right", sigma0=sigma0,
-                      product=F[..., :r], image=U[..., :r], update=U[..., r:], scale=low_rank.scale)
+                      coordinates=Y, small_side="left" if left else "right")
 
 
 @dataclass
@@ -178,21 +162,21 @@ def _start(problem: _Problem, previous: torch.Tensor | None) -> torch.Tensor:
     return linalg.orthonormalize(torch.cat(start, dim=-1), None)
 
 
-def _iterate(problem: _Problem, tail: torch.Tensor, k: int, q: int, tol: float) -> tuple | None:
+def _iterate(problem: _Problem, tail: torch.Tensor, k: int, q: int, tol: float, floor: float) -> tuple | None:
     """Rayleigh–Ritz and tail corrections until every matrix is :func:`lorafft.linalg.finished` (those that are
-    leave the batch): ``(σ [L, q], residual [L, q], bound [L, k], y [L, s, q], iterations)``, or None."""
+    leave the batch): ``(σ [L, q], residual [L, q], bound [L, k], y [L, s, q], iterations)``, or None. ``floor``:
+    the relative rounding floor of H (the basis's precision) below which a residual that stopped falling is done."""
     L, s = problem.lam0.shape
     sigma_all, residual_all = (problem.lam0.new_zeros(L, q) for _ in range(2))
     bound_all, Y_all = problem.lam0.new_zeros(L, k), problem.lam0.new_zeros(L, s, q)
     rows, last = torch.arange(L, device=tail.device), None
-    floor = math.sqrt(torch.finfo(torch.float64).eps)
     for iteration in range(1, MAX_ITERATIONS + 1):
         if problem.head + tail.shape[-1] >= s:
             return None  # the space would be all of R^s: the dense top-k is cheaper
         lam, Y = problem.rayleigh_ritz(tail, q)
         sigma = lam.clamp_min(0).sqrt()
         correction = problem.correction(Y, lam)
-        if correction is None or not bool((sigma > sigma[:, :1] * floor).all()):
+        if correction is None or not bool((sigma > sigma[:, :1] * math.sqrt(torch.finfo(torch.float64).eps)).all()):
             return None  # a Ritz value fell to the tail (the head was cut too short), or a top value is below
             # what an fp64 Gram matrix resolves (its vector is not defined by H)
         step, R = correction
@@ -209,9 +193,12 @@ def _iterate(problem: _Problem, tail: torch.Tensor, k: int, q: int, tol: float) 
     return None
 
 
-def _certified(problem: _Problem, scale: torch.Tensor, sigma: torch.Tensor, residual: torch.Tensor) -> bool:
-    """Whether the q values found are the top q: no eigenvalue of H but them above ``(σ_q - ρ_q)²``."""
-    tau = _off_the_base(problem.lam0, (sigma[:, -1] - residual[:, -1]).clamp_min(0) ** 2)
+def _certified(problem: _Problem, scale: torch.Tensor, sigma: torch.Tensor, residual: torch.Tensor,
+               margin: float) -> bool:
+    """Whether the q values found are the top q: no eigenvalue of H but them above ``(σ_q - ρ_q)² - margin σ0_1²``
+    (``margin``: how far H may be from the true Gram matrix in these coordinates)."""
+    tau = (sigma[:, -1] - residual[:, -1]).clamp_min(0) ** 2 - margin * problem.lam0[:, 0]
+    tau = _off_the_base(problem.lam0, tau)
     return bool((count_above(problem.lam0, problem.U, scale, problem.C, tau) == sigma.shape[-1]).all())
 
 

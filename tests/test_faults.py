@@ -170,7 +170,8 @@ def test_a_cache_entry_that_does_not_answer_for_its_matrix_is_refused(trio, tmp_
     with lorafft.io.open_checkpoint(trio.base) as base:
         W0 = base.get("model.layers.0.self_attn.q_proj.weight").double()
     _, sigma, Vh = torch.linalg.svd(W0)
-    save_file({"basis": Vh.T.float().contiguous(), "sigma": sigma}, built / entry["file"])  # the right side's
+    save_file({"basis": Vh.T.float().contiguous(), "sigma": sigma, "row_norms": (W0**2).sum(dim=1)},
+              built / entry["file"])  # the right side's basis, filed under the left side's
     out = tmp_path / "r.json"
     code, _, err = _run(capsys, "scan", trio.base, trio.lora, "--include", *include, "--base-cache", built,
                         "--out", out, "--quiet")
@@ -183,14 +184,12 @@ def test_a_max_cos_above_one_is_an_internal_error_never_a_row():
     W0 = synthetic.random_weight(32, 48, generator=generator)[None]
     Wt = W0 + 0.01 * torch.randn(1, 32, 48, generator=generator)
     basis = linalg.base_basis(W0)
-    lying = cache.cached_basis(W0, [basis.small_basis_fp32[0] * 57.7], [basis.sigma[0]])
+    lying = cache.cached_basis(W0, (basis.small_basis_fp32 * 57.7, basis.sigma, basis.base_rows()))
+    lying.verified = True  # a check that let it through: the max|cos| check still stops it
     with pytest.raises(lorafft.errors.InternalError, match="above 1"):
         analysis.analyze(W0, Wt, basis=lying)
-    assert not cache.answers_for(lying).any() and cache.answers_for(basis_as_cached(basis)).all()
-
-
-def basis_as_cached(basis: linalg.BaseBasis) -> linalg.BaseBasis:
-    return cache.cached_basis(basis.W0, list(basis.small_basis_fp32), list(basis.sigma))
+    assert not lying.verify().any()
+    assert cache.cached_basis(W0, (basis.small_basis_fp32, basis.sigma, basis.base_rows())).verify().all()
 
 
 # --- 2, 3. two outputs, or an output and an input, are never one file ---------------------------------------------
@@ -308,9 +307,8 @@ def test_two_writers_of_one_base_cache_keep_each_others_entries(trio, tmp_path):
         for writer_cache, module in ((first, "q_proj"), (second, "k_proj")):
             name = f"model.layers.0.self_attn.{module}.weight"
             W0 = base.get(name)
-            basis = linalg.base_basis(W0[None])
             pair = lorafft.pairing.Pair(name, name, tuple(W0.shape))
-            writer_cache.store([pair], [W0], basis.small_basis_fp32, basis.sigma)
+            writer_cache.store([pair], [W0], linalg.base_basis(W0[None]))
     assert cache.BaseCache(directory).names == {"model.layers.0.self_attn.q_proj.weight",
                                                 "model.layers.0.self_attn.k_proj.weight"}
     assert sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")) == sorted(

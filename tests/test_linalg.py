@@ -420,7 +420,7 @@ def test_match_ties_take_the_smallest_index_and_nan_is_an_error():
     Z[0, 0, [3, 7, 170]] = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)  # y_0 = e_0: exact ties at 3, 7 and 170
     Z[0, 1, [280, 290]] = torch.tensor([-1.0, 1.0], dtype=torch.float64)
     basis = linalg.BaseBasis(W0=torch.zeros(1, s, s), sigma=torch.ones(1, s, dtype=torch.float64), Z=Z,
-                             reflectors=None, tau=None)
+                             kind="explicit64")
     vectors = torch.zeros(1, s, 3, dtype=torch.float64)
     vectors[0, 0, 0] = vectors[0, 1, 1] = vectors[0, 299, 2] = 1.0
     for backend in ("torch", "triton"):

@@ -12,14 +12,14 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LAYERS = [  # lowest first: the order of docs/DESIGN.md's data flow
-    ("errors", "options", "arrays", "kernels"),
+    ("errors", "options", "arrays", "profiling", "kernels"),
     ("linalg", "updating", "io"),
     ("adapters",),
     ("pairing",),
-    ("loading", "analysis"),
+    ("loading", "analysis", "memory"),
     ("plots",),
     ("report",),
-    ("journal", "cache", "distributed"),
+    ("journal", "cache", "distributed", "recipe"),
     ("scan", "intervene", "synthetic", "tracking"),
     ("integrations", "cli", "__main__"),
 ]

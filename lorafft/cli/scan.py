@@ -97,8 +97,13 @@ def _add_resources(parser: argparse.ArgumentParser) -> None:
                             "--out or --journal)")
     group.add_argument("--max-batch-bytes", metavar="GB",
                        type=arguments.checked(float, options.gigabytes, "--max-batch-bytes"),
-                       help="cap on the fp32 base + tuned weights analysed at once, in GB (default: 1 on the CPU; "
-                            "on a GPU, from its free memory)")
+                       help="cap on the memory one batch of same-shape matrices holds at its peak (both batches in "
+                            "flight, the base basis, the Krylov blocks), in GB (default: 4 on the CPU; on a GPU, 0.8 "
+                            "of its free memory)")
+    group.add_argument("--profile", action="store_true",
+                       help="time each stage (read, to_device, base_basis, tuned_topk, match, magnitude_direction, "
+                            "write), print the table on stderr and keep it in the report's profile (on a GPU each "
+                            "stage synchronises the device)")
     group.add_argument("--seed", type=arguments.checked(int, options.seed, "--seed"), default=0,
                        help="seed of the random start blocks, in [0, 2^62) (default: 0)")
 
@@ -139,7 +144,8 @@ def run_scan(args) -> int:
                       strict=args.strict, split_fused=args.split_fused, delta_ranks=args.delta_ranks,
                       base_cache=args.base_cache, write_base_cache=args.write_base_cache, journal=journal,
                       resume=args.resume, out=args.out, max_batch_bytes=args.max_batch_bytes, tol=args.tol,
-                      seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet)
+                      seed=args.seed, device=args.device, backend=args.backend, progress=not args.quiet,
+                      profile=args.profile)
     except KeyboardInterrupt:
         if journal is not None and os.path.isfile(journal):
             print(printable(f"lorafft: the finished matrices are in {journal}: the same command with --resume "
@@ -151,7 +157,18 @@ def run_scan(args) -> int:
     print(printable(report.summary()))
     if args.out:
         print(printable(f"full report: {args.out}"))
+    if report.profile is not None:
+        print(profile_table(report.profile), file=sys.stderr)
     return 0
+
+
+def profile_table(profile: dict) -> str:
+    """The stages' seconds of a profiled scan (``Report.profile``), a line each with its share of the wall time."""
+    wall = profile["wall_seconds"]
+    lines = [f"profile: {wall:.2f} s wall (stages overlap: the reader thread works beside the analysis)"]
+    lines += [f"  {name:<20} {seconds:9.3f} s  {100 * seconds / max(wall, 1e-9):5.1f} %"
+              for name, seconds in profile["stages"].items()]
+    return "\n".join(lines)
 
 
 def run_cache(args) -> int:

@@ -15,10 +15,9 @@ import os
 
 from transformers import TrainerCallback
 
-from lorafft import analysis
+from lorafft import options
 from lorafft.errors import InputError
 from lorafft.journal import Journal
-from lorafft.options import positive_int
 from lorafft.report import Report
 from lorafft.tracking import STEP_PREFIX, Tracker, intruder_metrics
 
@@ -50,10 +49,10 @@ class IntruderCallback(TrainerCallback):
             where CPU cores are idle; on a busy CPU it competes with training for the cores.
     """
 
-    def __init__(self, every_n_steps: int = 100, k: int = 10, eps=analysis.DEFAULT_EPS, include=(), exclude=(),
-                 side: str = "left", on_evaluate: bool = True, report_name: str = "lorafft-trajectory.json",
+    def __init__(self, every_n_steps: int = 100, k: int = options.DEFAULT_K, eps=options.DEFAULT_EPS, include=(),
+                 exclude=(), side: str = "left", on_evaluate: bool = True, report_name: str = "lorafft-trajectory.json",
                  device=None, base_cache=None, background: bool = False):
-        self.every_n_steps = positive_int(every_n_steps, "every_n_steps")
+        self.every_n_steps = options.positive_int(every_n_steps, "every_n_steps")
         self.track_evaluations, self.report_name = on_evaluate, report_name
         self.settings = dict(k=k, eps=eps, include=include, exclude=exclude, side=side, device=device,
                              base_cache=base_cache)
