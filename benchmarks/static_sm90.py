@@ -20,7 +20,7 @@ sources are in ``docs/DESIGN.md``; what only a device run shows is in ``benchmar
     python benchmarks/static_sm90.py                       # print the table
     python benchmarks/static_sm90.py --out DIR             # also DIR/static_sm90.json and DIR/<variant>.sass
     python benchmarks/static_sm90.py --only bf16 fp8e4m3_block --shapes 8192x28672
-    python benchmarks/static_sm90.py --markdown A.json B.json   # the tables of static_sm90.md from two runs
+    python benchmarks/static_sm90.py --markdown A.json B.json --shapes 8192x28672   # static_sm90.md's tables
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def launch_arguments(variant: Variant, shape: tuple[int, int], transpose: bool):
     m, n = shape
     R, K = (n, m) if transpose else (m, n)
     dtype = TORCH_DTYPES[variant.dtype]
-    block_r, block_k = module.tiles_for(R, K)
+    block_r, block_k = module.tiles_for(R, K, dtype)
     column_blocks = triton.cdiv(COLUMNS, module.X_COLUMNS)
     splits = module.split_count(triton.cdiv(R, block_r) * column_blocks, K, block_k,
                                 module.CTAS_PER_SM[dtype.itemsize] * SMS)
@@ -344,20 +344,21 @@ def _mma_label(row: dict) -> str:
                                                                  else "") for entry in row["mma"])
 
 
-def markdown(records: list[dict]) -> str:
+def markdown(records: list[dict], shapes: list[tuple[int, int]] | None = None) -> str:
     """The tables of ``static_sm90.md`` from static_sm90.json records of several Triton versions (the first one's
-    numbers in full, the others' roofline and spills beside them)."""
+    numbers in full, the others' roofline and spills beside them), sketch rows of ``shapes`` only if given."""
     first, others = records[0], records[1:]
     by_name = [{row["variant"]: row for row in record["variants"]} for record in others]
     versions = " / ".join(record["triton"] for record in records)
-    lines = [f"| variant | MMA per tile | regs | stack | smem (KB) | CTAs/SM | HBM cyc | tensor cyc | smem cyc | "
-             f"issue cyc | roofline ({versions}) |", "|---" * 11 + "|"]
+    lines = [f"| variant | MMA per tile | regs | spill + stack | smem (KB) | CTAs/SM | HBM cyc | tensor cyc | "
+             f"smem cyc | issue cyc | roofline ({versions}) |", "|---" * 11 + "|"]
     for row in first["variants"]:
-        if row["kernel"] != "sketch":
+        if row["kernel"] != "sketch" or (shapes and tuple(row["shape"]) not in shapes):
             continue
         cycles = row["cycles_per_tile"]
         roofline = " / ".join(str(r["roofline"]) for r in [row] + [names[row["variant"]] for names in by_name])
-        lines.append(f"| {row['variant']} | {_mma_label(row)} | {row['registers']} | {row['stack_bytes']} | "
+        lines.append(f"| {row['variant']} | {_mma_label(row)} | {row['registers']} | "
+                     f"{row['spill_bytes'] + row['stack_bytes']} | "
                      f"{row['shared_bytes'] / 1024:.0f} | {row['ctas_per_sm']} | {cycles['hbm']:.0f} | "
                      f"{cycles['tensor']:.0f} | {cycles['shared']:.0f} | {cycles['issue']:.0f} | {roofline} |")
     lines += ["", f"| split kernel | regs ({versions}) | spill + stack bytes ({versions}) |", "|---|---|---|"]
@@ -378,7 +379,8 @@ def main() -> None:
                         help="print the markdown tables of these static_sm90.json files instead")
     args = parser.parse_args()
     if args.markdown:
-        print(markdown([json.loads(path.read_text()) for path in args.markdown]))
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else None
+        print(markdown([json.loads(path.read_text()) for path in args.markdown], shapes))
         return
     variants = [v for v in VARIANTS if not args.only or v.name in args.only]
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes] if args.shapes else SHAPES

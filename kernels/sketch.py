@@ -45,13 +45,15 @@ X_PARTS = 3
 
 # Tiles, by W's itemsize. The MMA's row side is BLOCK_M = 64 rows of stacked X parts (Triton's warpgroup MMA needs
 # 64 rows with 4 warps), so one program takes X_COLUMNS = 21 columns of X (more columns take more programs, each
-# reading W again); its wide side is BLOCK_R = 128 rows of W, BLOCK_K = 64 deep. Weights widened in registers (fp8,
-# fp32: PREFETCH) are loaded one tile ahead into registers, not through the shared-memory pipeline, whose stages then
-# hold X alone; 16-bit weights go to shared memory as stored, NUM_STAGES deep. CTAS_PER_SM is what fits an SM
-# (shared memory and registers in the sm_90 static analysis, benchmarks/results/static_sm90.md, whose test checks
-# it); split_count sizes the grid to one wave of it.
-BLOCK_R, BLOCK_K, BLOCK_M, NUM_WARPS = 128, 64, 64, 4
+# reading W again); its wide side is BLOCK_R = 128 rows of W, BLOCK_K deep (32 for fp32, whose 64-deep tile left
+# Triton 3.6 a stack frame at 255 registers). Weights widened in registers (fp8, fp32: PREFETCH) are loaded one tile
+# ahead into registers, not through the shared-memory pipeline, whose stages then hold X alone; 16-bit weights go to
+# shared memory as stored, NUM_STAGES deep. CTAS_PER_SM is what fits an SM (shared memory and registers in the sm_90
+# static analysis, benchmarks/results/static_sm90.md, whose test checks it); split_count sizes the grid to one wave
+# of it.
+BLOCK_R, BLOCK_M, NUM_WARPS = 128, 64, 4
 X_COLUMNS = BLOCK_M // X_PARTS
+BLOCK_K = {1: 64, 2: 64, 4: 32}
 NUM_STAGES = {1: 2, 2: 4, 4: 2}
 PREFETCH = {1: True, 2: False, 4: True}
 CTAS_PER_SM = {1: 2, 2: 2, 4: 2}
@@ -240,10 +242,10 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def tiles_for(R: int, K: int) -> tuple[int, int]:
-    """``(BLOCK_R, BLOCK_K)`` for an ``[R, K]`` product: the default tile, smaller (>= 16, ``tl.dot``'s minimum) only
-    for smaller matrices. Both divide FP8_BLOCK."""
-    return _block(R, BLOCK_R), _block(K, BLOCK_K)
+def tiles_for(R: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_K)`` for an ``[R, K]`` product with weights of ``dtype``: the tile of W's itemsize, smaller
+    (>= 16, ``tl.dot``'s minimum) only for smaller matrices. Both divide FP8_BLOCK."""
+    return _block(R, BLOCK_R), _block(K, BLOCK_K[dtype.itemsize])
 
 
 def _block(n: int, cap: int) -> int:
@@ -354,7 +356,7 @@ def sketch(
     # W'[r, k]: W[r, k] or W[k, r]; the scale's strides follow the same roles.
     stride_wr, stride_wk = (W.stride(2), W.stride(1)) if transpose else (W.stride(1), W.stride(2))
     size = W.dtype.itemsize
-    block_r, block_k = tiles_for(R, K)
+    block_r, block_k = tiles_for(R, K, W.dtype)
     grid = (L, triton.cdiv(R, block_r), triton.cdiv(nb, X_COLUMNS))
     slots = CTAS_PER_SM[size] * _multiprocessors(W.device.index) if W.is_cuda else 1
     splits = split_count(grid[0] * grid[1] * grid[2], K, block_k, slots) if split_k is None else max(1, int(split_k))
