@@ -47,3 +47,23 @@ def test_tile_sweep_rehearsal_restores_the_default_tiles(tmp_path):
     assert len(candidates) == 2 and all(case["error"] <= 1e-5 for entry in candidates.values()
                                         for case in entry.values())
     assert {name: getattr(kernel, name) for name in names} == before
+
+
+def test_sketch_thresholds_are_issue_21s():
+    """The sketch section's verdict on GPU rates (no GPU needed): bf16 >= 0.8 of the copy rate at 8192×28672 and
+    >= 0.7 at 8192², fp8 e4m3 with every scale layout >= 0.6 at both, fp32 no slower than torch's fp32 bmm."""
+    def rate(fraction, torch_fp32=0.5):
+        return {"gpu": {"fraction_of_copy": fraction}, "torch": {"fp32_bmm": {"fraction_of_copy": torch_fp32}}}
+
+    labels = ("bf16", "fp8e4m3", "fp8e4m3_tensor", "fp8e4m3_channel", "fp8e4m3_block", "fp32")
+    rows = {shape: {f"{label}_{o}": rate(0.85) for label in labels for o in ("WX", "WtX")}
+            for shape in ("down_proj", "q_proj/o_proj")}
+    assert all(check["pass"] for check in gpu_check._sketch_checks(rows).values())
+    for shape, key, fraction, failed in (("down_proj", "bf16_WtX", 0.79, "bf16_8192x28672"),
+                                         ("q_proj/o_proj", "bf16_WX", 0.69, "bf16_8192x8192"),
+                                         ("q_proj/o_proj", "fp8e4m3_block_WtX", 0.59, "fp8e4m3_8192x8192"),
+                                         ("down_proj", "fp32_WX", 0.49, "fp32_no_slower_than_torch_fp32")):
+        changed = {s: {k: (rate(fraction) if (s, k) == (shape, key) else v) for k, v in row.items()}
+                   for s, row in rows.items()}
+        verdicts = {name: check["pass"] for name, check in gpu_check._sketch_checks(changed).items()}
+        assert [name for name, ok in verdicts.items() if not ok] == [failed]
