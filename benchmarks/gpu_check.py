@@ -482,12 +482,12 @@ def check_tracking(device, quick: bool) -> dict:
     return {**result, "pass": all(entry["pass"] for entry in result.values())}
 
 
-# Tile candidates of the sweep: (BLOCK_R, BLOCK_K for 16-bit and fp8 W, warps, stages for 16-bit W, stages for fp8
-# W, fp8 W prefetched into registers, CTAs per SM that fit). The first is the default (kernels/sketch.py); the others
-# change one thing: stages, fp8 through the shared-memory pipeline, 256-row tiles (half the X traffic per W byte),
-# 128-deep tiles.
-TILE_CANDIDATES = [(128, 64, 4, 4, 2, True, 2), (128, 64, 4, 3, 3, True, 2), (128, 64, 4, 4, 3, False, 2),
-                   (256, 64, 8, 3, 2, True, 1), (128, 128, 4, 2, 2, True, 2)]
+# Tile candidates of the sweep: (BLOCK_R, BLOCK_K for 16-bit W, BLOCK_K for fp8 W, warps, stages for 16-bit W,
+# stages for fp8 W, fp8 W prefetched into registers, CTAs per SM that fit). The first is the default
+# (kernels/sketch.py); the others change one thing or two: stages and 64-deep fp8 tiles, fp8 through the
+# shared-memory pipeline, 256-row tiles (half the X traffic per W byte), 128-deep 16-bit tiles.
+TILE_CANDIDATES = [(128, 64, 128, 4, 4, 2, True, 2), (128, 64, 64, 4, 3, 3, True, 2), (128, 64, 64, 4, 4, 3, False, 2),
+                   (256, 64, 128, 8, 3, 2, True, 1), (128, 128, 128, 4, 2, 2, True, 2)]
 
 
 def sweep_tiles(device, quick: bool, copy_GBps: float) -> dict:
@@ -513,9 +513,9 @@ def sweep_tiles(device, quick: bool, copy_GBps: float) -> dict:
     results = {}
     try:
         for candidate in TILE_CANDIDATES[:2] if quick else TILE_CANDIDATES:
-            r, k, warps, stages16, stages8, prefetch8, ctas = candidate
+            r, k16, k8, warps, stages16, stages8, prefetch8, ctas = candidate
             kernel.BLOCK_R, kernel.NUM_WARPS = r, warps
-            kernel.BLOCK_K = {**default["BLOCK_K"], 1: k, 2: k}
+            kernel.BLOCK_K = {**default["BLOCK_K"], 1: k8, 2: k16}
             kernel.NUM_STAGES = {**default["NUM_STAGES"], 1: stages8, 2: stages16}
             kernel.PREFETCH = {**default["PREFETCH"], 1: prefetch8}
             kernel.CTAS_PER_SM = {size: ctas for size in default["CTAS_PER_SM"]}

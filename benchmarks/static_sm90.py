@@ -217,11 +217,14 @@ def mma_work(opcode: str, modifiers: str, operands: str, warps: int) -> dict:
 
 
 def tile_costs(loop: list[tuple], warps: int) -> dict:
-    """Per main-loop iteration (one W tile) of a CTA: the MMA instructions by kind, tensor-core cycles, and
-    shared-memory bytes stored and read with the cycles they take (a warp access at least one wavefront)."""
+    """Per main-loop iteration (one W tile) of a CTA: the MMA instructions by kind, tensor-core cycles, the waits
+    that drain every warpgroup MMA in flight (``WARPGROUP.DEPBAR.LE gsb0, 0x0``), and shared-memory bytes stored and
+    read with the cycles they take (a warp access at least one wavefront)."""
     mma: dict[str, dict] = {}
-    tensor = stored = read = wavefronts = 0
+    tensor = stored = read = wavefronts = drains = 0
     for _, opcode, modifiers, operands in loop:
+        if opcode + modifiers == "WARPGROUP.DEPBAR.LE" and re.search(r"gsb0,\s*0x0\b", operands):
+            drains += 1
         if opcode in MMA_OPS:
             work = mma_work(opcode, modifiers, operands, warps)
             entry = mma.setdefault(work["kind"], {"kind": work["kind"], "a_operand": work["a_operand"],
@@ -235,8 +238,8 @@ def tile_costs(loop: list[tuple], warps: int) -> dict:
             stored += warps * access if opcode in ("LDGSTS", "STS", "STSM") else 0
             read += warps * access if opcode in ("LDS", "LDSM") else 0
             wavefronts += warps * max(1.0, access / SHARED_BYTES_PER_CLOCK)
-    return {"mma": list(mma.values()), "tensor_cycles": tensor, "shared_stored": stored, "shared_read": read,
-            "shared_cycles": wavefronts}
+    return {"mma": list(mma.values()), "mma_drains": drains, "tensor_cycles": tensor, "shared_stored": stored,
+            "shared_read": read, "shared_cycles": wavefronts}
 
 
 def ctas_per_sm(shared_bytes: int, registers: int, warps: int) -> int:
@@ -303,8 +306,8 @@ def analyse(variant: Variant, shape: tuple[int, int], transpose: bool, out_dir: 
         "block": [block_r, block_k], "x_rows": constexprs["BLOCK_M"],
         "x_columns": constexprs["BLOCK_M"] // constexprs["PARTS"], "stages": options["num_stages"], "warps": warps,
         "w_prefetched": constexprs["PREFETCH"], **resources(compiled, instructions),
-        "mma": costs["mma"], "shared_bytes_per_tile": {"stored": costs["shared_stored"],
-                                                       "read": costs["shared_read"]},
+        "mma": costs["mma"], "mma_drains_per_tile": costs["mma_drains"],
+        "shared_bytes_per_tile": {"stored": costs["shared_stored"], "read": costs["shared_read"]},
         "ops": {op: whole[op] for op in OPS if op in whole},
         "loop_ops": {op: loop_ops[op] for op in OPS if op in loop_ops},
         "instructions_per_tile": len(loop), "bytes_per_tile": tile_bytes,
@@ -350,14 +353,15 @@ def markdown(records: list[dict], shapes: list[tuple[int, int]] | None = None) -
     first, others = records[0], records[1:]
     by_name = [{row["variant"]: row for row in record["variants"]} for record in others]
     versions = " / ".join(record["triton"] for record in records)
-    lines = [f"| variant | MMA per tile | regs | spill + stack | smem (KB) | CTAs/SM | HBM cyc | tensor cyc | "
-             f"smem cyc | issue cyc | roofline ({versions}) |", "|---" * 11 + "|"]
+    lines = [f"| variant | MMA per tile | drains | regs | spill + stack | smem (KB) | CTAs/SM | HBM cyc | "
+             f"tensor cyc | smem cyc | issue cyc | roofline ({versions}) |", "|---" * 12 + "|"]
     for row in first["variants"]:
         if row["kernel"] != "sketch" or (shapes and tuple(row["shape"]) not in shapes):
             continue
         cycles = row["cycles_per_tile"]
         roofline = " / ".join(str(r["roofline"]) for r in [row] + [names[row["variant"]] for names in by_name])
-        lines.append(f"| {row['variant']} | {_mma_label(row)} | {row['registers']} | "
+        lines.append(f"| {row['variant']} | {_mma_label(row)} | {row['mma_drains_per_tile']} | "
+                     f"{row['registers']} | "
                      f"{row['spill_bytes'] + row['stack_bytes']} | "
                      f"{row['shared_bytes'] / 1024:.0f} | {row['ctas_per_sm']} | {cycles['hbm']:.0f} | "
                      f"{cycles['tensor']:.0f} | {cycles['shared']:.0f} | {cycles['issue']:.0f} | {roofline} |")

@@ -45,7 +45,7 @@ X_PARTS = 3
 
 # Tiles, by W's itemsize. The MMA's row side is BLOCK_M = 64 rows of stacked X parts (Triton's warpgroup MMA needs
 # 64 rows with 4 warps), so one program takes X_COLUMNS = 21 columns of X (more columns take more programs, each
-# reading W again); its wide side is BLOCK_R = 128 rows of W, BLOCK_K deep (32 for fp32, whose 64-deep tile left
+# reading W again); its wide side is BLOCK_R = 128 rows of W, BLOCK_K deep: 128 bytes a row (fp32 32 deep: 64 left
 # Triton 3.6 a stack frame at 255 registers). Weights widened in registers (fp8, fp32: PREFETCH) are loaded one tile
 # ahead into registers, not through the shared-memory pipeline, whose stages then hold X alone; 16-bit weights go to
 # shared memory as stored, NUM_STAGES deep. CTAS_PER_SM is what fits an SM (shared memory and registers in the sm_90
@@ -53,7 +53,7 @@ X_PARTS = 3
 # of it.
 BLOCK_R, BLOCK_M, NUM_WARPS = 128, 64, 4
 X_COLUMNS = BLOCK_M // X_PARTS
-BLOCK_K = {1: 64, 2: 64, 4: 32}
+BLOCK_K = {1: 128, 2: 64, 4: 32}
 NUM_STAGES = {1: 2, 2: 4, 4: 2}
 PREFETCH = {1: True, 2: False, 4: True}
 CTAS_PER_SM = {1: 2, 2: 2, 4: 2}

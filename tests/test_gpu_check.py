@@ -37,7 +37,7 @@ def test_tile_sweep_rehearsal_restores_the_default_tiles(tmp_path):
 
     names = ("BLOCK_R", "BLOCK_K", "NUM_WARPS", "NUM_STAGES", "PREFETCH", "CTAS_PER_SM")
     before = {name: getattr(kernel, name) for name in names}
-    assert gpu_check.TILE_CANDIDATES[0] == (kernel.BLOCK_R, kernel.BLOCK_K[2], kernel.NUM_WARPS,
+    assert gpu_check.TILE_CANDIDATES[0] == (kernel.BLOCK_R, kernel.BLOCK_K[2], kernel.BLOCK_K[1], kernel.NUM_WARPS,
                                             kernel.NUM_STAGES[2], kernel.NUM_STAGES[1], kernel.PREFETCH[1],
                                             kernel.CTAS_PER_SM[1])
     assert gpu_check.main(["--quick", "--only", "tiles", "--out", str(tmp_path)]) == 0

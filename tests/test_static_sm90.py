@@ -80,6 +80,7 @@ SASS = "\n".join([
     "        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4].tnspA, R24 ;",
     "        /*0030*/                   HGMMA.64x64x16.F32 R56, R120, gdesc[UR8].tnspB, R56 ;",
     "        /*0040*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;",
+    "        /*0048*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;",
     "        /*0050*/                   LDS.U8 R2, [R3] ;",
     "        /*0060*/               @!PT LDS RZ, [RZ] ;",
     "        /*0070*/                   FFMA R2, R3, R4, R5 ;",
@@ -93,8 +94,9 @@ def test_sass_parsing_finds_the_loop_and_prices_it():
     operands from shared memory unless the SASS names registers for A; an HMMA runs per warp at half the rate;
     a never-executed ``@!PT`` placeholder costs nothing; a narrow access takes a whole wavefront."""
     loop = static_sm90.main_loop(static_sm90.parse_sass(SASS))
-    assert [op for _, op, _, _ in loop] == ["LDGSTS", "HGMMA", "HGMMA", "HMMA", "LDS", "FFMA", "BRA"]
+    assert [op for _, op, _, _ in loop] == ["LDGSTS", "HGMMA", "HGMMA", "HMMA", "WARPGROUP", "LDS", "FFMA", "BRA"]
     costs = static_sm90.tile_costs(loop, warps=4)
+    assert costs["mma_drains"] == 1
     assert [(e["kind"], e["a_operand"]) for e in costs["mma"]] == [
         ("HGMMA.64x128x16.F32.BF16", "shared"), ("HGMMA.64x64x16.F32", "registers"),
         ("HMMA.16816.F32.BF16", "registers")]
