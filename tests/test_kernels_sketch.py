@@ -15,7 +15,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
-from lorafft.kernels.sketch import FP8_BLOCK, _x_parts, sketch
+from lorafft.kernels.sketch import BLOCK_M, FP8_BLOCK, X_COLUMNS, _x_parts, sketch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -56,7 +56,7 @@ def _check(W, X, *, transpose=False, scale=None, split_k=None, rtol=RTOL):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("L,m,n,b", [(1, 70, 45, 5), (3, 33, 130, 20), (3, 17, 16, 1)])
+@pytest.mark.parametrize("L,m,n,b", [(1, 70, 45, 5), (3, 33, 130, 20), (3, 17, 16, 1), (2, 40, 70, 45)])
 def test_matches_fp64(dtype, transpose, L, m, n, b):
     W = (10 * torch.randn(L, m, n)).to(dtype)
     X = torch.randn(L, m if transpose else n, b) * torch.logspace(-20, 20, b)  # columns of very different sizes
@@ -66,18 +66,21 @@ def test_matches_fp64(dtype, transpose, L, m, n, b):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("source", [torch.float32, torch.float64])
 def test_split_parts_keep_fp32_accuracy(dtype, source):
-    """X's three 16-bit parts (the split kernel) times the column factors give X back within 2^-24 relative for
-    bf16 parts (2^-23 from fp64, rounded to bf16 through fp32), within max(2^-33 |x|, 2^-38 max|x_col|) for fp16
-    parts (2^-25, half the fp16 subnormal spacing, against a column maximum >= 2^13), against fp64; padding is
-    zero."""
-    L, K, nb = 2, 300, 7
+    """X's three 16-bit parts (the split kernel, stacked as the sketch kernel reads them: part j of column
+    ``b X_COLUMNS + c`` in row ``j X_COLUMNS + c`` of block b's BLOCK_M rows) times the column factors give X back
+    within 2^-24 relative for bf16 parts (2^-23 from fp64, rounded to bf16 through fp32), within
+    max(2^-33 |x|, 2^-38 max|x_col|) for fp16 parts (2^-25, half the fp16 subnormal spacing, against a column maximum
+    >= 2^13), against fp64; padding is zero."""
+    L, K, nb = 2, 300, X_COLUMNS + 7  # two column blocks, the second partial
     X = torch.randn(L, K, nb, dtype=torch.float64) * torch.logspace(-3, 0, K, dtype=torch.float64)[:, None]
     X = (X * torch.logspace(-30, 30, nb, dtype=torch.float64)).to(source).to(DEVICE)
-    XP, column = _x_parts(X, 3, (320, 64), dtype, 64)
-    assert XP.shape == (L, 3, 320, 64) and XP.dtype == dtype and column.shape == (L, 64)
-    assert (XP[:, :, K:] == 0).all() and (XP[:, :, :, nb:] == 0).all()
-    parts = XP[:, :, :K, :nb].double().sum(dim=1)
-    back = parts * column[:, None, :nb].double()
+    XP, column = _x_parts(X, 320, dtype)
+    assert XP.shape == (L, 320, 2 * BLOCK_M) and XP.dtype == dtype and column.shape == (L, nb)
+    blocks = XP.view(L, 320, 2, BLOCK_M)
+    stacked = blocks[..., :3 * X_COLUMNS].unflatten(-1, (3, X_COLUMNS))  # [L, k, block, part, column]
+    assert (XP[:, K:] == 0).all() and (blocks[..., 3 * X_COLUMNS:] == 0).all() and (stacked[:, :, 1, :, 7:] == 0).all()
+    parts = stacked[:, :K].double().sum(dim=3).flatten(2)[..., :nb]  # [L, K, nb]
+    back = parts * column[:, None, :].double()
     exact = X.double()
     error = (back - exact).abs()
     top = exact.abs().amax(dim=1, keepdim=True)
@@ -159,26 +162,12 @@ def test_split_reduction_matches_fp64(split_k, transpose):
     _check(W, X, transpose=transpose, split_k=split_k, scale=torch.rand(L, 2, 3) + 0.5)
 
 
-def test_split_count_keeps_the_gpu_busy_and_the_cpu_whole():
+def test_split_count_fills_one_wave():
+    """The most parts that keep the grid within one wave of CTAs (SMs × CTAs per SM), each part at least eight
+    tiles deep; one part on the CPU (one slot) or when the grid alone fills the wave."""
     from lorafft.kernels.sketch import split_count
 
-    assert split_count((1, 128, 1), 28672, 64, torch.device("cpu")) == 1
-    if torch.cuda.is_available():
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        splits = split_count((1, 128, 1), 28672, 64, torch.device("cuda"))
-        assert 128 * splits >= min(4 * sms, 128 * 28672 // 512)
-
-
-@pytest.mark.parametrize("transpose", [False, True])
-def test_tf32x3_keeps_fp32_accuracy(transpose):
-    """fp32 weights through tf32x3 (three tf32 passes) give fp32-level products too; plain tf32, "ieee", and tf32x3
-    for 16-bit weights are refused."""
-    W = torch.randn(2, 90, 200)
-    _check(W, torch.randn(2, 90 if transpose else 200, 7), transpose=transpose)
-    X = torch.randn(2, 90 if transpose else 200, 7, device=DEVICE)
-    got = sketch(W.to(DEVICE), X, transpose=transpose, precision="tf32x3").double().cpu()
-    ref = (W.double().mT if transpose else W.double()) @ X.double().cpu()
-    assert ((got - ref).norm() <= 1e-5 * ref.norm()).item()
-    for precision, weight in (("tf32", W), ("ieee", W), ("tf32x3", W.half())):
-        with pytest.raises(ValueError, match="precision"):
-            sketch(weight.to(DEVICE), X, transpose=transpose, precision=precision)
+    assert split_count(64, 28672, 64, 1) == 1
+    assert split_count(64, 28672, 64, 2 * 132) == 4  # 8192 rows of 128: 256 programs of 264
+    assert split_count(224, 8192, 64, 2 * 132) == 1  # 28672 rows: one wave already
+    assert split_count(64, 1024, 64, 2 * 132) == 2  # k/v W^T X: K = 1024 holds two parts of eight tiles
