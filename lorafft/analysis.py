@@ -65,6 +65,13 @@ class SideAnalysis:
         """``[L, E]`` int64: the number of intruders at each ε."""
         return self.intruders.sum(dim=-2)
 
+    @property
+    def counts_by_eps(self) -> dict[str, torch.Tensor]:
+        """The counts named by their threshold, as a report names them: ``{"0.5": tensor([L])}`` (int64, one count
+        per matrix of the stack)."""
+        counts = self.counts
+        return {options.eps_key(eps): counts[..., index] for index, eps in enumerate(self.eps)}
+
 
 RANDOM_QUANTILES = (0.05, 0.5, 0.95, 0.99)
 

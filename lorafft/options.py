@@ -20,6 +20,8 @@ DEFAULT_EPS = (0.5,)
 DEFAULT_MAX_BATCH_BYTES = 1 << 30  # fp32 weights (base + tuned) held at once per batch; the basis adds ~4x
 REPORT_SUFFIXES = (".json", ".csv")
 WHICH = ("top", "all")  # the intervention's choices: the highest-ranked intruder of each matrix, or every one
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # a plausible repo id; huggingface_hub validates it further
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")  # a missing file of these names is not an id
 
 
 def eps_key(eps: float) -> str:
@@ -130,6 +132,34 @@ def not_an_input(path, inputs, what: str) -> None:
         real = os.path.realpath(source)
         if target == real or (os.path.isdir(real) and target.startswith(real + os.sep)):
             raise InputError(path, f"is a file of the input {os.fspath(source)}: {what} would overwrite it")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """True for a name that may be a Hub repo id: ``name`` or ``org/name``, not a path or a weights file name."""
+    return HUB_ID.fullmatch(name) is not None and not name.endswith(WEIGHT_SUFFIXES)
+
+
+def input_path(path) -> str:
+    """A checkpoint or adapter input: an existing path, or a name shaped like a Hub id (resolved later, from the Hub
+    cache or a download); InputError for a missing local path."""
+    path = os.fspath(path)
+    if not os.path.lexists(path) and not looks_like_hub_id(path):
+        raise InputError(path, "no such file or directory")
+    return path
+
+
+def report_file(path) -> str:
+    """A report to read: an existing file, not a directory, and not the CSV table a scan writes (only the JSON report
+    holds everything a figure needs)."""
+    path = os.fspath(path)
+    if path.lower().endswith(".csv"):
+        raise InputError(path, "is a CSV table, not a report: figures and pages are drawn from the JSON report "
+                               "('lorafft scan ... --out FILE.json')")
+    if not os.path.exists(path):
+        raise InputError(path, "no such file")
+    if os.path.isdir(path):
+        raise InputError(path, "is a directory, not a report file")
+    return path
 
 
 def _writable_parent(path: str) -> None:

@@ -9,6 +9,7 @@ matrices and cuts same-shape batches, :mod:`lorafft.loading` reads them onto the
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -47,7 +48,7 @@ def scan(
     tol: float = 1e-5,
     seed: int = 0,
     max_batch_bytes: int | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Report | None:
     """Intruder analysis of every weight matrix a base and a fine-tuned checkpoint share.
 
@@ -94,7 +95,8 @@ def scan(
             ``options.DEFAULT_MAX_BATCH_BYTES``, except on a CUDA device of a single-process scan, where it comes from
             the device's free memory (:func:`device_batch_bytes`), so that a large GPU takes many layers' same-shape
             matrices at once (a resumed scan reuses its journal's value); the report's ``options`` records it.
-        progress: show a progress bar (tqdm) on stderr.
+        progress: show a progress bar (``tqdm.auto``) on stderr. None (default): where a person is watching, that is
+            when stderr is a terminal or in a Jupyter notebook (:func:`someone_watching`), not in logs or tests.
 
     Under ``torchrun`` (WORLD_SIZE > 1) the batches are spread over the ranks (:mod:`lorafft.distributed`): rank 0
     returns the whole report (and writes ``out``), the other ranks return None; journals get a ``.rankN`` suffix.
@@ -146,7 +148,8 @@ def scan(
         run = _Run(settings, device, backend, cache_in, cache_out, record)
         try:
             mine = [index for index, owner in enumerate(owners) if owner == rank]
-            rows_by_batch = run.rows(inputs, batches, mine, progress=progress and rank == 0)
+            shown = someone_watching() if progress is None else progress
+            rows_by_batch = run.rows(inputs, batches, mine, progress=shown and rank == 0)
         except BaseException as error:
             if record is not None:  # bad input leaves no partial output; a crash or interrupt keeps it to resume
                 record.close(remove=isinstance(error, InputError) and not resume)
@@ -156,6 +159,16 @@ def scan(
     if record is not None:
         record.close(remove=out is not None)
     return report
+
+
+def someone_watching() -> bool:
+    """Whether a progress bar would be seen: stderr is a terminal, or this runs in a Jupyter kernel (where
+    ``tqdm.auto`` draws a widget); not when stderr goes to a log file or a test's capture."""
+    if sys.stderr is not None and sys.stderr.isatty():
+        return True
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 def _report(gathered: dict[int, list[MatrixRow]] | None, inputs: _Inputs, settings: ScanOptions, out) -> Report | None:

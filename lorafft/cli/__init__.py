@@ -55,7 +55,12 @@ def main(argv=None) -> int:
     Warnings print as ``lorafft: warning: ...``; an :class:`InputError` as ``lorafft: error: <path>: <problem>``
     with status 2. Usage errors exit 2 from argparse (``SystemExit``), with one line. Ctrl-C prints one line and
     exits 130 (a scan's journal keeps its finished rows for ``--resume``); a closed stdout (``| head``) ends quietly.
+    A name the output encoding cannot hold (a file or tensor name that is not UTF-8, decoded by Python to lone
+    surrogates) is printed escaped, ``\\udcff``, never as an encoding error.
     """
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a TextIOWrapper; a stream put in its place without one is left as it is
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("always")

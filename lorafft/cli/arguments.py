@@ -38,6 +38,14 @@ def device(value: str, name: str = "--device") -> str:
     return value
 
 
+def inputs_exist(paths) -> None:
+    """Every checkpoint or adapter input is an existing path or shaped like a Hub id
+    (:func:`lorafft.options.input_path`): a missing local file is refused here, before torch is imported."""
+    for path in paths:
+        if path is not None:
+            options.input_path(path)
+
+
 def checked(convert, check, name: str):
     """An argparse ``type=``: ``check(convert(text), name)``. A ValueError of ``convert`` (``int``, ``float``) and the
     InputError of ``check`` become argparse's one-line usage error (exit 2)."""

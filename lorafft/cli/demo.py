@@ -10,13 +10,17 @@ from lorafft import options
 from lorafft.cli import arguments
 from lorafft.errors import InputError
 
-DEMO_PARTS = ("base", "full", "lora")
+DEMO_PARTS = ("base", "full", "lora", "run")
 
 DEMO_EPILOG = """\
+With --dir, also run/step-0.25 .. run/step-1: the LoRA adapter's update grown as t*s*B*A, a mock training run
+(the README's Figure 5 example scans them).
+
 examples:
   lorafft demo                      scan in a temporary directory, then remove it
-  lorafft demo --dir demo           keep demo/base, demo/full and demo/lora, then for instance:
+  lorafft demo --dir demo           keep demo/base, demo/full, demo/lora and demo/run, then for instance:
   lorafft scan demo/lora --out r.json && lorafft plot r.json --out figures
+  lorafft scan demo/base demo/run/step-0.25 demo/run/step-0.5 demo/run/step-0.75 demo/run/step-1 --out run.json
 """
 
 
@@ -28,25 +32,29 @@ def add_command(subparsers) -> None:
                                              "the base.",
                                  epilog=DEMO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--dir", metavar="DIR",
-                      help="write the checkpoints here and keep them: a new or empty directory, or an earlier "
-                           "demo's (default: a temporary directory)")
+                      help="write the checkpoints (and a mock training run of the adapter) here and keep them: a new "
+                           "or empty directory, or an earlier demo's (default: a temporary directory)")
     arguments.add_quiet(demo)
     demo.set_defaults(run=run)
 
 
 def run(args) -> int:
-    """``lorafft demo``: write the trio, print both scans' summaries."""
+    """``lorafft demo``: write the trio (and with ``--dir`` the mock run), print both scans' summaries."""
     if args.dir is not None:
         _demo_directory(args.dir)
     from lorafft.scan import scan
-    from lorafft.synthetic import write_trio
+    from lorafft.synthetic import write_run, write_trio
 
     with tempfile.TemporaryDirectory(prefix="lorafft-demo-") as temporary:
         trio = write_trio(args.dir or temporary)
         print(f"synthetic checkpoints in {trio.base.parent}" + ("" if args.dir else " (temporary)"))
+        if args.dir is not None:
+            steps = write_run(trio.lora, trio.base.parent / "run")
+            print(f"a mock training run of the LoRA adapter: {', '.join(str(step) for step in steps)}")
         for label, tuned in (("full fine-tune", trio.full), ("LoRA adapter (rank 1)", trio.lora)):
             print(f"\n== {label}: lorafft scan {trio.base} {tuned}")
-            print(scan(trio.base, tuned, eps=(0.5, 0.6, 0.7, 0.8, 0.9), progress=not args.quiet).summary())
+            print(scan(trio.base, tuned, eps=(0.5, 0.6, 0.7, 0.8, 0.9), progress=False if args.quiet else None)
+                  .summary())
     print("\nLoRA grows intruder dimensions (max |cos| < eps against every base singular vector); "
           "the full fine-tune has few or none.")
     return 0
@@ -54,10 +62,10 @@ def run(args) -> int:
 
 def _demo_directory(path) -> None:
     """InputError unless ``path`` may take the demo's checkpoints: new, empty, or holding only an earlier demo's
-    ``base/``, ``full/`` and ``lora/`` (so a checkpoint or any other directory is never written into)."""
+    ``base/``, ``full/``, ``lora/`` and ``run/`` (so a checkpoint or any other directory is never written into)."""
     options.output_directory(path)
     others = sorted(set(os.listdir(path)) - set(DEMO_PARTS)) if os.path.isdir(path) else []
     if others:
         raise InputError(path, f"holds {others[0]!r}" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
-                         + ": the demo writes base/, full/ and lora/ only into a new or empty directory (or an "
-                           "earlier demo's)")
+                         + ": the demo writes base/, full/, lora/ and run/ only into a new or empty directory (or "
+                           "an earlier demo's)")

@@ -7,7 +7,7 @@ paper's definition: ``max_i |<y_j, x_i>| < ε`` over **all** base singular vecto
 outlined. A LoRA intruder is a column without a bright cell; a full fine-tune shows a bright diagonal.
 
 The matrix is paired and merged exactly as :func:`lorafft.scan` does (tolerant names, PEFT adapters merged,
-``fan_in_fan_out`` transposed). matplotlib is imported only when a figure is drawn (``pip install 'lorafft[plot]'``).
+``fan_in_fan_out`` transposed). matplotlib is imported only when a figure is drawn (``pip install matplotlib``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from lorafft import analysis, io, linalg, loading, pairing
 from lorafft.errors import InputError
-from lorafft.plots.figures import new_axes
+from lorafft.plots.figures import new_axes, printable
 
 CELL_TEXT_MAX = 12  # heatmaps up to this size print each |cos| in its cell
 
@@ -115,8 +115,8 @@ def similarity(base, tuned, name: str, *, n: int = 10, side: str = "left", eps: 
 
 def plot_similarity(similarity: Similarity, ax=None):
     """Heatmap of ``similarity.cosines`` (colour scale fixed to 0–1), tuned vector j along x, base vector i along y,
-    each intruder's column outlined in red. Cells carry their value up to 12×12; beyond, ticks are thinned.
-    Returns the Figure (a new one when ``ax`` is None)."""
+    each intruder's column outlined in red (the title says "outlined" only when there is one). Cells carry their
+    value up to 12×12; beyond, ticks are thinned. Returns the Figure (a new one when ``ax`` is None)."""
     from matplotlib.patches import Rectangle
     from matplotlib.ticker import MaxNLocator
 
@@ -137,10 +137,12 @@ def plot_similarity(similarity: Similarity, ax=None):
         axis.set_major_locator(MaxNLocator(nbins=min(max(rows, columns), 10), integer=True))
     ax.set_xlabel("tuned singular vector j (by σ)")
     ax.set_ylabel("base singular vector i (by σ)")
-    found = f"intruder(s) j = {', '.join(map(str, intruders))}" if intruders else "no intruders"
-    if len(intruders) > 5:
-        found = f"{len(intruders)} intruders"
-    ax.set_title(f"{similarity.name} ({similarity.side})\n{found} "
-                 f"(max_i |cos| < ε = {similarity.eps:g} over all x_i, top {similarity.k_intruders}; outlined)",
-                 fontsize="small")
+    rule = f"max_i |cos| < ε = {similarity.eps:g} over all x_i, top {similarity.k_intruders}"
+    if not intruders:
+        found = f"no intruders ({rule})"
+    else:
+        which = (f"{len(intruders)} intruders" if len(intruders) > 5 else
+                 f"intruder{'s' if len(intruders) > 1 else ''} j = {', '.join(map(str, intruders))}")
+        found = f"{which} ({rule}), outlined"
+    ax.set_title(f"{printable(similarity.name)} ({similarity.side})\n{found}", fontsize="small")
     return figure
