@@ -76,7 +76,7 @@ class _Batch:
     previous: torch.Tensor | None = None  # [L, m, k] the last step's left vectors (the Krylov start)
     coordinates: torch.Tensor | None = None  # [L, s, k + 1] the last step's vectors in the base's coordinates
     base_norms: torch.Tensor | None = None  # [L, m] fp64 squared row norms of W0 (ΔM, ΔD)
-    trail: tuple[str, torch.Tensor] | None = None  # the last step's (side, top-k vectors [L, d, k]): rows' cos_previous
+    trail: tuple | None = None  # the last step's (side, in coordinates?, top-k vectors): the rows' cos_previous
 
 
 class Tracker:
@@ -291,20 +291,31 @@ def _checkpoint_names(model: torch.nn.Module) -> pairing.NameIndex | None:
 def _chain(batch: _Batch, rows: list[MatrixRow]) -> None:
     """Set each row's ``cos_previous`` (the cosines ``[k, k]`` between the batch's top-k vectors at its previous
     tracked step and now) and keep this step's vectors for the next: the ones the warm start keeps, the left vectors
-    ``[L, m, k]`` of a step analysed as a scan, or the small side's from the base coordinates ``[L, s, k + 1]``
-    (``batch.basis.Z`` is that side's basis, explicit). A step whose vectors are of the other side, or none
-    (``warm_start=False``), breaks the chain (``cos_previous`` stays None)."""
+    ``[L, m, k]`` of a step analysed as a scan, or the small side's coordinates in the base basis ``[L, s, k + 1]``
+    (``batch.basis.Z`` is that basis, explicit and orthonormal: two steps in coordinates need only their product).
+    A step whose vectors are of the other side, or none (``warm_start=False``), breaks the chain (``cos_previous``
+    stays None)."""
     k = rows[0].k
     if batch.coordinates is not None:
-        now = (batch.basis.small_side, batch.basis.Z @ batch.coordinates[..., :k])
+        now = (batch.basis.small_side, True, batch.coordinates[..., :k])
     else:
-        now = None if batch.previous is None else ("left", batch.previous[..., :k])
-    if now is not None and batch.trail is not None and batch.trail[0] == now[0]:
-        cosines = torch.round(batch.trail[1].mT @ now[1].to(batch.trail[1].dtype), decimals=6).cpu()
+        now = None if batch.previous is None else ("left", False, batch.previous[..., :k])
+    before = batch.trail
+    if now is not None and before is not None and before[0] == now[0]:
+        if before[1] and now[1]:
+            cosines = before[2].mT @ now[2]
+        else:
+            cosines = _in_space(batch, before).mT @ _in_space(batch, now)
         position = {tracked.name: index for index, tracked in enumerate(batch.matrices)}
         for row in rows:
-            row.cos_previous = cosines[position[row.name]].tolist()
+            row.cos_previous = torch.round(cosines[position[row.name]], decimals=6).tolist()
     batch.trail = now
+
+
+def _in_space(batch: _Batch, kept: tuple) -> torch.Tensor:
+    """A step's kept top-k vectors ``(side, in coordinates, tensor)`` as vectors of that side, ``[L, d, k]`` fp64."""
+    _, in_coordinates, vectors = kept
+    return (batch.basis.Z @ vectors if in_coordinates else vectors).double()
 
 
 def _report_name(name: str, names: pairing.NameIndex | None) -> str:

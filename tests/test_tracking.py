@@ -266,6 +266,39 @@ def test_plain_model_snapshot(minilm_dir):
     assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["full: step 0", "full: step 1"]
 
 
+def test_cosines_between_steps_across_the_two_ways_a_step_is_analysed(minilm_dir, monkeypatch):
+    """A step analysed in the base's coordinates, then one the scan's way (here forced: the update path declines),
+    then in coordinates again: each step's cos_previous equals |Y_beforeᵀ Y_now| of fp64 SVDs of PEFT's merged
+    weights, for vectors separated from their neighbours."""
+    model = lora_model(minilm_dir, init_lora_weights=False)
+    include = [r"layer\.0\.attention\.self\.query"]
+    tracker = Tracker(model, include=include, k=6)
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    merged, rows = [], []
+    generator = torch.Generator().manual_seed(7)
+    for step, declined in ((0, False), (1, True), (2, False)):
+        with torch.no_grad():
+            layer.lora_B["default"].weight.add_(0.02 * torch.randn(layer.lora_B["default"].weight.shape,
+                                                                  generator=generator))
+        with monkeypatch.context() as patch:
+            if declined:
+                patch.setattr(tracking.analysis, "analyze_update", lambda *args, **kwargs: None)
+            (row,) = tracker.step(step)
+        assert (row.iterations == 0) == declined  # the dense top-k a scan takes reports no iterations
+        merged.append(copy.deepcopy(model).merge_and_unload().bert.encoder.layer[0].attention.self.query.weight)
+        rows.append(row)
+    assert rows[0].cos_previous is None
+    for index in (1, 2):
+        U = [torch.linalg.svd(W.detach().double())[0][:, :6] for W in merged[index - 1 : index + 1]]
+        reference = (U[0].T @ U[1]).abs()
+        separated = [[rows[index - 1].error_bound[i] < 1e-6 and rows[index].error_bound[j] < 1e-6
+                      for j in range(6)] for i in range(6)]
+        checked = [(i, j) for i in range(6) for j in range(6) if separated[i][j]]
+        assert len(checked) >= 18
+        for i, j in checked:
+            assert abs(abs(rows[index].cos_previous[i][j]) - float(reference[i, j])) < 1e-5, (index, i, j)
+
+
 def test_tracked_names_are_the_names_a_scan_of_the_saved_adapter_gives(minilm_dir, tmp_path):
     """One name per matrix: a scan of a PEFT adapter names its rows by the base checkpoint's tensor names, and so
     does the tracker: ``encoder.layer.0...`` when the model was loaded from the MiniLM file (a BertModel checkpoint),

@@ -190,12 +190,11 @@ def write_comparison_html(reports: dict, path, *, side: str | None = None, figur
              f"<h2>Intruders ({side} singular vectors), summed over matrices</h2>\n",
              _table(["report", "matrices", "random floor 1/√d (smallest)"] + [f"ε = {e:g}" for e in eps], totals)]
     if figures:
-        named = {label: report for label, report in reports.items()}
         parts.append("<h2>Figures</h2>\n")
-        parts.append(_figure(fig.plot_counts_vs_eps(named, side),
+        parts.append(_figure(fig.plot_counts_vs_eps(reports, side),
                              f"Total intruders versus ε, one curve per report ({side} singular vectors; paper "
                              f"Figure 4)."))
-        parts.append(_figure(fig.plot_layer_bars_compared(named, side, eps[0]),
+        parts.append(_figure(fig.plot_layer_bars_compared(reports, side, eps[0]),
                              f"Intruders per layer at ε = {eps[0]:g}, one bar per report side by side."))
     for label, rows in last.items():
         worst = sorted(rows, key=lambda r: (-r.intruders(eps[0]), min(r.max_cos, default=1.0)))[:10]
