@@ -258,9 +258,9 @@ def _figures(report, spectra: list) -> list[str]:
                              magnitude_direction.caption(report)))
     for row in spectra:
         where = fig.checkpoint_label(report, row.checkpoint)
+        ringed = "intruders ringed" if row.intruders(eps) else f"no intruder at ε = {eps:g}"
         parts.append(_figure(fig.plot_spectra(report, row.name, row.side, eps, checkpoint=row.checkpoint),
-                             f"Singular values of {row.name} ({row.side}) in {where}, fine-tuned and base; intruders "
-                             f"ringed."))
+                             f"Singular values of {row.name} ({row.side}) in {where}, fine-tuned and base; {ringed}."))
     return parts
 
 

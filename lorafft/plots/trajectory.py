@@ -182,7 +182,10 @@ def plot_trajectory(trajectory: Trajectory, ax=None):
         sigma_ax.scatter([], [], facecolors="white", edgecolors="grey", label="best match |cos| < ε")
     if not len(trajectory.intruders):
         for panel in (rank_ax, sigma_ax):
-            panel.text(0.5, 0.5, "no intruders in the last checkpoint", transform=panel.transAxes, ha="center")
+            panel.text(0.5, 0.6, f"no intruders at ε = {trajectory.eps:g} among the top {trajectory.k}\n"
+                                 f"of the last checkpoint: nothing to follow", transform=panel.transAxes,
+                       ha="center", va="center", bbox={"boxstyle": "round", "facecolor": "white",
+                                                       "edgecolor": "grey"})
     lowest = int(trajectory.rank.max()) if trajectory.rank.numel() else 0
     rank_ax.set_ylim(max(lowest, 1) + 0.5, -0.5)  # rank 0 on top; whole ranks, also when every rank is 0
     rank_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
