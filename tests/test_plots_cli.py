@@ -154,6 +154,14 @@ def test_a_tracked_run_gets_its_trajectory_from_the_report(run, tracked, tmp_pat
     page = (tmp_path / "tracked.html").read_text(encoding="utf-8")
     assert "followed back step by step" in page and "not found" not in page
 
+    older = tracked.to_dict()  # a tracked run's report written before trackers kept the cosines
+    for row in older["matrices"]:
+        del row["cos_previous"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    status, written, err = plot([tmp_path / "older.json", "--out", tmp_path / "older", "--spectra", "0"], capsys)
+    assert status == 0 and not any("trajectory" in path for path in written)
+    assert err.startswith("lorafft: note: older: no trajectory: the report has no cosines between tracked steps")
+
 
 def content(figure) -> list:
     """What a figure shows: per axes, its labels, title, lines, bars, scatter points, images and texts."""

@@ -243,8 +243,12 @@ def _from_vectors(label: str, report: Report, side: str, eps: float, args):
                   file=sys.stderr)
         if trajectory:
             (row,) = figures.worst_rows(report, eps, 1, side)
-            yield f"trajectory-{_filename(row.name)}.png", plot_trajectory(
-                tracked_trajectory(report, row.name, side=side, eps=eps))
+            drawn = tracked_trajectory(report, row.name, side=side, eps=eps)
+            if len(drawn.labels) > 1:
+                yield f"trajectory-{_filename(row.name)}.png", plot_trajectory(drawn)
+            else:
+                print(f"lorafft: note: {label}: no trajectory: the report has no cosines between tracked steps "
+                      "(written before trackers kept them, or tracked with warm_start=False)", file=sys.stderr)
         return
     if not heatmaps and not trajectory:
         return
