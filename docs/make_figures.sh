@@ -12,7 +12,7 @@ mkdir -p "$IMAGES" "$WORK"
 cd "$WORK"
 set -x
 
-lorafft demo --dir . --quiet                                  # base/, full/ and lora/ (rank-1 PEFT adapter)
+lorafft demo --dir . --quiet                  # base/, full/, lora/ (rank-1 PEFT adapter) and run/ (its mock run)
 
 # A LoRA fine-tune and a full one, against the base (paper Figures 1-4)
 lorafft scan base lora --eps 0.5 0.6 0.7 0.8 0.9 --out lora.json --quiet
@@ -24,17 +24,7 @@ lorafft plot lora.json --out zoom --heatmap-size 100 --spectra 0
 lorafft scan base lora --k 256 --out lora-k256.json --quiet
 lorafft plot lora-k256.json --out deep --spectra 0 --heatmaps 0
 
-# A training run (paper Figure 5): the demo adapter's update grown as t * s*B*A, t = 0.25, 0.5, 0.75, 1
-python - <<'EOF'
-import pathlib, shutil
-from safetensors.torch import load_file, save_file
-tensors = load_file("lora/adapter_model.safetensors")
-for t in (0.25, 0.5, 0.75, 1.0):
-    step = pathlib.Path(f"run/step-{t:g}")
-    step.mkdir(parents=True, exist_ok=True)
-    shutil.copy("lora/adapter_config.json", step)
-    save_file({k: v * t if ".lora_B." in k else v for k, v in tensors.items()}, str(step / "adapter_model.safetensors"))
-EOF
+# A training run (paper Figure 5): the demo adapter's update grown as t * s*B*A, t = 0.25, 0.5, 0.75, 1 (run/)
 lorafft scan base run/step-0.25 run/step-0.5 run/step-0.75 run/step-1 --out run.json --quiet
 lorafft plot run.json --out run-figures --spectra 0 --heatmaps 0
 

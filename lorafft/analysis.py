@@ -74,6 +74,13 @@ class SideAnalysis:
         """``[L, E]`` int64: the number of intruders at each ε."""
         return self.intruders.sum(dim=-2)
 
+    @property
+    def counts_by_eps(self) -> dict[str, torch.Tensor]:
+        """The counts named by their threshold, as a report names them: ``{"0.5": tensor([L])}`` (int64, one count
+        per matrix of the stack)."""
+        counts = self.counts
+        return {options.eps_key(eps): counts[..., index] for index, eps in enumerate(self.eps)}
+
 
 RANDOM_QUANTILES = (0.05, 0.5, 0.95, 0.99)
 
@@ -340,14 +347,6 @@ def _without_tuned_null(S: torch.Tensor, shape, eps: tuple[float, ...], match: l
     outside = torch.where(null, 1.0, outside)
     return (linalg.CosineMatch(match.max_cos, match.argmax, match.intruders & ~null.unsqueeze(-1)), undetermined,
             outside)
-
-
-def classify(basis: linalg.BaseBasis, vectors: torch.Tensor, side: str, eps) -> linalg.CosineMatch:
-    """max |cos| of tuned unit vectors ``vectors [L, d, k]`` against the base basis of ``side`` and which of them are
-    intruders at each ε, decided as :func:`analyze` decides (the undetermined vectors of a rank-deficient base are
-    not intruders): for pictures of vectors computed outside :func:`analyze`."""
-    eps = options.thresholds(eps)
-    return _defined_match(basis, vectors, side, eps, "torch", base_rank(basis))[0]
 
 
 def base_rank(basis: linalg.BaseBasis) -> torch.Tensor:

@@ -1,10 +1,18 @@
-"""The exception types a user sees: bad input, and results that cannot be right.
+"""The exception types a user sees (bad input, results that cannot be right), and how names are shown to them.
 
 Every problem with a user's files (missing, truncated, lying headers, bad configs, NaN weights, nothing to
 compare) is raised as :class:`InputError`, whose message is one line: ``<file>: <problem>``. The CLI prints that
 line and exits with status 2; library callers can catch it. :class:`InternalError` is lorafft's own failure: a
 number no correct computation gives (a max |cos| above 1), raised instead of a report row that would be wrong.
+Every name lorafft prints, draws or writes into a page passes through :func:`printable`.
 """
+
+
+def printable(text) -> str:
+    """``str(text)`` with any character UTF-8 cannot encode (a lone surrogate: how Python decodes a file name or a
+    pickled tensor name that is not UTF-8) written as its escape, ``\\udcff``: safe to print to a strict UTF-8
+    stream, to draw and to write."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class InputError(ValueError):

@@ -14,9 +14,9 @@ matrix (``s = min(m, n)``, ``d = max(m, n)``):
 * **the tuned top-k**: the fp64 Krylov blocks ``Q``, ``Q^T W`` and ``W W^T Q`` of up to :data:`ITERATIONS` + 1
   blocks (``(3 m + n) · D · 8``, ``D`` columns), an fp32 copy of 16-bit weights when torch multiplies them;
 
-and once per batch: the eigen-solver's workspace for one matrix (``?syevd``: ``1 + 6 s + 2 s²`` doubles, on either
-device), the slabs widened to fp64 (``_gram_upper``: ``L s 2048`` doubles; :data:`lorafft.analysis.ROW_BLOCK`
-twice for ΔM and ΔD). Host memory on a GPU scan adds the pinned copies of both batches' inputs. Buffers smaller
+and once per batch: the eigen-solver's workspace for one matrix when the basis is built (``?syevd``: ``1 + 6 s +
+2 s²`` doubles, on either device), the slabs widened to fp64 (``_gram_upper``: ``L s 2048`` doubles; up to
+:data:`lorafft.analysis.ROW_BLOCK` twice for ΔM and ΔD). Host memory on a GPU scan adds the pinned copies of both batches' inputs. Buffers smaller
 than one of these (the update path's ``O(s r)`` work, the max |cos|, the rows) are left out: the prediction is
 compared with the allocator's peak in ``benchmarks/gpu_check.py`` and with the peak RSS in
 ``benchmarks/whole_model.py``.
@@ -69,29 +69,34 @@ def per_matrix(shape: tuple[int, int], plan: Plan) -> tuple[int, int]:
     return 2 * inputs + basis + krylov + upcast, inputs
 
 
-def per_batch(shape: tuple[int, int], L: int) -> int:
-    """Bytes held once per batch of ``L`` ``[m, n]`` matrices: one eigen-solve's workspace, the fp64 slabs."""
+def per_batch(shape: tuple[int, int], L: int, plan: Plan) -> int:
+    """Bytes held once per batch of ``L`` ``[m, n]`` matrices: one eigen-solve's workspace (when the basis is built),
+    the fp64 slabs of the Gram matrix and of ΔM, ΔD."""
     m, n = shape
     s = min(m, n)
-    return 8 * (1 + 6 * s + 2 * s * s) + L * s * SLAB_COLUMNS * 8 + 2 * ROW_BLOCK * 8
+    workspace = 0 if plan.cached else 8 * (1 + 6 * s + 2 * s * s)
+    return workspace + L * s * min(SLAB_COLUMNS, max(m, n)) * 8 + 2 * min(ROW_BLOCK, max(1, L) * m * n) * 8
 
 
 def batch_peak(shape: tuple[int, int], L: int, plan: Plan) -> int:
     """Predicted peak bytes on the analysing device of a batch of ``L`` ``[m, n]`` matrices (module docstring)."""
     scaling, _ = per_matrix(shape, plan)
-    return L * scaling + per_batch(shape, L)
+    return L * scaling + per_batch(shape, L, plan)
 
 
-def host_pinned(shape: tuple[int, int], L: int, plan: Plan) -> int:
-    """Host bytes a GPU scan adds for a batch: the pinned copies of both batches' inputs (0 on the CPU)."""
-    return 0 if plan.device == "cpu" else 2 * L * per_matrix(shape, plan)[1]
+def host_peak(shape: tuple[int, int], L: int, plan: Plan) -> int:
+    """Predicted peak host bytes for a batch of ``L`` ``[m, n]`` matrices: :func:`batch_peak` on the CPU; on a GPU the
+    batch's inputs as read and their pinned copies, for both batches in flight."""
+    return batch_peak(shape, L, plan) if plan.device == "cpu" else 2 * 2 * L * per_matrix(shape, plan)[1]
 
 
 def batch_size(shape: tuple[int, int], budget: int, plan: Plan) -> int:
     """The largest ``L`` whose :func:`batch_peak` stays within ``budget`` bytes; at least 1 (one matrix per batch
     is the least a scan can do: its peak is then what it is)."""
     scaling, _ = per_matrix(shape, plan)
-    m, n = shape
-    fixed = per_batch(shape, 0)
-    per_extra = scaling + min(m, n) * SLAB_COLUMNS * 8
-    return max(1, int((budget - fixed) // per_extra))
+    L = max(1, int((budget - per_batch(shape, 1, plan)) // max(1, scaling)))  # the peak is nearly linear in L
+    while batch_peak(shape, L + 1, plan) <= budget:
+        L += 1
+    while L > 1 and batch_peak(shape, L, plan) > budget:
+        L -= 1
+    return L

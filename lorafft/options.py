@@ -25,6 +25,8 @@ CACHE_INDEX = "lorafft-base-cache.json"  # a base cache directory's index (loraf
 CACHE_FILE_SUFFIXES = (".safetensors",)  # and its entry files
 LOCK_PREFIX = ".lorafft-lock-"  # lorafft.io.writer.FileLock's files
 WHICH = ("top", "all")  # the intervention's choices: the highest-ranked intruder of each matrix, or every one
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # a plausible repo id; huggingface_hub validates it further
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")  # a missing file of these names is not an id
 
 
 def eps_key(eps: float) -> str:
@@ -158,6 +160,34 @@ def separate_outputs(outputs: dict[str, object], inputs, caches=()) -> None:
             if name == CACHE_INDEX or name.endswith(CACHE_FILE_SUFFIXES) or name.startswith(LOCK_PREFIX):
                 raise InputError(outputs[what], f"is a file of the base cache {os.fspath(cache)}: {what} would "
                                                 f"overwrite it")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """True for a name that may be a Hub repo id: ``name`` or ``org/name``, not a path or a weights file name."""
+    return HUB_ID.fullmatch(name) is not None and not name.endswith(WEIGHT_SUFFIXES)
+
+
+def input_path(path) -> str:
+    """A checkpoint or adapter input: an existing path, or a name shaped like a Hub id (resolved later, from the Hub
+    cache or a download); InputError for a missing local path."""
+    path = os.fspath(path)
+    if not os.path.lexists(path) and not looks_like_hub_id(path):
+        raise InputError(path, "no such file or directory")
+    return path
+
+
+def report_file(path) -> str:
+    """A report to read: an existing file, not a directory, and not the CSV table a scan writes (only the JSON report
+    holds everything a figure needs)."""
+    path = os.fspath(path)
+    if path.lower().endswith(".csv"):
+        raise InputError(path, "is a CSV table, not a report: figures and pages are drawn from the JSON report "
+                               "('lorafft scan ... --out FILE.json')")
+    if not os.path.exists(path):
+        raise InputError(path, "no such file")
+    if os.path.isdir(path):
+        raise InputError(path, "is a directory, not a report file")
+    return path
 
 
 def _writable_parent(path: str) -> None:

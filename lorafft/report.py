@@ -8,15 +8,19 @@ JSON schema (``schema_version`` 1; documented in the README):
 where a row is ``{"name", "tuned_name", "checkpoint", "layer", "module", "shape", "side", "k", "singular_values",
 "base_singular_values", "max_cos", "argmax", "error_bound", "near_threshold", "counts": {ε: count}, "random_floor",
 "random_reference": {"p5", "p50", "p95", "p99"}, "delta_effective_rank", "delta_stable_rank", "iterations",
-"base_rank", "undetermined": {ε: count}, "delta_magnitude", "delta_direction"}``. ε keys are strings
-(``"0.5"``); ``argmax`` is the 0-based rank of the best-matching base singular vector; ``error_bound`` is null
-where the tuned singular value is not separated from its neighbours (that vector is not determined by the matrix).
+"base_rank", "undetermined": {ε: count}, "delta_magnitude", "delta_direction", "outside", "cos_previous"}``. ε keys
+are strings (``"0.5"``); ``argmax`` is the 0-based rank of the best-matching base singular vector; ``error_bound`` is
+null where the tuned singular value is not separated from its neighbours (that vector is not determined by the
+matrix). The JSON Schema is a file of the package, ``lorafft/report.schema.json`` (:data:`SCHEMA_FILE`); every report
+read is validated against it (:func:`check_schema`).
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import functools
+import importlib.resources
 import io
 import json
 import math
@@ -24,12 +28,15 @@ import platform
 from dataclasses import dataclass, field
 
 from lorafft.errors import InputError
-from lorafft.io.jsonfile import read_json_object
+from lorafft.io.jsonfile import is_int, read_json_object
 from lorafft.io.writer import write_atomic
-from lorafft.options import eps_key
+from lorafft.options import eps_key, report_file
 from lorafft.pairing import Pair, layer_and_module
+from lorafft.errors import printable
+from lorafft.plots.figures import plural
 
 SCHEMA_VERSION = 1
+SCHEMA_FILE = "report.schema.json"  # in the package, beside this module
 
 
 def _finite_or_none(values):
@@ -72,12 +79,19 @@ class MatrixRow:
     # how the tuned top-k were found and certified: "dense", "krylov" or "update" (analysis.tuned_top); None in
     # reports written before it was recorded
     method: str | None = None
+    # a Tracker's rows only: [k][k] cosines <y_i at the previous tracked step, y_j now> of one side's vectors (a
+    # singular triplet's both vectors share i and j); None at the first step and where the chain broke
+    cos_previous: list[list[float]] | None = None
 
     def intruders(self, eps: float) -> int:
         """The number of intruders at any ``eps`` (``counts`` holds the scan's ε's): y_j with max |cos| < eps that
         no completion of a rank-deficient base basis can reach (see ``outside``)."""
+        return sum(self.is_intruder(eps))
+
+    def is_intruder(self, eps: float) -> list[bool]:
+        """Per tuned vector y_j, whether it is an intruder at ``eps``: ``max(max_cos_j, outside_j) < eps``."""
         outside = self.outside or [0.0] * len(self.max_cos)
-        return sum(max(value, length) < eps for value, length in zip(self.max_cos, outside))
+        return [max(value, length) < eps for value, length in zip(self.max_cos, outside)]
 
     def to_dict(self) -> dict:
         row = dict(self.__dict__)
@@ -96,7 +110,7 @@ class MatrixRow:
         for name in _PER_VECTOR + (("outside",) if row.get("outside") is not None else ()):
             if not isinstance(row[name], list) or len(row[name]) != k:
                 raise ValueError(f"matrix {row['name']!r}: {name} does not hold k = {k} values")
-        if not isinstance(row["counts"], dict) or not isinstance(row["checkpoint"], int):
+        if not isinstance(row["counts"], dict) or not is_int(row["checkpoint"]):
             raise ValueError(f"matrix {row['name']!r}: counts is not an object, or checkpoint not an index")
         return cls(**row)
 
@@ -104,7 +118,7 @@ class MatrixRow:
 _PER_VECTOR = ("singular_values", "base_singular_values", "max_cos", "argmax", "error_bound", "near_threshold")
 
 
-@dataclass
+@dataclass(repr=False)
 class Report:
     """Everything a scan found. ``rows`` in scan order; ``eps`` the thresholds swept."""
 
@@ -116,6 +130,15 @@ class Report:
     skipped: list[dict] = field(default_factory=list)
     created: str = ""
     profile: dict | None = None  # a profiled scan's {"wall_seconds", "stages": {stage: seconds}} (lorafft.profiling)
+
+    def __repr__(self) -> str:
+        """One line: the inputs, how many matrices and sides, the totals per ε (the rows are ``report.rows``)."""
+        tuned = self.checkpoints
+        shown = repr(tuned[0]) if len(tuned) == 1 else f"[{tuned[0]!r}, ... {len(tuned)} checkpoints]"
+        sides = "+".join(sorted({r.side for r in self.rows}))
+        return (f"Report(base={self.inputs.get('base')!r}, tuned={shown}, "
+                f"{plural(len({r.name for r in self.rows}), 'matrix', 'matrices')} ({sides}), "
+                f"totals={self.totals()})")
 
     @property
     def checkpoints(self) -> list[str]:
@@ -148,7 +171,8 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict) -> Report:
-        """Read back a report written by :meth:`to_json` (schema 1)."""
+        """Read back a report written by :meth:`to_json` (schema 1; :meth:`load` also checks it against the JSON
+        Schema first)."""
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"unsupported report schema_version {data.get('schema_version')!r}")
         report = cls(
@@ -169,8 +193,9 @@ class Report:
         return report
 
     def flat_rows(self) -> list[dict]:
-        """One flat dict per row (for CSV and pandas): per-ε counts as ``intruders@ε`` columns, per-vector lists
-        joined by spaces."""
+        """The per-matrix table: one dict per row (matrix, side and checkpoint), per-ε counts as ``intruders@ε``
+        columns, the per-vector lists as lists (:meth:`to_csv` writes them space-separated). For one row per
+        vector, :meth:`vectors`."""
         flat = []
         for r in self.rows:
             entry = {
@@ -195,13 +220,44 @@ class Report:
                 **{f"undetermined@{key}": count for key, count in r.undetermined.items()},
                 "max_error_bound": max(r.error_bound) if r.error_bound else math.nan,
                 "near_threshold": sum(r.near_threshold),
-                "max_cos": " ".join(f"{v:.6g}" for v in r.max_cos),
-                "argmax": " ".join(str(v) for v in r.argmax),
-                "singular_values": " ".join(f"{v:.6g}" for v in r.singular_values),
-                "base_singular_values": " ".join(f"{v:.6g}" for v in r.base_singular_values),
+                "max_cos": list(r.max_cos),
+                "argmax": list(r.argmax),
+                "singular_values": list(r.singular_values),
+                "base_singular_values": list(r.base_singular_values),
             }
             flat.append(entry)
         return flat
+
+    def vector_rows(self) -> list[dict]:
+        """The per-vector table: one dict per (matrix, side, checkpoint, j), j the 0-based rank of the tuned
+        singular vector y_j. Columns: ``name``, ``checkpoint`` (index) and ``tuned`` (that input), ``layer``,
+        ``module``, ``side``, ``j``, ``sigma`` (σ_j of Wt), ``base_sigma`` (σ_j of W0), ``max_cos``
+        (max_i |<y_j, x_i>|), ``argmax`` (that i), ``error_bound`` (on max_cos; NaN where σ_j is repeated),
+        ``near_threshold``, ``outside`` (length outside a rank-deficient base's defined span, else 0) and one boolean
+        ``intruder@ε`` per ε of the report (summed over j they give the row's ``counts``)."""
+        table = []
+        for r in self.rows:
+            intruders = {eps_key(e): r.is_intruder(e) for e in self.eps}
+            outside = r.outside or [0.0] * len(r.max_cos)
+            for j in range(len(r.max_cos)):
+                table.append({
+                    "name": r.name,
+                    "checkpoint": r.checkpoint,
+                    "tuned": self.checkpoints[r.checkpoint],
+                    "layer": r.layer,
+                    "module": r.module,
+                    "side": r.side,
+                    "j": j,
+                    "sigma": r.singular_values[j],
+                    "base_sigma": r.base_singular_values[j] if j < len(r.base_singular_values) else math.nan,
+                    "max_cos": r.max_cos[j],
+                    "argmax": r.argmax[j],
+                    "error_bound": r.error_bound[j] if math.isfinite(r.error_bound[j]) else math.nan,
+                    "near_threshold": r.near_threshold[j],
+                    "outside": outside[j],
+                    **{f"intruder@{key}": flags[j] for key, flags in intruders.items()},
+                })
+        return table
 
     def to_json(self, path=None, *, indent: int = 1) -> str:
         """The JSON text; also written atomically to ``path`` when given."""
@@ -211,9 +267,11 @@ class Report:
         return text
 
     def to_csv(self, path=None) -> str:
-        """CSV of :meth:`flat_rows`; also written atomically to ``path`` when given."""
+        """The per-matrix table of :meth:`flat_rows` as CSV (its per-vector lists space-separated); also written
+        atomically to ``path`` when given. For one line per vector: ``report.vectors().to_csv(path)``."""
         buffer = io.StringIO()
-        rows = self.flat_rows()
+        rows = [{key: " ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in value)
+                 if isinstance(value, list) else value for key, value in row.items()} for row in self.flat_rows()]
         fields = list(rows[0]) if rows else ["name"]
         writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
@@ -223,13 +281,14 @@ class Report:
         return buffer.getvalue()
 
     def to_pandas(self):
-        """A ``pandas.DataFrame`` of :meth:`flat_rows` (pandas is an optional extra:
-        ``pip install lorafft[pandas]``)."""
-        try:
-            import pandas
-        except ImportError as e:
-            raise ImportError("Report.to_pandas needs pandas: pip install 'lorafft[pandas]'") from e
-        return pandas.DataFrame(self.flat_rows())
+        """The per-matrix table of :meth:`flat_rows` as a ``pandas.DataFrame`` (per-vector columns hold lists).
+        pandas is an optional extra (``pip install pandas``)."""
+        return _data_frame(self.flat_rows())
+
+    def vectors(self):
+        """The per-vector table of :meth:`vector_rows` as a ``pandas.DataFrame``: one row per (matrix, side,
+        checkpoint, j), what ``df.groupby(["name", "side", "checkpoint"])`` and ``df[df["intruder@0.5"]]`` read."""
+        return _data_frame(self.vector_rows())
 
     def save(self, path) -> None:
         """Write atomically as CSV when ``path`` ends in ``.csv``, else JSON."""
@@ -237,9 +296,11 @@ class Report:
 
     @classmethod
     def load(cls, path) -> Report:
-        """Read a JSON report file (the untrusted-JSON limits of :mod:`lorafft.io.jsonfile`); InputError(path,
-        problem) when it is missing, unreadable or not a schema-1 report."""
-        data = read_json_object(path)
+        """Read a JSON report file (the untrusted-JSON limits of :mod:`lorafft.io.jsonfile`), checked against the
+        report's JSON Schema (:func:`check_schema`); InputError(path, problem) when it is missing, unreadable, a
+        CSV table, or not a schema-1 report (naming the JSON path of the first problem)."""
+        data = read_json_object(report_file(path))
+        check_schema(data, path)
         try:
             report = cls.from_dict(data)
         except (ValueError, KeyError, TypeError) as error:
@@ -255,8 +316,8 @@ class Report:
         sides = sorted({r.side for r in self.rows})
         analysed = sorted({r.k for r in self.rows})  # min(k, m, n) per matrix
         k = f"{analysed[0]}" if len(analysed) == 1 else f"{analysed[0]}..{analysed[-1]} (min(k, m, n) per matrix)"
-        lines = [f"{len({r.name for r in self.rows})} matrices, k={k if analysed else self.options.get('k')}, "
-                 f"side {'+'.join(sides)}"]
+        lines = [f"{plural(len({r.name for r in self.rows}), 'matrix', 'matrices')}, "
+                 f"k={k if analysed else self.options.get('k')}, side {'+'.join(sides)}"]
         floors = sorted({round(r.random_floor, 4) for r in self.rows})
         if floors:
             upper = f" .. {floors[-1]:g}" if len(floors) > 1 else ""
@@ -268,19 +329,19 @@ class Report:
             lines.append("intruders (max|cos| < ε) per checkpoint:")
             for index, label in enumerate(self.checkpoints):
                 counts = "  ".join(f"ε={key}: {count}" for key, count in self.totals(checkpoint=index).items())
-                lines.append(f"  [{index}] {label}:  {counts}")
+                lines.append(f"  [{index}] {printable(label)}:  {counts}")
         lines.extend(self._caveats())
         ranked = sorted(self.rows, key=lambda r: (-r.counts[keys[0]], min(r.max_cos) if r.max_cos else 1.0))
         ranked = [r for r in ranked if r.counts[keys[0]] > 0][:worst]
         if ranked:
             lines.append(f"most intruders at ε={keys[0]}:")
-            width = max(len(r.name) for r in ranked)
+            width = max(len(printable(r.name)) for r in ranked)
             for r in ranked:
                 where = f"  [{r.checkpoint}]" if len(self.checkpoints) > 1 else ""  # the per-checkpoint labels above
-                lines.append(f"  {r.name:<{width}}{where}  {r.side:<5}  {r.counts[keys[0]]:>3}/{r.k}  "
+                lines.append(f"  {printable(r.name):<{width}}{where}  {r.side:<5}  {r.counts[keys[0]]:>3}/{r.k}  "
                              f"min max|cos| {min(r.max_cos):.3f}")
         if self.skipped:
-            lines.append(f"{len(self.skipped)} skipped (see 'skipped' in the report)")
+            lines.append(f"{plural(len(self.skipped), 'matrix', 'matrices')} skipped (see 'skipped' in the report)")
         return "\n".join(lines)
 
     def _caveats(self) -> list[str]:
@@ -288,16 +349,18 @@ class Report:
         lines = []
         flagged = sum(sum(r.near_threshold) for r in self.rows)
         if flagged:
-            lines.append(f"{flagged} vectors lie within 1e-3 (or their error bound) of a threshold: see near_threshold")
+            lines.append(f"{plural(flagged, 'vector lies', 'vectors lie')} within 1e-3 (or the error bound) of a "
+                         "threshold: see near_threshold")
         unbounded = sum(sum(not math.isfinite(b) for b in r.error_bound) for r in self.rows)
         if unbounded:
-            lines.append(f"{unbounded} vectors have a repeated singular value, so no single vector and no error bound "
-                         "(error_bound null): their max|cos| depends on the choice within that subspace")
+            lines.append(f"{plural(unbounded, 'vector has', 'vectors have')} a repeated singular value, so no single "
+                         "vector and no error bound (error_bound null): max|cos| depends on the choice within that "
+                         "subspace")
         deficient = [r for r in self.rows if r.base_rank is not None and r.base_rank < min(r.shape)]
         if deficient:
             unsure = {key: sum(r.undetermined.get(key, 0) for r in deficient) for key in map(eps_key, self.eps)}
-            lines.append(f"{len(deficient)} rows have a rank-deficient base (basis undefined beyond its rank, "
-                         f"see base_rank); undetermined, not counted: "
+            lines.append(f"{plural(len(deficient), 'row has', 'rows have')} a rank-deficient base (basis undefined "
+                         f"beyond its rank, see base_rank); undetermined, not counted: "
                          + "  ".join(f"ε={key}: {count}" for key, count in unsure.items()))
         return lines
 
@@ -364,21 +427,24 @@ class Report:
     def plot_trajectory(self, name: str, side: str = "left", eps: float | None = None, *, search: int | None = None,
                         ax=None):
         """Rank and singular value of the last checkpoint's intruders of ``name`` across the report's checkpoints,
-        read from its input paths: the paper's Figure 5."""
-        from lorafft.plots.trajectory import intruder_trajectory, plot_trajectory
+        read from its input paths (a tracked run's: followed through the cosines its rows keep): the paper's
+        Figure 5."""
+        from lorafft.plots.trajectory import intruder_trajectory, is_tracked, plot_trajectory, tracked_trajectory
 
         eps = self.threshold(eps)
+        if is_tracked(self):
+            return plot_trajectory(tracked_trajectory(self, name, side=side, eps=eps), ax=ax)
         drawn = intruder_trajectory(self.inputs["base"], self.checkpoints, name, side=side, eps=eps,
                                     k=self.options.get("k", 10), search=search,
                                     split_fused=self.options.get("split_fused", False))
         return plot_trajectory(drawn, ax=ax)
 
-    def plot_magnitude_direction(self, *, ax=None):
-        """ΔD (x) against ΔM (y), one point per matrix and checkpoint, a least-squares line per checkpoint: DoRA's
-        Figure 2 (Liu et al. 2024; full fine-tuning slopes down, LoRA up)."""
-        from lorafft.plots.figures import plot_magnitude_direction
+    def plot_magnitude_direction(self, *, modules=None, ax=None):
+        """ΔD (x) against ΔM (y) per module type (all, or ``modules``), a point per layer and checkpoint, the
+        least-squares slope and its 95% interval per panel: DoRA's Figure 2 (Liu et al. 2024)."""
+        from lorafft.plots.magnitude_direction import plot_magnitude_direction
 
-        return plot_magnitude_direction(self, ax=ax)
+        return plot_magnitude_direction(self, modules=modules, ax=ax)
 
     def to_html(self, path, **options) -> None:
         """Write one offline HTML page: tables, every figure and the worst matrix's heatmap
@@ -386,6 +452,42 @@ class Report:
         from lorafft.plots.html import write_html
 
         write_html(self, path, **options)
+
+
+def check_schema(data: dict, source) -> None:
+    """InputError(source, problem) unless ``data`` is a report by the JSON Schema :data:`SCHEMA_FILE` with only
+    finite numbers; the problem names the JSON path of the first place that is not (``$.matrices[0].max_cos[2]``).
+    ``jsonschema`` is imported here, when a report is read."""
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_schema_validator().iter_errors(data))
+    if error is not None:
+        value = error.instance
+        problem = (f"{value} is not a finite number" if isinstance(value, float) and not math.isfinite(value)
+                   else error.message)
+        raise InputError(source, f"not a lorafft report of schema {SCHEMA_VERSION}: {error.json_path}: "
+                                 f"{printable(problem)[:300]}")
+
+
+@functools.lru_cache(maxsize=1)
+def _schema_validator():
+    """The JSON Schema validator of reports (draft 2020-12), NaN and ±Infinity refused where a number is due."""
+    import jsonschema
+
+    schema = json.loads(importlib.resources.files("lorafft").joinpath(SCHEMA_FILE).read_text(encoding="utf-8"))
+    draft = jsonschema.Draft202012Validator
+    finite = draft.TYPE_CHECKER.redefine(
+        "number", lambda checker, value: draft.TYPE_CHECKER.is_type(value, "number") and math.isfinite(value))
+    return jsonschema.validators.extend(draft, type_checker=finite)(schema)
+
+
+def _data_frame(records: list[dict]):
+    """``pandas.DataFrame(records)``; pandas is an optional extra, imported here."""
+    try:
+        import pandas
+    except ImportError as error:
+        raise ImportError("lorafft's tables need pandas: pip install pandas (or the lorafft 'pandas' extra)") from error
+    return pandas.DataFrame(records)
 
 
 def timestamp() -> str:

@@ -9,6 +9,7 @@ finish (:mod:`lorafft.journal`), and :mod:`lorafft.report` makes the report.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -103,7 +104,8 @@ def scan(
             free memory, so that a large GPU takes many layers' same-shape matrices at once (a resumed scan reuses
             its journal's value); the report's ``options`` records it. If the device still runs out of memory, the
             batch is analysed in halves (same rows, one warning).
-        progress: show a progress bar (tqdm) on stderr.
+        progress: show a progress bar (``tqdm.auto``) on stderr. None (default): where a person is watching, that is
+            when stderr is a terminal or in a Jupyter notebook (:func:`someone_watching`), not in logs or tests.
         profile: time each stage (:mod:`lorafft.profiling`: reading, copying, base bases, tuned top-k, max |cos|,
             ΔM and ΔD, writing) and keep the seconds in the report's ``profile`` (on a GPU each stage synchronises
             the device, which slows the scan a little).
@@ -165,7 +167,8 @@ def scan(
         run = _Run(Recipe(settings, backend, cache_in, cache_out), device, native, record)
         try:
             mine = [index for index, owner in enumerate(owners) if owner == rank]
-            rows_by_batch = run.rows(inputs, batches, mine, progress=_show_progress(progress) and rank == 0)
+            rows_by_batch = run.rows(inputs, batches, mine, progress=(someone_watching() if progress is None else progress)
+                                       and rank == 0)
         except BaseException as error:
             if record is not None:  # bad input leaves no partial output; a crash, interrupt or full disk keeps the
                 record.close(remove=not record.rows or (isinstance(error, InputError) and not resume))  # rows
@@ -182,13 +185,14 @@ def scan(
     return report
 
 
-def _show_progress(progress: bool | None) -> bool:
-    """``progress``, or by default a bar only where a person watches: stderr a terminal."""
-    if progress is not None:
-        return progress
-    import sys
-
-    return sys.stderr.isatty()
+def someone_watching() -> bool:
+    """Whether a progress bar would be seen: stderr is a terminal, or this runs in a Jupyter kernel (where
+    ``tqdm.auto`` draws a widget); not when stderr goes to a log file or a test's capture."""
+    if sys.stderr is not None and sys.stderr.isatty():
+        return True
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 def _report(gathered: dict[int, list[MatrixRow]] | None, inputs: _Inputs, settings: ScanOptions, out,

@@ -14,7 +14,8 @@ Gaussian and four [out, in]·[in, p]-sized products, about 0.3 s for 4096×4096 
 two CPU cores, with one temporary of the matrix's size.
 
 ``write_trio`` writes a small Llama-shaped base checkpoint, a full fine-tune of it, and a PEFT LoRA adapter
-whose merged update ΔW = s·B·A adds intruder dimensions (Shuttleworth et al. 2410.21228), all through
+whose merged update ΔW = s·B·A adds intruder dimensions (Shuttleworth et al. 2410.21228); ``write_run`` grows that
+adapter's update along a mock training run (the README's Figure 5 example); all through
 :mod:`lorafft.io.writer` (``write_checkpoint`` is re-exported here for the tests and benchmarks that build their own
 checkpoints). Test-only builders (FP8, mixture-of-experts, Phi-3) live in ``tests/fixtures/checkpoints.py``.
 """
@@ -23,14 +24,17 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from lorafft.io.writer import write_checkpoint, write_json, write_safetensors
 
 SIGMA1 = 5.0  # default σ1, like MiniLM's query matrix (5.27)
+RUN_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # write_run's steps: the fraction t of the adapter's update reached
 DECAY = 0.97  # ρ: ratio of neighbouring top singular values
 SPIKES = 24  # p: number of exact top singular values; σ_p = ρ^23·σ1 ≈ 0.50·σ1
 BULK_EDGE = 0.45  # largest bulk singular value, as a fraction of σ1
@@ -263,3 +267,21 @@ def write_trio(
         base_model_name_or_path=os.path.abspath(trio.base),  # found from any working directory
     )
     return trio
+
+
+def write_run(lora, directory, fractions=RUN_FRACTIONS) -> list[Path]:
+    """A mock training run of the PEFT adapter ``lora`` (one ``write_trio`` wrote): for each t of ``fractions`` an
+    adapter whose update is t·s·B·A (its B scaled by t), in ``directory/step-<t>`` (``step-0.25``, ...). As t grows
+    the update's top singular value t·LORA_SIGMA·σ1 climbs past the base's σ1: the intruder rises to the top of the
+    spectrum, as in the paper's Figure 5. Returns the step directories in order."""
+    lora = Path(lora)
+    tensors = load_file(lora / "adapter_model.safetensors")
+    steps = []
+    for fraction in fractions:
+        step = Path(directory) / f"step-{fraction:g}"
+        step.mkdir(parents=True, exist_ok=True)
+        scaled = {name: t * fraction if ".lora_B." in name else t for name, t in tensors.items()}
+        write_safetensors(step / "adapter_model.safetensors", scaled, {"format": "pt"})
+        shutil.copy(lora / "adapter_config.json", step / "adapter_config.json")
+        steps.append(step)
+    return steps

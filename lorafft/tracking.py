@@ -20,9 +20,10 @@ import dataclasses
 
 import torch
 
-from lorafft import adapters, linalg, loading, memory, pairing
+from lorafft import adapters, io, linalg, loading, memory, pairing
 from lorafft.cache import BaseCache
 from lorafft.errors import InputError
+from lorafft.io import hub
 from lorafft.io.checkpoint import all_finite
 from lorafft.options import ScanOptions
 from lorafft.recipe import Recipe
@@ -74,6 +75,7 @@ class _Batch:
     basis: linalg.BaseBasis | None = None  # computed by Tracker.prepare
     previous: torch.Tensor | None = None  # [L, m, k] the last step's left vectors (the Krylov start)
     coordinates: torch.Tensor | None = None  # [L, s, k + 1] the last step's vectors in the base's coordinates
+    trail: tuple | None = None  # the last step's (side, in coordinates?, top-k vectors): the rows' cos_previous
 
 
 class Tracker:
@@ -98,9 +100,17 @@ class Tracker:
         prepare: compute the base bases now (default); False leaves that to :meth:`prepare` or the first
             :meth:`step` (a plain model's weights are snapshotted now either way).
 
-    Matrices are named as a scan of a saved adapter (or full checkpoint) names them: the base tensor's name in the
-    base checkpoint (``encoder.layer.0.attention.self.query.weight``), i.e. the model's own parameter name without
-    PEFT's ``base_model.model.`` and ``base_layer.``; with ``base_cache``, resolved to the cache's name.
+    Matrices are named as a scan of a saved adapter (or full checkpoint) names them: by the base checkpoint's tensor
+    names. The base checkpoint is the one the model was loaded from (a PEFT model's ``base_model_name_or_path``, else
+    transformers' ``name_or_path``), when it is on disk or in the local Hub cache (nothing is downloaded): the model's
+    parameter name without PEFT's ``base_model.model.`` and ``base_layer.`` is resolved against its names tolerantly of
+    prefixes, as a scan pairs them (``bert.encoder.layer.0.attention.self.query.weight`` of a
+    ``BertForSequenceClassification`` is ``encoder.layer.0.attention.self.query.weight`` of a ``BertModel``
+    checkpoint). With ``base_cache``, the cache's names; with neither, the model's own.
+
+    Each step's rows also carry ``cos_previous``, the cosines between the previous tracked step's top-k vectors and
+    this step's (``warm_start`` only): what :func:`lorafft.plots.trajectory.tracked_trajectory` follows an intruder
+    back through the run with.
 
     Raises InputError when nothing is in scope, or when a plain model's weights cannot be snapshotted (on the meta
     device, or partitioned away as DeepSpeed ZeRO-3 does).
@@ -118,7 +128,7 @@ class Tracker:
         reader = None if self.settings.base_cache is None else BaseCache(self.settings.base_cache)
         self.recipe = Recipe(self.settings, cache_in=reader)
         scope = pairing.Scope(self.settings.include, self.settings.exclude)
-        names = None if reader is None else pairing.NameIndex(reader.names)
+        names = _checkpoint_names(model) if reader is None else pairing.NameIndex(reader.names)
         lora = _lora_layers(model)
         tracked = _lora_matrices(lora, scope, names) if lora else _snapshot_matrices(model, scope, names)
         if not tracked:
@@ -179,7 +189,9 @@ class Tracker:
         rows = []
         with torch.no_grad():
             for index, (batch, entry) in enumerate(zip(self.batches, captured)):
-                rows.extend(self._analyse(batch, index, step, *entry))
+                batch_rows = self._analyse(batch, index, step, *entry)
+                _chain(batch, batch_rows)
+                rows.extend(batch_rows)
         self.rows[int(step)] = rows
         return rows
 
@@ -261,8 +273,56 @@ def _lora_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
             if hasattr(module, "lora_A") and hasattr(module, "scaling") and hasattr(module, "get_base_layer")]
 
 
+def _checkpoint_names(model: torch.nn.Module) -> pairing.NameIndex | None:
+    """The tensor names of the checkpoint ``model`` was loaded from (a PEFT model's ``base_model_name_or_path``, else
+    transformers' ``name_or_path``) when it is a local checkpoint or in the local Hub cache, else None: the names a
+    scan of the model's adapter (or of a fine-tune saved from it) against that base gives."""
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(getattr(model, "active_adapter", None)) if isinstance(configs, dict) else None
+    source = getattr(config, "base_model_name_or_path", None) or getattr(model, "name_or_path", None)
+    path = hub.cached(source) if isinstance(source, str) and source else None
+    if path is None or io.is_adapter(path):
+        return None
+    try:
+        with io.open_checkpoint(path) as checkpoint:
+            return pairing.NameIndex(checkpoint.names())
+    except InputError:  # not a checkpoint lorafft reads: the model's own names
+        return None
+
+
+def _chain(batch: _Batch, rows: list[MatrixRow]) -> None:
+    """Set each row's ``cos_previous`` (the cosines ``[k, k]`` between the batch's top-k vectors at its previous
+    tracked step and now) and keep this step's vectors for the next: the ones the warm start keeps, the left vectors
+    ``[L, m, k]`` of a step analysed as a scan, or the small side's coordinates in the base basis ``[L, s, k + 1]``
+    (two steps in coordinates need only their product: the basis is orthonormal to its own precision).
+    A step whose vectors are of the other side, or none (``warm_start=False``), breaks the chain (``cos_previous``
+    stays None)."""
+    k = rows[0].k
+    if batch.coordinates is not None:
+        now = (batch.basis.small_side, True, batch.coordinates[..., :k])
+    else:
+        now = None if batch.previous is None else ("left", False, batch.previous[..., :k])
+    before = batch.trail
+    if now is not None and before is not None and before[0] == now[0]:
+        if before[1] and now[1]:
+            cosines = before[2].mT @ now[2]
+        else:
+            cosines = _in_space(batch, before).mT @ _in_space(batch, now)
+        position = {tracked.name: index for index, tracked in enumerate(batch.matrices)}
+        for row in rows:
+            row.cos_previous = torch.round(cosines[position[row.name]], decimals=6).tolist()
+    batch.trail = now
+
+
+def _in_space(batch: _Batch, kept: tuple) -> torch.Tensor:
+    """A step's kept top-k vectors ``(side, in coordinates, tensor)`` as vectors of that side, ``[L, d, k]`` fp64."""
+    _, in_coordinates, vectors = kept
+    return (batch.basis.small_vectors(vectors) if in_coordinates else vectors).double()
+
+
 def _report_name(name: str, names: pairing.NameIndex | None) -> str:
-    """The base tensor name a scan would give: the model's, or the base cache's name for it when it has one."""
+    """The base tensor name a scan would give: the base checkpoint's (or base cache's) name for the model's ``name``
+    when ``names`` has one, else the model's."""
     resolved = None if names is None else names.resolve(name)
     return name if resolved is None else resolved
 

@@ -84,7 +84,7 @@ def test_zero_base_and_empty_weight_are_said_in_the_report(tmp_path, capsys):
     assert rows["a.weight"]["base_rank"] == 0 and rows["a.weight"]["counts"] == {"0.5": 0}
     assert rows["a.weight"]["undetermined"] == {"0.5": 4}
     assert rows["b.weight"]["base_rank"] == 16 and rows["b.weight"]["undetermined"] == {"0.5": 0}
-    assert "1 rows have a rank-deficient base" in stdout and "ε=0.5: 4" in stdout
+    assert "1 row has a rank-deficient base" in stdout and "ε=0.5: 4" in stdout
 
 
 def test_figures_count_what_the_report_counts_on_a_rank_deficient_base(tmp_path):

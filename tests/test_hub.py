@@ -297,3 +297,46 @@ def test_bad_ids_of_cache_build_and_intervene_are_one_line(hub_cache, trios, tmp
     line = _error_line(capsys)
     assert line.startswith("lorafft: error: ") and all(name.format(**paths) in line for name in names), line
     assert not out.exists() and not [name for name in os.listdir(tmp_path) if name.startswith(".out")]
+
+
+def test_cached_finds_what_the_hub_cache_holds_and_downloads_nothing(hub_cache, trios, monkeypatch):
+    """hub.cached: an existing path as it is, a cached id's snapshot folder, None for an id not cached (or cached
+    without weights) and for a missing path; the network is never asked (snapshot_download must not be called
+    without local_files_only)."""
+    import huggingface_hub
+
+    from lorafft.io import hub
+
+    original = huggingface_hub.snapshot_download
+
+    def local_only(*args, **kwargs):
+        assert kwargs.get("local_files_only") is True
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", local_only)
+    assert hub.cached(str(trios[0].base)) == str(trios[0].base)
+    assert hub.cached("acme/base") == str(hub_cache / "models--acme--base" / "snapshots" / REV1)
+    assert hub.cached("acme/base", revision=REV2).endswith(REV2)
+    assert hub.cached("acme/configs") is None and hub.cached("acme/nothing") is None
+    assert hub.cached("./no/such/dir") is None
+
+
+def test_a_tracked_model_loaded_from_a_hub_id_takes_the_names_of_that_checkpoint(hub_cache, trios):
+    """A model whose ``name_or_path`` is a cached Hub id (as transformers sets it) is tracked under the names of that
+    checkpoint, as a scan against it names the rows; one from an id not cached keeps its own names."""
+    from lorafft.io import open_checkpoint
+    from lorafft.tracking import Tracker
+
+    with open_checkpoint(trios[0].base) as base:
+        weights = {name: base.get(name) for name in base.names() if "layers.0.self_attn.q_proj" in name}
+    for source, names in (("acme/base", list(weights)), ("acme/nothing", [f"wrapper.{n}" for n in weights])):
+        model = torch.nn.Module()
+        for name, tensor in weights.items():
+            module = model
+            for part in f"wrapper.{name}".split(".")[:-1]:
+                if not hasattr(module, part):
+                    module.add_module(part, torch.nn.Module())
+                module = getattr(module, part)
+            module.register_parameter("weight", torch.nn.Parameter(tensor.clone()))
+        model.name_or_path = source
+        assert [row.name for row in Tracker(model, k=4).step(0)] == names

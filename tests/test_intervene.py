@@ -1,6 +1,7 @@
 """lorafft.intervene: W' = W0 + ΔW + (λ−1)·u σ vᵀ for the intruders (u, σ, v) of Wt, checked against fp64 SVDs of
 the original files, with PEFT itself loading and merging the adapters written (PEFT is a test-only reference)."""
 
+import dataclasses
 import filecmp
 import importlib
 import json
@@ -330,11 +331,33 @@ def _run(capsys, *argv):
 
 
 def test_cli_writes_adapter_and_prints_summary(trio, tmp_path, capsys):
+    """The summary, each rescaled σ before and after, and what a scan of the output will show (the claims
+    test_rescan_shows_lambda_sigma checks), with the command that checks it, which runs."""
     code, stdout, _ = _run(capsys, "intervene", trio.base, trio.lora, "--lambda", "0.5", "--out", tmp_path / "o",
                            "--quiet")
     assert code == 0
     assert "rescaled 14 in 14 matrices" in stdout and str(tmp_path / "o") in stdout
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+    record = json.loads((tmp_path / "o" / RECORD).read_text())
+    first = next(m for m in record["matrices"] if m["rescaled"])["rescaled"][0]
+    assert f"σ{first['rank']} {first['sigma_before']:.4g}->{first['sigma_after']:.4g}" in stdout
+    assert "What to expect: in the output, each rescaled vector keeps its direction, so its max|cos|" in stdout
+    assert "λ·σ, smaller: a rescaled vector moves down the spectrum" in stdout
+    (check,) = [line for line in stdout.splitlines() if line.startswith("Check: lorafft scan ")]
+    assert check == f"Check: lorafft scan {trio.base} {tmp_path / 'o'} --eps 0.5 --k 10"
+    code, stdout, _ = _run(capsys, *check.split()[2:], "--quiet")
+    assert code == 0 and "ε=0.5: 14" in stdout  # the λσ intruders, still among the top 10
+
+
+def test_cli_says_what_to_expect_for_every_lambda(trio, lora_out):
+    from lorafft.cli.intervene import expectation
+
+    _, summary = lora_out
+    for lam, words in ((0.0, "0: those directions are gone"), (2.0, "λ·σ, larger: a rescaled vector moves up"),
+                       (1.0, "Nothing changed: λ = 1")):
+        assert words in expectation(dataclasses.replace(summary, lam=lam))
+    nothing = dataclasses.replace(summary, matrices=[dataclasses.replace(m, rescaled=[]) for m in summary.matrices])
+    assert "Nothing changed: no intruder was found" in expectation(nothing)
 
 
 def test_cli_reads_a_base_cache_and_writes_the_same_adapter(trio, tmp_path, capsys, monkeypatch):

@@ -201,28 +201,91 @@ def test_scan_of_peft_adapters(peft, case, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------- figure
-def test_figure_points_and_fitted_slopes(trio_report):
-    """One point per matrix and checkpoint at the report's (ΔD, ΔM); one dashed line per checkpoint whose slope
-    is the least-squares fit of that checkpoint's points (numpy.polyfit). The synthetic generators do not model
-    the paper's negative full-fine-tuning slope, so only the fit is checked, not its sign."""
-    pytest.importorskip("matplotlib")
-    from matplotlib.figure import Figure
+def test_fitted_slope_and_interval_against_least_squares_and_coverage():
+    """fit_slope against numpy's least squares and its covariance (XᵀX)⁻¹·s², and its 95% interval covering the true
+    slope of simulated data 95% of the time."""
+    from scipy import stats
 
-    figure = trio_report.plot_magnitude_direction()
-    assert isinstance(figure, Figure)
-    ax = figure.axes[0]
-    lines = [line for line in ax.get_lines() if "slope" in line.get_label()]
-    assert len(lines) == len(trio_report.checkpoints) == len(ax.collections) == 2
-    for checkpoint, (line, points) in enumerate(zip(lines, ax.collections)):
-        rows = [r for r in trio_report.rows if r.checkpoint == checkpoint and r.side == "left"]
-        expected = np.array([(r.delta_direction, r.delta_magnitude) for r in rows])
-        np.testing.assert_array_equal(points.get_offsets(), expected)  # both sides' rows: one point
+    from lorafft.plots.magnitude_direction import fit_slope
+
+    generator = np.random.default_rng(4)
+    x = generator.uniform(0.001, 0.004, 9)
+    y = 0.002 - 3.0 * x + generator.normal(0, 1e-4, 9)
+    fit = fit_slope(x, y)
+    design = np.stack([np.ones_like(x), x], axis=1)
+    (intercept, slope), residual, *_ = np.linalg.lstsq(design, y, rcond=None)
+    error = np.sqrt(residual[0] / (len(x) - 2) * np.linalg.inv(design.T @ design)[1, 1])
+    half = stats.t.ppf(0.975, len(x) - 2) * error
+    assert (fit.slope, fit.intercept, fit.points) == (pytest.approx(slope, rel=1e-9), pytest.approx(intercept), 9)
+    assert fit.interval == pytest.approx((slope - half, slope + half), rel=1e-9)
+    assert fit.describe().startswith(f"slope {slope:+.3g} (95% CI ")
+
+    covered = 0
+    for _ in range(2000):
+        x = generator.uniform(0, 1, 6)
+        low, high = fit_slope(x, 1.0 + 2.0 * x + generator.normal(0, 0.3, 6)).interval
+        covered += low <= 2.0 <= high
+    assert 0.93 < covered / 2000 < 0.97
+    assert fit_slope([1.0, 1.0], [2.0, 3.0]) is None and fit_slope([1.0], [2.0]) is None
+    assert fit_slope([0.0, 1.0], [0.0, 2.0]).interval is None  # two points: a line, no interval
+
+
+@pytest.fixture(scope="module")
+def run_report(trio, tmp_path_factory):
+    """A mock run of the trio's adapter (synthetic.write_run: t = 0.25 .. 1), both layers: 2 layers × 4 checkpoints =
+    8 points per module type."""
+    steps = synthetic.write_run(trio.lora, tmp_path_factory.mktemp("run"))
+    return lorafft.scan(trio.base, steps, include=[r"self_attn\.(q|v)_proj"])
+
+
+def test_figure_has_a_panel_per_module_and_a_point_per_layer_and_checkpoint(run_report):
+    """DoRA's Figure 2 as the report measured it: one panel per module type, in it one point per layer and
+    checkpoint at the rows' (ΔD, ΔM), one discrete colour per checkpoint (one legend for the figure, no colour bar),
+    and the least-squares line of the panel's points, its slope and interval in the title."""
+    pytest.importorskip("matplotlib")
+    from lorafft.plots.magnitude_direction import caption, fit_slope
+
+    figure = run_report.plot_magnitude_direction()
+    panels = [ax for ax in figure.axes if ax.get_title()]
+    assert [ax.get_title().split("\n")[0] for ax in panels] == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert not [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
+    (legend,) = figure.legends
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert labels == [f"lora: step-{t:g}" for t in synthetic.RUN_FRACTIONS] and len(set(labels)) == 4
+    x_unit = y_unit = 1.0  # the run's ΔD and ΔM lie in [0.01, 10000): drawn as they are
+    for ax in panels:
+        module = ax.get_title().split("\n")[0]
+        rows = [r for r in run_report.rows if r.module == module and r.side == "left"]
+        assert len(rows) == 2 * 4
+        colours = set()
+        for checkpoint, points in enumerate(ax.collections):
+            mine = [r for r in rows if r.checkpoint == checkpoint]
+            expected = np.array([(r.delta_direction / x_unit, r.delta_magnitude / y_unit) for r in mine])
+            np.testing.assert_array_equal(points.get_offsets(), expected)
+            colours.add(tuple(points.get_facecolor()[0]))
+        assert len(colours) == 4  # discrete, one per checkpoint
+        (line,) = ax.get_lines()
+        fit = fit_slope([r.delta_direction for r in rows], [r.delta_magnitude for r in rows])
         x, y = line.get_xdata(), line.get_ydata()
-        slope = (y[1] - y[0]) / (x[1] - x[0])
-        fitted = np.polyfit(expected[:, 0], expected[:, 1], 1)[0]
-        assert slope == pytest.approx(fitted, rel=1e-9)
-        assert f"slope {fitted:.3g}" in line.get_label()
+        assert (y[1] - y[0]) / (x[1] - x[0]) == pytest.approx(np.polyfit(
+            [r.delta_direction for r in rows], [r.delta_magnitude for r in rows], 1)[0], rel=1e-9)
+        assert fit.describe() in ax.get_title() and fit.interval[0] < fit.slope < fit.interval[1]
+    text = caption(run_report)
+    assert "one point per layer and checkpoint" in text and "4 checkpoints" in text
+    assert "negative" not in text and "positive" not in text  # what was measured, not what the paper found
     figure.savefig(io.BytesIO(), format="png")  # renders (Agg)
+
+
+def test_figure_of_tiny_values_and_missing_fields(trio_report):
+    """ΔD of 1e-3 is drawn in units of 1e-3 (said in the axis label); a report without ΔM, ΔD is refused."""
+    pytest.importorskip("matplotlib")
+    full = Report(trio_report.eps, [r for r in trio_report.rows if r.checkpoint == 0], trio_report.inputs, {}, {})
+    figure = full.plot_magnitude_direction(modules=["self_attn.q_proj", "self_attn.k_proj"])
+    k_ax, q_ax = [ax for ax in figure.axes if ax.get_title()]
+    (q_row,) = [r for r in full.rows if r.module == "self_attn.q_proj" and r.side == "left"]
+    assert q_row.delta_direction < 0.01 and "in units of 1e-03" in figure.get_supxlabel()
+    assert q_ax.collections[0].get_offsets()[0][0] == pytest.approx(q_row.delta_direction / 1e-3)
+    assert "no line: fewer than two distinct ΔD" in q_ax.get_title() and not q_ax.get_lines()  # one layer, one point
 
     old = trio_report.to_dict()
     for row in old["matrices"]:

@@ -70,6 +70,7 @@ def test_notebook_html_shows_the_summary_and_the_figure(trio, adapters):
     page = report._repr_html_()
     for checkpoint in range(2):
         totals = report.totals("left", checkpoint)
-        assert f"<tr><td>{checkpoint}</td><td class=\"text\">left</td>" in page
+        label = f"[{checkpoint}] lora: {adapters[checkpoint].name}"  # which input, not only its index
+        assert f"<tr><td class=\"text\">{label}</td><td class=\"text\">left</td>" in page
         assert all(f"<td>{totals[key]}</td>" in page for key in ("0.5", "0.9"))
     assert page.count("<img") == 1 and "Figure 4" in page

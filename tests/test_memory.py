@@ -38,7 +38,7 @@ def test_the_model_counts_both_batches_the_basis_and_the_workspace():
     scaling, inputs = memory.per_matrix(shape, gpu)
     assert inputs == 2 * 2 * s * s  # W0 and Wt as stored, bf16
     assert scaling >= 2 * inputs + (16 + 4) * s * s
-    assert memory.per_batch(shape, 1) >= 8 * 2 * s * s  # ?syevd's workspace for one matrix
+    assert memory.per_batch(shape, 1, gpu) >= 8 * 2 * s * s  # ?syevd's workspace for one matrix
     cached = memory.per_matrix(shape, memory.Plan(device="cuda", base_itemsize=2, sources=(("full", 2),), cached=True,
                                                   torch_products=False))[0]
     assert cached < scaling  # a cached basis is read (4 s², twice), not built (16 s² + 4 s²)

@@ -75,6 +75,7 @@ def test_wheel_lists_every_source_module(wheel):
     assert modules == expected, (f"missing from the wheel: {sorted(expected - modules)}; "
                                  f"not in the source tree: {sorted(modules - expected)}")
     assert not [name for name in names if name.startswith("kernels/")]  # never a top-level kernels package
+    assert "lorafft/report.schema.json" in names  # read by every report reader (lorafft.report.check_schema)
     assert "lorafft = lorafft.__main__:main" in entry_points
 
 

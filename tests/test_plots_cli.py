@@ -3,6 +3,7 @@ the ``Report.plot_*`` methods, checked for content against the lorafft.plots fun
 
 import dataclasses
 import json
+import os
 from html.parser import HTMLParser
 
 import numpy
@@ -103,6 +104,63 @@ def test_plot_of_a_training_run_writes_the_trajectory(run, tmp_path, capsys):
     status, written, _ = plot([tmp_path / "run.json", "--out", tmp_path / "none", "--heatmaps", "0", "--no-trajectory"],
                               capsys)
     assert status == 0 and not any("similarity" in p or "trajectory" in p for p in written)
+
+
+@pytest.fixture(scope="module")
+def tracked(run):
+    """The same run tracked in memory: a plain model holding W0 (the tracker's snapshot), its weight then set to
+    each checkpoint's W0 + t·ΔW in turn (a Tracker's report: steps that were never written)."""
+    from lorafft.io import open_checkpoint
+    from lorafft.tracking import Tracker
+
+    layer = torch.nn.Linear(256, 256, bias=False)
+    with open_checkpoint(run.inputs["base"]) as base, torch.no_grad():
+        layer.weight.copy_(base.get(Q_PROJ))
+        tracker = Tracker(layer, k=10, eps=EPS)
+        for step, checkpoint in enumerate(run.checkpoints):
+            with open_checkpoint(checkpoint) as tuned:
+                layer.weight.copy_(tuned.get(Q_PROJ))
+            tracker.step(10 * (step + 1))
+    return tracker.report()
+
+
+def test_a_tracked_run_gets_its_trajectory_from_the_report(run, tracked, tmp_path, capsys):
+    """A tracked run's intruders followed back through the cosines its rows keep: the same ranks, singular values
+    and alignments as searching each checkpoint directly (lorafft.plots.trajectory.intruder_trajectory), wherever
+    the direct search finds the intruder among the top k; below them the chain has lost it (alignment < ε). And
+    ``lorafft plot`` / ``report --html`` draw it, with no note about checkpoints."""
+    from lorafft.plots.trajectory import tracked_trajectory
+
+    chained = tracked_trajectory(tracked, "weight", eps=0.5)
+    direct = intruder_trajectory(run.inputs["base"], run.checkpoints, Q_PROJ, eps=0.5, k=10)
+    assert chained.labels == ["step 10", "step 20", "step 30"] and chained.chained
+    assert chained.intruders.tolist() == direct.intruders.tolist() == [0, 1]
+    within = direct.rank < 10  # [C, p]: where the top k hold the intruder's best match
+    assert within[1:].all() and not within[0].any()  # t = 0.3: below the top 10; t = 0.6, 1.0: in it
+    assert torch.equal(chained.rank[within], direct.rank[within])
+    torch.testing.assert_close(chained.sigma[within], direct.sigma[within], rtol=1e-6, atol=0)
+    torch.testing.assert_close(chained.alignment[within], direct.alignment[within], rtol=0, atol=1e-3)
+    assert (chained.alignment[0] < 0.5).all()
+
+    tracked.to_json(tmp_path / "tracked.json")
+    status, written, err = plot([tmp_path / "tracked.json", "--out", tmp_path / "figures", "--spectra", "0"], capsys)
+    assert status == 0 and err == ""  # no "checkpoint(s) not found" for steps that never were on disk
+    assert written[-1] == str(tmp_path / "figures" / "trajectory-weight.png")
+    assert image.imread(written[-1]).shape[:2] == (440, 1000)
+    status, _, err = plot([tmp_path / "tracked.json", "--out", tmp_path / "more", "--heatmaps", "2"], capsys)
+    assert status == 0 and err == "lorafft: note: tracked: no similarity heatmap: a tracked run keeps no singular " \
+                                  "vectors\n"
+    assert cli.main(["report", str(tmp_path / "tracked.json"), "--html", str(tmp_path / "tracked.html")]) == 0
+    page = (tmp_path / "tracked.html").read_text(encoding="utf-8")
+    assert "followed back step by step" in page and "not found" not in page
+
+    older = tracked.to_dict()  # a tracked run's report written before trackers kept the cosines
+    for row in older["matrices"]:
+        del row["cos_previous"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    status, written, err = plot([tmp_path / "older.json", "--out", tmp_path / "older", "--spectra", "0"], capsys)
+    assert status == 0 and not any("trajectory" in path for path in written)
+    assert err.startswith("lorafft: note: older: no trajectory: the report has no cosines between tracked steps")
 
 
 def content(figure) -> list:
@@ -216,10 +274,40 @@ def test_a_report_that_does_not_hold_together_is_refused(reports, tmp_path, caps
     assert not (tmp_path / "r.html").exists()
 
 
-def test_a_failing_plot_removes_what_it_wrote(reports, tmp_path, capsys, monkeypatch):
+def test_a_failing_plot_keeps_every_figure_that_was_there(reports, tmp_path, capsys, monkeypatch):
+    """A plot that fails part-way (here: the disk fills while the third figure is written) leaves every figure of an
+    earlier run byte for byte, the one it was replacing included, no temporary file, and the figures it finished;
+    into a new directory, a failure at the first figure leaves no directory."""
+    from matplotlib.figure import Figure
+
     path = tmp_path / "r.json"
     reports["lora"].save(path)
-    monkeypatch.setattr(figures, "plot_layer_bars", lambda *a, **k: (_ for _ in ()).throw(MemoryError("drawing")))
+    figures_dir = tmp_path / "figs"
+    status, before, _ = plot([path, "--out", figures_dir, "--spectra", "1", "--heatmaps", "0"], capsys)
+    assert status == 0 and len(before) == 5
+    earlier = {name: (figures_dir / name).read_bytes() for name in os.listdir(figures_dir)}
+    (figures_dir / "notes.txt").write_text("mine")
+    save, calls = Figure.savefig, []
+
+    def fail_on_the_third(figure, target, **kwargs):
+        calls.append(target)
+        if len(calls) == 3:
+            with open(target, "wb") as handle:
+                handle.write(b"\x89PNG half")  # a partial figure, then the disk is full
+            raise OSError(28, "No space left on device")
+        return save(figure, target, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", fail_on_the_third)
+    assert cli.main(["plot", str(path), "--out", str(figures_dir), "--spectra", "1", "--heatmaps", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "no space left on device" in captured.err  # one line, exit 2
+    finished = captured.out.split()
+    assert finished == [str(figures_dir / name) for name in ("counts_vs_eps.png", "counts_vs_k.png")]
+    assert sorted(os.listdir(figures_dir)) == sorted([*earlier, "notes.txt"])  # no temporary, nothing removed
+    for name, content in earlier.items():
+        assert (figures_dir / name).read_bytes() == content, name  # layer_bars.png too: never half-written
+    calls.clear()
+    monkeypatch.setattr(Figure, "savefig", lambda figure, target, **kwargs: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(MemoryError):
-        cli.main(["plot", str(path), "--out", str(tmp_path / "figs")])
-    assert not (tmp_path / "figs").exists()  # counts_vs_eps.png and counts_vs_k.png were written, then removed
+        cli.main(["plot", str(path), "--out", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()

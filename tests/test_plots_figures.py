@@ -69,7 +69,7 @@ def test_counts_vs_eps_trajectory_one_curve_per_checkpoint(trio, reports):
     trajectory = lorafft.scan(trio.base, [trio.full, trio.lora], k=10, eps=EPS)
     (ax,) = figures.plot_counts_vs_eps(trajectory).axes
     lines = curves(ax)
-    assert [line.get_label() for line in lines] == ["[0] full: full", "[1] lora: lora"]
+    assert [line.get_label() for line in lines] == ["[0] full", "[1] lora"]  # the kind is the name: said once
     grid = list(lines[0].get_xdata())
     for line, label in zip(lines, ("full", "lora")):
         assert [line.get_ydata()[grid.index(e)] for e in EPS] == [reports[label].totals()[str(e)] for e in EPS]
@@ -127,13 +127,48 @@ def test_spectra_show_the_rows_values_and_intruders(reports, tmp_path):
     assert [x for x, _ in marked.get_offsets()] == intruders == [1]  # the LoRA direction is the new top one
     figure.savefig(tmp_path / "spectrum.png")
 
+    assert ax.get_title().splitlines()[1].startswith("lora, left side")  # which checkpoint it shows
     full = reports["full"]
     (ax,) = figures.plot_spectra(full, full.rows[0].name).axes
-    assert not ax.collections and "0 intruder(s)" in ax.get_title()
+    assert not ax.collections and "0 intruders at" in ax.get_title() and "full, left side" in ax.get_title()
     with pytest.raises(ValueError, match="no left row named"):
         figures.plot_spectra(full, "model.layers.9.nothing.weight")
     with pytest.raises(ValueError, match="no 'right' rows"):
         figures.plot_spectra(full, full.rows[0].name, side="right")
+
+
+def test_figures_with_nothing_to_count_say_so_on_an_integer_axis_from_zero(reports):
+    """The full fine-tune has no intruders at ε = 0.5: each count figure says so in words, its y axis runs from 0
+    with integer ticks (not −0.04 .. 0.04); a figure with counts keeps its data limits, from 0."""
+    full, lora = reports["full"], reports["lora"]
+    drawn = {
+        "vs eps": (figures.plot_counts_vs_eps(full, eps_grid=[0.5, 0.9]), "no intruders at any ε from 0.5 to 0.9"),
+        "vs k": (figures.plot_counts_vs_k(full, eps=0.5), "no intruders at ε = 0.5 among the top 10"),
+        "layers": (figures.plot_layer_bars(full, eps=0.5), "no intruders at ε = 0.5 among the top 10"),
+        "compared": (figures.plot_layer_bars_compared({"full": full}, eps=0.5), "no intruders at ε = 0.5"),
+    }
+    for name, (figure, words) in drawn.items():
+        (ax,) = figure.axes
+        assert [t.get_text() for t in ax.texts if words in t.get_text()], name
+        assert ax.get_ylim() == (0, 1), name
+        assert all(float(tick).is_integer() for tick in ax.get_yticks()), name
+    (ax,) = figures.plot_layer_bars(lora, eps=0.5).axes
+    assert not ax.texts and ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 7
+    assert all(float(tick).is_integer() for tick in ax.get_yticks())
+
+
+def test_layer_bars_compared_side_by_side(reports, tmp_path):
+    """One bar per report in each layer, its height that report's intruders in the layer at ε."""
+    figure = figures.plot_layer_bars_compared(reports, eps=0.5)
+    (ax,) = figure.axes
+    assert [c.get_label() for c in ax.containers] == ["full", "lora"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1"]
+    for container, label in zip(ax.containers, ("full", "lora")):
+        heights = [p.get_height() for p in container.patches]
+        assert heights == [sum(r.counts["0.5"] for r in reports[label].rows if r.layer == layer) for layer in (0, 1)]
+    full_bar, lora_bar = (c.patches[0] for c in ax.containers)
+    assert full_bar.get_x() + full_bar.get_width() <= lora_bar.get_x() + 1e-12  # beside, not stacked
+    figure.savefig(tmp_path / "compared.png")
 
 
 def test_html_is_offline_and_complete(reports, tmp_path):
@@ -185,7 +220,7 @@ def test_plot_command_writes_every_figure(reports, tmp_path, capsys):
     ("{", "not valid JSON"),
     (json.dumps({"schema_version": 99}), "schema"),
     (json.dumps([1, 2]), "expected a JSON object"),
-    (None, "cannot read"),
+    (None, "no such file"),
 ])
 def test_bad_report_file_is_an_input_error(tmp_path, content, problem):
     path = tmp_path / "report.json"
@@ -215,3 +250,30 @@ def test_matplotlib_is_not_imported_with_lorafft():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
 
+
+
+def test_comparison_page_puts_reports_side_by_side(reports, tmp_path, capsys):
+    """``lorafft report lora.json full.json --html both.html``: one page, each report's intruders per ε (counted
+    from max |cos|, as the report counts them), counts versus ε on one axis and per-layer bars side by side."""
+    from test_plots_cli import _Cells
+
+    paths = {}
+    for label in ("lora", "full"):
+        paths[label] = tmp_path / f"{label}.json"
+        reports[label].to_json(paths[label])
+    page = tmp_path / "both.html"
+    assert cli.main(["report", str(paths["lora"]), str(paths["full"]), "--html", str(page)]) == 0
+    assert capsys.readouterr().out == f"wrote {page}\n"
+    text = page.read_text(encoding="utf-8")
+    assert "http://" not in text and "https://" not in text and "<title>lorafft: 2 reports compared</title>" in text
+    assert text.count("data:image/png;base64,") == 2 and "one curve per report" in text and "side by side" in text
+
+    parser = _Cells()
+    parser.feed(text)
+    header = next(row for row in parser.rows if row[:2] == ["report", "matrices"])
+    assert header[3:] == [f"ε = {e:g}" for e in EPS]
+    for label in ("lora", "full"):
+        (row,) = [row for row in parser.rows if row[0] == label and len(row) == len(header)]
+        assert row[3:] == [str(reports[label].totals()[f"{e:g}"]) for e in EPS]
+    assert cli.main(["report", str(paths["lora"]), str(paths["full"]), "--html", str(page), "--side", "right"]) == 2
+    assert "has no right singular vectors" in capsys.readouterr().err

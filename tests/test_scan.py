@@ -1,7 +1,11 @@
 """scan() end to end on written checkpoints, against an fp64 oracle that reads the files on its own."""
 
+import importlib
+import io
 import json
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -286,3 +290,32 @@ def test_lora_adapters_are_analysed_factored_and_dora_merged(trio, monkeypatch, 
         lorafft.analyze(W0, W0, lora=(B, A, 1.5))
     with pytest.raises(ValueError, match="lora must be"):
         lorafft.analyze(W0, lora=(B.mT, A, 1.5))
+
+
+class _Terminal(io.StringIO):
+    """A stderr a person watches."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_by_default_only_where_someone_watches(trio, monkeypatch):
+    """``progress=None``: a bar on a terminal's stderr or in a Jupyter kernel, none when stderr is a file or a
+    capture (logs, tests); True and False decide."""
+    scan_module = importlib.import_module("lorafft.scan")  # lorafft.scan is the function
+    include = [r"layers\.0\.self_attn\.q_proj"]
+    for stream, expected in ((_Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert scan_module.someone_watching() is expected
+        lorafft.scan(trio.base, trio.lora, include=include)
+        assert ("lorafft scan" in stream.getvalue()) is expected
+    lorafft.scan(trio.base, trio.lora, include=include, progress=False)
+    assert "lorafft scan" not in sys.stderr.getvalue()
+
+    class Kernel:
+        config = {"IPKernelApp": {}}
+
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=Kernel))
+    assert scan_module.someone_watching()  # a notebook (tqdm.auto draws its widget there)
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None))
+    assert not scan_module.someone_watching()  # IPython imported, no kernel: a plain script

@@ -17,7 +17,13 @@ ERRORS = [["scan", "BASE", "TUNED", "--k", "0"], ["scan", "BASE", "TUNED", "--ep
           ["scan", "BASE", "TUNED", "--include", "("], ["scan", "BASE", "TUNED", "--resume"],
           ["scan", "BASE", "TUNED", "--out", "report.txt"], ["plot", "r.json", "--out", "figures", "--eps", "2"],
           ["intervene", "BASE", "TUNED", "--lambda", "-1", "--out", "new"],
-          ["intervene", "BASE", "TUNED", "--lambda", "1", "--out", "new", "--eps", "0"], ["no-such-command"]]
+          ["intervene", "BASE", "TUNED", "--lambda", "1", "--out", "new", "--eps", "0"], ["no-such-command"],
+          # paths, checked before torch too: a missing report, a CSV table given as one, missing local inputs
+          ["plot", "missing.json", "--out", "figures"], ["report", "missing.json", "--html", "r.html"],
+          ["report", "r.json", "missing.json", "--html", "r.html"], ["plot", "r.csv", "--out", "figures"],
+          ["scan", "./base-dir", "./missing-lora"], ["scan", "missing.safetensors", "b.safetensors"],
+          ["intervene", "/no/such/base", "./missing-lora", "--lambda", "0.5", "--out", "new"],
+          ["demo", "--dir", "no/such/dir"]]
 
 
 def _lorafft(argv, cwd) -> tuple[subprocess.CompletedProcess, float, set[str]]:
@@ -53,12 +59,17 @@ def test_help_and_version_without_torch_under_a_second(argv, tmp_path):
 
 @pytest.mark.parametrize("argv", ERRORS, ids=" ".join)
 def test_argument_errors_without_torch_one_line_exit_2(argv, tmp_path):
+    if "r.json" in argv:
+        (tmp_path / "r.json").write_text("{}")  # present: the next report is the missing one
+    before = os.listdir(tmp_path)
     process, seconds, imported = _lorafft(argv, tmp_path)
     assert process.returncode == 2 and process.stdout == ""
     (line,) = process.stderr.splitlines()
     assert line.startswith("lorafft: error: ")
+    if any(arg.startswith(("missing", "./missing", "/no/")) for arg in argv):
+        assert "no such file" in line
     assert "torch" not in imported
-    assert os.listdir(tmp_path) == []  # nothing written
+    assert os.listdir(tmp_path) == before  # nothing written
     assert seconds < 5.0  # generous: the point is that nothing heavy runs; the help test times start-up tightly
 
 

@@ -4,7 +4,6 @@ the weights PEFT's ``merge_and_unload`` produces (DoRA, rsLoRA) or of a plain mo
 """
 
 import copy
-import dataclasses
 import json
 import os
 import threading
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import lorafft
-from lorafft import linalg, tracking
+from lorafft import analysis, linalg, tracking
 from lorafft.cache import build_base_cache
 from lorafft.errors import InputError
 from lorafft.report import MatrixRow
@@ -130,10 +129,43 @@ def test_steps_analysed_in_base_coordinates_equal_posthoc_scans(minilm_dir, tmp_
     report = lorafft.Report.from_dict(json.loads((out / "lorafft-trajectory.json").read_text()))
     for index, step in enumerate((2, 4)):
         scanned = lorafft.scan(minilm_dir, out / f"checkpoint-{step}", eps=(0.5, 0.7), include=QUERY_VALUE)
-        rows = [dataclasses.replace(r, name=r.name.removeprefix("bert.")) for r in report.rows  # the model's names
-                if r.checkpoint == index]  # (BertForSequenceClassification), the base file's without "bert."
+        rows = [r for r in report.rows if r.checkpoint == index]
         assert rows and all(r.method == "update" for r in rows) and all(r.method == "update" for r in scanned.rows)
         assert_rows_match(rows, scanned.rows)
+    assert_cosines_between_steps(report, minilm_dir, [out / f"checkpoint-{step}" for step in (2, 4)])
+
+
+def merged_left_vectors(minilm_dir, adapter_dir, name, k=K):
+    """Top-k left singular vectors ``[m, k]`` (and σ) of W0 + s·B·A in fp64, W0 from the MiniLM file, the factors
+    from a saved adapter, by LAPACK."""
+    from safetensors.torch import load_file
+
+    base = load_file(os.path.join(minilm_dir, "model.safetensors"))
+    factors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    module = "base_model.model.bert." + name.removesuffix(".weight")
+    A, B = (factors[f"{module}.lora_{x}.weight"].double() for x in "AB")
+    U, S, _ = torch.linalg.svd(base[name].double() + config["lora_alpha"] / config["r"] * B @ A)
+    return U[:, :k], S[:k]
+
+
+def assert_cosines_between_steps(report, minilm_dir, adapters):
+    """Each row of the second tracked step carries ``cos_previous``, the cosines of the first step's top-k vectors
+    with its own: equal in absolute value (a singular vector's sign is arbitrary) to those of fp64 SVDs of the two
+    saved adapters' merged weights, for vectors separated from their neighbours (where a vector is determined)."""
+    compared = 0
+    for row in (r for r in report.rows if r.checkpoint == 1):
+        first = next(r for r in report.rows if r.checkpoint == 0 and r.name == row.name and r.side == row.side)
+        assert first.cos_previous is None and len(row.cos_previous) == len(row.cos_previous[0]) == row.k
+        (Y0, S0), (Y1, S1) = (merged_left_vectors(minilm_dir, adapter, row.name) for adapter in adapters)
+        reference = (Y0.T @ Y1).abs()
+        separated = [[bool(b0 < 1e-6 and b1 < 1e-6) for b1 in row.error_bound] for b0 in first.error_bound]
+        for i in range(row.k):
+            for j in range(row.k):
+                if separated[i][j]:
+                    assert abs(abs(row.cos_previous[i][j]) - float(reference[i, j])) < 1e-5, (row.name, i, j)
+                    compared += 1
+    assert compared >= 4 * K * K // 2
 
 
 def test_background_tracking_equals_tracking_in_step(minilm_dir, tmp_path, monkeypatch):
@@ -187,10 +219,11 @@ def test_dora_rslora_equal_peft_merge(minilm_dir):
                 parameter.mul_(1 + 0.3 * torch.rand_like(parameter))
     tracker = Tracker(model, include=[r"layer\.[01]\."])
     rows = tracker.step(0)
-    assert len(rows) == 4 and {r.name.split(".")[0] for r in rows} == {"bert"}
-    base = {n.replace("base_layer.", "").removeprefix("base_model.model."): p.detach()
+    assert len(rows) == 4 and {r.name.split(".")[0] for r in rows} == {"encoder"}  # the MiniLM file's names
+    base = {n.replace("base_layer.", "").removeprefix("base_model.model.bert."): p.detach()
             for n, p in model.named_parameters()}
-    merged = {n: p.detach() for n, p in copy.deepcopy(model).merge_and_unload().named_parameters()}
+    merged = {n.removeprefix("bert."): p.detach()
+              for n, p in copy.deepcopy(model).merge_and_unload().named_parameters()}
     assert not torch.equal(base[rows[0].name], merged[rows[0].name])
     assert_matches_reference(rows, base, merged)
 
@@ -233,6 +266,61 @@ def test_plain_model_snapshot(minilm_dir):
     pytest.importorskip("matplotlib")
     figure = report.plot_checkpoint_totals()  # what `lorafft plot` draws for a run: one group of bars per step
     assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["full: step 0", "full: step 1"]
+
+
+def test_cosines_between_steps_across_the_two_ways_a_step_is_analysed(minilm_dir, monkeypatch):
+    """A step analysed in the base's coordinates, then one the scan's way (here forced: the update path declines),
+    then in coordinates again: each step's cos_previous equals |Y_beforeᵀ Y_now| of fp64 SVDs of PEFT's merged
+    weights, for vectors separated from their neighbours."""
+    model = lora_model(minilm_dir, init_lora_weights=False)
+    include = [r"layer\.0\.attention\.self\.query"]
+    tracker = Tracker(model, include=include, k=6)
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    merged, rows = [], []
+    generator = torch.Generator().manual_seed(7)
+    for step, declined in ((0, False), (1, True), (2, False)):
+        with torch.no_grad():
+            layer.lora_B["default"].weight.add_(0.02 * torch.randn(layer.lora_B["default"].weight.shape,
+                                                                  generator=generator))
+        with monkeypatch.context() as patch:
+            if declined:
+                patch.setattr(analysis, "_update_path", lambda *args, **kwargs: None)
+            (row,) = tracker.step(step)
+        assert row.method == ("dense" if declined else "update")
+        merged.append(copy.deepcopy(model).merge_and_unload().bert.encoder.layer[0].attention.self.query.weight)
+        rows.append(row)
+    assert rows[0].cos_previous is None
+    for index in (1, 2):
+        U = [torch.linalg.svd(W.detach().double())[0][:, :6] for W in merged[index - 1 : index + 1]]
+        reference = (U[0].T @ U[1]).abs()
+        separated = [[rows[index - 1].error_bound[i] < 1e-6 and rows[index].error_bound[j] < 1e-6
+                      for j in range(6)] for i in range(6)]
+        checked = [(i, j) for i in range(6) for j in range(6) if separated[i][j]]
+        assert len(checked) >= 18
+        for i, j in checked:
+            assert abs(abs(rows[index].cos_previous[i][j]) - float(reference[i, j])) < 1e-5, (index, i, j)
+
+
+def test_tracked_names_are_the_names_a_scan_of_the_saved_adapter_gives(minilm_dir, tmp_path):
+    """One name per matrix: a scan of a PEFT adapter names its rows by the base checkpoint's tensor names, and so
+    does the tracker: ``encoder.layer.0...`` when the model was loaded from the MiniLM file (a BertModel checkpoint),
+    ``bert.encoder.layer.0...`` when it was loaded from a saved BertForSequenceClassification (the base saved too).
+    The tracked rows equal a scan of ``model.save_pretrained(dir)`` either way."""
+    saved_base = tmp_path / "base"
+    torch.manual_seed(0)
+    transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2).save_pretrained(
+        saved_base)
+    include = [r"layer\.0\.attention\.self\.query"]
+    for source, prefix in ((minilm_dir, ""), (saved_base, "bert.")):
+        model = lora_model(source, init_lora_weights=False)
+        rows = Tracker(model, include=include, eps=(0.5, 0.7)).step(0)
+        adapter = tmp_path / f"adapter-{prefix or 'minilm'}"
+        model.save_pretrained(adapter)
+        scanned = lorafft.scan(tuned=adapter, include=include, eps=(0.5, 0.7))  # the base its config names
+        assert scanned.inputs["base"] == str(source)
+        assert [r.name for r in rows] == [r.name for r in scanned.rows] == \
+            [f"{prefix}encoder.layer.0.attention.self.query.weight"]
+        assert_rows_match(rows, scanned.rows)
 
 
 def test_bad_use_is_one_line_input_error(minilm_dir):

@@ -14,8 +14,8 @@ import warnings
 
 from lorafft import __version__
 from lorafft.cli import demo, intervene, plot, scan
-from lorafft.cli.arguments import Parser, printable
-from lorafft.errors import InputError, InternalError
+from lorafft.cli.arguments import Parser
+from lorafft.errors import InputError, InternalError, printable
 
 DESCRIPTION = """\
 Find intruder dimensions (Shuttleworth et al., arXiv 2410.21228): for every weight matrix W0 of a base model and
@@ -57,8 +57,12 @@ def main(argv=None) -> int:
     removed mid-run, permission denied). Usage errors exit 2 from argparse (``SystemExit``), with one line. Ctrl-C
     (and SIGTERM under the console script) prints one line and exits 130 (a scan's journal keeps its finished rows for
     ``--resume``); a closed stdout (``| head``) ends quietly; an :class:`InternalError` (a result that cannot be
-    right) is one line asking for a report, status 3.
+    right) is one line asking for a report, status 3. A name the output encoding cannot hold (a file or tensor name
+    that is not UTF-8, decoded by Python to lone surrogates) is printed escaped, never as an encoding error.
     """
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a TextIOWrapper; a stream put in its place without one is left as it is
+            stream.reconfigure(errors="backslashreplace")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *_, **__: print(printable(f"lorafft: warning: {message}"),

@@ -16,18 +16,6 @@ from lorafft.errors import InputError
 HTML_SUFFIXES = (".html", ".htm")
 
 
-def printable(text: str) -> str:
-    """``text`` as any terminal can print it: lone surrogates (a file name's undecodable byte as Python decodes it
-    from the file system, shown ``\\xff``; any other, from a pickled tensor name, ``\\ud800``), so a strict UTF-8
-    stdout never raises UnicodeEncodeError."""
-    return re.sub("[\ud800-\udfff]", _escaped, text)
-
-
-def _escaped(match: re.Match) -> str:
-    code = ord(match.group())
-    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"  # a file name's raw byte
-
-
 def threshold(value: float, name: str = "--eps") -> float:
     """One intruder threshold ε, finite in (0, 1] (:func:`lorafft.options.thresholds`)."""
     return options.thresholds(value)[0]
@@ -48,6 +36,14 @@ def device(value: str, name: str = "--device") -> str:
         if not torch.cuda.is_available():
             raise InputError(name, f"{value}: CUDA is not available on this machine")
     return value
+
+
+def inputs_exist(paths) -> None:
+    """Every checkpoint or adapter input is an existing path or shaped like a Hub id
+    (:func:`lorafft.options.input_path`): a missing local file is refused here, before torch is imported."""
+    for path in paths:
+        if path is not None:
+            options.input_path(path)
 
 
 def checked(convert, check, name: str):

@@ -68,7 +68,9 @@ def add_command(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    """``lorafft intervene``: print the summary; InputError propagates (the CLI prints it and exits 2)."""
+    """``lorafft intervene``: print the summary (each rescaled σ before and after) and what a scan of the output will
+    show; InputError propagates (the CLI prints it and exits 2)."""
+    arguments.inputs_exist([args.base, args.tuned])
     options.output_directory(args.out)
     from lorafft.intervene import intervene
 
@@ -77,4 +79,24 @@ def run(args) -> int:
                         embeddings=args.embeddings, base_cache=args.base_cache, device=args.device,
                         backend=args.backend, progress=not args.quiet)
     print(summary.summary())
+    print(expectation(summary))
     return 0
+
+
+def expectation(summary) -> str:
+    """What a scan of the written adapter or checkpoint against the same base will show, in words, with the
+    command that checks it (``summary``: :class:`lorafft.intervene.InterventionSummary`)."""
+    if summary.rescaled == 0 or summary.lam == 1:
+        return "\nNothing changed: " + ("no intruder was found to rescale." if summary.rescaled == 0 else
+                                        "λ = 1 keeps every singular value as it is.")
+    if summary.lam == 0:
+        moved = "0: those directions are gone from Wt, so they leave the top k and the counts"
+    elif summary.lam < 1:
+        moved = ("λ·σ, smaller: a rescaled vector moves down the spectrum and leaves the count once it falls out of "
+                 "the top k")
+    else:
+        moved = "λ·σ, larger: a rescaled vector moves up the spectrum"
+    return (f"\nWhat to expect: in the output, each rescaled vector keeps its direction, so its max|cos| against the "
+            f"base is unchanged (the values above; up to the stored dtype's rounding), and its singular value becomes "
+            f"{moved} (σ before -> after above); every other singular value and vector of Wt is unchanged.\n"
+            f"Check: lorafft scan {summary.base} {summary.out_dir} --eps {summary.eps:g} --k {summary.k}")

@@ -9,8 +9,7 @@ import sys
 
 from lorafft import options
 from lorafft.cli import arguments
-from lorafft.cli.arguments import printable
-from lorafft.errors import InputError
+from lorafft.errors import InputError, printable
 
 CACHE_EPILOG = """\
 examples:
@@ -50,7 +49,10 @@ def add_commands(subparsers) -> None:
                            "ids); several TUNED give one report with a checkpoint column, the base paid for once. "
                            "Adapters alone (the first positional an adapter): their base is the one they name")
     arguments.add_revision(scan)
-    scan.add_argument("--out", metavar="FILE", help="write the full report here: .json (schema in the README) or .csv")
+    scan.add_argument("--out", metavar="FILE",
+                      help="write the full report here: .json (the report: schema in the README, what plot and "
+                           "report read) or .csv (the per-matrix table: one line per matrix, side and checkpoint, "
+                           "per-vector lists space-separated; one line per vector: Report.vectors())")
     arguments.add_analysis(scan, several_eps=True)
     scan.add_argument("--side", choices=["left", "right", "both"], default="left",
                       help="singular vectors to compare: left = output space of a [out, in] weight (default, "
@@ -129,7 +131,8 @@ def _base_and_tuned(inputs: list[str], revision: str | None) -> tuple[str | None
 
 
 def run_scan(args) -> int:
-    """``lorafft scan``: check the output paths, scan, print the summary (and where the report went)."""
+    """``lorafft scan``: check the input and output paths, scan, print the summary (and where the report went)."""
+    arguments.inputs_exist(args.inputs)
     if args.out is not None:
         options.output_file(args.out)
     journal = _journal(args)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -23,12 +22,11 @@ from lorafft.errors import InputError
 from lorafft.io.adapter_files import ADAPTER_CONFIG, is_adapter
 from lorafft.io.jsonfile import CONFIG_BYTES, read_json_object
 from lorafft.io.torch_bin import STATE_DICT
+from lorafft.options import looks_like_hub_id
 
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.*")  # a snapshot without any is not a scan's
 # what a scan reads from a repository: weights (safetensors or pytorch .bin, sharded or not), configs, adapter files
 HUB_FILES = (*WEIGHTS, "*.safetensors.index.json", "pytorch_model*.bin.index.json", "config.json", ADAPTER_CONFIG)
-_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # a plausible repo id; huggingface_hub validates it further
-_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")  # a missing file, not an id
 INSTALL_HINT = "to read it as a Hugging Face Hub id, install huggingface_hub: pip install 'lorafft[hub]'"
 
 
@@ -64,7 +62,7 @@ def locate(source, *, revision: str | None = None) -> tuple[object, dict | None]
     if isinstance(source, Mapping):
         return source, None
     name = os.fspath(source)
-    if os.path.lexists(name) or not _looks_like_id(name):
+    if os.path.lexists(name) or not looks_like_hub_id(name):
         return name, None
     try:
         import huggingface_hub  # noqa: F401  (optional: only Hub ids need it)
@@ -72,6 +70,25 @@ def locate(source, *, revision: str | None = None) -> tuple[object, dict | None]
         raise InputError(name, f"no such file or directory ({INSTALL_HINT})") from None
     folder = _snapshot(name, revision)
     return folder, {"id": name, "revision": os.path.basename(os.path.normpath(folder))}
+
+
+def cached(source: str, *, revision: str | None = None) -> str | None:
+    """The local path of ``source`` without downloading anything: an existing path as it is, a Hub id's snapshot
+    folder when the local Hub cache holds its weights; None otherwise (also without huggingface_hub)."""
+    if os.path.lexists(source):
+        return source
+    if not looks_like_hub_id(source):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        return None
+    try:
+        folder = snapshot_download(source, revision=revision, allow_patterns=list(HUB_FILES), local_files_only=True)
+    except (HFValidationError, LocalEntryNotFoundError):
+        return None
+    return folder if _has_weights(folder) else None
 
 
 def locate_inputs(base, tuned: list, *, revision: str | None = None) -> Located:
@@ -100,11 +117,6 @@ def locate_inputs(base, tuned: list, *, revision: str | None = None) -> Located:
     if hub:
         record["hub"] = hub
     return Located(base_path, paths, record)
-
-
-def _looks_like_id(name: str) -> bool:
-    """True for a name that may be a Hub repo id: ``name`` or ``org/name``, not a path or a weights file name."""
-    return _ID.fullmatch(name) is not None and not name.endswith(_FILE_SUFFIXES)
 
 
 def _snapshot(repo_id: str, revision: str | None) -> str:

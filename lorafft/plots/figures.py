@@ -6,12 +6,15 @@
 * :func:`plot_layer_bars` — intruders per layer, stacked by module;
 * :func:`plot_spectra` — one matrix's fine-tuned singular values beside the base's, intruders marked;
 * :func:`plot_checkpoint_totals` — intruders per tuned input and ε (many adapters of one base, or a run);
-* :func:`plot_magnitude_direction` — each matrix's change of direction ΔD against magnitude ΔM, a line fitted per
-  checkpoint (DoRA, Liu et al. 2024, Figure 2).
+* :func:`plot_layer_bars_compared` — intruders per layer, one bar per report side by side (LoRA beside full
+  fine-tuning).
 
-Each takes an optional matplotlib ``ax`` and returns the Figure. Without ``ax`` the figure is a bare
-``matplotlib.figure.Figure`` (never pyplot: no global state, no display needed; ``savefig`` renders with Agg).
-matplotlib is an optional extra (``pip install 'lorafft[plot]'``), imported only when a figure is drawn.
+Counts are integers and their axes start at 0; a figure with nothing to count says so in words ("no intruders at
+ε = 0.5 among the top 10"). Text drawn from tensor names goes through :func:`printable` (a lone surrogate of an odd
+file name cannot be drawn). Each takes an optional matplotlib ``ax`` and returns the Figure. Without ``ax`` the
+figure is a bare ``matplotlib.figure.Figure`` (never pyplot: no global state, no display needed; ``savefig`` renders
+with Agg). matplotlib is an optional extra (``pip install matplotlib``, or the ``plot`` extra), imported only when a
+figure is drawn.
 
 A vector y_j is an intruder at ε when its ``max_cos[j] < ε``; counts for any ε are taken from the rows' ``max_cos``
 lists (the same fp64 comparison the scan made), so a figure's ε need not be one the scan swept. A report of a
@@ -27,6 +30,8 @@ import statistics
 
 import numpy
 
+from lorafft.errors import printable
+
 # ``report`` arguments are lorafft.report.Report objects and ``row``/``rows`` their MatrixRows, unannotated: plots
 # never imports lorafft.report, whose plot_* methods call into plots (the dependency runs one way).
 
@@ -40,9 +45,34 @@ def new_axes(ax=None, size=(6.4, 4.2)):
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
-        raise ImportError("lorafft's figures need matplotlib: pip install 'lorafft[plot]'") from error
+        raise ImportError("lorafft's figures need matplotlib: pip install matplotlib (or the lorafft 'plot' "
+                          "extra)") from error
     figure = Figure(figsize=size, layout="constrained")
     return figure, figure.add_subplot()
+
+
+def module_label(module: str) -> str:
+    """A row's module path as drawn: :func:`printable`, and ``"(top level)"`` for a matrix named ``weight`` alone."""
+    return printable(module) or "(top level)"
+
+
+def plural(count: int, singular: str, plural_form: str) -> str:
+    """``"1 matrix"``, ``"2 matrices"``: the count and the word that agrees with it."""
+    return f"{count} {singular if count == 1 else plural_form}"
+
+
+def count_axis(ax, total: int, empty: str) -> None:
+    """A count's y axis: integer ticks from 0; when ``total`` (everything drawn) is 0, the axes say ``empty`` in
+    words instead of showing a blank box around 0."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if total == 0:
+        ax.set_ylim(0, 1)
+        ax.text(0.5, 0.55, empty, transform=ax.transAxes, ha="center", va="center", wrap=True,
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "grey"})
+    else:
+        ax.set_ylim(bottom=0)
 
 
 def select_rows(report, side: str, checkpoint: int | None = None):
@@ -57,11 +87,11 @@ def select_rows(report, side: str, checkpoint: int | None = None):
 
 
 def checkpoint_label(report, checkpoint: int) -> str:
-    """``"lora: adapter-dir"``: the kind and file name of one tuned input."""
+    """``"lora: adapter-dir"``: the kind and file name of one tuned input (the name alone when it is the kind)."""
     kinds = report.inputs.get("tuned_kind")
     kind = kinds[checkpoint] if isinstance(kinds, list) else kinds
-    name = os.path.basename(os.path.normpath(str(report.checkpoints[checkpoint])))
-    return f"{kind}: {name}" if kind else name
+    name = printable(os.path.basename(os.path.normpath(str(report.checkpoints[checkpoint]))))
+    return f"{kind}: {name}" if kind and kind != name else name
 
 
 def worst_rows(report, eps: float, count: int = 5, side: str | None = None,
@@ -87,6 +117,12 @@ def _k_note(rows) -> str:
     return f"top-k = {ks[0]}" if len(ks) == 1 else f"top-k = {ks[0]}..{ks[-1]}"
 
 
+def _top(rows) -> str:
+    """``"the top 10"`` (or ``"the top 4..10"``): how many tuned vectors per matrix the counts look at."""
+    ks = sorted({r.k for r in rows})
+    return f"the top {ks[0]}" if len(ks) == 1 else f"the top {ks[0]}..{ks[-1]}"
+
+
 def plot_counts_vs_eps(reports, side: str = "left", eps_grid=None, *, ax=None):
     """Total intruder count (summed over matrices) versus ε — the paper's Figure 4.
 
@@ -97,7 +133,7 @@ def plot_counts_vs_eps(reports, side: str = "left", eps_grid=None, *, ax=None):
     grid = DEFAULT_EPS_GRID if eps_grid is None else tuple(sorted(float(e) for e in eps_grid))
     labelled = reports.items() if isinstance(reports, dict) else [(None, reports)]
     figure, ax = new_axes(ax)
-    floors, everything = [], []
+    floors, everything, total = [], [], 0
     for label, report in labelled:
         count = len(report.checkpoints)
         for checkpoint in range(count):
@@ -108,12 +144,15 @@ def plot_counts_vs_eps(reports, side: str = "left", eps_grid=None, *, ax=None):
             if count > 1:
                 curve_label = " ".join(filter(None, (label, f"[{checkpoint}]", checkpoint_label(report, checkpoint))))
             counts = [sum(r.intruders(e) for r in rows) for e in grid]
+            total += sum(counts)
             ax.plot(grid, counts, marker="o", markersize=3, label=curve_label)
     floor = statistics.median(floors)
     ax.axvline(floor, linestyle="--", color="grey", label=f"random floor 1/√d (median {floor:.3g})")
     ax.set_xlabel("threshold ε (intruder: max |cos| to every base singular vector < ε)")
     ax.set_ylabel("intruder dimensions (sum over matrices)")
     ax.set_title(f"Intruder dimensions vs ε ({side} singular vectors, {_k_note(everything)})")
+    count_axis(ax, total, f"no intruders at any ε from {grid[0]:g} to {grid[-1]:g}\namong {_top(everything)} "
+                          f"{side} singular vectors")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return figure
@@ -135,6 +174,9 @@ def plot_checkpoint_totals(report, side: str = "left", eps=None, *, ax=None):
                   fontsize="small")
     ax.set_ylabel("intruder dimensions (sum over the input's matrices)")
     ax.set_title(f"Intruders per fine-tune ({side} singular vectors)")
+    rows = [r for r in report.rows if r.side == side]
+    count_axis(ax, sum(map(sum, totals)), f"no intruders at ε = {', '.join(f'{e:g}' for e in eps)}\n"
+                                          f"among {_top(rows)} {side} singular vectors of any input")
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     return figure
@@ -166,14 +208,15 @@ def plot_counts_vs_k(report, side: str = "left", eps: float = 0.5, *, per_module
     for row in rows:
         groups.setdefault(row.module if per_module else f"all {len(rows)} matrices", []).append(row)
     figure, ax = new_axes(ax, size=(7.6, 4.2) if per_module else (6.4, 4.2))
-    reach = 0.0
+    reach, total = 0.0, 0
     for label, group in sorted(groups.items()):
         xs, ys = counts_vs_fraction(group, eps)
-        reach = max(reach, xs[-1])
-        ax.step(xs, ys, where="post", label=f"{label} ({len(group)})" if per_module else label)
+        reach, total = max(reach, xs[-1]), total + ys[-1]
+        ax.step(xs, ys, where="post", label=f"{module_label(label)} ({len(group)})" if per_module else label)
     ax.set_xlabel(f"k / min(m, n): fraction of the spectrum (the report's {_k_note(rows)}: known up to {reach:.3g})")
     ax.set_ylabel(f"intruders among the top k (ε = {eps:g})")
     ax.set_title(f"Intruders among the top k ({side} singular vectors)")
+    count_axis(ax, total, f"no intruders at ε = {eps:g} among {_top(rows)} {side} singular vectors")
     if per_module:
         ax.legend(fontsize="small", title="module (matrices)", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
@@ -186,12 +229,7 @@ def plot_layer_bars(report, side: str = "left", eps: float = 0.5, *, checkpoint:
     """Intruder count per layer (x) at ``eps``, stacked by module; matrices without a layer index (embeddings,
     ``lm_head``) form a last bar, "other"."""
     rows = select_rows(report, side, checkpoint)
-    layers = sorted({r.layer for r in rows if r.layer is not None})
-    positions = {layer: index for index, layer in enumerate(layers)}
-    labels = [str(layer) for layer in layers]
-    if any(r.layer is None for r in rows):
-        positions[None] = len(labels)
-        labels.append("other")
+    positions, labels = _layers(rows)
     modules = sorted({r.module for r in rows})
     figure, ax = new_axes(ax, size=(7.2, 4.2))
     bottom = [0] * len(labels)
@@ -200,14 +238,59 @@ def plot_layer_bars(report, side: str = "left", eps: float = 0.5, *, checkpoint:
         for r in rows:
             if r.module == module:
                 heights[positions[r.layer]] += r.intruders(eps)
-        ax.bar(range(len(labels)), heights, bottom=bottom, label=module)
+        ax.bar(range(len(labels)), heights, bottom=bottom, label=module_label(module))
         bottom = [b + h for b, h in zip(bottom, heights)]
+    _layer_ticks(ax, labels)
+    ax.set_ylabel(f"intruder dimensions (ε = {eps:g}, {_k_note(rows)})")
+    ax.set_title(f"Intruders per layer and module ({side} singular vectors)")
+    count_axis(ax, sum(bottom), f"no intruders at ε = {eps:g} among {_top(rows)} {side} singular vectors\n"
+                                f"of any of the {len(rows)} matrices")
+    ax.legend(fontsize="small", title="module", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def _layers(rows) -> tuple[dict, list[str]]:
+    """``({layer: x position}, tick labels)``: layer indices in order, then "other" for matrices without one."""
+    layers = sorted({r.layer for r in rows if r.layer is not None})
+    positions = {layer: index for index, layer in enumerate(layers)}
+    labels = [str(layer) for layer in layers]
+    if any(r.layer is None for r in rows):
+        positions[None] = len(labels)
+        labels.append("other")
+    return positions, labels
+
+
+def _layer_ticks(ax, labels: list[str]) -> None:
+    """Layer tick labels along x, thinned to at most 32."""
     step = math.ceil(len(labels) / 32)
     ax.set_xticks(range(0, len(labels), step), labels[::step])
     ax.set_xlabel("layer")
-    ax.set_ylabel(f"intruder dimensions (ε = {eps:g}, {_k_note(rows)})")
-    ax.set_title(f"Intruders per layer and module ({side} singular vectors)")
-    ax.legend(fontsize="small", title="module", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def plot_layer_bars_compared(reports: dict, side: str = "left", eps: float = 0.5, *, ax=None):
+    """Intruders per layer at ``eps``, one bar per report side by side in each layer (``reports``: ``{label:
+    report}``, e.g. a LoRA fine-tune and a full one of the same base; each report's last checkpoint). A layer one
+    report lacks has no bar for it."""
+    chosen = {label: select_rows(report, side) for label, report in reports.items()}
+    everything = [row for rows in chosen.values() for row in rows]
+    positions, labels = _layers(everything)
+    figure, ax = new_axes(ax, size=(max(7.2, 0.25 * len(labels) * len(reports) + 3), 4.2))
+    width, total = 0.8 / len(reports), 0
+    for index, (label, rows) in enumerate(chosen.items()):
+        heights = {}
+        for r in rows:
+            heights[positions[r.layer]] = heights.get(positions[r.layer], 0) + r.intruders(eps)
+        total += sum(heights.values())
+        offset = (index - (len(reports) - 1) / 2) * width
+        ax.bar([x + offset for x in sorted(heights)], [heights[x] for x in sorted(heights)], width,
+               label=printable(label))
+    _layer_ticks(ax, labels)
+    ax.set_ylabel(f"intruder dimensions (ε = {eps:g}, sum over the layer's matrices)")
+    ax.set_title(f"Intruders per layer ({side} singular vectors, {_k_note(everything)})")
+    count_axis(ax, total, f"no intruders at ε = {eps:g} among {_top(everything)} {side} singular vectors\n"
+                          f"in any layer of any report")
+    ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     return figure
 
@@ -234,57 +317,9 @@ def plot_spectra(report, name: str, side: str = "left", eps: float | None = None
     ax.margins(y=0.12)
     ax.set_xlabel("rank j (by descending singular value)")
     ax.set_ylabel("singular value")
-    ax.set_title(f"{row.name}\n{side} side, {row.shape[0]}×{row.shape[1]}, {len(marked)} intruder(s) at ε = {eps:g}",
-                 fontsize="medium")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    return figure
-
-
-def magnitude_direction_points(report) -> dict[int, list]:
-    """Per checkpoint, one row per matrix that has DoRA's ΔM and ΔD (the sides' rows carry the same values)."""
-    points = {}
-    for row in report.rows:
-        if row.delta_magnitude is not None and row.delta_direction is not None:
-            points.setdefault(row.checkpoint, {}).setdefault(row.name, row)
-    if not points:
-        raise ValueError("the report has no delta_magnitude / delta_direction (written before lorafft measured them, "
-                         "or no matrix has a direction): scan again")
-    return {checkpoint: list(rows.values()) for checkpoint, rows in sorted(points.items())}
-
-
-def plot_magnitude_direction(report, *, ax=None):
-    """DoRA's weight decomposition analysis (Liu et al. 2024, Figure 2): each matrix's mean change of direction ΔD
-    (x) against its mean change of magnitude ΔM (y), one point per matrix and checkpoint, coloured by layer (grey
-    without one), a marker per checkpoint, and per checkpoint the least-squares line ``ΔM ≈ a + b·ΔD`` with its
-    slope b in the legend. The paper reads the sign of b: full fine-tuning negative, LoRA positive (DoRA's slope is
-    negative too). A checkpoint whose points share one ΔD gets no line (its slope is undefined)."""
-    points = magnitude_direction_points(report)
-    figure, ax = new_axes(ax, size=(7.2, 4.8))
-    from matplotlib import cm, colormaps, colors  # present: new_axes checked
-
-    layers = [row.layer for rows in points.values() for row in rows if row.layer is not None]
-    scale = colors.Normalize(min(layers, default=0), max(layers, default=0) + (0 if len(set(layers)) > 1 else 1))
-    cmap = colormaps["viridis"]
-    markers = "os^Dv<>Pp*hX"
-    for index, (checkpoint, rows) in enumerate(points.items()):
-        x = numpy.array([row.delta_direction for row in rows])
-        y = numpy.array([row.delta_magnitude for row in rows])
-        shades = [cmap(scale(row.layer)) if row.layer is not None else "grey" for row in rows]
-        label = checkpoint_label(report, checkpoint)
-        ax.scatter(x, y, c=shades, marker=markers[index % len(markers)], s=24, edgecolors="none", zorder=3,
-                   label=f"{label} ({len(rows)} matrices)")
-        if numpy.ptp(x) > 0:
-            slope, intercept = numpy.polyfit(x, y, 1)
-            ends = numpy.array([x.min(), x.max()])
-            ax.plot(ends, intercept + slope * ends, linestyle="--", color=f"C{index}",
-                    label=f"{label}: slope {slope:.3g}")
-    if layers:
-        ticks = sorted(set(layers)) if len(set(layers)) <= 12 else None
-        figure.colorbar(cm.ScalarMappable(norm=scale, cmap=cmap), ax=ax, label="layer", ticks=ticks)
-    ax.set_xlabel("ΔD: mean over rows of 1 − cos(w_t,i, w_0,i)")
-    ax.set_ylabel("ΔM: mean over rows of | ||w_t,i|| − ||w_0,i|| |")
-    ax.set_title("Magnitude vs direction change per matrix (DoRA, Liu et al. 2024, Fig. 2)")
+    found = plural(len(marked), "intruder", "intruders")
+    ax.set_title(f"{printable(row.name)}\n{checkpoint_label(report, row.checkpoint)}, {side} side, "
+                 f"{row.shape[0]}×{row.shape[1]}, {found} at ε = {eps:g}", fontsize="medium")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return figure

@@ -7,7 +7,7 @@ paper's definition: ``max_i |<y_j, x_i>| < ε`` over **all** base singular vecto
 outlined. A LoRA intruder is a column without a bright cell; a full fine-tune shows a bright diagonal.
 
 The matrix is paired and merged exactly as :func:`lorafft.scan` does (tolerant names, PEFT adapters merged,
-``fan_in_fan_out`` transposed). matplotlib is imported only when a figure is drawn (``pip install 'lorafft[plot]'``).
+``fan_in_fan_out`` transposed). matplotlib is imported only when a figure is drawn (``pip install matplotlib``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from lorafft import analysis, io, linalg, loading, pairing
 from lorafft.errors import InputError
+from lorafft.errors import printable
 from lorafft.plots.figures import new_axes
 
 CELL_TEXT_MAX = 12  # heatmaps up to this size print each |cos| in its cell
@@ -62,7 +63,7 @@ class Similarity:
     max_cos: ``[n]`` fp64, ``max_i |<y_j, x_i>|`` over **all** base singular vectors of the side (over the defined
         ones of a rank-deficient base, as in a scan's rows).
     intruders: ``[n]`` bool, ``max_cos < eps`` for ``j < k_intruders`` (the paper's k), False beyond; the
-        undetermined vectors of a rank-deficient base are not intruders (:func:`lorafft.analysis.classify`).
+        undetermined vectors of a rank-deficient base are not intruders (:func:`lorafft.analysis.analyze`).
     tuned_sigma: ``[n]`` fp64, the σ_j of Wt; base_sigma: ``[n]`` fp64, the σ_i of W0.
     """
 
@@ -90,15 +91,10 @@ def similarity(base, tuned, name: str, *, n: int = 10, side: str = "left", eps: 
         raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
     base_name, W0, (Wt,) = load_weights(base, [tuned], name, split_fused=split_fused)
     basis = linalg.base_basis(W0.unsqueeze(0))
-    n = min(n, *W0.shape)
-    guesses, block = analysis.start_block(basis, n)
-    tuned_svd = linalg.truncated_svd(Wt.unsqueeze(0), n, start=guesses, block_size=block,
-                                     generator=torch.Generator().manual_seed(0))
-    vectors = tuned_svd.U if side == "left" else tuned_svd.V  # [1, d, n] fp64
-    every_base = basis.project(vectors, side)  # [1, s, n]: each y_j against every x_i
-    match = analysis.classify(basis, vectors, side, (eps,))  # intruders as the report counts them
-    max_cos = match.max_cos[0]
-    n = vectors.shape[-1]
+    result = analysis.analyze(W0, Wt, k=min(n, *W0.shape), eps=(eps,), sides=(side,), basis=basis,
+                              generator=analysis.matrix_generators(0, [base_name]))[side]  # as a scan finds them
+    every_base = basis.project(result.vectors, side)  # [1, s, n]: each y_j against every x_i
+    n = result.vectors.shape[-1]
     k_intruders = n if k_intruders is None else min(k_intruders, n)
     return Similarity(
         name=base_name,
@@ -106,17 +102,17 @@ def similarity(base, tuned, name: str, *, n: int = 10, side: str = "left", eps: 
         eps=float(eps),
         k_intruders=k_intruders,
         cosines=every_base[0, :n].abs(),
-        max_cos=max_cos,
-        intruders=match.intruders[0, :, 0] & (torch.arange(n) < k_intruders),
-        tuned_sigma=tuned_svd.S[0],
+        max_cos=result.max_cos[0],
+        intruders=result.intruders[0, :, 0] & (torch.arange(n) < k_intruders),
+        tuned_sigma=result.singular_values[0],
         base_sigma=basis.sigma[0, :n],
     )
 
 
 def plot_similarity(similarity: Similarity, ax=None):
     """Heatmap of ``similarity.cosines`` (colour scale fixed to 0–1), tuned vector j along x, base vector i along y,
-    each intruder's column outlined in red. Cells carry their value up to 12×12; beyond, ticks are thinned.
-    Returns the Figure (a new one when ``ax`` is None)."""
+    each intruder's column outlined in red (the title says "outlined" only when there is one). Cells carry their
+    value up to 12×12; beyond, ticks are thinned. Returns the Figure (a new one when ``ax`` is None)."""
     from matplotlib.patches import Rectangle
     from matplotlib.ticker import MaxNLocator
 
@@ -137,10 +133,12 @@ def plot_similarity(similarity: Similarity, ax=None):
         axis.set_major_locator(MaxNLocator(nbins=min(max(rows, columns), 10), integer=True))
     ax.set_xlabel("tuned singular vector j (by σ)")
     ax.set_ylabel("base singular vector i (by σ)")
-    found = f"intruder(s) j = {', '.join(map(str, intruders))}" if intruders else "no intruders"
-    if len(intruders) > 5:
-        found = f"{len(intruders)} intruders"
-    ax.set_title(f"{similarity.name} ({similarity.side})\n{found} "
-                 f"(max_i |cos| < ε = {similarity.eps:g} over all x_i, top {similarity.k_intruders}; outlined)",
-                 fontsize="small")
+    rule = f"max_i |cos| < ε = {similarity.eps:g} over all x_i, top {similarity.k_intruders}"
+    if not intruders:
+        found = f"no intruders ({rule})"
+    else:
+        which = (f"{len(intruders)} intruders" if len(intruders) > 5 else
+                 f"intruder{'s' if len(intruders) > 1 else ''} j = {', '.join(map(str, intruders))}")
+        found = f"{which} ({rule}), outlined"
+    ax.set_title(f"{printable(similarity.name)} ({similarity.side})\n{found}", fontsize="small")
     return figure

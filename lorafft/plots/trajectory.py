@@ -9,7 +9,10 @@ its rank and its singular value. :func:`plot_trajectory` draws rank and singular
 intruder: in LoRA training an intruder climbs the spectrum as its singular value grows.
 
 A report of a trajectory scan (``lorafft scan BASE CKPT_1 CKPT_2 ...``) cannot stand in for the checkpoints: it keeps
-max |cos| per vector, not the vectors, so it cannot tell which vector of an earlier checkpoint an intruder was.
+max |cos| per vector, not the vectors, so it cannot tell which vector of an earlier checkpoint an intruder was. A
+tracked run's report (:class:`lorafft.tracking.Tracker`, whose steps were never saved) keeps what that needs instead:
+each step's ``cos_previous``, the cosines between consecutive steps' top-k vectors, which :func:`tracked_trajectory`
+follows back from the last step.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from lorafft import analysis, linalg
-from lorafft.plots.figures import new_axes
+from lorafft.errors import printable
+from lorafft.plots.figures import find_row, new_axes
 from lorafft.plots.heatmaps import load_weights
 
 SEARCH_FACTOR = 4  # default K = SEARCH_FACTOR · k tuned vectors searched per checkpoint
@@ -39,6 +43,8 @@ class Trajectory:
         fp64, the |cos| between the two (1 at the last checkpoint; low values mean no vector of that checkpoint
         among the top ``search`` resembles the intruder yet).
     base_sigma1: the base matrix's largest singular value.
+    chained: True when followed step to step through a tracker's cosines (:func:`tracked_trajectory`), False when
+        each checkpoint was searched directly.
     """
 
     name: str
@@ -53,6 +59,57 @@ class Trajectory:
     sigma: torch.Tensor
     alignment: torch.Tensor
     base_sigma1: float
+    chained: bool = False
+
+
+def is_tracked(report) -> bool:
+    """Whether ``report`` is a tracked training run's (:meth:`lorafft.tracking.Tracker.report`): its checkpoints
+    are training steps that were never written to disk."""
+    return bool(report.options.get("tracking"))
+
+
+def tracked_trajectory(report, name: str, *, side: str = "left", eps: float = 0.5) -> Trajectory:
+    """:class:`Trajectory` of matrix ``name`` in a tracked run's report, from its rows alone.
+
+    The intruders are those of the last step (``max(max_cos, outside) < eps`` among its top k). Each is followed
+    back through ``cos_previous`` (``C_c [k, k]``, the cosines between step c − 1's top-k vectors and step c's): its
+    coefficients on step c's vectors ``a_c`` (``a_last = e_j``) give ``a_{c−1} = C_c a_c``; the best match at a step
+    is the vector of largest |coefficient|, and that |coefficient| its ``alignment``. Only the top k are known at
+    each step, so what of the intruder lies outside them is lost on the way back (alignment falls): an intruder that
+    climbed from below rank k shows no match there. Steps before one without ``cos_previous`` (the first step, or a
+    resumed run's restart) are left out. ValueError when the matrix is missing at some step.
+    """
+    rows = [find_row(report, name, side, checkpoint) for checkpoint in range(len(report.checkpoints))]
+    first = len(rows) - 1
+    while first > 0 and rows[first].cos_previous is not None:
+        first -= 1
+    last = rows[-1]
+    intruders = [j for j, flag in enumerate(last.is_intruder(eps)) if flag]
+    coefficients = torch.eye(last.k, dtype=torch.float64)[:, intruders]  # [k, p]
+    ranks, sigmas, alignments = [], [], []
+    for position in range(len(rows) - 1, first - 1, -1):
+        row = rows[position]
+        best, rank = coefficients.abs().max(dim=0) if intruders else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        ranks.append(rank)
+        sigmas.append(torch.tensor(row.singular_values, dtype=torch.float64)[rank])
+        alignments.append(best)
+        if position > first:
+            coefficients = torch.tensor(row.cos_previous, dtype=torch.float64) @ coefficients
+    return Trajectory(
+        name=last.name,
+        side=side,
+        eps=float(eps),
+        k=last.k,
+        search=last.k,
+        labels=[printable(label) for label in report.checkpoints[first:]],
+        intruders=torch.tensor(intruders, dtype=torch.long),
+        max_cos=torch.tensor([last.max_cos[j] for j in intruders], dtype=torch.float64),
+        rank=torch.stack(ranks[::-1]),
+        sigma=torch.stack(sigmas[::-1]),
+        alignment=torch.stack(alignments[::-1]),
+        base_sigma1=float(last.base_singular_values[0]),
+        chained=True,
+    )
 
 
 def _label(source, index: int) -> str:
@@ -73,28 +130,27 @@ def intruder_trajectory(base, checkpoints: list, name: str, *, side: str = "left
     if not checkpoints:
         raise ValueError("intruder_trajectory needs at least one checkpoint")
     base_name, W0, weights = load_weights(base, list(checkpoints), name, split_fused=split_fused)
-    search = max(k, SEARCH_FACTOR * k if search is None else search)
+    search = min(max(k, SEARCH_FACTOR * k if search is None else search), *W0.shape)
     basis = linalg.base_basis(W0.unsqueeze(0))
-    search = min(search, *W0.shape)
-    guesses, block = analysis.start_block(basis, search)
-    tuned = linalg.truncated_svd(torch.stack(weights), search, start=guesses.expand(len(weights), -1, -1),
-                                 block_size=block, generator=torch.Generator().manual_seed(0))
-    vectors = tuned.U if side == "left" else tuned.V  # [C, d, K] fp64
-    last = vectors[-1:, :, :k]
-    match = analysis.classify(basis, last, side, (eps,))  # intruders as the report counts them
-    max_cos, intruders = match.max_cos[0], match.intruders[0, :, 0].nonzero().flatten()
-    alignment, rank = (vectors.mT @ last[0, :, intruders]).abs().max(dim=1)  # over the K vectors: [C, p]
+    C = len(weights)
+    result = analysis.analyze(W0.expand(C, -1, -1), torch.stack(weights), k=search, eps=(eps,), sides=(side,),
+                              basis=basis.select([0] * C),
+                              generator=analysis.matrix_generators(0, [base_name] * C))[side]  # as a scan
+    vectors = result.vectors  # [C, d, K] fp64
+    k = min(k, search)
+    intruders = result.intruders[-1, :k, 0].nonzero().flatten()  # the last checkpoint's, as the report counts them
+    alignment, rank = (vectors.mT @ vectors[-1][:, intruders]).abs().max(dim=1)  # over the K vectors: [C, p]
     return Trajectory(
         name=base_name,
         side=side,
         eps=float(eps),
-        k=last.shape[-1],
+        k=k,
         search=vectors.shape[-1],
         labels=[_label(source, index) for index, source in enumerate(checkpoints)],
         intruders=intruders,
-        max_cos=max_cos[intruders],
+        max_cos=result.max_cos[-1, intruders],
         rank=rank,
-        sigma=tuned.S.gather(1, rank),
+        sigma=result.singular_values.gather(1, rank),
         alignment=alignment,
         base_sigma1=float(basis.sigma[0, 0]),
     )
@@ -126,11 +182,17 @@ def plot_trajectory(trajectory: Trajectory, ax=None):
         sigma_ax.scatter([], [], facecolors="white", edgecolors="grey", label="best match |cos| < ε")
     if not len(trajectory.intruders):
         for panel in (rank_ax, sigma_ax):
-            panel.text(0.5, 0.5, "no intruders in the last checkpoint", transform=panel.transAxes, ha="center")
-    rank_ax.invert_yaxis()
+            panel.text(0.5, 0.6, f"no intruders at ε = {trajectory.eps:g} among the top {trajectory.k}\n"
+                                 f"of the last checkpoint: nothing to follow", transform=panel.transAxes,
+                       ha="center", va="center", bbox={"boxstyle": "round", "facecolor": "white",
+                                                       "edgecolor": "grey"})
+    lowest = int(trajectory.rank.max()) if trajectory.rank.numel() else 0
+    rank_ax.set_ylim(max(lowest, 1) + 0.5, -0.5)  # rank 0 on top; whole ranks, also when every rank is 0
     rank_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     rank_ax.set_ylabel("rank of the best match (0 = largest σ)")
-    rank_ax.set_title(f"rank (best |cos| among the top {trajectory.search})", fontsize="medium")
+    how = (f"followed step to step among the top {trajectory.search}" if trajectory.chained
+           else f"best |cos| among the top {trajectory.search}")
+    rank_ax.set_title(f"rank ({how})", fontsize="medium")
     sigma_ax.set_ylabel("singular value σ of the best match")
     sigma_ax.set_title("singular value", fontsize="medium")
     for panel in (rank_ax, sigma_ax):
@@ -138,6 +200,6 @@ def plot_trajectory(trajectory: Trajectory, ax=None):
         panel.set_xlabel("checkpoint")
         panel.grid(alpha=0.3)
     sigma_ax.legend(fontsize="small", title="intruder (last checkpoint)")
-    figure.suptitle(f"{trajectory.name} ({trajectory.side}): intruders of the last checkpoint "
+    figure.suptitle(f"{printable(trajectory.name)} ({trajectory.side}): intruders of the last checkpoint "
                     f"(max_i |cos| < ε = {trajectory.eps:g}, top {trajectory.k}) along the run", fontsize="medium")
     return figure

@@ -1,0 +1,227 @@
+"""A whole model scanned as users scan it: synthetic Llama-shaped checkpoints written to disk, ``cache build``, and
+scans of a LoRA adapter and of a full fine-tune against the cache and without it, each timed against the time to
+read what it reads (issue 20).
+
+Writes, under ``--dir``: ``base/`` and ``full/`` (``--layers`` Llama decoder layers at ``--shape`` 7b or 70b, bf16,
+sharded safetensors with an index and a ``config.json``), ``lora/`` (a PEFT adapter, r = 16, α = 32, on all seven
+projections) and ``cache/``. Each scan runs as a command in a fresh process (``lorafft scan ... --profile --out``),
+so its peak resident memory is its own (``os.wait4``); the report's ``profile`` gives the wall time and each stage's
+busy seconds (``lorafft.profiling``). The **read floor** of a scan is the time to read every byte it reads: the same
+files through the same loader (``lorafft.loading.BatchLoader``, the same batches, cached bases included), in a fresh
+process, no analysis. Both run on files the page cache holds (they were just written): the ratio compares like with
+like, and the floor is the loader's, not the disk's.
+
+Writes ``whole_model.json`` under ``--out``: the machine and versions, the files' sizes, ``cache_build`` (seconds,
+peak RSS), and ``scans``, one entry per scan: ``name``, ``seconds``, ``read_floor_seconds``, ``ratio``, ``stages``,
+``stage_share`` (the stages' sum over the wall time; they overlap), ``magnitude_direction_share``, ``peak_rss_bytes``
+and ``predicted_rss_bytes`` (the process's baseline plus :mod:`lorafft.memory`'s host bytes for the largest batch: both
+batches' inputs, the basis, the blocks, the workspace, and the loader's mapped shards), and on CUDA
+``peak_device_bytes`` beside ``predicted_device_bytes``. The same code is ``gpu_check.py --only whole_model``.
+
+    python benchmarks/whole_model.py --shape 7b --layers 2 --dir /tmp/lorafft-7b --out benchmarks/results
+    python benchmarks/whole_model.py --quick --dir /tmp/lorafft-quick --out /tmp    # the CPU rehearsal (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # hidden, key/value width (heads × head_dim), intermediate
+    "7b": (4096, 4096, 11008),
+    "70b": (8192, 1024, 28672),
+    "quick": (96, 32, 256),
+}
+RANK = 16
+WORKER = "benchmarks/whole_model.py"
+
+
+def write_model(directory: Path, shape: str, layers: int, seed: int = 0) -> dict[str, Path]:
+    """``base/``, ``full/`` and ``lora/`` under ``directory`` (kept when already there for these settings)."""
+    from lorafft import synthetic
+    from lorafft.io.writer import write_checkpoint
+
+    marker = directory / "written.json"
+    settings = {"shape": shape, "layers": layers, "seed": seed}
+    paths = {name: directory / name for name in ("base", "full", "lora")}
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return paths
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    hidden, kv, intermediate = SHAPES[shape]
+    generator = torch.Generator().manual_seed(seed)
+    base, full, adapter = {}, {}, {}
+    for layer in range(layers):
+        for module, (m, n) in synthetic.llama_layer_shapes(hidden, kv, intermediate).items():
+            name = f"model.layers.{layer}.{module}"
+            W0 = synthetic.random_weight(m, n, generator=generator)
+            base[f"{name}.weight"] = W0.to(torch.bfloat16)
+            full[f"{name}.weight"] = (W0 + synthetic.full_finetune_update(W0, generator=generator)).to(torch.bfloat16)
+            adapter[name] = synthetic.lora_update(m, n, RANK, generator=generator, lora_alpha=2.0 * RANK,
+                                                  sigma=synthetic.LORA_SIGMA * synthetic.SIGMA1)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": intermediate, "num_hidden_layers": layers, "torch_dtype": "bfloat16"}
+    shard = max(1, sum(t.numel() * t.element_size() for t in base.values()) // max(2, layers))
+    write_checkpoint(base, paths["base"], max_shard_bytes=shard, config=config)
+    write_checkpoint(full, paths["full"], max_shard_bytes=shard, config=config)
+    synthetic.write_peft_adapter(paths["lora"], adapter, r=RANK, lora_alpha=2.0 * RANK,
+                                 target_modules=list(synthetic.LORA_TARGETS),
+                                 base_model_name_or_path=os.path.abspath(paths["base"]))
+    marker.write_text(json.dumps(settings))
+    return paths
+
+
+def _run(argv: list[str], env: dict) -> tuple[float, int, str]:
+    """``(seconds, peak RSS bytes, stdout)`` of a child run to its end, its own peak RSS from ``os.wait4``."""
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as errors:
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+        stdout = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(f"{' '.join(argv)} failed: {errors.read()[-2000:]}")
+    return time.perf_counter() - start, usage.ru_maxrss * 1024, stdout
+
+
+def scans(paths: dict[str, Path], cache: Path) -> list[tuple[str, list[str]]]:
+    """The four scans: LoRA and full fine-tune, against the cache and without it."""
+    return [(f"{kind} {'cached' if cached else 'uncached'}",
+             [str(paths["base"]), str(paths[kind])] + (["--base-cache", str(cache)] if cached else []))
+            for kind in ("lora", "full") for cached in (True, False)]
+
+
+def measure(paths: dict[str, Path], out: Path, device: str) -> dict:
+    """Build the cache, run every scan and its read floor, each in a fresh process; the JSON record."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    python = [sys.executable]
+    cache = paths["base"].parent / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    build_seconds, build_rss, _ = _run(python + ["-m", "lorafft", "cache", "build", str(paths["base"]), "--out",
+                                                 str(cache), "--device", device, "--quiet"], env)
+    _, baseline, _ = _run(python + [WORKER, "--baseline"], env)
+    record = {"cache_build": {"seconds": build_seconds, "peak_rss_bytes": build_rss}, "baseline_rss_bytes": baseline,
+              "scans": []}
+    for name, arguments in scans(paths, cache):
+        report = out / f"whole-model-{name.replace(' ', '-')}.json"
+        seconds, rss, _ = _run(python + ["-m", "lorafft", "scan", *arguments, "--device", device, "--profile",
+                                         "--quiet", "--out", str(report)], env)
+        _, _, floor_out = _run(python + [WORKER, "--floor", str(report), "--device", device], env)
+        data = json.loads(report.read_text())
+        floor = json.loads(floor_out.strip().splitlines()[-1])
+        profile = data["profile"]
+        stages = profile["stages"]
+        wall = profile["wall_seconds"]
+        record["scans"].append({
+            "name": name, "seconds": wall, "process_seconds": seconds,
+            "read_floor_seconds": floor["seconds"], "ratio": wall / floor["seconds"],
+            "stages": stages, "stage_share": sum(stages.values()) / wall,
+            "magnitude_direction_share": stages["magnitude_direction"] / wall,
+            "peak_rss_bytes": rss, "predicted_rss_bytes": baseline + floor["predicted_host_bytes"],
+            "rss_over_prediction": rss / (baseline + floor["predicted_host_bytes"]),
+            **({"peak_device_bytes": floor.get("peak_device_bytes"),
+                "predicted_device_bytes": floor["predicted_device_bytes"]} if device.startswith("cuda") else {}),
+            "batches": floor["batches"], "max_batch_bytes": data["options"]["max_batch_bytes"],
+            "totals": data["totals"], "methods": sorted({row.get("method") for row in data["matrices"]}),
+        })
+        report.unlink()
+    return record
+
+
+def read_floor(report_path: str, device: str) -> dict:
+    """In this process: read every byte a scan read (its report names inputs and options) through the same loader
+    and batches, no analysis; the memory model's prediction for its largest batch beside it."""
+    import contextlib
+
+    from lorafft import linalg, memory, pairing
+    from lorafft.cache import BaseCache
+    from lorafft.options import ScanOptions
+    from lorafft.scan import _Inputs
+    from lorafft.loading import BatchLoader
+
+    data = json.loads(Path(report_path).read_text())
+    recorded = {key: value for key, value in data["options"].items() if key in ScanOptions.__dataclass_fields__}
+    settings = ScanOptions(**recorded)
+    device = torch.device(device)
+    native = linalg.resolve_backend(device) == "triton"
+    cache = None if settings.base_cache is None else BaseCache(settings.base_cache)
+    with contextlib.ExitStack() as stack:
+        inputs = _Inputs.open(data["inputs"]["base"], data["inputs"]["tuned"], settings, stack, {})
+        plan = inputs.plan(device, native, settings.k, cache is not None)
+        batches = pairing.shape_batches(inputs.matrices,
+                                        lambda shape: memory.batch_size(shape, settings.max_batch_bytes, plan))
+        loader = BatchLoader(inputs.base, inputs.sources, inputs.pairs_by_source, device=device, native=native,
+                             fp8_stored=True, read_bases=None if cache is None else cache.read)
+        start = time.perf_counter()
+        for _, loaded in loader.batches(batches):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            del loaded
+        seconds = time.perf_counter() - start
+    shapes = {tuple(batch[0].shape): len(batch) for batch in batches}
+    host = max(memory.host_peak(shape, L, plan) for shape, L in shapes.items()) + sum(
+        _largest_shard(path) for path in [data["inputs"]["base"], *data["inputs"]["tuned"]])
+    result = {"seconds": seconds, "batches": len(batches), "predicted_host_bytes": host,
+              "predicted_device_bytes": max(memory.batch_peak(shape, L, plan) for shape, L in shapes.items())}
+    return result
+
+
+def _largest_shard(directory: str) -> int:
+    """Bytes of the largest weights file of a checkpoint directory: what the loader may hold mapped (a shard stays
+    mapped until its last tensor is read)."""
+    return max((entry.stat().st_size for entry in os.scandir(directory) if entry.name.endswith(".safetensors")),
+               default=0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["7b", "70b"], default="7b")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dir", default="/tmp/lorafft-whole-model", help="where the checkpoints are written")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where whole_model.json goes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: the CPU rehearsal the tests run")
+    parser.add_argument("--floor", metavar="REPORT", help=argparse.SUPPRESS)  # worker: one scan's read floor
+    parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # worker: the process baseline
+    args = parser.parse_args(argv)
+    if args.baseline:
+        import lorafft.scan  # noqa: F401 - what a scan process holds before it reads anything
+        return 0
+    if args.floor:
+        print(json.dumps(read_floor(args.floor, args.device)))
+        return 0
+    shape = "quick" if args.quick else args.shape
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    paths = write_model(Path(args.dir), shape, args.layers)
+    record = {"command": " ".join(["python", WORKER, *(argv if argv is not None else sys.argv[1:])]),
+              "date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "cpu_count": os.cpu_count(),
+              "device": args.device, "shape": shape, "layers": args.layers, "torch": torch.__version__,
+              "checkpoint_bytes": {name: sum(f.stat().st_size for f in path.iterdir()) for name, path in
+                                   paths.items()},
+              "write_seconds": time.perf_counter() - start, **measure(paths, out, args.device)}
+    (out / "whole_model.json").write_text(json.dumps(record, indent=1) + "\n")
+    for scan in record["scans"]:
+        print(f"{scan['name']:>15}: {scan['seconds']:7.2f} s, read floor {scan['read_floor_seconds']:6.2f} s "
+              f"(x{scan['ratio']:.1f}), stages {100 * scan['stage_share']:.0f}% of wall, ΔM/ΔD "
+              f"{100 * scan['magnitude_direction_share']:.1f}%, peak RSS {scan['peak_rss_bytes'] / 2**30:.2f} GiB "
+              f"(x{scan['rss_over_prediction']:.2f} of the prediction)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
