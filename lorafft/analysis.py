@@ -168,7 +168,12 @@ def analyze(
         rank = base_rank(basis)
         for side in sides:
             vectors = tuned.svd.U if side == "left" else tuned.svd.V
-            defined = _defined_match(basis, vectors, side, eps, backend, rank)
+            if side == basis.small_side and tuned.small_cosines is not None:
+                cosines = tuned.small_cosines
+                defined = _restrict_to_rank(linalg.max_abs_cos(cosines, eps), lambda: cosines, rank,
+                                            basis.sigma.shape[-1], eps)
+            else:
+                defined = _defined_match(basis, vectors, side, eps, backend, rank)
             results[side] = _side_analysis(side, eps, tuned, basis, rank, defined, vectors, changes)
     return results
 
@@ -176,13 +181,16 @@ def analyze(
 @dataclass
 class Tuned:
     """:func:`tuned_top`'s answer: the certified top-k ``svd`` (a :class:`lorafft.linalg.TruncatedSVD`), which path
-    answered each matrix (``method``), the update path's ``coordinates`` ``[L, s, k + 1]`` (None elsewhere), and
-    ``W0_At`` ``[L, m, r]`` fp64, ``W0 Aᵀ`` of a LoRA update when the update path formed it (DoRA's ΔM, ΔD)."""
+    answered each matrix (``method``), the update path's ``coordinates`` ``[L, s, k + 1]`` (None elsewhere),
+    ``W0_At`` ``[L, m, r]`` fp64, ``W0 Aᵀ`` of a LoRA update when the update path formed it (DoRA's ΔM, ΔD), and
+    ``small_cosines``, where the update path answered every matrix: the certified small-side vectors' cosines with
+    every base vector of that side, from the coordinates (no product with the basis; as exact as the basis)."""
 
     svd: linalg.TruncatedSVD
     method: list[str]
     coordinates: torch.Tensor | None = None
     W0_At: torch.Tensor | None = None
+    small_cosines: torch.Tensor | None = None  # [L, s, k] the certified small-side vectors' cosines, update path
 
 
 def tuned_top(W0: torch.Tensor, Wt: torch.Tensor | None, *, k: int, basis: linalg.BaseBasis, backend: str,
@@ -250,7 +258,8 @@ def _update_path(W0, k, basis, backend, low_rank, previous, tol) -> tuple[Tuned,
     floor = svd.S[:, :1] * PRODUCT_FLOOR * torch.finfo(precision).eps  # no product in this precision does better
     done = ((svd.error_bound <= tol) | (svd.residual <= floor)).all(dim=-1)
     failed = (~done).nonzero().flatten().tolist()
-    return Tuned(svd, ["update"] * L, updated.coordinates, None if right else image), failed
+    cosines = None if failed else updated.coordinates @ certified.mix
+    return Tuned(svd, ["update"] * L, updated.coordinates, None if right else image, cosines), failed
 
 
 def _krylov(W, k, basis, backend, low_rank, scale, start, tol, generator, base_gram=None) -> linalg.TruncatedSVD:
@@ -481,7 +490,7 @@ def delta_ranks(W0: torch.Tensor, Wt: torch.Tensor | None, modules: list) -> lis
     return [(float(effective_rank(s)[0]), float(stable_rank(s)[0])) for s in sigmas]
 
 
-ROW_BLOCK = 1 << 24  # elements widened to fp64 at a time by magnitude_direction: a few batched ops per stack
+ROW_BLOCK = 1 << 24  # elements widened to fp64 at a time by magnitude_direction on a GPU: a few ops per stack
 
 
 def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -498,9 +507,9 @@ def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torc
     of ΔD's mean (ΔD is NaN when no row has a direction); ΔM counts every row. The paper plots ΔD (x) against ΔM
     (y) over layers and training steps: full fine-tuning shows a negative slope, LoRA a positive one.
 
-    Everything is accumulated in fp64, over the whole stack at once, a slab of :data:`ROW_BLOCK` elements widened at
-    a time (a handful of batched ops per stack). For a factored LoRA update ΔW = s·B·A the tuned matrix is not
-    formed: with rows b_i of B, ``||w_0,i + s b_i A||² = ||w_0,i||² + 2s <w_0,i, b_i A> + s² b_i (A Aᵀ) b_iᵀ`` and
+    Everything is accumulated in fp64, over the whole stack at once, a slab of rows widened at a time
+    (:data:`ROW_BLOCK` elements on a GPU: a handful of batched ops per stack; on a CPU slabs that stay in its
+    cache). For a factored LoRA update ΔW = s·B·A the tuned matrix is not formed: with rows b_i of B, ``||w_0,i + s b_i A||² = ||w_0,i||² + 2s <w_0,i, b_i A> + s² b_i (A Aᵀ) b_iᵀ`` and
     ``<w_t,i, w_0,i> = ||w_0,i||² + s <w_0,i, b_i A>``, from ``W0 Aᵀ [m, r]`` and ``A Aᵀ [r, r]``: O(m n r).
 
     Args:
@@ -536,7 +545,8 @@ def _tuned_rows(W0: torch.Tensor, Wt: torch.Tensor) -> tuple[torch.Tensor, torch
     """``(||w_t,i||², <w_t,i, w_0,i>)``, each ``[L, m]`` fp64, for stacks ``W0, Wt [L, m, n]``, widened to fp64 a slab
     of rows at a time."""
     L, m, n = W0.shape
-    step = max(1, ROW_BLOCK // max(1, L * n))
+    block = ROW_BLOCK if W0.device.type == "cuda" else linalg.WIDENED_ELEMENTS  # a CPU's slabs stay in its cache
+    step = max(1, block // max(1, L * n))
     tuned, inner = [], []
     for start in range(0, m, step):
         w0, wt = W0[:, start : start + step].double(), Wt[:, start : start + step].double()

@@ -141,7 +141,7 @@ class BaseCache:
                 or tuple(entry["shape"]) != tuple(pair.shape)):
             raise _other_model(self.index_path, pair.name)
         path = self.entry_path(pair)
-        try:
+        try:  # read whole here, in the loader's thread, so that the analysis does not wait on the file's pages
             tensors = load_file(path)
         except Exception as e:  # noqa: BLE001 - any unreadable entry file is the same bad input
             raise InputError(path, f"unreadable base-cache entry: {e}") from None
