@@ -58,9 +58,10 @@ if not torch.cuda.is_available():
 
 import lorafft  # noqa: E402
 from lorafft import linalg, synthetic  # noqa: E402
+from lorafft.io.fp8 import FP8_BLOCK  # noqa: E402
 
 try:
-    from lorafft.kernels.sketch import FP8_BLOCK, sketch  # noqa: E402
+    from lorafft.kernels.sketch import sketch  # noqa: E402
 except ImportError as error:  # the kernels exist as lorafft.kernels only once the project is installed
     sys.exit(f"{error}: install first: pip install --no-build-isolation --no-deps -e .")
 
@@ -179,7 +180,7 @@ def check_correctness(device, quick: bool) -> dict:
             X = torch.randn(L, m if transpose else n, b, device=device)
             Wo = Wd.mT if transpose else Wd
             out = torch.full((L, Wo.shape[1], b), float("nan"), device=device)
-            sketch(W, X, transpose=transpose, scale=scale, out=out)
+            sketch(W, X, transpose=transpose, scale=scale, scale_block=FP8_BLOCK, out=out)
             bound = Wo.abs() @ X.double().abs()
             error = ((out.double() - Wo @ X.double()).abs() / bound).max()
             name = f"{str(dtype)[6:]}_{kind}_{'WtX' if transpose else 'WX'}"
@@ -264,8 +265,8 @@ def time_sketch(device, quick: bool, copy_GBps: float) -> dict:
             weights = _rotation(W)
             for transpose in (False, True):
                 X = torch.randn(1, m if transpose else n, 20, device=device)
-                entry = _rotated_rate(lambda w: sketch(w, X, transpose=transpose, scale=scale), weights, W.nbytes,
-                                      copy_GBps)
+                entry = _rotated_rate(lambda w: sketch(w, X, transpose=transpose, scale=scale, scale_block=FP8_BLOCK),
+                                      weights, W.nbytes, copy_GBps)
                 entry["torch"] = _torch_baseline(W, scale, X, transpose, copy_GBps)
                 key = f"{label}_{'WtX' if transpose else 'WX'}"
                 row[key] = entry

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from lorafft.io.fp8 import FP8_BLOCK
+
 SMS, HBM_BYTES_PER_S, CLOCK_HZ = 132, 4.3e12, 1.98e9  # H200: SMs, measured copy bandwidth, boost clock
 SHARED_PER_SM, SHARED_RESERVED_PER_CTA, SHARED_BYTES_PER_CLOCK = 233472, 1024, 128  # 228 KB per SM
 REGISTERS_PER_SM, THREADS_PER_SM, CTAS_PER_SM_MAX = 65536, 2048, 32
@@ -92,8 +94,9 @@ def launch_arguments(variant: Variant, shape: tuple[int, int], transpose: bool):
     mode = {"none": module._NO_SCALE, "tensor": module._TENSOR, "block": module._BLOCK,
             "channel": module._NO_SCALE if transpose else module._ROW_CHANNEL}[variant.scale]
     s_strides = {module._NO_SCALE: (0, 0, 0), module._TENSOR: (1, 0, 0), module._ROW_CHANNEL: (m, 1, 0),
-                 module._BLOCK: (triton.cdiv(m, 128) * triton.cdiv(n, 128), *((1, triton.cdiv(n, 128))
-                                 if transpose else (triton.cdiv(n, 128), 1)))}[mode]
+                 module._BLOCK: (triton.cdiv(m, FP8_BLOCK) * triton.cdiv(n, FP8_BLOCK),
+                                 *((1, triton.cdiv(n, FP8_BLOCK)) if transpose
+                                   else (triton.cdiv(n, FP8_BLOCK), 1)))}[mode]
     part = {torch.bfloat16: "bf16", torch.float16: "fp16"}[module.PART_DTYPE[dtype]]
     args = [("W", f"*{variant.dtype}"), ("XP", f"*{part}"), ("COLUMN", "*fp32"), ("OUT", "*fp32"), ("S", "*fp32"),
             ("R", R), ("K", K), ("NB", COLUMNS), ("SPLITS", splits), ("K_SPLIT", k_split),
@@ -101,7 +104,7 @@ def launch_arguments(variant: Variant, shape: tuple[int, int], transpose: bool):
             ("stride_xl", k_pad * x_columns), ("stride_xk", x_columns), ("stride_cl", COLUMNS),
             ("stride_os", 0 if splits == 1 else R * COLUMNS), ("stride_ol", R * COLUMNS), ("stride_or", COLUMNS),
             ("stride_sl", s_strides[0]), ("stride_sr", s_strides[1]), ("stride_sk", s_strides[2])]
-    constexprs = dict(SCALE_MODE=mode, SCALE_BLOCK=module.FP8_BLOCK, BLOCK_R=block_r, BLOCK_K=block_k,
+    constexprs = dict(SCALE_MODE=mode, SCALE_BLOCK=FP8_BLOCK, BLOCK_R=block_r, BLOCK_K=block_k,
                       BLOCK_M=module.BLOCK_M, BLOCK_C=triton.next_power_of_2(module.X_COLUMNS),
                       PARTS=module.X_PARTS, W_PARTS=module.W_PARTS[dtype], PREFETCH=module.PREFETCH[dtype.itemsize],
                       UPCAST=False)
@@ -282,8 +285,6 @@ def resources(compiled: dict, instructions: list[tuple]) -> dict:
 
 def analyse(variant: Variant, shape: tuple[int, int], transpose: bool, out_dir: Path | None = None) -> dict:
     """One record of the table (the fields of ``static_sm90.json``)."""
-    from lorafft.kernels import sketch as module
-
     args, constexprs, options = launch_arguments(variant, shape, transpose)
     compiled = _compile(("_sketch_kernel", tuple(args), tuple(sorted(constexprs.items())),
                          tuple(sorted(options.items()))))

@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_BLOCK = 128  # the 128×128 quantization block of DeepSeek-V3 / compressed-tensors' block strategy
 
 _W_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 # (parts needed to hold each weight dtype exactly, their dtype = X's part dtype)
@@ -244,7 +243,8 @@ def _multiprocessors(index: int) -> int:
 
 def tiles_for(R: int, K: int, dtype: torch.dtype) -> tuple[int, int]:
     """``(BLOCK_R, BLOCK_K)`` for an ``[R, K]`` product with weights of ``dtype``: the tile of W's itemsize, smaller
-    (>= 16, ``tl.dot``'s minimum) only for smaller matrices. Both divide FP8_BLOCK."""
+    (>= 16, ``tl.dot``'s minimum) only for smaller matrices. Powers of two up to 128: both divide a 128×128 scale
+    block."""
     return _block(R, BLOCK_R), _block(K, BLOCK_K[dtype.itemsize])
 
 
@@ -252,24 +252,29 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
 
 
-def _scale_mode(scale, W: torch.Tensor, transpose: bool):
-    """``(mode, strides)`` of a dequantization scale (see :func:`sketch`); the reduction-side channel scale of
-    ``W^T X`` is returned as mode None (the launcher folds it into X)."""
+def _scale_mode(scale, block, W: torch.Tensor, transpose: bool, tiles: tuple[int, int]):
+    """``(mode, strides)`` of a dequantization scale with tiles of side ``block`` (see :func:`sketch`); the
+    reduction-side channel scale of ``W^T X`` is returned as mode None (the launcher folds it into X)."""
     L, m, n = W.shape
     if scale is None:
         return _NO_SCALE, (0, 0, 0)
     if scale.dtype != torch.float32 or scale.device != W.device:
         raise TypeError(f"sketch: scale must be fp32 on {W.device}, got {scale.dtype} on {scale.device}")
-    blocks = (L, triton.cdiv(m, FP8_BLOCK), triton.cdiv(n, FP8_BLOCK))
     if scale.shape == (L,):
         return _TENSOR, (scale.stride(0), 0, 0)
     if scale.shape == (L, m):
         return (None, (0, 0, 0)) if transpose else (_ROW_CHANNEL, (scale.stride(0), scale.stride(1), 0))
-    if scale.shape == blocks:
+    if scale.dim() == 3 and block is not None:
+        blocks = (L, triton.cdiv(m, block), triton.cdiv(n, block))
+        if scale.shape != blocks:
+            raise ValueError(f"sketch: a scale of {block}x{block} blocks must be {list(blocks)}, "
+                             f"got {tuple(scale.shape)}")
+        if any(block % tile for tile in tiles):
+            raise ValueError(f"sketch: the tiles {tiles} must divide the scale block {block}")
         strides = scale.stride()
         return _BLOCK, (strides[0], strides[2], strides[1]) if transpose else strides
-    raise ValueError(f"sketch: scale must be [{L}] (tensor), [{L}, {m}] (channel) or {list(blocks)} "
-                     f"(128x128 block), got {tuple(scale.shape)}")
+    raise ValueError(f"sketch: scale must be [{L}] (tensor), [{L}, {m}] (channel) or [{L}, ceil(m/block), "
+                     f"ceil(n/block)] with its scale_block, got {tuple(scale.shape)}")
 
 
 def _check(W: torch.Tensor, X: torch.Tensor, transpose: bool) -> None:
@@ -316,6 +321,7 @@ def sketch(
     *,
     transpose: bool = False,
     scale: torch.Tensor | None = None,
+    scale_block: int | None = None,
     out: torch.Tensor | None = None,
     split_k: int | None = None,
 ) -> torch.Tensor:
@@ -328,7 +334,9 @@ def sketch(
         transpose: compute ``W^T @ X`` instead of ``W @ X``.
         scale: optional fp32 dequantization scale, so that the weight is ``W * scale`` (multiplied, as DeepSeek's
             ``weight_dequant`` and compressed-tensors do): ``[L]`` per tensor, ``[L, m]`` per output channel
-            (row of W), or ``[L, ceil(m/128), ceil(n/128)]`` per 128×128 block.
+            (row of W), or ``[L, ceil(m/scale_block), ceil(n/scale_block)]`` per ``scale_block``-sided tile.
+        scale_block: the tile side of a block scale (128 in DeepSeek-V3 and compressed-tensors' block strategy),
+            a multiple of 128; needed only with a block scale.
         out: optional fp32 ``[L, m, b]`` (``[L, n, b]``) output buffer; every entry is overwritten.
         split_k: cut the reduction into this many parts, computed by separate programs and summed afterwards (a
             fixed order: deterministic). Default :func:`split_count`: as many as fill one wave of CTAs when
@@ -347,7 +355,8 @@ def sketch(
     elif out.shape != (L, R, nb) or out.dtype != torch.float32 or out.device != W.device or out.stride(2) != 1:
         raise ValueError(f"sketch: out must be fp32 [{L}, {R}, {nb}] on {W.device} with unit column stride, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    mode, s_strides = _scale_mode(scale, W, transpose)
+    block_r, block_k = tiles_for(R, K, W.dtype)
+    mode, s_strides = _scale_mode(scale, scale_block, W, transpose, (block_r, block_k))
     if L == 0 or R == 0 or nb == 0:
         return out
     if mode is None:  # per-channel scale on W's rows = the reduction index of W^T X: scale X's rows instead
@@ -356,7 +365,6 @@ def sketch(
     # W'[r, k]: W[r, k] or W[k, r]; the scale's strides follow the same roles.
     stride_wr, stride_wk = (W.stride(2), W.stride(1)) if transpose else (W.stride(1), W.stride(2))
     size = W.dtype.itemsize
-    block_r, block_k = tiles_for(R, K, W.dtype)
     grid = (L, triton.cdiv(R, block_r), triton.cdiv(nb, X_COLUMNS))
     slots = CTAS_PER_SM[size] * _multiprocessors(W.device.index) if W.is_cuda else 1
     splits = split_count(grid[0] * grid[1] * grid[2], K, block_k, slots) if split_k is None else max(1, int(split_k))
@@ -375,7 +383,7 @@ def sketch(
             XP.stride(0), XP.stride(1), column.stride(0),
             split_stride, *t_strides,
             *s_strides,
-            SCALE_MODE=mode, SCALE_BLOCK=FP8_BLOCK,
+            SCALE_MODE=mode, SCALE_BLOCK=scale_block or BLOCK_R,  # SCALE_BLOCK is read by the block mode only
             BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_M=BLOCK_M, BLOCK_C=triton.next_power_of_2(X_COLUMNS),
             PARTS=X_PARTS, W_PARTS=W_PARTS[W.dtype], PREFETCH=PREFETCH[size],
             UPCAST=os.environ.get("TRITON_INTERPRET") == "1",

@@ -20,6 +20,7 @@ import torch
 from lorafft import linalg, options, profiling, updating
 from lorafft.arrays import as_tensor
 from lorafft.errors import InternalError, WrongBasis
+from lorafft.scales import Scale
 
 NEAR_THRESHOLD = 1e-3  # max|cos| this close to an ε is flagged: its count may flip under rounding
 PRODUCT_FLOOR = 16  # a certified residual at or below 16 eps σ_1 is at the rounding floor of the products
@@ -115,7 +116,7 @@ def analyze(
     generator=None,
     basis: linalg.BaseBasis | None = None,
     backend: str | None = None,
-    scale: torch.Tensor | None = None,
+    scale: Scale | None = None,
     previous: torch.Tensor | None = None,
 ) -> dict[str, SideAnalysis]:
     """Intruder analysis of one pair ``W0, Wt [m, n]`` or a stack of same-shape pairs ``[L, m, n]`` (a pair is
@@ -138,8 +139,9 @@ def analyze(
         backend: "torch", "triton" or "auto" (:func:`lorafft.linalg.resolve_backend`): with Triton, the products with
             the weights run in :mod:`lorafft.kernels.sketch`; the max |cos| is one full-fp32 product with the basis
             and a reduction (:func:`lorafft.linalg.match`).
-        scale: an FP8 ``Wt``'s dequantisation scale as stored (``Wt · scale`` is the matrix; layouts as
-            :func:`lorafft.linalg.truncated_svd`'s ``scale``): the Triton kernels read both as they are.
+        scale: an FP8 ``Wt``'s dequantisation scale as stored (``Wt · scale`` is the matrix), a
+            :class:`lorafft.scales.Scale` (values ``[L]``, ``[L, m]`` or per tile, without the ``L`` for a pair, and
+            the tile side): the Triton kernels read both as they are.
         previous: a LoRA update's last :attr:`SideAnalysis.coordinates`, where the update path starts (a tracker).
 
     Returns ``{side: SideAnalysis}``. Raises :class:`lorafft.errors.WrongBasis` when a basis given unverified does
@@ -148,8 +150,9 @@ def analyze(
     W0, Wt, low_rank, single = _stacks(W0, Wt, lora)
     start = None if start is None else as_tensor(start)
     start = start.unsqueeze(0) if single and start is not None else start
-    scale = None if scale is None else as_tensor(scale)
-    scale = scale.unsqueeze(0) if single and scale is not None else scale
+    if scale is not None:
+        values = as_tensor(scale.values)
+        scale = Scale(values.unsqueeze(0) if single else values, scale.block)
     for side in sides:
         if side not in linalg.SIDES:
             raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
@@ -194,7 +197,7 @@ class Tuned:
 
 
 def tuned_top(W0: torch.Tensor, Wt: torch.Tensor | None, *, k: int, basis: linalg.BaseBasis, backend: str,
-              low_rank: linalg.LowRank | None = None, scale: torch.Tensor | None = None,
+              low_rank: linalg.LowRank | None = None, scale: Scale | None = None,
               start: torch.Tensor | None = None, tol: float = options.DEFAULT_TOL, generator=None,
               previous: torch.Tensor | None = None) -> Tuned:
     """The certified top-k singular triplets of the tuned matrices: the one place that chooses how.
@@ -207,7 +210,9 @@ def tuned_top(W0: torch.Tensor, Wt: torch.Tensor | None, *, k: int, basis: linal
       ``<= tol`` or its residual is at the rounding floor of the products (``<= PRODUCT_FLOOR eps σ_1``, where the
       Krylov iteration would stall too; small matrices are certified in fp64, as the dense top-k answers them).
       A matrix whose answer is not certified (the inertia count disagrees, clustered values, a residual above the
-      floor) takes the Krylov path, started from the vectors found.
+      floor) takes the Krylov path, started from the vectors found. Not taken for small matrices with a cache's
+      fp32 basis: vectors built from it are off by its ~1e-7, which one Rayleigh–Ritz step on their span cannot
+      certify in fp64; the dense fp64 top-k is exact there and about as cheap.
     * **dense** (``min(m, n) <= DENSE_SVD_MAX``) or **krylov** otherwise: :func:`lorafft.linalg.truncated_svd`,
       started from ``start``, the base's top vectors and random vectors (:func:`start_block`).
 
@@ -215,7 +220,7 @@ def tuned_top(W0: torch.Tensor, Wt: torch.Tensor | None, *, k: int, basis: linal
     riding in the certifying passes on the update path): :class:`lorafft.errors.WrongBasis` when it fails.
     """
     L, m, n = W0.shape
-    if low_rank is not None and Wt is None:
+    if low_rank is not None and Wt is None and not (basis.kind == "explicit32" and linalg.dense_is_cheaper(m, n)):
         found = _update_path(W0, k, basis, backend, low_rank, previous, tol)
         if found is not None:
             tuned, failed = found
@@ -509,7 +514,8 @@ def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torc
 
     Everything is accumulated in fp64, over the whole stack at once, a slab of rows widened at a time
     (:data:`ROW_BLOCK` elements on a GPU: a handful of batched ops per stack; on a CPU slabs that stay in its
-    cache). For a factored LoRA update ΔW = s·B·A the tuned matrix is not formed: with rows b_i of B, ``||w_0,i + s b_i A||² = ||w_0,i||² + 2s <w_0,i, b_i A> + s² b_i (A Aᵀ) b_iᵀ`` and
+    cache). For a factored LoRA update ΔW = s·B·A the tuned matrix is not formed: with rows b_i of B,
+    ``||w_0,i + s b_i A||² = ||w_0,i||² + 2s <w_0,i, b_i A> + s² b_i (A Aᵀ) b_iᵀ`` and
     ``<w_t,i, w_0,i> = ||w_0,i||² + s <w_0,i, b_i A>``, from ``W0 Aᵀ [m, r]`` and ``A Aᵀ [r, r]``: O(m n r).
 
     Args:

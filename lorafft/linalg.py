@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from lorafft.errors import InputError
-from lorafft.io import fp8
+from lorafft.scales import Scale
 
 SIDES = ("left", "right")
 BACKENDS = ("auto", "torch", "triton")
@@ -121,17 +121,17 @@ class LowRank:
         return self.scale.double()[:, None, None].to(self.B.device) * (self.B.double() @ self.A.double())
 
 
-def operand(W: torch.Tensor, backend: str, scale: torch.Tensor | None = None):
+def operand(W: torch.Tensor, backend: str, scale: Scale | None = None):
     """``(W, scale)`` as :func:`product` multiplies them with ``backend``: as stored for the Triton kernels; for
     torch dequantised, and fp32 when stored in 16 bits (torch would multiply in the stored (b)f16)."""
     if backend != "torch":
-        return W, None if scale is None else scale.to(W.device, torch.float32)
+        return W, None if scale is None else scale.to(W.device)
     W = dequantized(W, scale)
     return (W if W.dtype in (torch.float32, torch.float64) else W.float()), None
 
 
 def product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str,
-            low_rank: LowRank | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+            low_rank: LowRank | None = None, scale: Scale | None = None) -> torch.Tensor:
     """``(W scale + low_rank) @ X`` or its transpose times X, for ``W [L, m, n]`` and a thin fp64 block X, in fp64:
     one pass over W. The batched Triton sketch kernel (W read once in its stored dtype with its dequantisation
     ``scale``, fp32-accurate tensor-core products, fp32 accumulation) or torch in W's dtype (W and scale as
@@ -139,7 +139,8 @@ def product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str,
     if backend == "triton":
         from lorafft.kernels.sketch import sketch
 
-        product = sketch(W, X, transpose=transpose, scale=scale).double()
+        values, block = (None, None) if scale is None else (scale.values, scale.block)
+        product = sketch(W, X, transpose=transpose, scale=values, scale_block=block).double()
     else:
         with _full_precision_fp32_matmul():  # X row-major: a QR's column-major Q against W^T takes a 20x slower path
             product = ((W.mT if transpose else W) @ X.to(W.dtype).contiguous()).double()
@@ -158,14 +159,9 @@ def _full_precision_fp32_matmul():
         torch.set_float32_matmul_precision(previous)
 
 
-def dequantized(W: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """``W [L, m, n]`` itself without a scale, else ``W · scale`` in fp32 (:func:`lorafft.io.fp8.dequantize`, matrix
-    by matrix) for the stacked scale layouts of :func:`lorafft.kernels.sketch.sketch`: ``[L]`` per tensor,
-    ``[L, m]`` per row, ``[L, ceil(m/128), ceil(n/128)]`` per 128×128 block."""
-    if scale is None:
-        return W
-    scale = scale.to(W.device)
-    return torch.stack([fp8.dequantize(w, s, fp8.layout_scheme(s)) for w, s in zip(W, scale)])
+def dequantized(W: torch.Tensor, scale: Scale | None) -> torch.Tensor:
+    """``W [L, m, n]`` itself without a scale, else ``W · scale`` in fp32 (:meth:`Scale.apply`)."""
+    return W if scale is None else scale.apply(W)
 
 
 def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -687,7 +683,7 @@ def truncated_svd(
     generator=None,
     backend: str | None = None,
     low_rank: LowRank | None = None,
-    scale: torch.Tensor | None = None,
+    scale: Scale | None = None,
     base_gram: torch.Tensor | None = None,
 ) -> TruncatedSVD:
     """Top-k singular triplets of ``W [L, m, n]`` (of ``W + low_rank`` when given) by block Krylov iteration with
@@ -723,9 +719,9 @@ def truncated_svd(
             :func:`resolve_backend`).
         low_rank: a LoRA update ``s·B·A`` to add to W, kept factored: each product with the sum is W's product
             plus two thin ones, so the tuned matrix of a LoRA fine-tune is never formed (W stays the base as stored).
-        scale: W's fp8 dequantisation scale as stored (the matrix is ``W · scale``): ``[L]`` per tensor, ``[L, m]``
-            per output channel, ``[L, ceil(m/128), ceil(n/128)]`` per 128×128 block. The Triton kernel reads W and
-            its scale as they are; the torch backend (and the dense path) dequantises W once in fp32.
+        scale: W's fp8 dequantisation scale as stored (the matrix is ``W · scale``; a :class:`~lorafft.scales.Scale`:
+            per tensor, per output channel or per ``block × block`` tile). The Triton kernel reads W and its scale as
+            they are; the torch backend (and the dense path) dequantises W once in fp32.
 
     Small matrices (:func:`dense_is_cheaper`) go to the dense fp64 top-k (:func:`_dense_svd`) instead; ``base_gram``
     (:attr:`BaseBasis.gram` of W, fp64 ``[L, s, s]``) lets that path add a ``low_rank`` update to W's Gram matrix

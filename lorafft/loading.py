@@ -35,6 +35,7 @@ from lorafft import adapters, io, linalg, profiling
 from lorafft.errors import InputError
 from lorafft.io import fp8
 from lorafft.pairing import Pair
+from lorafft.scales import Scale
 
 NATIVE_DTYPES = (torch.float16, torch.bfloat16)  # read as stored by the Triton kernels
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # a full fine-tune's FP8 weights, kept as stored for them
@@ -117,9 +118,9 @@ class LoadedBatch:
     cached: the batch's base bases read from a base cache, ``(basis [L, s, s] fp32, sigma [L, s] fp64, row norms
         [L, m] fp64)``, or None (not all cached, or no cache).
     columns: per tuned source, the adapter's B columns ``[L', m, r]`` (:func:`adapter_columns`) or None.
-    scales: per tuned source, the dequantisation scale of ``Wt`` kept float8 as stored (``native`` only): ``[L']``
-        per tensor, ``[L', m]`` per output channel, ``[L', ceil(m/128), ceil(n/128)]`` per block (``Wt · scale``
-        is the matrix, :func:`lorafft.linalg.truncated_svd`'s ``scale``); None when ``Wt`` is the matrix itself.
+    scales: per tuned source, the dequantisation scale of ``Wt`` kept float8 as stored (``native`` only; a
+        :class:`~lorafft.scales.Scale` with the format's block side: ``Wt · scale`` is the matrix,
+        :func:`lorafft.linalg.truncated_svd`'s ``scale``); None when ``Wt`` is the matrix itself.
     """
 
     batch: list[Pair]
@@ -129,7 +130,7 @@ class LoadedBatch:
     W0: torch.Tensor
     tuned: list[torch.Tensor | linalg.LowRank | None]
     columns: list[torch.Tensor | None]
-    scales: list[torch.Tensor | None]
+    scales: list[Scale | None]
     cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def select(self, positions: list[int]) -> LoadedBatch:
@@ -143,7 +144,7 @@ class LoadedBatch:
             tuned.append(None if not keep else entry.select(keep) if isinstance(entry, linalg.LowRank)
                          else entry[keep])
             columns.append(None if column is None or not keep else column[keep])
-            scales.append(None if scale is None or not keep else scale[keep])
+            scales.append(None if scale is None or not keep else scale.select(keep))
         cached = None if self.cached is None else tuple(t[positions] for t in self.cached)
         return LoadedBatch(batch=[self.batch[p] for p in positions], pairs=pairs, rows=rows,
                            stored=[self.stored[p] for p in positions], W0=self.W0[positions], tuned=tuned,
@@ -157,14 +158,14 @@ def dense_or_update(entry: torch.Tensor | linalg.LowRank) -> tuple[torch.Tensor 
 
 
 def native_stack(read: list[tuple[torch.Tensor, torch.Tensor | None]],
-                 pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 pairs: list[Pair]) -> tuple[torch.Tensor, Scale | None]:
     """``(Wt [L, m, n], scale | None)`` from a full fine-tune's tensors read as stored (``Checkpoint.get_stored``;
     never transposed: only adapter pairs are) for the Triton kernels: float8 weights as stored with their scales
-    stacked (``[L]``, ``[L, m]`` or ``[L, mb, nb]``) when every one has a scale of one layout; otherwise each
-    dequantised (fp32) for this batch, and fp16/bf16 as stored."""
+    stacked (``[L]``, ``[L, m]`` or ``[L, mb, nb]``, tiles of :data:`lorafft.io.fp8.FP8_BLOCK`) when every one has
+    a scale of one layout; otherwise each dequantised (fp32) for this batch, and fp16/bf16 as stored."""
     scales = [scale for _, scale in read]
     if all(scale is not None for scale in scales) and len({scale.shape for scale in scales}) == 1:
-        return stack([tensor for tensor, _ in read]), stack(scales)
+        return stack([tensor for tensor, _ in read]), Scale(stack(scales), fp8.FP8_BLOCK)
     return stack([oriented(tensor if scale is None else fp8.dequantize(tensor, scale, fp8.layout_scheme(scale)), pair,
                            native=True) for (tensor, scale), pair in zip(read, pairs)]), None
 
@@ -291,6 +292,8 @@ def _mapped(loaded: LoadedBatch, move) -> LoadedBatch:
     def each(entry):
         if isinstance(entry, linalg.LowRank):
             return linalg.LowRank(B=move(entry.B), A=move(entry.A), scale=move(entry.scale))
+        if isinstance(entry, Scale):
+            return Scale(move(entry.values), entry.block)
         return None if entry is None else move(entry)
 
     return LoadedBatch(batch=loaded.batch, pairs=loaded.pairs, rows=loaded.rows, stored=loaded.stored,

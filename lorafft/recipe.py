@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorafft import analysis, linalg, loading, pairing, profiling
+from lorafft import analysis, linalg, loading, profiling
 from lorafft.cache import BaseCache, cached_basis
 from lorafft.errors import InputError, WrongBasis
 from lorafft.options import ScanOptions

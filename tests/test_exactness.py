@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafft import analysis, synthetic
+from test_updating import explicit_basis
+
+from lorafft import analysis, cache, linalg, synthetic
 
 SIDES = ("left", "right")
 EPS = (0.5, 0.7, 0.9)
@@ -70,14 +72,20 @@ def update(kind: str, W0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tenso
     lora<r>: ΔW = s·B·A with s = α/r, α = 2r, top singular value 1.2·σ1(W0) decaying by 3 % per rank: every
     direction of it becomes a top tuned singular vector nearly orthogonal to all base vectors (intruders).
     full: dense Gaussian with ‖ΔW‖_F = 5 % of ‖W0‖_F (few or no intruders)."""
-    m, n = W0.shape
     if kind == "full":
         return synthetic.full_finetune_update(W0, generator=g), None
+    B, A, s = lora_factors(kind, W0, g)
+    return s * (B @ A), B
+
+
+def lora_factors(kind: str, W0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B [m, r], A [r, n], s)`` fp32 of the ``lora<r>`` update of :func:`update`."""
+    m, n = W0.shape
     rank = int(kind.removeprefix("lora"))
     sigma1 = torch.linalg.matrix_norm(W0.double(), ord=2).item()
     alpha = 2 * rank
     A, B = synthetic.lora_update(m, n, rank, generator=g, lora_alpha=alpha, sigma=1.2 * sigma1)
-    return (alpha / rank) * (B @ A), B
+    return B, A, alpha / rank
 
 
 def pair_stack(W0s, kind, g):
@@ -173,8 +181,8 @@ def test_analyze_matches_definition_synthetic(base, m, n, L, kind, tuned_path):
     W0, Wt, _ = pair_stack([base_weight(base, m, n, g) for _ in range(L)], kind, g)
     results = run(W0, Wt)
     assert check(results, W0, Wt, 10) > 0
-    if tuned_path == "krylov":
-        assert results["left"].iterations > 0  # 3·block = 90 < min(m, n): the Krylov path
+    assert results["left"].method == [tuned_path] * L  # 3·block = 90 < min(m, n): Krylov when the limit allows
+    assert (results["left"].iterations > 0) is (tuned_path == "krylov")
     if kind != "full":  # the inputs do what they should: the adapter brings intruders
         assert torch.all(results["left"].counts[:, 0] >= 1)
 
@@ -236,9 +244,67 @@ def test_analyze_matches_definition_minilm(group, kind, tuned_path):
     g = torch.Generator().manual_seed(seed(group, kind))
     W0, Wt, _ = pair_stack(minilm(group), kind, g)
     results = run(W0, Wt)
-    if tuned_path == "krylov":
-        assert results["left"].iterations > 0
+    assert results["left"].method == [tuned_path] * len(W0)
+    assert (results["left"].iterations > 0) is (tuned_path == "krylov")
     check(results, W0, Wt, 10)
+
+
+# --------------------------------------------------------------------------------------------------- update path
+FORMS = ("householder", "explicit64", "explicit32")
+
+
+def basis_form(W0: torch.Tensor, form: str) -> linalg.BaseBasis:
+    """W0's basis as a scan on the CPU builds it (Householder fp64), as a tracker keeps it (explicit fp64), or as a
+    base cache stores it (explicit fp32, read back through :func:`lorafft.cache.cached_basis`: not yet verified)."""
+    if form == "householder":
+        return linalg.base_basis(W0)
+    if form == "explicit64":
+        return explicit_basis(W0)
+    built = linalg.base_basis(W0)
+    Z = built.top_vectors(built.small_side, built.sigma.shape[-1]).float()
+    return cache.cached_basis(W0, (Z, built.sigma, built.row_norms))
+
+
+@pytest.fixture(params=["small", "large"])
+def update_size(request, monkeypatch):
+    """The update path as it runs for matrices within the dense limit (certified in fp64) and above it (certified
+    in W0's precision), chosen by moving the limit."""
+    if request.param == "large":
+        monkeypatch.setattr(linalg, "DENSE_SVD_MAX", 0)
+    return request.param
+
+
+def check_update_path(W0s, kind, form, size, g):
+    """A LoRA adapter kept factored, analysed with a basis of ``form``: the update path answers every matrix (a
+    cache's fp32 basis within the dense limit leaves it to the dense fp64 top-k), and the answers meet every check
+    of the definition against the fp64 SVD of ``W0 + s·B·A``."""
+    W0 = torch.stack([w.float() for w in W0s])
+    factors = [lora_factors(kind, w, g) for w in W0]
+    low_rank = linalg.LowRank(torch.stack([f[0] for f in factors]), torch.stack([f[1] for f in factors]),
+                              torch.tensor([f[2] for f in factors], dtype=torch.float64))
+    results = analysis.analyze(W0, lora=low_rank, k=10, eps=EPS, sides=SIDES, basis=basis_form(W0, form),
+                               generator=torch.Generator().manual_seed(0))
+    path = "dense" if form == "explicit32" and size == "small" else "update"
+    for side in SIDES:
+        assert results[side].method == [path] * len(W0), results[side].method
+    assert check(results, W0, W0.double() + low_rank.dense(), 10) > 0
+    assert torch.all(results["left"].counts[:, 0] >= 1)  # the adapter brings intruders
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("base", ["synthetic", "spectral"])
+@pytest.mark.parametrize("m,n,L", [(256, 256, 3), (448, 160, 1), (160, 448, 2)])
+@pytest.mark.parametrize("kind", ["lora1", "lora8"])
+def test_update_path_matches_definition_synthetic(base, m, n, L, kind, form, update_size):
+    g = torch.Generator().manual_seed(seed(base, m, n, kind))
+    check_update_path([base_weight(base, m, n, g) for _ in range(L)], kind, form, update_size, g)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("group", list(MINILM))
+@pytest.mark.parametrize("kind", ["lora1", "lora8"])
+def test_update_path_matches_definition_minilm(group, kind, form, update_size):
+    check_update_path(minilm(group), kind, form, update_size, torch.Generator().manual_seed(seed(group, kind)))
 
 
 # --------------------------------------------------------------------------------------------------- API

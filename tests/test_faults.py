@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,7 +22,7 @@ import lorafft
 from lorafft import analysis, cache, linalg, synthetic
 from lorafft.cli import main
 from lorafft.io import writer
-from lorafft.io.writer import FileLock, write_checkpoint
+from lorafft.io.writer import write_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,14 +15,15 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
-from lorafft.kernels.sketch import BLOCK_M, FP8_BLOCK, X_COLUMNS, _x_parts, sketch
+from lorafft.kernels.sketch import BLOCK_M, X_COLUMNS, _x_parts, sketch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 
+SCALE_BLOCK = 128  # the block side of every FP8 format read today
 RTOL = 1e-5  # fp32 accumulation over at most a few hundred terms: ~1e-6 relative, with margin
 
 
-def _dequantized(W, scale):
+def _dequantized(W, scale, block=SCALE_BLOCK):
     W = W.double()
     if scale is None:
         return W
@@ -32,21 +33,21 @@ def _dequantized(W, scale):
         return W * s[:, None, None]
     if s.shape == (L, m):
         return W * s[:, :, None]
-    s = s.repeat_interleave(FP8_BLOCK, 1)[:, :m].repeat_interleave(FP8_BLOCK, 2)[:, :, :n]
+    s = s.repeat_interleave(block, 1)[:, :m].repeat_interleave(block, 2)[:, :, :n]
     return W * s
 
 
-def _check(W, X, *, transpose=False, scale=None, split_k=None, rtol=RTOL):
+def _check(W, X, *, transpose=False, scale=None, split_k=None, rtol=RTOL, scale_block=SCALE_BLOCK):
     """Run sketch into a NaN-poisoned buffer and compare it entrywise against the fp64 product."""
     W, X = W.to(DEVICE), X.to(DEVICE)
     scale = None if scale is None else scale.to(DEVICE)
-    Wd = _dequantized(W, scale)
+    Wd = _dequantized(W, scale, scale_block)
     if transpose:
         Wd = Wd.mT
     ref = Wd @ X.double()
     bound = Wd.abs() @ X.double().abs()  # each entry's rounding error is relative to sum |w x|, not to |sum w x|
     out = torch.full(ref.shape, float("nan"), dtype=torch.float32, device=W.device)
-    got = sketch(W, X, transpose=transpose, scale=scale, out=out, split_k=split_k)
+    got = sketch(W, X, transpose=transpose, scale=scale, scale_block=scale_block, out=out, split_k=split_k)
     assert got is out
     err = (got.double() - ref).abs()
     assert torch.isfinite(got).all()
@@ -114,6 +115,20 @@ def test_scales(kind, transpose, dtype):
              "channel": lambda: torch.rand(L, m) + 0.5,
              "block": lambda: torch.rand(L, 2, 2) + 0.5}[kind]()
     _check(W, torch.randn(L, m if transpose else n, 6), transpose=transpose, scale=scale)
+
+
+def test_block_side_arrives_with_the_scale():
+    """The block scale's tile side is the caller's: 256-sided tiles read as such (one scale over 256×256), and a side
+    the tiles do not divide, or a block scale without its side, is refused."""
+    L, m, n = 2, 300, 270
+    W = (10 * torch.randn(L, m, n)).to(torch.float8_e4m3fn)
+    scale = torch.rand(L, 2, 2) + 0.5
+    for transpose in (False, True):
+        _check(W, torch.randn(L, m if transpose else n, 4), transpose=transpose, scale=scale, scale_block=256)
+    with pytest.raises(ValueError, match="divide"):
+        sketch(W, torch.randn(L, n, 4), scale=torch.rand(L, 10, 9), scale_block=32)
+    with pytest.raises(ValueError, match="scale_block"):
+        sketch(W, torch.randn(L, n, 4), scale=scale)
 
 
 def test_rejects_bad_inputs():

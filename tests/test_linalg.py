@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lorafft import linalg, synthetic
+from lorafft.scales import Scale
 
 SIDES = ("left", "right")
 
@@ -524,7 +525,8 @@ def test_truncated_svd_of_fp8_weights_with_their_scale(kind, backend):
     else:
         expanded = torch.stack([torch.kron(s, torch.ones(128, 128))[:m, :n] for s in scale])
     reference = W8.double() * expanded.double()
-    result = linalg.truncated_svd(W8, 10, scale=scale, generator=torch.Generator().manual_seed(0), backend=backend)
+    result = linalg.truncated_svd(W8, 10, scale=Scale(scale, 128), generator=torch.Generator().manual_seed(0),
+                                  backend=backend)
     assert result.iterations > 0
     check_truncated(result, reference, 10, rel=1e-5)
 

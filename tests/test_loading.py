@@ -62,10 +62,10 @@ def test_mixed_schemes_fall_back_to_fp32():
     assert scale is None and mixed.dtype == torch.float32
     assert torch.equal(mixed, torch.stack([checkpoint.get("a.weight"), checkpoint.get("b.weight")]))
     same, scale = loading.native_stack([checkpoint.get_stored(f"{n}.weight") for n in "ac"], [pairs["a"], pairs["c"]])
-    assert same.dtype == torch.float8_e4m3fn and scale.shape == (2, 160)
+    assert same.dtype == torch.float8_e4m3fn and scale.values.shape == (2, 160) and scale.layout == "channel"
     float8 = [checkpoint.get_stored(f"{n}.weight") for n in "ac"]
     assert torch.equal(same.view(torch.uint8), torch.stack([t for t, _ in float8]).view(torch.uint8))
-    assert torch.equal(scale, torch.stack([s for _, s in float8]))
+    assert torch.equal(scale.values, torch.stack([s for _, s in float8]))
 
 
 @pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])

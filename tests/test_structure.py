@@ -12,7 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LAYERS = [  # lowest first: the order of docs/DESIGN.md's data flow
-    ("errors", "options", "arrays", "profiling", "kernels"),
+    ("errors", "options", "arrays", "profiling", "scales", "kernels"),
     ("linalg", "updating", "io"),
     ("adapters",),
     ("pairing",),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lorafft
-from lorafft import analysis, linalg, tracking
+from lorafft import analysis, linalg
 from lorafft.cache import build_base_cache
 from lorafft.errors import InputError
 from lorafft.report import MatrixRow

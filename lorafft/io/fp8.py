@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from lorafft.scales import Scale
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_BLOCK = 128  # DeepSeek-V3's (and compressed-tensors' block strategy's) quantization block: 128×128
 SCALE_SUFFIXES = ("_scale", "_scale_inv")  # <m>.weight_scale (compressed-tensors), <m>.weight_scale_inv (DeepSeek)
@@ -42,17 +44,8 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, scheme: Fp8Scheme, *, 
     if tuple(scale.shape) not in expected:
         raise ValueError(f"a {scheme} scale of weight {list(weight.shape)} has shape "
                          f"{' or '.join(str(list(e)) for e in expected)}, got {list(scale.shape)}")
-    out = weight.to(torch.float32, copy=True)
-    scale = scale.to(torch.float32)
-    if scheme == "tensor":
-        out.mul_(scale.reshape(()))
-    elif scheme == "channel":
-        out.mul_(scale.reshape(-1, 1))
-    else:  # one row of tiles at a time: the scales expanded along the columns are [in], not [out, in]
-        columns = scale.repeat_interleave(block, dim=1)[:, : out.shape[1]]
-        for row, start in enumerate(range(0, out.shape[0], block)):
-            out[start : start + block].mul_(columns[row])
-    return out
+    stacked = {"tensor": (1,), "channel": (1, -1), "block": (1, *scale.shape)}[scheme]
+    return Scale(scale.reshape(stacked), block).apply(weight[None])[0]
 
 
 def layout_scheme(scale: torch.Tensor) -> Fp8Scheme:
