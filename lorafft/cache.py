@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from lorafft import linalg, loading, memory, pairing
 from lorafft.errors import InputError
 from lorafft.io import hub
+from lorafft.io.checkpoint import all_finite
 from lorafft.io.jsonfile import read_json_object
 from lorafft.io.writer import FileLock, write_json, write_safetensors
 from lorafft.options import CACHE_INDEX as INDEX
@@ -141,7 +142,7 @@ class BaseCache:
                 or tuple(entry["shape"]) != tuple(pair.shape)):
             raise _other_model(self.index_path, pair.name)
         path = self.entry_path(pair)
-        try:  # read whole here, in the loader's thread, so that the analysis does not wait on the file's pages
+        try:  # mapped, not copied: the finite check below reads every page here, in the loader's thread
             tensors = load_file(path)
         except Exception as e:  # noqa: BLE001 - any unreadable entry file is the same bad input
             raise InputError(path, f"unreadable base-cache entry: {e}") from None
@@ -150,6 +151,8 @@ class BaseCache:
         if any(tuple(getattr(tensors.get(key), "shape", ())) != shape for key, shape in shapes.items()):
             raise InputError(path, f"base-cache entry for '{pair.name}' does not hold basis [{s}, {s}], sigma [{s}] "
                                    f"and row_norms [{m}]")
+        if not all(all_finite(tensors[key]) for key in shapes):
+            raise InputError(path, f"base-cache entry for '{pair.name}' holds NaN or Inf: rebuild it")
         return tensors
 
     def holds(self, pairs: list[pairing.Pair], stored: list[torch.Tensor]) -> bool:
@@ -171,7 +174,7 @@ class BaseCache:
         found = [self.lookup(pair, tensor) for pair, tensor in zip(pairs, stored)]
         if any(entry is None for entry in found):
             return None
-        return tuple(torch.stack([entry[key] for entry in found]) for key in ("basis", "sigma", "row_norms"))
+        return tuple(loading.stack([entry[key] for entry in found]) for key in ("basis", "sigma", "row_norms"))
 
     def store(self, pairs: list[pairing.Pair], stored: list[torch.Tensor], basis: linalg.BaseBasis) -> None:
         """Write one entry per matrix of a batch (each file atomically) and merge them into the index: the small

@@ -71,7 +71,7 @@ def test_missing_entries_are_computed(trio, tmp_path):
 
 
 @pytest.mark.parametrize("tamper", ["entries list", "no fingerprint", "path in file", "shape", "entry tensors",
-                                    "orientation", "format 1"])
+                                    "orientation", "format 1", "NaN in a tail vector"])
 def test_tampered_cache_is_one_line_input_error(trio, tmp_path, capsys, tamper):
     """A cache index or entry file that is not what ``cache build`` writes: one line naming the file, exit 2."""
     cache = tmp_path / "cache"
@@ -92,6 +92,10 @@ def test_tampered_cache_is_one_line_input_error(trio, tmp_path, capsys, tamper):
         entry["orientation"] = "sideways"
     elif tamper == "format 1":
         index["format_version"] = 1
+    elif tamper == "NaN in a tail vector":  # not among the vectors checked against W0: the finite check finds it
+        tensors = load_file(cache / entry["file"])
+        tensors["basis"][:, -1] = float("nan")
+        save_file(tensors, str(cache / entry["file"]))
     else:
         save_file({"basis": load_file(cache / entry["file"])["basis"]}, str(cache / entry["file"]))  # no sigma
     index_path.write_text(json.dumps(index))
@@ -100,4 +104,5 @@ def test_tampered_cache_is_one_line_input_error(trio, tmp_path, capsys, tamper):
                  "--out", str(out), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not out.exists() and len(err) == 1, err
-    assert ("lorafft-base-cache.json" if tamper != "entry tensors" else entry["file"]) in err[0]
+    assert ("lorafft-base-cache.json" if tamper not in ("entry tensors", "NaN in a tail vector")
+            else entry["file"]) in err[0]
