@@ -28,7 +28,12 @@ section so a timeout keeps what was measured. Sections, in order (each on its ow
 
 ``--only SECTION ...`` runs chosen sections (``rates`` too when a timing needs the copy rate), and the one section
 not in the default run: ``tiles``, the sketch kernel's GPU time for each tile candidate (``TILE_CANDIDATES``: the
-evidence for the tiles ``kernels/sketch.py`` uses). ``--only sketch tiles`` is the check of issue 21.
+evidence for the tiles ``kernels/sketch.py`` uses), and ``whole_model``: ``benchmarks/whole_model.py`` at Llama-70B
+shapes, ``WHOLE_MODEL_LAYERS`` layers (about 19 GB of disk; checkpoints written, cache built and four scans, each in a
+fresh process, with their read floors): cached scans within 1.25x of their read floor, ΔM/ΔD under 5 % of each scan,
+the allocator's peak within 10 % of the memory model's prediction and under 90 % of the device, and the scans against
+the cache equal to those without it within the certified bounds (issue 20). ``--only sketch tiles`` is the check of
+issue 21, ``--only whole_model`` issue 20's.
 
 Timings: CUDA events around ``CALLS`` (>= 20) back-to-back calls, median of 5 such pairs, after warm-up; the kernels'
 own time from the same calls captured in a CUDA graph (``gpu``; the speed thresholds apply to it), and one call
@@ -70,7 +75,9 @@ PYTEST_SECONDS = 240
 SHAPES_70B = {"q_proj/o_proj": (8192, 8192), "gate/up_proj": (28672, 8192), "down_proj": (8192, 28672),
               "k/v_proj": (1024, 8192)}
 THRESHOLDS = {"sketch_error": 1e-5, "sketch": {"bf16_8192x28672": 0.8, "bf16_8192x8192": 0.7, "fp8e4m3_any_scale": 0.6},
-              "cosine_fraction_of_copy": 0.5, "layer_seconds": 1.0, "scan_max_cos_difference": 1e-5}
+              "cosine_fraction_of_copy": 0.5, "layer_seconds": 1.0, "scan_max_cos_difference": 1e-5,
+              "whole_model": {"cached_over_read_floor": 1.25, "magnitude_direction_share": 0.05,
+                              "device_prediction_error": 0.10, "device_share": 0.90}}
 
 
 def seconds_per_call(function) -> float:
@@ -556,8 +563,42 @@ def check_scan(device, quick: bool) -> dict:
                   for kind in ("lora", "full")}
     return {**result, "pass": all(entry["pass"] for entry in result.values())}
 
+WHOLE_MODEL_LAYERS = 4  # Llama-70B layers: 1.7 GB each in bf16, twice (base, full fine-tune), plus 1.3 GB of cache
+
+
+def check_whole_model(device, quick: bool, out: Path) -> dict:
+    """``benchmarks/whole_model.py`` on the device: 70B-shaped layers written to disk, ``cache build``, and scans of a
+    LoRA adapter and a full fine-tune against the cache and without it, each in a fresh process, against its read
+    floor, with the memory model's prediction beside the allocator's peak (issue 20's targets; quick: the tiny
+    shapes, no thresholds)."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import whole_model
+
+    directory = Path(tempfile.mkdtemp(prefix="lorafft-whole-model-"))
+    try:
+        record = whole_model.run("quick" if quick else "70b", 1 if quick else WHOLE_MODEL_LAYERS, directory, out,
+                                 str(device), "gpu_check.py --only whole_model")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    checks = {kind: entry["pass"] for kind, entry in record["agreement"].items()}
+    if not quick:
+        limits = THRESHOLDS["whole_model"]
+        for scan in record["scans"]:
+            name = scan["name"].replace(" ", "_")
+            checks[f"{name}_md_share"] = scan["magnitude_direction_share"] < limits["magnitude_direction_share"]
+            checks[f"{name}_device_within_prediction"] = (
+                abs(scan["device_over_prediction"] - 1) <= limits["device_prediction_error"])
+            checks[f"{name}_device_share"] = scan["device_share"] < limits["device_share"]
+            if "cached" in scan["name"] and "uncached" not in scan["name"]:
+                checks[f"{name}_ratio"] = scan["ratio"] <= limits["cached_over_read_floor"]
+    return {**record, "checks": checks, "pass": all(checks.values())}
+
+
 SECTIONS = ("pytest", "correctness", "rates", "sketch", "cosine", "krylov", "layer", "scan", "cli", "tracking")
-EXTRA_SECTIONS = ("tiles",)  # run only when named in --only
+EXTRA_SECTIONS = ("tiles", "whole_model")  # run only when named in --only
 
 
 def main(argv=None) -> int:
@@ -591,6 +632,7 @@ def main(argv=None) -> int:
         "cli": lambda: check_cli(device, quick),
         "tracking": lambda: check_tracking(device, quick),
         "tiles": lambda: sweep_tiles(device, quick, copy["GBps"]),
+        "whole_model": lambda: check_whole_model(device, quick, args.out),
     }
     sections = {name: every_section[name] for name in args.only or SECTIONS}
     if "rates" not in sections and {"sketch", "cosine", "tiles"} & set(sections):

@@ -9,6 +9,12 @@ coordinates, ``lorafft.updating``), at the same weights.
     PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 1 --out benchmarks/results/tracking_cost.json
     PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 1 --krylov \
         --out benchmarks/results/tracking_krylov.json
+    PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads 2 --large --out benchmarks/results/tracking_large.json
+
+``--large`` tracks one 4096×4096 linear layer with a rank-16 LoRA adapter instead (synthetic weights, the factors
+moved a little at each of a few simulated steps): a warm track, a cold one (the update path without the previous
+step's coordinates: what a scan of the saved adapter does), and a cold one by the certified Krylov iteration (the
+update path taken away: how a scan and a cold track answered such a matrix before the update path existed).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import contextlib
 import tempfile
 import time
 from statistics import median
@@ -124,6 +131,8 @@ def main() -> None:
     parser.add_argument("--krylov", action="store_true",
                         help="only the cold and warm tracks, every matrix through the certified Krylov iteration "
                              "(which the dense top-k replaces at this size): what warm starts save there")
+    parser.add_argument("--large", action="store_true",
+                        help="only tracks of one 4096x4096 LoRA r=16 layer: warm, cold, cold by Krylov")
     parser.add_argument("--out", default=None)
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
@@ -132,7 +141,8 @@ def main() -> None:
     from lorafft.integrations.transformers import IntruderCallback
 
     with threadpool_limits(limits=options.threads):
-        result = krylov_tracks(options) if options.krylov else measure(options, IntruderCallback)
+        result = (krylov_tracks(options) if options.krylov else large_tracks(options) if options.large
+                  else measure(options, IntruderCallback))
     text = json.dumps(result, indent=1)
     print(text)
     if options.out:
@@ -152,6 +162,69 @@ def krylov_tracks(options) -> dict:
             "setup": {"path": "certified block Krylov for every matrix (DENSE_SVD_MAX = 0)", "steps": STEPS,
                       "every": EVERY, "threads": options.threads, "torch": torch.__version__},
             "tracks": tracks, "warm_over_cold": sum(warm) / sum(cold)}
+
+
+LARGE, LARGE_RANK, LARGE_STEPS = 4096, 16, 6
+
+
+def large_tracks(options) -> dict:
+    """Tracks of one ``LARGE``² linear layer with a LoRA adapter of rank ``LARGE_RANK`` (PEFT), ``LARGE_STEPS``
+    simulated steps (each moves B and A by 2 % of their mean size): per step the seconds of a warm track, a cold one,
+    and a cold one with the update path taken away (Krylov), with the methods that answered."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorafft import analysis, synthetic
+    from lorafft.tracking import Tracker
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(LARGE, LARGE, bias=False)
+
+    g = torch.Generator().manual_seed(0)
+    layer = Layer()
+    with torch.no_grad():
+        layer.proj.weight.copy_(synthetic.random_weight(LARGE, LARGE, generator=g))
+    model = get_peft_model(layer, LoraConfig(r=LARGE_RANK, lora_alpha=2 * LARGE_RANK, target_modules=["proj"]))
+    A, B = synthetic.lora_update(LARGE, LARGE, LARGE_RANK, generator=g, lora_alpha=2.0 * LARGE_RANK,
+                                 sigma=synthetic.LORA_SIGMA * synthetic.SIGMA1)
+    lora_A, lora_B = model.base_model.model.proj.lora_A["default"], model.base_model.model.proj.lora_B["default"]
+
+    @contextlib.contextmanager
+    def krylov_only():
+        update_path = analysis._update_path
+        analysis._update_path = lambda *args, **kwargs: None
+        try:
+            yield
+        finally:
+            analysis._update_path = update_path
+
+    start = time.perf_counter()
+    trackers = {"warm": Tracker(model)}
+    creation = time.perf_counter() - start
+    trackers.update(cold=Tracker(model, warm_start=False), krylov=Tracker(model, warm_start=False))
+    steps = []
+    for step in range(LARGE_STEPS):
+        with torch.no_grad():
+            lora_A.weight.copy_(A + 0.02 * A.abs().mean() * torch.randn(A.shape, generator=g))
+            lora_B.weight.copy_(B + 0.02 * B.abs().mean() * torch.randn(B.shape, generator=g))
+        entry = {"step": step}
+        for name, tracker in trackers.items():
+            with krylov_only() if name == "krylov" else contextlib.nullcontext():
+                start = time.perf_counter()
+                rows = tracker.step(step)
+                entry[f"{name}_seconds"] = time.perf_counter() - start
+            entry[f"{name}_method"] = sorted({row.method for row in rows})
+            entry[f"{name}_intruders"] = sum(row.counts["0.5"] for row in rows)
+        steps.append(entry)
+    later = steps[1:]  # the first warm track has no previous coordinates to start from
+    warm, cold, krylov = ([t[f"{name}_seconds"] for t in later] for name in trackers)
+    return {"command": f"PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads {options.threads} --large",
+            "setup": {"shape": [LARGE, LARGE], "rank": LARGE_RANK, "steps": LARGE_STEPS, "threads": options.threads,
+                      "torch": torch.__version__, "cpu_count": os.cpu_count()},
+            "tracker_creation_seconds": creation, "tracks": steps,
+            "warm_median": median(warm), "cold_median": median(cold), "krylov_cold_median": median(krylov),
+            "warm_over_cold": median(warm) / median(cold), "warm_over_krylov_cold": median(warm) / median(krylov)}
 
 
 def measure(options, IntruderCallback) -> dict:

@@ -16,7 +16,10 @@ peak RSS), and ``scans``, one entry per scan: ``name``, ``seconds``, ``read_floo
 ``stage_share`` (the stages' sum over the wall time; they overlap), ``magnitude_direction_share``, ``peak_rss_bytes``
 and ``predicted_rss_bytes`` (the process's baseline plus :mod:`lorafft.memory`'s host bytes for the largest batch: both
 batches' inputs, the basis, the blocks, the workspace, and the loader's mapped shards), and on CUDA
-``peak_device_bytes`` beside ``predicted_device_bytes``. The same code is ``gpu_check.py --only whole_model``.
+``peak_device_bytes`` (the scan's allocator peak) beside ``predicted_device_bytes`` (the memory model's peak for its
+largest batch), both from the report's ``profile.memory``; and ``agreement``, per kind, the scan against the cache
+beside the one without it (other paths, other bases): counts equal away from thresholds, every max|cos| within the
+two certified bounds. The same code is ``gpu_check.py --only whole_model``.
 
     python benchmarks/whole_model.py --shape 7b --layers 2 --dir /tmp/lorafft-7b --out benchmarks/results
     python benchmarks/whole_model.py --quick --dir /tmp/lorafft-quick --out /tmp    # the CPU rehearsal (tests)
@@ -132,13 +135,51 @@ def measure(paths: dict[str, Path], out: Path, device: str) -> dict:
             "magnitude_direction_share": stages["magnitude_direction"] / wall,
             "peak_rss_bytes": rss, "predicted_rss_bytes": baseline + floor["predicted_host_bytes"],
             "rss_over_prediction": rss / (baseline + floor["predicted_host_bytes"]),
-            **({"peak_device_bytes": floor.get("peak_device_bytes"),
-                "predicted_device_bytes": floor["predicted_device_bytes"]} if device.startswith("cuda") else {}),
+            **_device_memory(profile, device),
             "batches": floor["batches"], "max_batch_bytes": data["options"]["max_batch_bytes"],
             "totals": data["totals"], "methods": sorted({row.get("method") for row in data["matrices"]}),
         })
-        report.unlink()
+    record["agreement"] = {kind: agreement(out / f"whole-model-{kind}-cached.json",
+                                           out / f"whole-model-{kind}-uncached.json") for kind in ("lora", "full")}
+    for name, _ in scans(paths, cache):
+        (out / f"whole-model-{name.replace(' ', '-')}.json").unlink()
     return record
+
+
+CACHED_BASIS_ERROR = 1e-5  # a cache's fp32 basis's own error on max|cos|, which the certified bounds leave out
+
+
+def agreement(first: Path, second: Path) -> dict:
+    """Two reports of the same weights (against the cache and without it: other paths, other bases): every count
+    equal where no max|cos| of the row lies near a threshold, and every max|cos| within the two certified bounds
+    plus :data:`CACHED_BASIS_ERROR` (the bounds certify the tuned vectors; the cached basis is fp32: measured 1.3e-8
+    on MiniLM's stored side, up to 3e-7 on a side derived from it, ``u = W0 v / σ``, where small σ amplify it)."""
+    from lorafft.report import Report
+
+    mine, theirs = Report.load(first).rows, Report.load(second).rows
+    counted = [(a, b) for a, b in zip(mine, theirs) if not any(a.near_threshold) and not any(b.near_threshold)]
+    beyond = [(a.name, a.side, abs(x - y), bx + by) for a, b in zip(mine, theirs)
+              for x, y, bx, by in zip(a.max_cos, b.max_cos, a.error_bound, b.error_bound)
+              if abs(x - y) > bx + by + CACHED_BASIS_ERROR]
+    same = len(mine) == len(theirs) and all((a.name, a.side) == (b.name, b.side) for a, b in zip(mine, theirs))
+    counts = all(a.counts == b.counts for a, b in counted)
+    return {"rows": len(mine), "rows_compared_for_counts": len(counted), "counts_equal": counts,
+            "max_abs_difference": max((abs(x - y) for a, b in zip(mine, theirs) for x, y in zip(a.max_cos, b.max_cos)),
+                                      default=0.0),
+            "beyond_bounds": beyond[:5], "pass": same and counts and not beyond}
+
+
+def _device_memory(profile: dict, device: str) -> dict:
+    """On CUDA: the scan's allocator peak beside the memory model's prediction for its largest batch (both from the
+    report's ``profile.memory``), their ratio, and the device's total memory."""
+    if not device.startswith("cuda"):
+        return {}
+    memory = profile["memory"]
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return {"peak_device_bytes": memory["peak_allocated_bytes"],
+            "predicted_device_bytes": memory["predicted_peak_bytes"],
+            "device_over_prediction": memory["peak_allocated_bytes"] / max(1, memory["predicted_peak_bytes"]),
+            "device_total_bytes": total, "device_share": memory["peak_allocated_bytes"] / total}
 
 
 def read_floor(report_path: str, device: str) -> dict:
@@ -174,9 +215,7 @@ def read_floor(report_path: str, device: str) -> dict:
     shapes = {tuple(batch[0].shape): len(batch) for batch in batches}
     host = max(memory.host_peak(shape, L, plan) for shape, L in shapes.items()) + sum(
         _largest_shard(path) for path in [data["inputs"]["base"], *data["inputs"]["tuned"]])
-    result = {"seconds": seconds, "batches": len(batches), "predicted_host_bytes": host,
-              "predicted_device_bytes": max(memory.batch_peak(shape, L, plan) for shape, L in shapes.items())}
-    return result
+    return {"seconds": seconds, "batches": len(batches), "predicted_host_bytes": host}
 
 
 def _largest_shard(directory: str) -> int:
@@ -203,24 +242,33 @@ def main(argv=None) -> int:
     if args.floor:
         print(json.dumps(read_floor(args.floor, args.device)))
         return 0
-    shape = "quick" if args.quick else args.shape
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    paths = write_model(Path(args.dir), shape, args.layers)
-    record = {"command": " ".join(["python", WORKER, *(argv if argv is not None else sys.argv[1:])]),
-              "date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "cpu_count": os.cpu_count(),
-              "device": args.device, "shape": shape, "layers": args.layers, "torch": torch.__version__,
-              "checkpoint_bytes": {name: sum(f.stat().st_size for f in path.iterdir()) for name, path in
-                                   paths.items()},
-              "write_seconds": time.perf_counter() - start, **measure(paths, out, args.device)}
-    (out / "whole_model.json").write_text(json.dumps(record, indent=1) + "\n")
+    command = " ".join(["python", WORKER, *(argv if argv is not None else sys.argv[1:])])
+    record = run("quick" if args.quick else args.shape, args.layers, Path(args.dir), Path(args.out), args.device,
+                 command)
     for scan in record["scans"]:
         print(f"{scan['name']:>15}: {scan['seconds']:7.2f} s, read floor {scan['read_floor_seconds']:6.2f} s "
               f"(x{scan['ratio']:.1f}), stages {100 * scan['stage_share']:.0f}% of wall, ΔM/ΔD "
               f"{100 * scan['magnitude_direction_share']:.1f}%, peak RSS {scan['peak_rss_bytes'] / 2**30:.2f} GiB "
-              f"(x{scan['rss_over_prediction']:.2f} of the prediction)")
+              f"(x{scan['rss_over_prediction']:.2f} of the prediction)" + (
+                  f", device peak {scan['peak_device_bytes'] / 2**30:.2f} GiB (x{scan['device_over_prediction']:.2f})"
+                  if "peak_device_bytes" in scan else ""))
     return 0
+
+
+def run(shape: str, layers: int, directory: Path, out: Path, device: str, command: str) -> dict:
+    """Write the checkpoints (``shape``: a key of :data:`SHAPES`), measure every scan, write ``whole_model.json``
+    under ``out`` and return its record (what ``gpu_check.py --only whole_model`` calls)."""
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    paths = write_model(directory, shape, layers)
+    record = {"command": command, "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
+              "cpu_count": os.cpu_count(), "device": device, "shape": shape, "layers": layers,
+              "torch": torch.__version__,
+              "checkpoint_bytes": {name: sum(f.stat().st_size for f in path.iterdir()) for name, path in
+                                   paths.items()},
+              "write_seconds": time.perf_counter() - start, **measure(paths, out, device)}
+    (out / "whole_model.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ Stages (:data:`STAGES`): ``read`` (the reader thread reading tensors and cached 
 counts), ``magnitude_direction`` (DoRA's ΔM and ΔD), ``write`` (journal rows, cache entries, the report). Each is its
 own busy time: the reader thread's stages overlap the analysis', so the stages may add up to more than the wall time.
 
+Memory beside the time: the batches the scan cut and the peak its memory model (:mod:`lorafft.memory`) predicts
+for the largest, and on CUDA the allocator's peak (``torch.cuda.max_memory_allocated``: since the process started
+or the caller last reset it), so that the prediction can be held against what the device held.
+
 Timing costs nothing when no :class:`Profile` is active. When one is, a stage on a CUDA device synchronises the
 device at its start and end, so that its seconds are the device's work and not only the launches: profiling slows a
 GPU scan a little, and says so.
@@ -27,6 +31,7 @@ class Profile:
 
     def __init__(self):
         self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.memory: dict | None = None
         self.wall = 0.0
         self._start = time.perf_counter()
         self._lock = threading.Lock()
@@ -43,10 +48,23 @@ class Profile:
             with self._lock:
                 self.seconds[name] += time.perf_counter() - start
 
+    def plan(self, device, batches: int, predicted_peak_bytes: int) -> None:
+        """Record the scan's ``batches`` and the memory model's peak for its largest batch on ``device``."""
+        self.memory = {"device": str(device), "batches": batches, "predicted_peak_bytes": predicted_peak_bytes}
+
     def finish(self) -> dict:
-        """The record a report keeps: ``{"wall_seconds", "stages": {stage: seconds}}``."""
+        """The record a report keeps: ``{"wall_seconds", "stages": {stage: seconds}}``, and ``memory`` when
+        :meth:`plan` was told (with ``peak_allocated_bytes`` on CUDA)."""
         self.wall = time.perf_counter() - self._start
-        return {"wall_seconds": self.wall, "stages": dict(self.seconds)}
+        record = {"wall_seconds": self.wall, "stages": dict(self.seconds)}
+        if self.memory is not None:
+            record["memory"] = dict(self.memory)
+            if self.memory["device"].startswith("cuda"):
+                import torch
+
+                record["memory"]["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.memory["device"]))
+        return record
+
 
 def _synchronize(device) -> None:
     if device is not None and getattr(device, "type", None) == "cuda":

@@ -158,6 +158,9 @@ def scan(
             settings = settings.replace(max_batch_bytes=budget)
         batches = pairing.shape_batches(inputs.matrices,
                                         lambda shape: memory.batch_size(shape, settings.max_batch_bytes, plan))
+        if recorder is not None:
+            recorder.plan(device, len(batches), max((memory.batch_peak(tuple(batch[0].shape), len(batch), plan)
+                                                     for batch in batches), default=0))
         owners = distributed.assign([_cost(batch) * len(inputs.sources) for batch in batches], size)
         if journal is not None and size > 1:
             journal = f"{journal}.rank{rank}"

@@ -67,3 +67,23 @@ def test_sketch_thresholds_are_issue_21s():
                    for s, row in rows.items()}
         verdicts = {name: check["pass"] for name, check in gpu_check._sketch_checks(changed).items()}
         assert [name for name, ok in verdicts.items() if not ok] == [failed]
+
+
+def test_whole_model_rehearsal_scans_from_disk_and_compares(tmp_path):
+    """``--only whole_model`` on tiny Llama shapes: checkpoints written, the cache built, four scans run as commands
+    with their read floors; every field the device run is judged by is there, the scans against the cache equal those
+    without it within the certified bounds, and the stages account for the wall time."""
+    assert gpu_check.main(["--quick", "--only", "whole_model", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())["whole_model"]
+    assert [scan["name"] for scan in report["scans"]] == ["lora cached", "lora uncached", "full cached",
+                                                          "full uncached"]
+    assert all(entry["pass"] and entry["rows"] > 0 and entry["rows_compared_for_counts"] > 0
+               for entry in report["agreement"].values())
+    for scan in report["scans"]:
+        assert scan["read_floor_seconds"] > 0 and scan["peak_rss_bytes"] > scan["predicted_rss_bytes"] / 4
+        assert set(scan["stages"]) >= {"read", "tuned_topk", "match", "magnitude_direction"}
+        assert 0 < scan["magnitude_direction_share"] < scan["stage_share"]
+    # tiny shapes: the adapter by the update path (32-wide k, v: too small for it, dense), and all by the dense fp64
+    # top-k with a cache's fp32 basis
+    assert report["scans"][1]["methods"] == ["dense", "update"] and report["scans"][0]["methods"] == ["dense"]
+    assert json.loads((tmp_path / "whole_model.json").read_text())["scans"] == report["scans"]

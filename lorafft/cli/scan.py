@@ -171,6 +171,12 @@ def profile_table(profile: dict) -> str:
     lines = [f"profile: {wall:.2f} s wall (stages overlap: the reader thread works beside the analysis)"]
     lines += [f"  {name:<20} {seconds:9.3f} s  {100 * seconds / max(wall, 1e-9):5.1f} %"
               for name, seconds in profile["stages"].items()]
+    memory = profile.get("memory")
+    if memory is not None:
+        peak = memory.get("peak_allocated_bytes")
+        lines.append(f"  memory on {memory['device']}: {memory['batches']} batches, largest predicted to peak at "
+                     f"{memory['predicted_peak_bytes'] / 2**30:.2f} GiB"
+                     + ("" if peak is None else f", allocator's peak {peak / 2**30:.2f} GiB"))
     return "\n".join(lines)
 
 
