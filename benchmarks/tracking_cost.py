@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="training runs per configuration (median is kept)")
     parser.add_argument("--krylov", action="store_true",
                         help="only the cold and warm tracks, every matrix through the certified Krylov iteration "
-                             "(which the dense top-k replaces at this size): what warm starts save there")
+                             "(which the update path replaces): what warm starts save there")
     parser.add_argument("--large", action="store_true",
                         help="only tracks of one 4096x4096 LoRA r=16 layer: warm, cold, cold by Krylov")
     parser.add_argument("--out", default=None)
@@ -151,20 +151,32 @@ def main() -> None:
 
 
 def krylov_tracks(options) -> dict:
-    """Cold and warm tracks with the dense top-k switched off (``linalg.DENSE_SVD_MAX = 0``), as the results JSON."""
-    from lorafft import linalg
-
-    linalg.DENSE_SVD_MAX = 0
-    with tempfile.TemporaryDirectory() as directory:
+    """Cold and warm tracks with every matrix through the Krylov iteration (:func:`krylov_only`), as the JSON."""
+    with tempfile.TemporaryDirectory() as directory, krylov_only():
         tracks = cold_and_warm(directory)[1:]
     warm, cold = [t["warm_seconds"] for t in tracks[1:]], [t["cold_seconds"] for t in tracks[1:]]
     return {"command": f"PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads {options.threads} --krylov",
-            "setup": {"path": "certified block Krylov for every matrix (DENSE_SVD_MAX = 0)", "steps": STEPS,
+            "setup": {"path": "certified block Krylov for every matrix (no update path, DENSE_SVD_MAX = 0)",
+                      "steps": STEPS,
                       "every": EVERY, "threads": options.threads, "torch": torch.__version__},
             "tracks": tracks, "warm_over_cold": sum(warm) / sum(cold)}
 
 
 LARGE, LARGE_RANK, LARGE_STEPS = 4096, 16, 6
+
+
+@contextlib.contextmanager
+def krylov_only():
+    """Every matrix through the certified Krylov iteration: the update path taken away and, for small matrices, the
+    dense top-k (``linalg.DENSE_SVD_MAX = 0``)."""
+    from lorafft import analysis, linalg
+
+    update_path, limit = analysis._update_path, linalg.DENSE_SVD_MAX
+    analysis._update_path, linalg.DENSE_SVD_MAX = (lambda *args, **kwargs: None), 0
+    try:
+        yield
+    finally:
+        analysis._update_path, linalg.DENSE_SVD_MAX = update_path, limit
 
 
 def large_tracks(options) -> dict:
@@ -173,7 +185,7 @@ def large_tracks(options) -> dict:
     and a cold one with the update path taken away (Krylov), with the methods that answered."""
     from peft import LoraConfig, get_peft_model
 
-    from lorafft import analysis, synthetic
+    from lorafft import synthetic
     from lorafft.tracking import Tracker
 
     class Layer(torch.nn.Module):
@@ -189,15 +201,6 @@ def large_tracks(options) -> dict:
     A, B = synthetic.lora_update(LARGE, LARGE, LARGE_RANK, generator=g, lora_alpha=2.0 * LARGE_RANK,
                                  sigma=synthetic.LORA_SIGMA * synthetic.SIGMA1)
     lora_A, lora_B = model.base_model.model.proj.lora_A["default"], model.base_model.model.proj.lora_B["default"]
-
-    @contextlib.contextmanager
-    def krylov_only():
-        update_path = analysis._update_path
-        analysis._update_path = lambda *args, **kwargs: None
-        try:
-            yield
-        finally:
-            analysis._update_path = update_path
 
     start = time.perf_counter()
     trackers = {"warm": Tracker(model)}

@@ -83,20 +83,41 @@ def write_model(directory: Path, shape: str, layers: int, seed: int = 0) -> dict
     return paths
 
 
-def _run(argv: list[str], env: dict) -> tuple[float, int, str]:
-    """``(seconds, peak RSS bytes, stdout)`` of a child run to its end, its own peak RSS from ``os.wait4``."""
+def _run(arguments: list[str], env: dict) -> tuple[float, int, str]:
+    """``(seconds, peak RSS bytes, stdout)`` of ``python benchmarks/whole_model.py --child ARGUMENTS`` run to its end:
+    the child reports its own peak (``VmHWM``: the resident high-water mark of its own memory map, which an
+    ``os.wait4`` maximum would not give: Linux carries the parent's resident size at the fork over the exec)."""
     import tempfile
 
+    argv = [sys.executable, WORKER, "--child", *arguments]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as errors:
-        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
-        stdout = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode != 0:
+        done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
+        if done.returncode != 0:
             errors.seek(0)
             raise RuntimeError(f"{' '.join(argv)} failed: {errors.read()[-2000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss * 1024, stdout
+    seconds = time.perf_counter() - start
+    *output, last = done.stdout.strip().splitlines()
+    return seconds, json.loads(last)["peak_rss_bytes"], "\n".join(output)
+
+
+def child(arguments: list[str]) -> int:
+    """In this process: ``lorafft ARGUMENTS`` (or ``floor REPORT DEVICE``, or ``baseline``: what a scan process holds
+    before it reads anything), then a last line ``{"peak_rss_bytes": ...}`` from ``/proc/self/status``."""
+    if arguments[0] == "baseline":
+        import lorafft.scan  # noqa: F401
+        code = 0
+    elif arguments[0] == "floor":
+        print(json.dumps(read_floor(arguments[1], arguments[2])))
+        code = 0
+    else:
+        from lorafft.cli import main as lorafft_main
+
+        code = lorafft_main(arguments)
+    with open("/proc/self/status") as status:
+        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_bytes": peak}), flush=True)
+    return code
 
 
 def scans(paths: dict[str, Path], cache: Path) -> list[tuple[str, list[str]]]:
@@ -110,19 +131,18 @@ def measure(paths: dict[str, Path], out: Path, device: str) -> dict:
     """Build the cache, run every scan and its read floor, each in a fresh process; the JSON record."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
-    python = [sys.executable]
     cache = paths["base"].parent / "cache"
     shutil.rmtree(cache, ignore_errors=True)
-    build_seconds, build_rss, _ = _run(python + ["-m", "lorafft", "cache", "build", str(paths["base"]), "--out",
-                                                 str(cache), "--device", device, "--quiet"], env)
-    _, baseline, _ = _run(python + [WORKER, "--baseline"], env)
+    build_seconds, build_rss, _ = _run(["cache", "build", str(paths["base"]), "--out", str(cache), "--device", device,
+                                        "--quiet"], env)
+    _, baseline, _ = _run(["baseline"], env)
     record = {"cache_build": {"seconds": build_seconds, "peak_rss_bytes": build_rss}, "baseline_rss_bytes": baseline,
               "scans": []}
     for name, arguments in scans(paths, cache):
         report = out / f"whole-model-{name.replace(' ', '-')}.json"
-        seconds, rss, _ = _run(python + ["-m", "lorafft", "scan", *arguments, "--device", device, "--profile",
-                                         "--quiet", "--out", str(report)], env)
-        _, _, floor_out = _run(python + [WORKER, "--floor", str(report), "--device", device], env)
+        seconds, rss, _ = _run(["scan", *arguments, "--device", device, "--profile", "--quiet", "--out", str(report)],
+                               env)
+        _, _, floor_out = _run(["floor", str(report), device], env)
         data = json.loads(report.read_text())
         floor = json.loads(floor_out.strip().splitlines()[-1])
         profile = data["profile"]
@@ -233,15 +253,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where whole_model.json goes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: the CPU rehearsal the tests run")
-    parser.add_argument("--floor", metavar="REPORT", help=argparse.SUPPRESS)  # worker: one scan's read floor
-    parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # worker: the process baseline
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # worker: one measured run
     args = parser.parse_args(argv)
-    if args.baseline:
-        import lorafft.scan  # noqa: F401 - what a scan process holds before it reads anything
-        return 0
-    if args.floor:
-        print(json.dumps(read_floor(args.floor, args.device)))
-        return 0
+    if args.child:
+        return child(args.child)
     command = " ".join(["python", WORKER, *(argv if argv is not None else sys.argv[1:])])
     record = run("quick" if args.quick else args.shape, args.layers, Path(args.dir), Path(args.out), args.device,
                  command)
