@@ -65,13 +65,15 @@ def scanned(base_file: Path, tuned: Path, k: int, cache: Path | None) -> tuple[l
 
 @contextlib.contextmanager
 def krylov_only():
-    """LoRA adapters on the block Krylov path, as before the update path existed."""
-    update_path = analysis._update_path
-    analysis._update_path = lambda *args, **kwargs: None
+    """Every matrix through the certified block Krylov iteration, as LoRA adapters were answered before the update
+    path existed: the update path taken away, and the dense top-k of small matrices (``linalg.DENSE_SVD_MAX = 0``;
+    no matrix this script times is that small)."""
+    update_path, limit = analysis._update_path, linalg.DENSE_SVD_MAX
+    analysis._update_path, linalg.DENSE_SVD_MAX = (lambda *args, **kwargs: None), 0
     try:
         yield
     finally:
-        analysis._update_path = update_path
+        analysis._update_path, linalg.DENSE_SVD_MAX = update_path, limit
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import time
 from statistics import median
 
 import torch
+from compare_reference import krylov_only  # beside this file: every matrix through the Krylov iteration
 
 STEPS, EVERY, BATCH, LENGTH = 40, 10, 8, 32
 WORDS = ("the movie was good bad great awful fine boring long short funny sad plot actor scene music film story "
@@ -163,20 +164,6 @@ def krylov_tracks(options) -> dict:
 
 
 LARGE, LARGE_RANK, LARGE_STEPS = 4096, 16, 6
-
-
-@contextlib.contextmanager
-def krylov_only():
-    """Every matrix through the certified Krylov iteration: the update path taken away and, for small matrices, the
-    dense top-k (``linalg.DENSE_SVD_MAX = 0``)."""
-    from lorafft import analysis, linalg
-
-    update_path, limit = analysis._update_path, linalg.DENSE_SVD_MAX
-    analysis._update_path, linalg.DENSE_SVD_MAX = (lambda *args, **kwargs: None), 0
-    try:
-        yield
-    finally:
-        analysis._update_path, linalg.DENSE_SVD_MAX = update_path, limit
 
 
 def large_tracks(options) -> dict:

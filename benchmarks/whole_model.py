@@ -173,7 +173,8 @@ def agreement(first: Path, second: Path) -> dict:
     """Two reports of the same weights (against the cache and without it: other paths, other bases): every count
     equal where no max|cos| of the row lies near a threshold, and every max|cos| within the two certified bounds
     plus :data:`CACHED_BASIS_ERROR` (the bounds certify the tuned vectors; the cached basis is fp32: measured 1.3e-8
-    on MiniLM's stored side, up to 3e-7 on a side derived from it, ``u = W0 v / σ``, where small σ amplify it)."""
+    on MiniLM's stored side, up to 4e-7 in ``--quick``'s comparison, on a side derived from it, ``u = W0 v / σ``, where
+    small σ amplify it)."""
     from lorafft.report import Report
 
     mine, theirs = Report.load(first).rows, Report.load(second).rows

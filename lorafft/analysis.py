@@ -245,9 +245,7 @@ def _update_path(W0, k, basis, backend, low_rank, previous, tol) -> tuple[Tuned,
     L, m, n = W0.shape
     image = linalg.update_image(W0, low_rank, backend)
     updated = updating.updated_top(basis, low_rank, k, previous, tol, image)
-    if updated is None:
-        if not basis.verified:
-            _refuse_wrong(basis.verify(backend), basis)
+    if updated is None:  # the Krylov path answers (tuned_top checks an unverified basis before it)
         return None
     right = basis.small_side == "right"
     vectors = basis.small_vectors(updated.coordinates)
@@ -495,9 +493,6 @@ def delta_ranks(W0: torch.Tensor, Wt: torch.Tensor | None, modules: list) -> lis
     return [(float(effective_rank(s)[0]), float(stable_rank(s)[0])) for s in sigmas]
 
 
-ROW_BLOCK = 1 << 24  # elements widened to fp64 at a time by magnitude_direction on a GPU: a few ops per stack
-
-
 def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """DoRA's weight decomposition analysis (Liu et al. 2024, Sec. 3.2, Figure 2): how much each matrix of a stack
     changed its neurons' magnitudes and directions.
@@ -513,8 +508,8 @@ def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torc
     (y) over layers and training steps: full fine-tuning shows a negative slope, LoRA a positive one.
 
     Everything is accumulated in fp64, over the whole stack at once, a slab of rows widened at a time
-    (:data:`ROW_BLOCK` elements on a GPU: a handful of batched ops per stack; on a CPU slabs that stay in its
-    cache). For a factored LoRA update ΔW = s·B·A the tuned matrix is not formed: with rows b_i of B,
+    (:func:`lorafft.linalg.widened_rows`: a handful of batched ops per stack on a GPU; on a CPU slabs that stay in
+    its cache). For a factored LoRA update ΔW = s·B·A the tuned matrix is not formed: with rows b_i of B,
     ``||w_0,i + s b_i A||² = ||w_0,i||² + 2s <w_0,i, b_i A> + s² b_i (A Aᵀ) b_iᵀ`` and
     ``<w_t,i, w_0,i> = ||w_0,i||² + s <w_0,i, b_i A>``, from ``W0 Aᵀ [m, r]`` and ``A Aᵀ [r, r]``: O(m n r).
 
@@ -550,12 +545,8 @@ def magnitude_direction(W0, Wt=None, *, lora=None, base_rows=None) -> tuple[torc
 def _tuned_rows(W0: torch.Tensor, Wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(||w_t,i||², <w_t,i, w_0,i>)``, each ``[L, m]`` fp64, for stacks ``W0, Wt [L, m, n]``, widened to fp64 a slab
     of rows at a time."""
-    L, m, n = W0.shape
-    block = ROW_BLOCK if W0.device.type == "cuda" else linalg.WIDENED_ELEMENTS  # a CPU's slabs stay in its cache
-    step = max(1, block // max(1, L * n))
     tuned, inner = [], []
-    for start in range(0, m, step):
-        w0, wt = W0[:, start : start + step].double(), Wt[:, start : start + step].double()
+    for w0, wt in zip(linalg.widened_rows(W0), linalg.widened_rows(Wt)):
         tuned.append(torch.einsum("lmn,lmn->lm", wt, wt))
         inner.append(torch.einsum("lmn,lmn->lm", wt, w0))
     return torch.cat(tuned, dim=1), torch.cat(inner, dim=1)

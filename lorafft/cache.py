@@ -135,12 +135,8 @@ class BaseCache:
         ``W0_stored`` is the base tensor as its checkpoint stores it: an entry of this name and orientation built
         from another tensor (fingerprint, dtype) is an InputError (the cache belongs to another model or revision).
         """
-        entry = self.entries.get(entry_key(pair))
-        if entry is None:
+        if self._entry(pair, W0_stored) is None:
             return None
-        if (entry["fingerprint"] != fingerprint(W0_stored) or entry["dtype"] != str(W0_stored.dtype)
-                or tuple(entry["shape"]) != tuple(pair.shape)):
-            raise _other_model(self.index_path, pair.name)
         path = self.entry_path(pair)
         try:  # mapped, not copied: the finite check below reads every page here, in the loader's thread
             tensors = load_file(path)
@@ -155,16 +151,19 @@ class BaseCache:
             raise InputError(path, f"base-cache entry for '{pair.name}' holds NaN or Inf: rebuild it")
         return tensors
 
+    def _entry(self, pair: pairing.Pair, W0_stored: torch.Tensor) -> dict | None:
+        """The index entry answering for the base matrix of ``pair``, or None; InputError for one of this name and
+        orientation built from another tensor (fingerprint, dtype or shape differ)."""
+        entry = self.entries.get(entry_key(pair))
+        if entry is not None and (entry["fingerprint"] != fingerprint(W0_stored) or entry["dtype"] !=
+                                  str(W0_stored.dtype) or tuple(entry["shape"]) != tuple(pair.shape)):
+            raise _other_model(self.index_path, pair.name)
+        return entry
+
     def holds(self, pairs: list[pairing.Pair], stored: list[torch.Tensor]) -> bool:
         """Whether every matrix of ``pairs`` has its entry (no file read); InputError for one built from another
         tensor."""
-        for pair, tensor in zip(pairs, stored):
-            entry = self.entries.get(entry_key(pair))
-            if entry is None:
-                return False
-            if entry["fingerprint"] != fingerprint(tensor):
-                raise _other_model(self.index_path, pair.name)
-        return True
+        return all(self._entry(pair, tensor) is not None for pair, tensor in zip(pairs, stored))
 
     def read(self, pairs: list[pairing.Pair],
              stored: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

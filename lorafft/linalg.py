@@ -33,7 +33,8 @@ from lorafft.scales import Scale
 SIDES = ("left", "right")
 BACKENDS = ("auto", "torch", "triton")
 SLAB_COLUMNS = 2048  # columns of a weight widened to fp64 at a time for its Gram matrix
-WIDENED_ELEMENTS = 1 << 19  # elements of a weight widened to fp64 at a time for a thin product or its row norms
+WIDENED_ELEMENTS = 1 << 19  # elements of a weight widened to fp64 at a time on a CPU: slabs that stay in its cache
+DEVICE_WIDENED_ELEMENTS = 1 << 24  # on a GPU: a handful of batched ops per stack, 128 MB per fp64 slab
 DENSE_SVD_MAX = 512  # min(m, n) up to which the tuned top-k comes from a dense fp64 Gram matrix (dense_is_cheaper)
 
 
@@ -189,10 +190,12 @@ def matmul_fp64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def widened_rows(A: torch.Tensor):
-    """The slabs of rows of ``A [L, p, q]`` widened to fp64, :data:`WIDENED_ELEMENTS` elements each: small enough to
-    stay in cache while they are used (measured on this project's CPU: 4x faster than slabs of 2048 columns for a
-    4096×11008 product with 16 columns)."""
-    rows = max(1, WIDENED_ELEMENTS // max(1, A.shape[0] * A.shape[-1]))
+    """The slabs of rows of ``A [L, p, q]`` widened to fp64 (thin products with W, its row norms, ΔM and ΔD): on a CPU
+    :data:`WIDENED_ELEMENTS` elements each, small enough to stay in cache while they are used (measured on this
+    project's CPU: 4x faster than slabs of 2048 columns for a 4096×11008 product with 16 columns); on a GPU
+    :data:`DEVICE_WIDENED_ELEMENTS`, so that a stack takes a few launches, not hundreds."""
+    elements = WIDENED_ELEMENTS if A.device.type == "cpu" else DEVICE_WIDENED_ELEMENTS
+    rows = max(1, elements // max(1, A.shape[0] * A.shape[-1]))
     for start in range(0, A.shape[1], rows):
         yield A[:, start : start + rows].double()
 

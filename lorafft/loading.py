@@ -38,7 +38,6 @@ from lorafft.pairing import Pair
 from lorafft.scales import Scale
 
 NATIVE_DTYPES = (torch.float16, torch.bfloat16)  # read as stored by the Triton kernels
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # a full fine-tune's FP8 weights, kept as stored for them
 
 
 def describe(source) -> str:

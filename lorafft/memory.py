@@ -16,7 +16,8 @@ matrix (``s = min(m, n)``, ``d = max(m, n)``):
 
 and once per batch: the eigen-solver's workspace for one matrix when the basis is built (``?syevd``: ``1 + 6 s +
 2 s²`` doubles, on either device), the slabs widened to fp64 (``_gram_upper``: ``L s 2048`` doubles; up to
-:data:`lorafft.analysis.ROW_BLOCK` twice for ΔM and ΔD). Host memory on a GPU scan adds the pinned copies of both batches' inputs. Buffers smaller
+:data:`lorafft.linalg.DEVICE_WIDENED_ELEMENTS` twice for ΔM and ΔD, counted on a CPU too, where the slabs are
+smaller). Host memory on a GPU scan adds the pinned copies of both batches' inputs. Buffers smaller
 than one of these (the update path's ``O(s r)`` work, the max |cos|, the rows) are left out: the prediction is
 compared with the allocator's peak in ``benchmarks/gpu_check.py`` and with the peak RSS in
 ``benchmarks/whole_model.py``.
@@ -26,8 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lorafft.analysis import ROW_BLOCK
-from lorafft.linalg import DENSE_SVD_MAX, SLAB_COLUMNS, krylov_block
+from lorafft.linalg import DENSE_SVD_MAX, DEVICE_WIDENED_ELEMENTS, SLAB_COLUMNS, krylov_block
 
 ITERATIONS = 10  # Krylov iterations the blocks are counted for (a synthetic 4096² fine-tune certifies in 7)
 
@@ -75,7 +75,8 @@ def per_batch(shape: tuple[int, int], L: int, plan: Plan) -> int:
     m, n = shape
     s = min(m, n)
     workspace = 0 if plan.cached else 8 * (1 + 6 * s + 2 * s * s)
-    return workspace + L * s * min(SLAB_COLUMNS, max(m, n)) * 8 + 2 * min(ROW_BLOCK, max(1, L) * m * n) * 8
+    gram_slab = L * s * min(SLAB_COLUMNS, max(m, n)) * 8
+    return workspace + gram_slab + 2 * min(DEVICE_WIDENED_ELEMENTS, max(1, L) * m * n) * 8
 
 
 def batch_peak(shape: tuple[int, int], L: int, plan: Plan) -> int:

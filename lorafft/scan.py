@@ -19,7 +19,7 @@ from lorafft import distributed, io, linalg, loading, memory, pairing, profiling
 from lorafft import options as options_module
 from lorafft.cache import BaseCache
 from lorafft.errors import InputError
-from lorafft.io import hub
+from lorafft.io import fp8, hub
 from lorafft.journal import Journal, fingerprints, read_header, row_key
 from lorafft.options import ScanOptions
 from lorafft.recipe import Recipe, split_on_out_of_memory
@@ -264,7 +264,7 @@ class _Inputs:
         """What a batch of these inputs holds (:class:`lorafft.memory.Plan`): W0 and full fine-tunes as the loader
         keeps them (16-bit as stored for the Triton kernels, else fp32), adapters by their largest rank."""
         def held(dtype: torch.dtype) -> int:
-            return dtype.itemsize if native and dtype in loading.NATIVE_DTYPES + loading.FP8_DTYPES else 4
+            return dtype.itemsize if native and dtype in loading.NATIVE_DTYPES + fp8.FP8_DTYPES else 4
 
         sample = next(iter(self.matrices), None)
         base_size = 4 if sample is None else held(self.base.dtype(sample.name))

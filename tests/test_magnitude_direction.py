@@ -88,8 +88,8 @@ def test_row_blocks_do_not_change_the_answer(monkeypatch):
     B, A = _lora((50, 30), 2, 3, g)
     Wt = W0 + 0.1 * torch.randn(W0.shape, generator=g)
     whole = magnitude_direction(W0, Wt), magnitude_direction(W0, lora=(B, A, 2.0))
-    monkeypatch.setattr(lorafft.analysis, "ROW_BLOCK", 1)
     monkeypatch.setattr(lorafft.linalg, "WIDENED_ELEMENTS", 1)
+    monkeypatch.setattr(lorafft.linalg, "DEVICE_WIDENED_ELEMENTS", 1)
     blocked = magnitude_direction(W0, Wt), magnitude_direction(W0, lora=(B, A, 2.0))
     for (m1, d1), (m2, d2) in zip(whole, blocked):
         torch.testing.assert_close(m1, m2, rtol=1e-14, atol=0)
