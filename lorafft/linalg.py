@@ -35,6 +35,7 @@ BACKENDS = ("auto", "torch", "triton")
 SLAB_COLUMNS = 2048  # columns of a weight widened to fp64 at a time for its Gram matrix
 WIDENED_ELEMENTS = 1 << 19  # elements of a weight widened to fp64 at a time on a CPU: slabs that stay in its cache
 DEVICE_WIDENED_ELEMENTS = 1 << 24  # on a GPU: a handful of batched ops per stack, 128 MB per fp64 slab
+THIN_COLUMNS = 16  # thin products take a multiple of 16 columns (thin_matmul)
 DENSE_SVD_MAX = 512  # min(m, n) up to which the tuned top-k comes from a dense fp64 Gram matrix (dense_is_cheaper)
 
 
@@ -144,7 +145,7 @@ def product(W: torch.Tensor, X: torch.Tensor, *, transpose: bool, backend: str,
         product = sketch(W, X, transpose=transpose, scale=values, scale_block=block).double()
     else:
         with _full_precision_fp32_matmul():  # X row-major: a QR's column-major Q against W^T takes a 20x slower path
-            product = ((W.mT if transpose else W) @ X.to(W.dtype).contiguous()).double()
+            product = thin_matmul(W.mT if transpose else W, X.to(W.dtype)).double()
     return product if low_rank is None else product + low_rank.times(X, transpose)
 
 
@@ -184,20 +185,48 @@ def _gram_upper(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def matmul_fp64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``A @ B`` in fp64 for ``A [L, p, q]`` of any dtype and a thin ``B [L, q, c]``: A widened to fp64 a slab of rows
-    at a time (:func:`widened_rows`), no fp64 copy of A."""
+    at a time (:func:`widened_rows`), no fp64 copy of A. For ``A = W^T`` of a row-major W, W's rows are widened and
+    their products summed (gathering A's rows from W's columns took twice as long for a 4096² W)."""
     B = B.to(A.device, torch.float64).contiguous()  # once, not once per slab
-    return torch.cat([slab @ B for slab in widened_rows(A)], dim=1)
+    transposed = not A.is_contiguous() and A.mT.is_contiguous()
+    W = A.mT if transposed else A
+    result = (torch.zeros if transposed else torch.empty)(*A.shape[:2], B.shape[-1], dtype=torch.float64,
+                                                           device=A.device)
+    start = 0
+    for slab in widened_rows(W):
+        rows = slice(start, start + slab.shape[1])
+        if transposed:
+            result.baddbmm_(slab.mT, B[:, rows])
+        else:
+            torch.matmul(slab, B, out=result[:, rows])
+        start = rows.stop
+    return result
+
+
+def thin_matmul(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``W @ X`` for ``W [L, p, q]`` and a thin ``X [L, q, c]`` of W's dtype, X's columns padded with zeros to a
+    multiple of :data:`THIN_COLUMNS`: MKL multiplies a 4096² fp32 W by 4 to 11 columns 2x (W) to 5x (Wᵀ) slower than
+    by 16 (measured on this project's CPU)."""
+    columns = X.shape[-1]
+    X = torch.nn.functional.pad(X, (0, -columns % THIN_COLUMNS)).contiguous()
+    return (W @ X)[..., :columns]
 
 
 def widened_rows(A: torch.Tensor):
     """The slabs of rows of ``A [L, p, q]`` widened to fp64 (thin products with W, its row norms, ΔM and ΔD): on a CPU
     :data:`WIDENED_ELEMENTS` elements each, small enough to stay in cache while they are used (measured on this
     project's CPU: 4x faster than slabs of 2048 columns for a 4096×11008 product with 16 columns); on a GPU
-    :data:`DEVICE_WIDENED_ELEMENTS`, so that a stack takes a few launches, not hundreds."""
+    :data:`DEVICE_WIDENED_ELEMENTS`, so that a stack takes a few launches, not hundreds.
+
+    Every slab is a view of one buffer, overwritten by the next: use each before taking the next (a fresh slab per
+    step made a 4096² product with 16 columns 3.5x slower on this project's CPU, its pages faulted in anew)."""
     elements = WIDENED_ELEMENTS if A.device.type == "cpu" else DEVICE_WIDENED_ELEMENTS
-    rows = max(1, elements // max(1, A.shape[0] * A.shape[-1]))
+    rows = min(A.shape[1], max(1, elements // max(1, A.shape[0] * A.shape[-1])))
+    buffer = torch.empty(A.shape[0], rows, A.shape[-1], dtype=torch.float64, device=A.device)
     for start in range(0, A.shape[1], rows):
-        yield A[:, start : start + rows].double()
+        slab = buffer[:, : min(rows, A.shape[1] - start)]
+        slab.copy_(A[:, start : start + rows])
+        yield slab
 
 
 def _lapack_tridiagonal_eigh(gram: np.ndarray):
@@ -292,7 +321,7 @@ class BaseBasis:
         Y = Y.to(self.Z.device, torch.float64)
         if self.kind == "explicit32":  # as precise as the basis itself, in one fp32 product
             with _full_precision_fp32_matmul():
-                return (self.Z.mT @ Y.float()).double()
+                return thin_matmul(self.Z.mT, Y.float()).double()
         return self._small_to_eigen(Y)
 
     def small_vectors(self, Y: torch.Tensor) -> torch.Tensor:
@@ -300,7 +329,7 @@ class BaseBasis:
         Y = Y.to(self.Z.device, torch.float64)
         if self.kind == "explicit32":
             with _full_precision_fp32_matmul():
-                return (self.Z @ Y.float()).double()
+                return thin_matmul(self.Z, Y.float()).double()
         return self._reflect(self.Z @ Y, transpose=False)
 
     def project(self, Y: torch.Tensor, side: str) -> torch.Tensor:
@@ -468,11 +497,15 @@ def finished(bound: torch.Tensor, residual: torch.Tensor, previous: torch.Tensor
 def error_bounds(theta: torch.Tensor, residual: torch.Tensor, k: int) -> torch.Tensor:
     """Wedin-type bound ``sqrt(2) * rho_j / delta_j`` for the first k Ritz pairs.
 
-    theta, residual: ``[L, D]`` Ritz values (descending) and their residual norms. ``delta_j`` is the distance
-    from theta_j to the other singular values of W, each of which lies within its residual of its Ritz value;
-    ``sqrt(2) sin(angle)`` bounds the distance between sign-aligned unit vectors.
+    theta, residual: ``[L, D]`` Ritz values (descending) and their residual norms ``rho_i = ||W v_i - theta_i u_i||
+    = ||W W^T u_i - theta_i² u_i|| / theta_i``. ``delta_j`` is the distance from theta_j to the other singular values
+    of W, each of which lies within ``min(rho_i, sqrt(rho_i theta_i))`` of its Ritz value (``|σ² - theta_i²| <=
+    rho_i theta_i`` gives both; the second keeps a Ritz value near zero, whose rho_i divides rounding by a tiny
+    theta_i, from swallowing the spectrum); ``sqrt(2) sin(angle)`` bounds the distance between sign-aligned unit
+    vectors.
     """
-    distance = (theta[:, :k, None] - theta[:, None, :]).abs() - residual[:, None, :]
+    radius = torch.minimum(residual, (residual * theta.clamp_min(0)).sqrt())
+    distance = (theta[:, :k, None] - theta[:, None, :]).abs() - radius[:, None, :]
     distance.diagonal(dim1=1, dim2=2).fill_(math.inf)
     delta = distance.amin(dim=-1)
     bound = math.sqrt(2.0) * residual[:, :k] / delta

@@ -355,6 +355,29 @@ def test_truncated_svd_repeated_singular_value_is_not_certified(m, n):
     torch.testing.assert_close(P @ P.T, P_ref @ P_ref.T, rtol=0, atol=1e-8)
 
 
+def test_error_bound_holds_when_the_space_holds_a_direction_outside_the_range():
+    """A Krylov space that has exhausted W's range holds a direction u outside it: its Ritz value is ~0, and its
+    residual ``||W W^T u|| / theta`` divides the products' rounding (fp32 weights: ~1e-7 σ_1²) by that ~0, far above
+    every gap. That residual must not make the top vectors' bounds infinite (it did, by a rounding's chance, for a
+    448×160 fp32 matrix): the singular value that Ritz pair vouches for lies within ``sqrt(rho theta)`` of it. The
+    bounds must still hold against fp64's SVD."""
+    g = torch.Generator().manual_seed(16)
+    m, n, rank = 60, 40, 12
+    basis = orthonormal(m, rank + 1, g)
+    W = ((basis[:, :rank] * (3.0 * spectrum(rank))) @ orthonormal(n, rank, g).T).unsqueeze(0)
+    Q = torch.cat([basis[:, :rank] @ orthonormal(rank, rank, g), basis[:, rank:]], -1).unsqueeze(0)  # range, outside
+    rows = Q.mT @ W + 1e-7 * 3.0 * torch.randn(1, rank + 1, n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    image = W @ rows.mT + 1e-7 * 9.0 * torch.randn(1, m, rank + 1, generator=g, dtype=torch.float64) / math.sqrt(m)
+    ritz = linalg._Ritz.of(Q, rows, image)  # the products as fp32 weights give them, rounding included
+    assert ritz.theta[0, -1] < 1e-6 and ritz.residual[0, -1] > 3.0  # the direction outside, as described
+    top = ritz.top(6, 1, "krylov")
+    assert torch.isfinite(top.error_bound).all() and torch.all(top.error_bound < 1e-5)
+    U, S, _ = oracle(W)
+    aligned = (top.U * torch.sign((top.U * U[..., :6]).sum(dim=1, keepdim=True)) - U[..., :6]).norm(dim=1)
+    assert torch.all(aligned <= top.error_bound), (aligned, top.error_bound)
+    assert torch.all((top.S - S[:, :6]).abs() <= top.residual)
+
+
 # --------------------------------------------------------------------------------------------------- max_abs_cos
 def test_max_abs_cos_hand_made():
     cos = torch.tensor(
