@@ -204,12 +204,13 @@ def matmul_fp64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def thin_matmul(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``W @ X`` for ``W [L, p, q]`` and a thin ``X [L, q, c]`` of W's dtype, X's columns padded with zeros to a
-    multiple of :data:`THIN_COLUMNS`: MKL multiplies a 4096² fp32 W by 4 to 11 columns 2x (W) to 5x (Wᵀ) slower than
-    by 16 (measured on this project's CPU)."""
+    """``W @ X`` for ``W [L, p, q]`` and a thin ``X [L, q, c]`` of W's dtype; in fp32, X's columns padded with zeros
+    to a multiple of :data:`THIN_COLUMNS`: MKL multiplies a 4096² fp32 W by 4 to 15 columns 2x (W) to 5x (Wᵀ) slower
+    than by 16, and MiniLM's stacks 2.2x (measured on this project's CPU; its fp64 products gain nothing from it)."""
     columns = X.shape[-1]
-    X = torch.nn.functional.pad(X, (0, -columns % THIN_COLUMNS)).contiguous()
-    return (W @ X)[..., :columns]
+    if W.dtype == torch.float32:
+        X = torch.nn.functional.pad(X, (0, -columns % THIN_COLUMNS))
+    return (W @ X.contiguous())[..., :columns]
 
 
 def widened_rows(A: torch.Tensor):
