@@ -38,3 +38,16 @@ def test_analyze(benchmark, pair):
     W0, Wt = pair
     result = benchmark(lorafft.analyze, W0, Wt, k=10)
     assert result["left"].counts.sum() >= 1
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["W", "W^T"])
+@pytest.mark.parametrize("columns", [11, 16])
+def test_thin_fp32_product(benchmark, columns, transposed):
+    """One 4096² fp32 weight times a thin block as torch multiplies it, unpadded: why ``linalg.thin_matmul`` pads
+    fp32 blocks to 16 columns (compare the 11- and 16-column timings of one orientation)."""
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(1, 4096, 4096, generator=generator)
+    W = W.mT if transposed else W
+    X = torch.randn(1, 4096, columns, generator=generator)
+    product = benchmark(torch.matmul, W, X)
+    torch.testing.assert_close(product, linalg.thin_matmul(W, X), rtol=1e-4, atol=1e-3)

@@ -169,7 +169,7 @@ LARGE, LARGE_RANK, LARGE_STEPS = 4096, 16, 6
 def large_tracks(options) -> dict:
     """Tracks of one ``LARGE``² linear layer with a LoRA adapter of rank ``LARGE_RANK`` (PEFT), ``LARGE_STEPS``
     simulated steps (each moves B and A by 2 % of their mean size): per step the seconds of a warm track, a cold one,
-    and a cold one with the update path taken away (Krylov), with the methods that answered."""
+    and a cold one with the update path taken away (Krylov), with the methods that answered and their iterations."""
     from peft import LoraConfig, get_peft_model
 
     from lorafft import synthetic
@@ -205,6 +205,7 @@ def large_tracks(options) -> dict:
                 rows = tracker.step(step)
                 entry[f"{name}_seconds"] = time.perf_counter() - start
             entry[f"{name}_method"] = sorted({row.method for row in rows})
+            entry[f"{name}_iterations"] = sorted({row.iterations for row in rows})
             entry[f"{name}_intruders"] = sum(row.counts["0.5"] for row in rows)
         steps.append(entry)
     later = steps[1:]  # the first warm track has no previous coordinates to start from
