@@ -41,6 +41,7 @@ DENSE_SVD_MAX = 512  # min(m, n) up to which the tuned top-k comes from a dense 
 
 BASIS_KINDS = ("householder", "explicit64", "explicit32")
 CHECKED_VECTORS = 4  # top base vectors of a cached basis checked against W0 before its answers are used
+ORTHONORMAL_DEFECT = 1e-12  # max |Q^T Q - I| of a Cholesky-orthonormalised Krylov block (else Householder QR)
 CHECK_TOLERANCE = 1e-3  # relative: ||M0 M0^T x_i - σ_i² x_i|| against σ_1² (an fp32 basis is good to ~1e-7)
 
 
@@ -484,6 +485,26 @@ def orthonormalize(block: torch.Tensor, basis: torch.Tensor | None) -> torch.Ten
     return block
 
 
+def cholesky_orthonormalize(block: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`orthonormalize` by Cholesky QR: after each of the two Gram–Schmidt projections, the columns scaled to
+    unit length, their ``b×b`` Gram matrix's Cholesky factor R and ``block R^-1`` (products and a triangular solve,
+    which a GPU runs in a few launches, where Householder QR of a tall block is a sequence of small panel steps).
+    Returns the block and ``[L]`` bool: where it is orthonormal, and orthogonal to ``basis``, to
+    :data:`ORTHONORMAL_DEFECT`. A block near rank-deficient after the projection (its columns nearly dependent) makes
+    Cholesky QR lose orthogonality or fail (NaN, False here): the caller reads the flags at its next host
+    synchronisation, not here, and redoes such a block with :func:`orthonormalize`."""
+    for _ in range(2):
+        block = block - basis @ (basis.mT @ block)
+        norms = block.norm(dim=-2, keepdim=True)
+        block = block / torch.where(norms > 0, norms, 1.0)
+        factor, _ = torch.linalg.cholesky_ex(block.mT @ block, upper=True)
+        block = torch.linalg.solve_triangular(factor, block, upper=True, left=False)
+    eye = torch.eye(block.shape[-1], dtype=block.dtype, device=block.device)
+    defect = torch.maximum((block.mT @ block - eye).abs().amax(dim=(-2, -1)),
+                           (basis.mT @ block).abs().amax(dim=(-2, -1)))
+    return block, defect <= ORTHONORMAL_DEFECT
+
+
 def finished(bound: torch.Tensor, residual: torch.Tensor, previous: torch.Tensor | None, floor: torch.Tensor,
              tol: float) -> torch.Tensor:
     """The iterations' stopping rule, per matrix ``[L]`` bool: every vector's ``bound [L, k]`` is ``<= tol``, or
@@ -731,7 +752,9 @@ def truncated_svd(
     approximate SVD"; Halko, Martinsson & Tropp 2011 for the randomized start). Left-space blocks
     ``K_0 = orth([start, W Omega])``, ``K_{j+1} = orth((I - QQ^T) W W^T K_j)``. Each iteration costs two
     products with W (``W^T K_j`` and ``W (W^T K_j)``); the Rayleigh–Ritz matrix ``Q^T W`` and the residuals
-    ``W v - sigma u`` are assembled from those products without touching W again.
+    ``W v - sigma u`` are assembled from those products without touching W again. ``orth`` after the start is
+    Cholesky QR (:func:`cholesky_orthonormalize`: products, not Householder panels), checked with the stopping
+    decision; a block it could not make orthonormal is redone by Householder QR before its Ritz values are used.
 
     Stopping rule: after each iteration, the residual ``||W v_j - sigma_j u_j||`` of every Ritz pair is turned into
     the bound of :func:`error_bounds` (``W^T u - sigma v`` is zero by construction after Rayleigh–Ritz, so it
@@ -765,7 +788,8 @@ def truncated_svd(
     instead of forming the tuned one.
 
     Host synchronisations on CUDA, per iteration: two, both needed by the algorithm as it stands: the error check
-    inside ``torch.linalg.eigh`` (of the fp64 Rayleigh–Ritz matrix) and the stopping decision. Nothing else waits
+    inside ``torch.linalg.eigh`` (of the fp64 Rayleigh–Ritz matrix) and the stopping decision (which reads the
+    newest block's orthonormality flags in the same copy). Nothing else waits
     for the device: the random start is drawn there and the low-rank factors are moved there once, before the loop
     (``tests/test_linalg.py`` counts them on a GPU).
     """
@@ -791,7 +815,9 @@ def truncated_svd(
     blocks = [orthonormalize(first, None)]  # K_j, [L, m, b] fp64
     rows = []  # (W^T K_j)^T, the blocks of rows of Q^T W
     images = []  # W W^T K_j
-    for iteration in range(1, max_iters + 1):
+    orthonormal = None  # [L] bool: whether the newest block's Cholesky QR held (read with the stopping decision)
+    iteration = 1
+    while True:
         WtK = product(W, blocks[-1], transpose=True, backend=backend, low_rank=low_rank, scale=scale)  # [L, n, b]
         rows.append(WtK.mT)
         images.append(product(W, WtK, transpose=False, backend=backend, low_rank=low_rank, scale=scale))
@@ -799,13 +825,29 @@ def truncated_svd(
         ritz = _Ritz.of(Q, torch.cat(rows, -2), torch.cat(images, -1))
         bound = error_bounds(ritz.theta, ritz.residual, k)
         done = finished(bound, ritz.residual[:, :k], previous, ritz.theta[:, :1] * small_residual, tol)
-        if bool(done.all()) or iteration == max_iters:
+        stop, redo = _decisions(done, orthonormal)  # the iteration's one host synchronisation besides eigh's
+        if redo:  # the newest block lost orthogonality: Householder QR instead, and its products again
+            del rows[-1], images[-1], blocks[-1]
+            blocks.append(orthonormalize(images[-1], torch.cat(blocks, -1)))
+            orthonormal = None
+            continue
+        if stop or iteration == max_iters:
             return ritz.top(k, iteration, "krylov")
         if Q.shape[-1] + b > min(m, n):
             return _dense_svd(dequantized(W, scale), k, low_rank, None if scale is not None else base_gram)
         previous = ritz.residual[:, :k]
-        blocks.append(orthonormalize(images[-1], Q))
-    raise AssertionError("unreachable")
+        block, orthonormal = cholesky_orthonormalize(images[-1], Q)
+        blocks.append(block)
+        iteration += 1
+
+
+def _decisions(done: torch.Tensor, orthonormal: torch.Tensor | None) -> tuple[bool, bool]:
+    """``(every matrix finished, the newest block must be redone)`` from ``done [L]`` and the newest block's
+    :func:`cholesky_orthonormalize` flags ``[L]`` (None for a Householder block): one read from the device."""
+    if orthonormal is None:
+        return bool(done.all()), False
+    stop, kept = torch.stack([done.all(), orthonormal.all()]).tolist()
+    return stop and kept, not kept
 
 
 @dataclass

@@ -219,6 +219,47 @@ def test_truncated_svd_matches_fp64(kind, m, n, L, k):
         assert result.iterations == 0  # small: dense fp64 SVD (Krylov may also fall back to it when its space fills up)
 
 
+def test_cholesky_orthonormalize_spans_what_householder_spans():
+    """Cholesky QR of a projected block: orthonormal and orthogonal to the basis to ORTHONORMAL_DEFECT, the same
+    span as Householder QR gives; a block whose columns are dependent after the projection is flagged."""
+    g = torch.Generator().manual_seed(21)
+    basis = torch.linalg.qr(torch.randn(2, 300, 40, generator=g, dtype=torch.float64)).Q
+    block = torch.randn(2, 300, 20, generator=g, dtype=torch.float64)
+    block[0, :, :10] = basis[0, :, :10] + 1e-6 * block[0, :, :10]  # mostly in the basis already
+    mine, orthonormal = linalg.cholesky_orthonormalize(block, basis)
+    theirs = linalg.orthonormalize(block, basis)
+    assert orthonormal.tolist() == [True, True]
+    eye = torch.eye(20, dtype=torch.float64)
+    assert (mine.mT @ mine - eye).abs().max() <= linalg.ORTHONORMAL_DEFECT
+    assert (basis.mT @ mine).abs().max() <= linalg.ORTHONORMAL_DEFECT
+    torch.testing.assert_close(mine @ mine.mT, theirs @ theirs.mT, rtol=0, atol=1e-9)
+    block[1, :, 5] = block[1, :, 4]  # dependent columns: no orthonormal basis of 20 columns spans them
+    _, orthonormal = linalg.cholesky_orthonormalize(block, basis)
+    assert orthonormal.tolist() == [True, False]
+
+
+@pytest.mark.usefixtures("krylov_path")
+def test_krylov_redoes_a_block_whose_cholesky_qr_failed(monkeypatch):
+    """A Krylov block whose Cholesky QR lost orthogonality is rebuilt by Householder QR with its products taken
+    again: the answer is still fp64's, in as many iterations as without the failure."""
+    g = torch.Generator().manual_seed(22)
+    W = make_weight("spectral", 512, 256, g, 1)
+    clean = linalg.truncated_svd(W, 10, generator=torch.Generator().manual_seed(1))
+    cholesky, failures = linalg.cholesky_orthonormalize, []
+
+    def failing_once(block, basis):
+        result, orthonormal = cholesky(block, basis)
+        if not failures:
+            failures.append(True)
+            return result + 1e-3 * torch.randn(result.shape, generator=g, dtype=torch.float64), ~orthonormal
+        return result, orthonormal
+
+    monkeypatch.setattr(linalg, "cholesky_orthonormalize", failing_once)
+    result = linalg.truncated_svd(W, 10, generator=torch.Generator().manual_seed(1))
+    assert failures and result.iterations == clean.iterations > 1
+    check_truncated(result, W, 10)
+
+
 @pytest.mark.parametrize("m,n,L,r", [(384, 300, 3, 4), (256, 512, 1, 16), (60, 50, 2, 2)])
 def test_truncated_svd_of_a_factored_low_rank_update_matches_fp64(m, n, L, r):
     """W + s·B·A kept factored (one s per matrix; Krylov and dense paths) is certified like the formed sum."""
