@@ -221,7 +221,7 @@ def widened_rows(A: torch.Tensor):
     :data:`DEVICE_WIDENED_ELEMENTS`, so that a stack takes a few launches, not hundreds.
 
     Every slab is a view of one buffer, overwritten by the next: use each before taking the next (a fresh slab per
-    step made a 4096² product with 16 columns 3.5x slower on this project's CPU, its pages faulted in anew)."""
+    step made a 4096² product with 16 columns 3.5x slower on this project's CPU)."""
     elements = WIDENED_ELEMENTS if A.device.type == "cpu" else DEVICE_WIDENED_ELEMENTS
     rows = min(A.shape[1], max(1, elements // max(1, A.shape[0] * A.shape[-1])))
     buffer = torch.empty(A.shape[0], rows, A.shape[-1], dtype=torch.float64, device=A.device)

@@ -133,47 +133,22 @@ class _Problem:
             return None
         return -R[:, self.head :] / gap, R
 
-    def rayleigh_ritz(self, tail: _Tail, q: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top q Ritz pairs of H on span(head e_i, ``tail``): ``(θ [L, q] descending, y [L, s, q])``, from the
-        blocks ``[[H_hh, U_h C G], [., tail^T diag(σ0_t²) tail + G^T C G]]`` with ``G = U_t^T tail``."""
+    def rayleigh_ritz(self, tail: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top q Ritz pairs of H on span(head e_i, ``tail [L, s - head, c]`` zero on the head, orthonormal):
+        ``(θ [L, q] descending, y [L, s, q])``, from the blocks ``[[H_hh, U_h C G], [., tail^T diag(σ0_t²) tail +
+        G^T C G]]`` with ``G = U_t^T tail``."""
         h, U, C = self.head, self.U, self.C
-        corner = tail.D + tail.G.mT @ C @ tail.G
-        side = U[:, :h] @ C @ tail.G
+        G = U[:, h:].mT @ tail
+        corner = tail.mT @ (self.lam0[:, h:].unsqueeze(-1) * tail) + G.mT @ C @ G
+        side = U[:, :h] @ C @ G
         T_head = torch.diag_embed(self.lam0[:, :h]) + U[:, :h] @ C @ U[:, :h].mT
         T = torch.cat([torch.cat([T_head, side], -1), torch.cat([side.mT, corner], -1)], -2)
         lam, Z = torch.linalg.eigh(T)
         lam, Z = lam.flip(-1)[:, :q], Z.flip(-1)[..., :q]
-        return lam, torch.cat([Z[:, :h], tail.vectors @ Z[:, h:]], dim=1)
+        return lam, torch.cat([Z[:, :h], tail @ Z[:, h:]], dim=1)
 
 
-@dataclass
-class _Tail:
-    """An orthonormal block of tail coordinates, ``vectors [L, s - head, c]`` (zero on the head), with the parts of H
-    that Rayleigh–Ritz reads of it, kept as the block grows: ``G = U_t^T vectors [L, 2r, c]`` and ``D = vectors^T
-    diag(σ0_t²) vectors [L, c, c]`` (extending by c' columns costs ``O(s c' (c + c' + 2r))``, not recomputing both)."""
-
-    vectors: torch.Tensor
-    G: torch.Tensor
-    D: torch.Tensor
-
-    @classmethod
-    def of(cls, problem: _Problem, vectors: torch.Tensor) -> _Tail:
-        h = problem.head
-        return cls(vectors, problem.U[:, h:].mT @ vectors, vectors.mT @ (problem.lam0[:, h:, None] * vectors))
-
-    def extended(self, problem: _Problem, new: torch.Tensor) -> _Tail:
-        """The block with ``new [L, s - head, c']`` appended (orthonormal, and to the block)."""
-        h = problem.head
-        weighted = problem.lam0[:, h:, None] * new
-        cross = self.vectors.mT @ weighted
-        D = torch.cat([torch.cat([self.D, cross], -1), torch.cat([cross.mT, new.mT @ weighted], -1)], -2)
-        return _Tail(torch.cat([self.vectors, new], -1), torch.cat([self.G, problem.U[:, h:].mT @ new], -1), D)
-
-    def select(self, rows: torch.Tensor) -> _Tail:
-        return _Tail(self.vectors[rows], self.G[rows], self.D[rows])
-
-
-def _start(problem: _Problem, previous: torch.Tensor | None) -> _Tail:
+def _start(problem: _Problem, previous: torch.Tensor | None) -> torch.Tensor:
     """The first tail block ``[L, s - head, c]``: the tail rows of U, the update's own directions, where a new top
     vector comes from, and of the last step's vectors and their corrections under the current H (unless a value is
     not above the tail)."""
@@ -185,19 +160,19 @@ def _start(problem: _Problem, previous: torch.Tensor | None) -> _Tail:
         correction = problem.correction(previous, lam)
         if correction is not None:
             start = [previous[:, h:], correction[0], problem.U[:, h:]]
-    return _Tail.of(problem, linalg.orthonormalize(torch.cat(start, dim=-1), None))
+    return linalg.orthonormalize(torch.cat(start, dim=-1), None)
 
 
-def _iterate(problem: _Problem, tail: _Tail, k: int, q: int, tol: float, floor: float) -> tuple | None:
+def _iterate(problem: _Problem, tail: torch.Tensor, k: int, q: int, tol: float, floor: float) -> tuple | None:
     """Rayleigh–Ritz and tail corrections until every matrix is :func:`lorafft.linalg.finished` (those that are
     leave the batch): ``(σ [L, q], residual [L, q], bound [L, k], y [L, s, q], iterations)``, or None. ``floor``:
     the relative rounding floor of H (the basis's precision) below which a residual that stopped falling is done."""
     L, s = problem.lam0.shape
     sigma_all, residual_all = (problem.lam0.new_zeros(L, q) for _ in range(2))
     bound_all, Y_all = problem.lam0.new_zeros(L, k), problem.lam0.new_zeros(L, s, q)
-    rows, last = torch.arange(L, device=tail.vectors.device), None
+    rows, last = torch.arange(L, device=tail.device), None
     for iteration in range(1, MAX_ITERATIONS + 1):
-        if problem.head + tail.vectors.shape[-1] >= s:
+        if problem.head + tail.shape[-1] >= s:
             return None  # the space would be all of R^s: the dense top-k is cheaper
         lam, Y = problem.rayleigh_ritz(tail, q)
         sigma = lam.clamp_min(0).sqrt()
@@ -215,8 +190,7 @@ def _iterate(problem: _Problem, tail: _Tail, k: int, q: int, tol: float, floor: 
             return sigma_all, residual_all, bound_all, Y_all, iteration
         going = ~done
         problem, rows, last, step = problem.select(going), rows[going], residual[going, :k], step[going]
-        tail = tail.select(going)
-        tail = tail.extended(problem, linalg.orthonormalize(step, tail.vectors))
+        tail = torch.cat([tail[going], linalg.orthonormalize(step, tail[going])], dim=-1)
     return None
 
 

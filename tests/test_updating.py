@@ -159,8 +159,7 @@ def test_an_answer_that_misses_a_top_vector_is_refused(monkeypatch):
         if previous is None:
             return start(problem, None)
         eye = torch.eye(problem.lam0.shape[-1] - problem.head, 2 * (K + 1), dtype=torch.float64)
-        blind = eye.expand(problem.lam0.shape[0], -1, -1)  # tail unit vectors next to the head: untouched by B, A
-        return updating._Tail.of(problem, blind)
+        return eye.expand(problem.lam0.shape[0], -1, -1)  # tail unit vectors next to the head: untouched by B, A
 
     monkeypatch.setattr(updating, "_start", blind_start)
     found = updating.updated_top(basis, strong, K, previous=torch.zeros(2, 120, K + 1, dtype=torch.float64))
