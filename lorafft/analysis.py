@@ -171,8 +171,8 @@ def analyze(
         rank = base_rank(basis)
         for side in sides:
             vectors = tuned.svd.U if side == "left" else tuned.svd.V
-            if side == basis.small_side and tuned.small_cosines is not None:
-                cosines = tuned.small_cosines
+            if tuned.small_cosines is not None:  # the update path: both sides from the coordinates
+                cosines = tuned.small_cosines if side == basis.small_side else tuned.large_cosines
                 defined = _restrict_to_rank(linalg.max_abs_cos(cosines, eps), lambda: cosines, rank,
                                             basis.sigma.shape[-1], eps)
             else:
@@ -186,14 +186,16 @@ class Tuned:
     """:func:`tuned_top`'s answer: the certified top-k ``svd`` (a :class:`lorafft.linalg.TruncatedSVD`), which path
     answered each matrix (``method``), the update path's ``coordinates`` ``[L, s, k + 1]`` (None elsewhere),
     ``W0_At`` ``[L, m, r]`` fp64, ``W0 Aᵀ`` of a LoRA update when the update path formed it (DoRA's ΔM, ΔD), and
-    ``small_cosines``, where the update path answered every matrix: the certified small-side vectors' cosines with
-    every base vector of that side, from the coordinates (no product with the basis; as exact as the basis)."""
+    ``small_cosines`` and ``large_cosines``, where the update path answered every matrix: the certified vectors'
+    cosines with every base vector of their side, the small side's and the larger side's, from the coordinates (no
+    product with the basis or W0; as exact as the basis: :func:`lorafft.updating.larger_side_cosines`)."""
 
     svd: linalg.TruncatedSVD
     method: list[str]
     coordinates: torch.Tensor | None = None
     W0_At: torch.Tensor | None = None
     small_cosines: torch.Tensor | None = None  # [L, s, k] the certified small-side vectors' cosines, update path
+    large_cosines: torch.Tensor | None = None  # [L, s, k] the larger side's (updating.larger_side_cosines)
 
 
 def tuned_top(W0: torch.Tensor, Wt: torch.Tensor | None, *, k: int, basis: linalg.BaseBasis, backend: str,
@@ -261,8 +263,11 @@ def _update_path(W0, k, basis, backend, low_rank, previous, tol) -> tuple[Tuned,
     floor = svd.S[:, :1] * PRODUCT_FLOOR * torch.finfo(precision).eps  # no product in this precision does better
     done = ((svd.error_bound <= tol) | (svd.residual <= floor)).all(dim=-1)
     failed = (~done).nonzero().flatten().tolist()
-    cosines = None if failed else updated.coordinates @ certified.mix
-    return Tuned(svd, ["update"] * L, updated.coordinates, None if right else image, cosines), failed
+    if failed:
+        return Tuned(svd, ["update"] * L, updated.coordinates, None if right else image), failed
+    small = updated.coordinates @ certified.mix
+    large = updating.larger_side_cosines(basis.sigma, updated.factors, low_rank.scale, small, svd.S)
+    return Tuned(svd, ["update"] * L, updated.coordinates, None if right else image, small, large), []
 
 
 def _krylov(W, k, basis, backend, low_rank, scale, start, tol, generator, base_gram=None) -> linalg.TruncatedSVD:

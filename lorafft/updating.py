@@ -51,6 +51,7 @@ class UpdatedSVD:
     S, residual, error_bound ``[L, k]`` and iterations: as :class:`lorafft.linalg.TruncatedSVD`'s, measured in the
     coordinates. coordinates ``[L, s, q]``: the small side's tuned vectors y_j (j < q = k + 1) in the base basis of
     that side, row i for the base vector of the i-th largest σ0 (a tracker starts the next step from them).
+    factors ``[L, s, 2r]``: U of the module docstring, which :func:`larger_side_cosines` reads.
     """
 
     S: torch.Tensor
@@ -59,6 +60,7 @@ class UpdatedSVD:
     iterations: int
     coordinates: torch.Tensor
     small_side: str
+    factors: torch.Tensor  # [L, s, 2r] U = X0^T [M0 Q^T, P] (the update in the base's coordinates)
 
 
 def updated_top(basis: linalg.BaseBasis, low_rank: linalg.LowRank, k: int, previous: torch.Tensor | None = None,
@@ -103,7 +105,29 @@ def updated_top(basis: linalg.BaseBasis, low_rank: linalg.LowRank, k: int, previ
         return None
     sigma, residual, bound, Y, iterations = found
     return UpdatedSVD(S=sigma[:, :k], residual=residual[:, :k], error_bound=bound, iterations=iterations,
-                      coordinates=Y, small_side="left" if left else "right")
+                      coordinates=Y, small_side="left" if left else "right", factors=U)
+
+
+def larger_side_cosines(sigma0: torch.Tensor, factors: torch.Tensor, scale: torch.Tensor, small: torch.Tensor,
+                        sigma: torch.Tensor) -> torch.Tensor:
+    """The cosines ``[L, s, k]`` of the larger side's tuned vectors with that side's base vectors, from the small
+    side's coordinates alone: no product with W0.
+
+    The larger side's tuned vector is ``z_j = M^T x_j / σ_j`` and its base vectors ``w_i = M0^T x0_i / σ0_i``
+    (the reduced SVD's; for ``σ0_i = 0`` the row is 0, undefined, as :meth:`lorafft.linalg.BaseBasis.project` has
+    it). With ``M0 M^T = M0 M0^T + s M0 Q^T P^T`` and ``x0_i^T M0 M0^T = σ0_i² x0_i^T``:
+
+        w_i^T z_j = (σ0_i² y_ij + s U_img,i (U_P^T y_j)) / (σ0_i σ_j),    [U_img, U_P] = U = X0^T [M0 Q^T, P],
+
+    for ``small [L, s, k]`` the small side's vectors' coordinates y_j (their cosines with that side's base vectors),
+    ``sigma [L, k]`` their singular values and ``sigma0 [L, s]``, ``factors`` U ``[L, s, 2r]`` and ``scale [L]``
+    of the update (all fp64). As exact as the coordinates: dividing by a small σ0_i amplifies the basis's error as
+    it does in ``project``, which multiplies W0's image by the basis and divides by σ0_i too."""
+    r = factors.shape[-1] // 2
+    image, P = factors[..., :r], factors[..., r:]
+    along = scale.to(small.device, small.dtype)[:, None, None] * image @ (P.mT @ small)  # s U_img (U_P^T y)
+    inverse = torch.where(sigma0 > 0, 1.0 / sigma0, 0.0).unsqueeze(-1)
+    return (sigma0.unsqueeze(-1) * small + along * inverse) / sigma.unsqueeze(1)
 
 
 @dataclass

@@ -242,3 +242,25 @@ def test_the_update_path_equals_the_dense_top_k_on_a_rank_deficient_base(side):
     changes = analysis.magnitude_direction(W0, W0 + low_rank.dense())
     torch.testing.assert_close((updated["left"].delta_magnitude, updated["left"].delta_direction), changes,
                                rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape,rank", [((96, 160), None), ((160, 96), None), ((128, 128), None), ((160, 96), 60)])
+def test_larger_side_cosines_from_the_coordinates_equal_lapack(shape, rank):
+    """The larger side's cosines come from the small side's coordinates and U alone (no product with W0): fp64
+    LAPACK's cosines of that side's tuned vectors with its base vectors (the reduced SVD's, within the base's rank),
+    within each vector's certified bound."""
+    g = torch.Generator().manual_seed(sum(shape) + (rank or 0))
+    m, n = shape
+    W0 = base_stack(2, m, n, g, rank=rank)
+    basis = explicit_basis(W0)
+    low_rank = update(2, m, n, 4, 2.0, g)
+    found = updating.updated_top(basis, low_rank, K)
+    small = found.coordinates[..., :K]
+    large = updating.larger_side_cosines(basis.sigma, found.factors, low_rank.scale, small, found.S)
+    _, cosines = reference(W0, low_rank)
+    expected = cosines["right" if basis.small_side == "left" else "left"]
+    rows = torch.arange(basis.sigma.shape[-1])  # beyond the base's rank a row is undefined (the match skips it)
+    defined = (rows < analysis.base_rank(basis).unsqueeze(-1)).unsqueeze(-1)
+    error = torch.where(defined, large.abs() - expected.abs(), 0.0).abs()  # (signs: each basis has its own)
+    assert (error <= found.error_bound.unsqueeze(1) + 1e-9).all()  # the bound, and rounding divided by σ0_i
+    assert (found.error_bound <= 1e-5).all() and error.max() > 0  # a real comparison, not of a matrix with itself
