@@ -127,7 +127,8 @@ def larger_side_cosines(sigma0: torch.Tensor, factors: torch.Tensor, scale: torc
     image, P = factors[..., :r], factors[..., r:]
     along = scale.to(small.device, small.dtype)[:, None, None] * image @ (P.mT @ small)  # s U_img (U_P^T y)
     inverse = torch.where(sigma0 > 0, 1.0 / sigma0, 0.0).unsqueeze(-1)
-    return (sigma0.unsqueeze(-1) * small + along * inverse) / sigma.unsqueeze(1)
+    defined = sigma > sigma[:, :1] * torch.finfo(torch.float64).eps  # as linalg's Ritz vectors: 0 for a zero σ_j
+    return (sigma0.unsqueeze(-1) * small + along * inverse) * torch.where(defined, 1.0 / sigma, 0.0).unsqueeze(1)
 
 
 @dataclass
