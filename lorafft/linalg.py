@@ -206,8 +206,9 @@ def matmul_fp64(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def thin_matmul(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """``W @ X`` for ``W [L, p, q]`` and a thin ``X [L, q, c]`` of W's dtype; in fp32, X's columns padded with zeros
-    to a multiple of :data:`THIN_COLUMNS`: MKL multiplies a 4096² fp32 W by 4 to 15 columns 2x (W) to 5x (Wᵀ) slower
-    than by 16, and MiniLM's stacks 2.2x (measured on this project's CPU; its fp64 products gain nothing from it)."""
+    to a multiple of :data:`THIN_COLUMNS`: on this project's CPU MKL multiplies a 4096² fp32 W by 11 columns in 1.9x
+    (W) and 4.8x (Wᵀ) the time it takes for 16 (``pytest benchmarks/test_bench_linalg.py -k thin``); its fp64
+    products did not gain from padding."""
     columns = X.shape[-1]
     if W.dtype == torch.float32:
         X = torch.nn.functional.pad(X, (0, -columns % THIN_COLUMNS))
