@@ -492,8 +492,9 @@ def cholesky_orthonormalize(block: torch.Tensor, basis: torch.Tensor) -> tuple[t
     which a GPU runs in a few launches, where Householder QR of a tall block is a sequence of small panel steps).
     Returns the block and ``[L]`` bool: where it is orthonormal, and orthogonal to ``basis``, to
     :data:`ORTHONORMAL_DEFECT`. A block near rank-deficient after the projection (its columns nearly dependent) makes
-    Cholesky QR lose orthogonality or fail (NaN, False here): the caller reads the flags at its next host
-    synchronisation, not here, and redoes such a block with :func:`orthonormalize`."""
+    Cholesky QR lose orthogonality or fail (False here): the caller reads the flags at its next host
+    synchronisation, not here, and redoes such a block with :func:`orthonormalize`. A failed factorisation's NaN are
+    returned as 0, so that the Rayleigh–Ritz step run before that read (whose ``eigh`` refuses NaN) completes."""
     for _ in range(2):
         block = block - basis @ (basis.mT @ block)
         norms = block.norm(dim=-2, keepdim=True)
@@ -503,7 +504,7 @@ def cholesky_orthonormalize(block: torch.Tensor, basis: torch.Tensor) -> tuple[t
     eye = torch.eye(block.shape[-1], dtype=block.dtype, device=block.device)
     defect = torch.maximum((block.mT @ block - eye).abs().amax(dim=(-2, -1)),
                            (basis.mT @ block).abs().amax(dim=(-2, -1)))
-    return block, defect <= ORTHONORMAL_DEFECT
+    return torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0), defect <= ORTHONORMAL_DEFECT
 
 
 def finished(bound: torch.Tensor, residual: torch.Tensor, previous: torch.Tensor | None, floor: torch.Tensor,

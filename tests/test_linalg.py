@@ -234,8 +234,10 @@ def test_cholesky_orthonormalize_spans_what_householder_spans():
     assert (basis.mT @ mine).abs().max() <= linalg.ORTHONORMAL_DEFECT
     torch.testing.assert_close(mine @ mine.mT, theirs @ theirs.mT, rtol=0, atol=1e-9)
     block[1, :, 5] = block[1, :, 4]  # dependent columns: no orthonormal basis of 20 columns spans them
-    _, orthonormal = linalg.cholesky_orthonormalize(block, basis)
+    failed, orthonormal = linalg.cholesky_orthonormalize(block, basis)
     assert orthonormal.tolist() == [True, False]
+    assert torch.isfinite(failed).all()  # the Krylov step's eigh runs on it before the flag is read
+    torch.linalg.eigh(failed.mT @ failed)
 
 
 @pytest.mark.usefixtures("krylov_path")
