@@ -78,10 +78,11 @@ def train(callbacks, directory: str) -> float:
     return time.perf_counter() - start
 
 
-def cold_and_warm(directory: str) -> list[dict]:
+def cold_and_warm(directory: str, tracks_within=contextlib.nullcontext) -> list[dict]:
     """At every tracked step: one warm track (the tracker's default) and one cold track of the same weights (a
-    second tracker with warm starts off: a scan's analysis), both timed, with the seconds each spent in the dense
-    top-k's LAPACK eigen-solve (``linalg._top_eigenpairs``)."""
+    second tracker with warm starts off: a scan's analysis), both timed (each inside ``tracks_within()``; the
+    trackers are made outside it), with the seconds each spent in the dense top-k's LAPACK eigen-solve
+    (``linalg._top_eigenpairs``)."""
     from transformers import TrainerCallback
 
     from lorafft import linalg
@@ -110,9 +111,10 @@ def cold_and_warm(directory: str) -> list[dict]:
             if state.global_step % EVERY == 0:
                 entry = {"step": state.global_step}
                 for name, tracker in (("warm", self.warm), ("cold", self.cold)):
-                    start, eigen[0] = time.perf_counter(), 0.0
-                    rows = tracker.step(state.global_step)
-                    entry[f"{name}_seconds"] = time.perf_counter() - start
+                    with tracks_within():
+                        start, eigen[0] = time.perf_counter(), 0.0
+                        rows = tracker.step(state.global_step)
+                        entry[f"{name}_seconds"] = time.perf_counter() - start
                     entry[f"{name}_eigen_seconds"] = eigen[0]
                     entry[f"{name}_iterations"] = sorted({row.iterations for row in rows})
                     entry[f"{name}_intruders"] = sum(row.counts["0.5"] for row in rows)
@@ -152,9 +154,10 @@ def main() -> None:
 
 
 def krylov_tracks(options) -> dict:
-    """Cold and warm tracks with every matrix through the Krylov iteration (:func:`krylov_only`), as the JSON."""
-    with tempfile.TemporaryDirectory() as directory, krylov_only():
-        tracks = cold_and_warm(directory)[1:]
+    """Cold and warm tracks with every matrix through the Krylov iteration (:func:`krylov_only`), as the JSON. The
+    trackers are made outside it: its ``DENSE_SVD_MAX = 0`` would also have them hold MiniLM's W0 and bases in fp32."""
+    with tempfile.TemporaryDirectory() as directory:
+        tracks = cold_and_warm(directory, krylov_only)[1:]
     warm, cold = [t["warm_seconds"] for t in tracks[1:]], [t["cold_seconds"] for t in tracks[1:]]
     return {"command": f"PYTHONPATH=$PWD python benchmarks/tracking_cost.py --threads {options.threads} --krylov",
             "setup": {"path": "certified block Krylov for every matrix (no update path, DENSE_SVD_MAX = 0)",

@@ -5,7 +5,7 @@ read what it reads (issue 20).
 Writes, under ``--dir``: ``base/`` and ``full/`` (``--layers`` Llama decoder layers at ``--shape`` 7b or 70b, bf16,
 sharded safetensors with an index and a ``config.json``), ``lora/`` (a PEFT adapter, r = 16, α = 32, on all seven
 projections) and ``cache/``. Each scan runs as a command in a fresh process (``lorafft scan ... --profile --out``),
-so its peak resident memory is its own (``os.wait4``); the report's ``profile`` gives the wall time and each stage's
+so its peak resident memory is its own (the child's ``VmHWM``); the report's ``profile`` gives the wall time and each stage's
 busy seconds (``lorafft.profiling``). The **read floor** of a scan is the time to read every byte it reads: the same
 files through the same loader (``lorafft.loading.BatchLoader``, the same batches, cached bases included), in a fresh
 process, no analysis. Both run on files the page cache holds (they were just written): the ratio compares like with
@@ -89,7 +89,7 @@ def _run(arguments: list[str], env: dict) -> tuple[float, int, str]:
     ``os.wait4`` maximum would not give: Linux carries the parent's resident size at the fork over the exec)."""
     import tempfile
 
-    argv = [sys.executable, WORKER, "--child", *arguments]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", *arguments]  # from any working directory
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as errors:
         done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
@@ -233,8 +233,7 @@ def read_floor(report_path: str, device: str) -> dict:
                 torch.cuda.synchronize(device)
             del loaded
         seconds = time.perf_counter() - start
-    shapes = {tuple(batch[0].shape): len(batch) for batch in batches}
-    host = max(memory.host_peak(shape, L, plan) for shape, L in shapes.items()) + sum(
+    host = max(memory.host_peak(tuple(batch[0].shape), len(batch), plan) for batch in batches) + sum(
         _largest_shard(path) for path in [data["inputs"]["base"], *data["inputs"]["tuned"]])
     return {"seconds": seconds, "batches": len(batches), "predicted_host_bytes": host}
 

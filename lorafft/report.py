@@ -110,6 +110,10 @@ class MatrixRow:
         for name in _PER_VECTOR + (("outside",) if row.get("outside") is not None else ()):
             if not isinstance(row[name], list) or len(row[name]) != k:
                 raise ValueError(f"matrix {row['name']!r}: {name} does not hold k = {k} values")
+        previous = row.get("cos_previous")
+        if previous is not None and not (isinstance(previous, list) and len(previous) == k and all(
+                isinstance(line, list) and len(line) == k for line in previous)):
+            raise ValueError(f"matrix {row['name']!r}: cos_previous is not k × k = {k} × {k} cosines")
         if not isinstance(row["counts"], dict) or not is_int(row["checkpoint"]):
             raise ValueError(f"matrix {row['name']!r}: counts is not an object, or checkpoint not an index")
         return cls(**row)
@@ -427,8 +431,8 @@ class Report:
     def plot_trajectory(self, name: str, side: str = "left", eps: float | None = None, *, search: int | None = None,
                         ax=None):
         """Rank and singular value of the last checkpoint's intruders of ``name`` across the report's checkpoints,
-        read from its input paths (a tracked run's: followed through the cosines its rows keep): the paper's
-        Figure 5."""
+        read from its input paths (a tracked run's: followed through the cosines its rows keep; ValueError when
+        they hold none): the paper's Figure 5."""
         from lorafft.plots.trajectory import intruder_trajectory, is_tracked, plot_trajectory, tracked_trajectory
 
         eps = self.threshold(eps)

@@ -162,6 +162,20 @@ def test_a_tracked_run_gets_its_trajectory_from_the_report(run, tracked, tmp_pat
     assert status == 0 and not any("trajectory" in path for path in written)
     assert err.startswith("lorafft: note: older: no trajectory: the report has no cosines between tracked steps")
 
+    gap = tracked.to_dict()  # the worst matrix missing at the first step (another there): a note, not a traceback
+    for row in gap["matrices"]:
+        if row["checkpoint"] == 0:
+            row["name"] = row["tuned_name"] = row["module"] = "other"
+    (tmp_path / "gap.json").write_text(json.dumps(gap))
+    status, written, err = plot([tmp_path / "gap.json", "--out", tmp_path / "gap", "--spectra", "0"], capsys)
+    assert status == 0 and err.startswith("lorafft: note: gap: no trajectory:") and "Traceback" not in err
+
+    bent = tracked.to_dict()  # cos_previous that is not k × k: a one-line input error naming the file
+    bent["matrices"][-1]["cos_previous"] = bent["matrices"][-1]["cos_previous"][:3]
+    (tmp_path / "bent.json").write_text(json.dumps(bent))
+    status, _, err = plot([tmp_path / "bent.json", "--out", tmp_path / "bent"], capsys)
+    assert status != 0 and "bent.json" in err and "cos_previous" in err and len(err.strip().splitlines()) == 1
+
 
 def content(figure) -> list:
     """What a figure shows: per axes, its labels, title, lines, bars, scatter points, images and texts."""

@@ -243,12 +243,12 @@ def _from_vectors(label: str, report: Report, side: str, eps: float, args):
                   file=sys.stderr)
         if trajectory:
             (row,) = figures.worst_rows(report, eps, 1, side)
-            drawn = tracked_trajectory(report, row.name, side=side, eps=eps)
-            if len(drawn.labels) > 1:
-                yield f"trajectory-{_filename(row.name)}.png", plot_trajectory(drawn)
+            try:
+                drawn = tracked_trajectory(report, row.name, side=side, eps=eps)
+            except ValueError as error:
+                print(f"lorafft: note: {label}: no trajectory: {error}", file=sys.stderr)
             else:
-                print(f"lorafft: note: {label}: no trajectory: the report has no cosines between tracked steps "
-                      "(written before trackers kept them, or tracked with warm_start=False)", file=sys.stderr)
+                yield f"trajectory-{_filename(row.name)}.png", plot_trajectory(drawn)
         return
     if not heatmaps and not trajectory:
         return

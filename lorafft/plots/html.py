@@ -90,10 +90,7 @@ def _from_vectors(report, row) -> str:
         try:
             drawn = trajectory.tracked_trajectory(report, row.name, side=row.side, eps=report.threshold())
         except ValueError as error:
-            return note + f"<p>No trajectory: {escape(str(error))}</p>\n"
-        if len(drawn.labels) < 2:
-            return note + ("<p>No trajectory: the report has no cosines between steps (written before trackers "
-                           "kept them, or tracked with warm_start=False).</p>\n")
+            return note + f"<p>No trajectory: {escape(str(error))}.</p>\n"
         caption = (f"Intruders of {row.name} ({row.side}) at the last tracked step, followed back step by step: "
                    f"rank and singular value of the best match among each step's top {drawn.search} (paper "
                    f"Figure 5); hollow markers: no match with |cos| ≥ ε.")

@@ -77,12 +77,16 @@ def tracked_trajectory(report, name: str, *, side: str = "left", eps: float = 0.
     is the vector of largest |coefficient|, and that |coefficient| its ``alignment``. Only the top k are known at
     each step, so what of the intruder lies outside them is lost on the way back (alignment falls): an intruder that
     climbed from below rank k shows no match there. Steps before one without ``cos_previous`` (the first step, or a
-    resumed run's restart) are left out. ValueError when the matrix is missing at some step.
+    resumed run's restart) are left out. ValueError when the matrix is missing at some step, or when its last step
+    has no ``cos_previous`` to follow (nothing to draw).
     """
     rows = [find_row(report, name, side, checkpoint) for checkpoint in range(len(report.checkpoints))]
     first = len(rows) - 1
     while first > 0 and rows[first].cos_previous is not None:
         first -= 1
+    if first == len(rows) - 1:
+        raise ValueError("the report has no cosines between tracked steps (written before trackers kept them, or "
+                         "tracked with warm_start=False)")
     last = rows[-1]
     intruders = [j for j, flag in enumerate(last.is_intruder(eps)) if flag]
     coefficients = torch.eye(last.k, dtype=torch.float64)[:, intruders]  # [k, p]
