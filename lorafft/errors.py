@@ -8,6 +8,11 @@ Every name lorafft prints, draws or writes into a page passes through :func:`pri
 """
 
 
+def plural(count: int, singular: str, plural_form: str) -> str:
+    """``"1 matrix"``, ``"2 matrices"``: the count and the word that agrees with it."""
+    return f"{count} {singular if count == 1 else plural_form}"
+
+
 def printable(text) -> str:
     """``str(text)`` with any character UTF-8 cannot encode (a lone surrogate: how Python decodes a file name or a
     pickled tensor name that is not UTF-8) written as its escape, ``\\udcff``: safe to print to a strict UTF-8

@@ -27,13 +27,11 @@ import math
 import platform
 from dataclasses import dataclass, field
 
-from lorafft.errors import InputError
+from lorafft.errors import InputError, plural, printable
 from lorafft.io.jsonfile import is_int, read_json_object
 from lorafft.io.writer import write_atomic
 from lorafft.options import eps_key, report_file
 from lorafft.pairing import Pair, layer_and_module
-from lorafft.errors import printable
-from lorafft.plots.figures import plural
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = "report.schema.json"  # in the package, beside this module

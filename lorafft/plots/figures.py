@@ -30,7 +30,7 @@ import statistics
 
 import numpy
 
-from lorafft.errors import printable
+from lorafft.errors import plural, printable
 
 # ``report`` arguments are lorafft.report.Report objects and ``row``/``rows`` their MatrixRows, unannotated: plots
 # never imports lorafft.report, whose plot_* methods call into plots (the dependency runs one way).
@@ -54,11 +54,6 @@ def new_axes(ax=None, size=(6.4, 4.2)):
 def module_label(module: str) -> str:
     """A row's module path as drawn: :func:`printable`, and ``"(top level)"`` for a matrix named ``weight`` alone."""
     return printable(module) or "(top level)"
-
-
-def plural(count: int, singular: str, plural_form: str) -> str:
-    """``"1 matrix"``, ``"2 matrices"``: the count and the word that agrees with it."""
-    return f"{count} {singular if count == 1 else plural_form}"
 
 
 def count_axis(ax, total: int, empty: str) -> None:

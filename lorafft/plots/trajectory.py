@@ -126,8 +126,8 @@ def intruder_trajectory(base, checkpoints: list, name: str, *, side: str = "left
 
     ``base``: a checkpoint; ``checkpoints``: checkpoints or PEFT adapter directories of one run, in training order;
     ``name``: the matrix (base tensor name, resolved tolerantly of prefixes). ``search`` (K, default 4k, at most
-    min(out, in)): how many top tuned singular vectors of each checkpoint are searched for the best match. The
-    checkpoints' truncated SVDs run as one batch, so all C matrices are held at once (fp32).
+    min(out, in)): how many top tuned singular vectors of each checkpoint are searched for the best match. Each
+    checkpoint is analysed against the one base basis in turn (its matrices are held at once, fp32).
     """
     if side not in linalg.SIDES:
         raise ValueError(f"side must be one of {linalg.SIDES}, got {side!r}")
@@ -136,13 +136,11 @@ def intruder_trajectory(base, checkpoints: list, name: str, *, side: str = "left
     base_name, W0, weights = load_weights(base, list(checkpoints), name, split_fused=split_fused)
     search = min(max(k, SEARCH_FACTOR * k if search is None else search), *W0.shape)
     basis = linalg.base_basis(W0.unsqueeze(0))
-    C = len(weights)
-    result = analysis.analyze(W0.expand(C, -1, -1), torch.stack(weights), k=search, eps=(eps,), sides=(side,),
-                              basis=basis.select([0] * C),
-                              generator=analysis.matrix_generators(0, [base_name] * C))[side]  # as a scan
-    vectors = result.vectors  # [C, d, K] fp64
+    results = [analysis.analyze(W0, tuned, k=search, eps=(eps,), sides=(side,), basis=basis,
+                                generator=analysis.matrix_generators(0, [base_name]))[side] for tuned in weights]
+    vectors = torch.cat([result.vectors for result in results])  # [C, d, K] fp64
     k = min(k, search)
-    intruders = result.intruders[-1, :k, 0].nonzero().flatten()  # the last checkpoint's, as the report counts them
+    intruders = results[-1].intruders[0, :k, 0].nonzero().flatten()  # the last checkpoint's, as the report counts
     alignment, rank = (vectors.mT @ vectors[-1][:, intruders]).abs().max(dim=1)  # over the K vectors: [C, p]
     return Trajectory(
         name=base_name,
@@ -152,9 +150,9 @@ def intruder_trajectory(base, checkpoints: list, name: str, *, side: str = "left
         search=vectors.shape[-1],
         labels=[_label(source, index) for index, source in enumerate(checkpoints)],
         intruders=intruders,
-        max_cos=result.max_cos[-1, intruders],
+        max_cos=results[-1].max_cos[0, intruders],
         rank=rank,
-        sigma=result.singular_values.gather(1, rank),
+        sigma=torch.cat([result.singular_values for result in results]).gather(1, rank),
         alignment=alignment,
         base_sigma1=float(basis.sigma[0, 0]),
     )
